@@ -1,0 +1,1 @@
+"""branchyard: every commit of every branch runs, grouped into namespaces by branch name."""

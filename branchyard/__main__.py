@@ -1,0 +1,3 @@
+from branchyard.cli import main
+
+main()

@@ -1,0 +1,433 @@
+"""The ``branchyard`` command. Every command but ``up`` is a client of the daemon's API.
+
+Errors become ``error: MESSAGE`` on stderr and exit code 1 in one place,
+:func:`main`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from branchyard.client import Client, default_home, path_of
+from branchyard.errors import BranchyardError, InvalidSettings, UsageError
+from branchyard.naming import BASELINE
+from branchyard.settings import parse_document, render_document
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    def __init__(self, home: Path, namespace: str | None) -> None:
+        self.home = home
+        self._namespace = namespace
+        self.client = Client(home)
+
+    def namespace(self, override: str | None) -> str:
+        return override or self._namespace or BASELINE
+
+
+def namespaced(func: F) -> F:
+    """Also accept ``-n`` after the command name (``branchyard ps -n bugfix``)."""
+    return click.option("-n", "--namespace", "ns", help="Namespace (default: main).")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    envvar="BRANCHYARD_HOME",
+    help="State directory (default: $BRANCHYARD_HOME or ~/.branchyard).",
+)
+@click.option("-n", "--namespace", help="Namespace (default: main, the baseline).")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, namespace: str | None) -> None:
+    """branchyard: every commit of every branch runs, grouped into namespaces by branch."""
+    ctx.obj = Context(home or default_home(), namespace)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@cli.command()
+@click.option("--router-port", default=7080, show_default=True, help="0 picks a free port.")
+@click.option("--api-port", default=0, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--poll-interval",
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks of remote repos.",
+)
+@pass_context
+def up(ctx: Context, router_port: int, api_port: int, poll_interval: float) -> None:
+    """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
+    import logging
+
+    from branchyard.daemon import Options, serve
+
+    if not 0.1 <= poll_interval <= 3600:
+        raise UsageError("--poll-interval must be between 0.1 and 3600 seconds")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(serve(Options(ctx.home, router_port, api_port, poll_interval)))
+
+
+@cli.command()
+@pass_context
+def info(ctx: Context) -> None:
+    """Print the router's and the API's addresses."""
+    data = ctx.client.call("GET", path_of("info"))
+    click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
+
+
+@cli.group()
+def repo() -> None:
+    """Register, list and remove service repos."""
+
+
+@repo.command("add")
+@click.argument("url")
+@click.option("--name", help="Service name (default: the repo's name without .git).")
+@click.option("--default-branch", help="Branch for the baseline (default: the repo's HEAD).")
+@pass_context
+def repo_add(ctx: Context, url: str, name: str | None, default_branch: str | None) -> None:
+    """Register a service repo: a local path, file://, http(s):// or ssh URL."""
+    local = Path(url).expanduser()
+    if "://" not in url and not url.startswith("git@") and local.exists():
+        url = str(local.resolve())
+    body = {"url": url, "name": name, "default_branch": default_branch}
+    added = ctx.client.call("POST", path_of("repos"), body)
+    click.echo(f"added {added['name']} ({added['url']})")
+
+
+@repo.command("ls")
+@pass_context
+def repo_ls(ctx: Context) -> None:
+    """List registered repos."""
+    rows = [
+        [r["name"], r["url"], r["default_branch"] or "(HEAD)", str(r["branches"])]
+        for r in ctx.client.call("GET", path_of("repos"))
+    ]
+    click.echo(_table(["NAME", "URL", "DEFAULT", "BRANCHES"], rows))
+
+
+@repo.command("rm")
+@click.argument("name")
+@pass_context
+def repo_rm(ctx: Context, name: str) -> None:
+    """Unregister a repo; its services leave every namespace."""
+    ctx.client.call("DELETE", path_of("repos", name))
+    click.echo(f"removed {name}")
+
+
+def _age(since: float | None) -> str:
+    if since is None:
+        return "-"
+    seconds = max(0, int(time.time() - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
+@cli.command()
+@click.option("-q", "--quiet", is_flag=True, help="Only namespace:service, one a line.")
+@click.option("-A", "--all-namespaces", "everything", is_flag=True, help="Every namespace.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@namespaced
+@pass_context
+def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) -> None:
+    """List what runs in a namespace."""
+    namespace = None if everything else ctx.namespace(ns)
+    rows = ctx.client.call("GET", path_of("services", namespace=namespace))
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif quiet:
+        for line in sorted(f"{r['namespace']}:{r['service']}" for r in rows):
+            click.echo(line)
+    else:
+        table = []
+        for r in rows:
+            shown = r["live"] or r["latest"]
+            revision = f"v{shown['ordinal']} {shown['sha7']}" if shown else "-"
+            state = f"{r['state']}: {r['reason']}" if r["reason"] else r["state"]
+            table.append(
+                [f"{r['namespace']}:{r['service']}", revision, state, r["url"], _age(r["since"])]
+            )
+        click.echo(_table(["SERVICE", "REVISION", "STATE", "URL", "AGE"], table))
+
+
+@cli.group("ns")
+def ns_group() -> None:
+    """Namespaces."""
+
+
+@ns_group.command("ls")
+@pass_context
+def ns_ls(ctx: Context) -> None:
+    """List namespaces, their branch and services."""
+    rows = [
+        [n["namespace"], n["branch"], ", ".join(n["services"])]
+        for n in ctx.client.call("GET", path_of("namespaces"))
+    ]
+    click.echo(_table(["NAMESPACE", "BRANCH", "SERVICES"], rows))
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("--build", is_flag=True, help="The build log of the latest revision.")
+@namespaced
+@pass_context
+def logs(ctx: Context, service: str, follow: bool, build: bool, ns: str | None) -> None:
+    """Print a service's output (the live revision's, else the latest's)."""
+    path = path_of(
+        "namespaces", ctx.namespace(ns), "services", service, "logs", build=build, follow=follow
+    )
+    if not follow:
+        click.echo(ctx.client.text(path), nl=False)
+        return
+    out = sys.stdout.buffer
+    for chunk in ctx.client.stream(path):
+        out.write(chunk)
+        out.flush()
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
+def url(ctx: Context, service: str, ns: str | None) -> None:
+    """Print the router URL of a service."""
+    click.echo(
+        ctx.client.call("GET", path_of("namespaces", ctx.namespace(ns), "services", service))["url"]
+    )
+
+
+@cli.command("rm")
+@click.argument("service")
+@namespaced
+@pass_context
+def rm(ctx: Context, service: str, ns: str | None) -> None:
+    """Stop a service in a namespace until its branch gets a new commit."""
+    namespace = ctx.namespace(ns)
+    done = ctx.client.call("DELETE", path_of("namespaces", namespace, "services", service))
+    click.echo(
+        f"removed {done['removed']}; the next push to {done['until_next_push_of']} brings it back"
+    )
+
+
+def _env_path(namespace: str, service: str) -> str:
+    return path_of("namespaces", namespace, "services", service, "env")
+
+
+def _author() -> str:
+    def config(key: str) -> str:
+        try:
+            found = subprocess.run(
+                ["git", "config", key], capture_output=True, text=True, check=False
+            )
+        except OSError:
+            return ""
+        return found.stdout.strip()
+
+    name = config("user.name") or getpass.getuser()
+    email = config("user.email") or f"{getpass.getuser()}@localhost"
+    return f"{name} <{email}>"
+
+
+def _put_env(ctx: Context, namespace: str, service: str, env: dict[str, str], message: str) -> str:
+    body = {"env": env, "author": _author(), "message": message}
+    result = ctx.client.call("PUT", _env_path(namespace, service), body)
+    return str(result["version"])
+
+
+@cli.group("env")
+def env_group() -> None:
+    """Show and change a service's environment variables in a namespace."""
+
+
+@env_group.command("ls")
+@click.argument("service")
+@namespaced
+@pass_context
+def env_ls(ctx: Context, service: str, ns: str | None) -> None:
+    """Variables a person set (branchyard's own, like PORT and *_URL, are not listed)."""
+    env = ctx.client.call("GET", _env_path(ctx.namespace(ns), service))["env"]
+    for key, value in sorted(env.items()):
+        click.echo(f"{key}={value}")
+
+
+def _assignments(pairs: tuple[str, ...]) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"{pair!r} is not KEY=VALUE")
+        parsed[key] = value
+    return parsed
+
+
+@env_group.command("set")
+@click.argument("service")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@namespaced
+@pass_context
+def env_set(ctx: Context, service: str, pairs: tuple[str, ...], ns: str | None) -> None:
+    """Set variables; rolls out a new revision."""
+    namespace = ctx.namespace(ns)
+    changes = _assignments(pairs)
+    env = ctx.client.call("GET", _env_path(namespace, service))["env"]
+    version = _put_env(
+        ctx, namespace, service, {**env, **changes}, f"env set {' '.join(sorted(changes))}"
+    )
+    click.echo(f"{namespace}:{service} settings {version}")
+
+
+@env_group.command("unset")
+@click.argument("service")
+@click.argument("keys", nargs=-1, required=True)
+@namespaced
+@pass_context
+def env_unset(ctx: Context, service: str, keys: tuple[str, ...], ns: str | None) -> None:
+    """Remove variables; rolls out a new revision."""
+    namespace = ctx.namespace(ns)
+    env = ctx.client.call("GET", _env_path(namespace, service))["env"]
+    missing = [k for k in keys if k not in env]
+    if missing:
+        raise UsageError(f"not set in {namespace}:{service}: {', '.join(missing)}")
+    version = _put_env(
+        ctx,
+        namespace,
+        service,
+        {k: v for k, v in env.items() if k not in keys},
+        f"env unset {' '.join(sorted(keys))}",
+    )
+    click.echo(f"{namespace}:{service} settings {version}")
+
+
+def _editor() -> list[str]:
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    return shlex.split(editor)
+
+
+def _edit_text(text: str) -> str:
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".yaml", prefix="branchyard-", delete=False
+    ) as file:
+        file.write(text)
+    try:
+        code = subprocess.run([*_editor(), file.name], check=False).returncode
+        if code != 0:
+            raise UsageError(f"the editor exited with code {code}; nothing was changed")
+        return Path(file.name).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"cannot run the editor {_editor()[0]!r}; set $EDITOR") from None
+    finally:
+        os.unlink(file.name)
+
+
+def _strip_error_comments(text: str) -> str:
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("# error: ")
+    )
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
+def edit(ctx: Context, service: str, ns: str | None) -> None:
+    """Edit a service's env in $VISUAL or $EDITOR; saving rolls out a new revision."""
+    namespace = ctx.namespace(ns)
+    current = ctx.client.call("GET", _env_path(namespace, service))["env"]
+    header = (
+        f"# env of {service} in namespace {namespace}. Save to roll out a new revision;\n"
+        "# save it unchanged to cancel. PORT, BRANCHYARD_* and *_URL are set for you.\n"
+    )
+    shown = header + render_document(current)
+    while True:
+        edited = _edit_text(shown)
+        if edited == shown:
+            raise UsageError("saved unchanged; nothing was changed")
+        try:
+            env = parse_document(edited)
+        except InvalidSettings as exc:
+            shown = f"# error: {exc.message}\n" + _strip_error_comments(edited)
+            continue
+        if env == current:
+            raise UsageError("no change to the env; nothing was changed")
+        break
+    version = _put_env(ctx, namespace, service, env, f"edit {service} in {namespace}")
+    click.echo(f"{namespace}:{service} settings {version}; rolling out a new revision")
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
+def history(ctx: Context, service: str, ns: str | None) -> None:
+    """The settings changes of a service in a namespace, newest first, with diffs."""
+    path = path_of("namespaces", ctx.namespace(ns), "services", service, "history")
+    for change in ctx.client.call("GET", path):
+        click.echo(
+            f"{change['commit']}  {change['date']}  {change['author']}\n    {change['message']}\n"
+        )
+        for line in change["diff"].splitlines():
+            if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
+                click.echo(f"    {line}")
+        click.echo()
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), default="branchyard-demo")
+@pass_context
+def demo(ctx: Context, directory: Path) -> None:
+    """Create three sample service repos, register them, and print what to try."""
+    from branchyard.demo import create_demo, workflow_text
+
+    info_data = ctx.client.call("GET", path_of("info"))
+    try:
+        repos = create_demo(directory)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    for made in repos:
+        ctx.client.call("POST", path_of("repos"), {"url": str(made.origin), "name": made.name})
+        click.echo(f"registered {made.name} ({made.origin})")
+    click.echo()
+    click.echo(workflow_text(directory.resolve(), info_data["router"]))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BranchyardError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

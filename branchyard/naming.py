@@ -1,0 +1,68 @@
+"""Naming rules: branch names to namespaces, service names to DNS labels and env vars.
+
+Pure functions, no I/O. A namespace is a DNS-1123 label (lowercase, ``[a-z0-9-]``,
+at most 63 characters, starting and ending with an alphanumeric). Branch names
+are free text, so the mapping is lossy; a name that had to be cut, or that would
+take a namespace another branch already holds, gets a short hash suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Container
+
+BASELINE = "main"
+MAX_LABEL = 63
+_HASH_LEN = 6
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+_DASHES = re.compile(r"-{2,}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def dns_label(name: str) -> str:
+    """Lowercase ``name`` and replace everything outside ``[a-z0-9-]`` by ``-``.
+
+    Accents are folded first (``ü`` gives ``u``). The result may be empty or
+    longer than 63 characters; :func:`namespace_for_branch` deals with that.
+    """
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    label = _NOT_DNS.sub("-", folded.lower())
+    return _DASHES.sub("-", label).strip("-")
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
+
+
+def _with_suffix(label: str, branch: str) -> str:
+    head = label[: MAX_LABEL - _HASH_LEN - 1].rstrip("-")
+    return f"{head}-{short_hash(branch)}" if head else f"b-{short_hash(branch)}"
+
+
+def namespace_for_branch(branch: str, taken: Container[str] = ()) -> str:
+    """The namespace for a non-default branch.
+
+    ``taken`` holds namespaces already assigned to *other* branches (and the
+    baseline); a clash gets the hashed form, which is unique per branch name.
+    """
+    label = dns_label(branch)
+    if not label or len(label) > MAX_LABEL or label in taken or label == BASELINE:
+        return _with_suffix(label, branch)
+    return label
+
+
+def env_var_for(service: str) -> str:
+    """``other_app`` gives ``OTHER_APP_URL``: upper-cased, other characters as ``_``."""
+    return re.sub(r"[^A-Z0-9]", "_", service.upper()) + "_URL"
+
+
+def service_name_from_url(url: str) -> str:
+    """The repo's name without ``.git``: ``git@host:team/other_app.git`` gives ``other_app``."""
+    tail = url.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+    return tail.removesuffix(".git")
+
+
+def is_env_name(name: str) -> bool:
+    return bool(_ENV_NAME.match(name))

@@ -1,0 +1,158 @@
+"""The planner: what should run, and what to change to get there. Pure.
+
+Branch heads, the namespace names already handed out, people's settings, the
+services a person removed, and what runs now go in; the desired targets and a
+list of actions, each with a reason, come out. The engine carries the actions
+out; nothing here touches git, processes or the clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from branchyard.model import Overlay, Repo, RepoHeads, Target
+from branchyard.naming import BASELINE, namespace_for_branch
+
+Slot = tuple[str, str]  # (namespace, service)
+NO_SETTINGS = Overlay(version="")
+
+
+class ActionKind(enum.StrEnum):
+    DEPLOY = "deploy"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    namespace: str
+    service: str
+    reason: str
+    target: Target | None = None  # set for DEPLOY
+
+
+@dataclass(frozen=True)
+class Plan:
+    namespaces: Mapping[str, str]  # branch -> namespace, for every non-default branch seen
+    heads: Mapping[Slot, str]  # slot -> head sha, removed-by-hand slots included
+    targets: Mapping[Slot, Target]
+    actions: tuple[Action, ...]
+
+
+def assign_namespaces(branches: Iterable[str], known: Mapping[str, str]) -> dict[str, str]:
+    """Give every branch a namespace, keeping the ones handed out before.
+
+    Branches already known keep their namespace; new ones are named in sorted
+    order, so the result does not depend on the order branches were seen in.
+    """
+    wanted = set(branches)
+    result = {branch: ns for branch, ns in known.items() if branch in wanted}
+    taken = {BASELINE, *result.values()}
+    for branch in sorted(wanted - result.keys()):
+        namespace = namespace_for_branch(branch, taken)
+        result[branch] = namespace
+        taken.add(namespace)
+    return result
+
+
+def _placements(
+    repos: Iterable[Repo], heads: Mapping[str, RepoHeads]
+) -> Iterable[tuple[Repo, str, str, bool]]:
+    """(repo, branch, sha, is_default) for every branch head of every repo."""
+    for repo in repos:
+        seen = heads.get(repo.name)
+        if seen is None:
+            continue
+        default = repo.default_branch or seen.default_branch
+        for branch, sha in sorted(seen.branches.items()):
+            yield repo, branch, sha, branch == default
+
+
+def place(
+    repos: Iterable[Repo], heads: Mapping[str, RepoHeads], namespaces: Mapping[str, str]
+) -> dict[Slot, tuple[Repo, str, str]]:
+    """slot -> (repo, branch, sha) for every branch head."""
+    placed: dict[Slot, tuple[Repo, str, str]] = {}
+    for repo, branch, sha, is_default in _placements(repos, heads):
+        namespace = BASELINE if is_default else namespaces[branch]
+        placed[(namespace, repo.name)] = (repo, branch, sha)
+    return placed
+
+
+def desired_targets(
+    placed: Mapping[Slot, tuple[Repo, str, str]],
+    settings: Mapping[Slot, Overlay],
+    removed: Mapping[Slot, str],
+) -> dict[Slot, Target]:
+    """Every (namespace, service) that should run, with its commit, settings and peers.
+
+    A slot a person removed stays out while its head is the commit it had then.
+    """
+    placed = {slot: p for slot, p in placed.items() if removed.get(slot) != p[2]}
+    by_namespace: dict[str, set[str]] = {}
+    for namespace, service in placed:
+        by_namespace.setdefault(namespace, set()).add(service)
+    baseline = by_namespace.get(BASELINE, set())
+    targets: dict[Slot, Target] = {}
+    for (namespace, service), (repo, branch, sha) in placed.items():
+        visible = (by_namespace[namespace] | baseline) - {service}
+        targets[(namespace, service)] = Target(
+            namespace=namespace,
+            service=service,
+            repo=repo.name,
+            url=repo.url,
+            branch=branch,
+            sha=sha,
+            settings=settings.get((namespace, service), NO_SETTINGS),
+            peers=tuple(sorted(visible)),
+        )
+    return targets
+
+
+def _why(target: Target, current_key: str | None) -> str:
+    if current_key is None:
+        return f"new: {target.branch}@{target.sha[:7]}"
+    sha, version, peers = current_key.split(":", 2)
+    if sha != target.sha:
+        return f"new commit {sha[:7]} -> {target.sha[:7]}"
+    if version != target.settings.version:
+        return f"settings changed ({version or 'none'} -> {target.settings.version})"
+    return f"peers changed ({peers or 'none'} -> {','.join(target.peers) or 'none'})"
+
+
+def plan(
+    repos: Iterable[Repo],
+    heads: Mapping[str, RepoHeads],
+    known_namespaces: Mapping[str, str],
+    settings: Mapping[Slot, Overlay],
+    removed: Mapping[Slot, str],
+    current: Mapping[Slot, str],
+) -> Plan:
+    """Compare the desired targets with ``current`` (slot -> key of its latest revision).
+
+    A slot whose latest revision has the target's key needs nothing, whether
+    that revision is live, still building, or failed: a failed revision is
+    retried by the next push or settings change, not in a loop.
+    """
+    repos = list(repos)
+    branches = {branch for _, branch, _, is_default in _placements(repos, heads) if not is_default}
+    namespaces = assign_namespaces(branches, known_namespaces)
+    placed = place(repos, heads, namespaces)
+    targets = desired_targets(placed, settings, removed)
+    actions: list[Action] = []
+    for slot, target in sorted(targets.items()):
+        key = current.get(slot)
+        if key != target.key:
+            actions.append(Action(ActionKind.DEPLOY, *slot, _why(target, key), target))
+    for slot in sorted(current.keys() - targets.keys()):
+        actions.append(Action(ActionKind.REMOVE, *slot, _removal_reason(slot, removed)))
+    slot_heads = {slot: sha for slot, (_, _, sha) in placed.items()}
+    return Plan(namespaces, slot_heads, targets, tuple(actions))
+
+
+def _removal_reason(slot: Slot, removed: Mapping[Slot, str]) -> str:
+    if slot in removed:
+        return "removed by hand until the next push"
+    return "branch or repo is gone"

@@ -1,0 +1,104 @@
+"""Virtual environments cached by the hash of a service's dependency files.
+
+A commit that changes only code finds its environment ready and installs
+nothing. Environments are made with ``uv`` (an order of magnitude faster than
+pip) and kept up to :data:`KEEP` of them, least recently used first out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import uv
+
+from branchyard.errors import BuildFailed
+
+DEPENDENCY_FILES = ("requirements.txt", "pyproject.toml")
+KEEP = 20
+_READY = ".branchyard-ready"
+
+
+def dependency_hash(checkout: Path) -> str:
+    digest = hashlib.sha256(sys.version.encode())
+    for name in DEPENDENCY_FILES:
+        file = checkout / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class VenvCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._in_use: dict[Path, int] = {}
+
+    async def acquire(self, checkout: Path, log: Path) -> Path:
+        """The environment for ``checkout``'s dependencies, made if missing."""
+        venv = self.root / dependency_hash(checkout)
+        async with self._locks.setdefault(venv.name, asyncio.Lock()):
+            if (venv / _READY).exists():
+                os.utime(venv / _READY)
+            else:
+                await self._create(venv, checkout, log)
+                self._prune()
+        self._in_use[venv] = self._in_use.get(venv, 0) + 1
+        return venv
+
+    def release(self, venv: Path) -> None:
+        left = self._in_use.get(venv, 1) - 1
+        if left:
+            self._in_use[venv] = left
+        else:
+            self._in_use.pop(venv, None)
+
+    async def _create(self, venv: Path, checkout: Path, log: Path) -> None:
+        shutil.rmtree(venv, ignore_errors=True)
+        uv_bin = uv.find_uv_bin()
+        steps = [[uv_bin, "venv", "--quiet", "--python", sys.executable, str(venv)]]
+        python = str(venv / "bin" / "python")
+        for name in DEPENDENCY_FILES:
+            if (checkout / name).is_file():
+                steps.append([uv_bin, "pip", "install", "--python", python, "-r", name])
+        for argv in steps:
+            code = await run_logged(argv, checkout, log, dict(os.environ))
+            if code != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                what = "creating the environment" if argv[1] == "venv" else f"installing {argv[-1]}"
+                raise BuildFailed(f"{what} failed (exit {code}); see: branchyard logs --build")
+        (venv / _READY).touch()
+
+    def _prune(self) -> None:
+        ready = [p for p in self.root.iterdir() if (p / _READY).exists()]
+        ready.sort(key=lambda p: (p / _READY).stat().st_mtime, reverse=True)
+        for old in ready[KEEP:]:
+            if old not in self._in_use:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+async def run_logged(argv: list[str], cwd: Path, log: Path, env: dict[str, str]) -> int:
+    """Run ``argv`` with its output appended to ``log``; its exit code."""
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
+        out.flush()
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            return await process.wait()
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise

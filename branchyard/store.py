@@ -1,0 +1,197 @@
+"""The store: branchyard's state in one SQLite file under the home.
+
+Repos, the namespace each branch was given, stable peer ports, services a
+person removed, every revision ever attempted, and an event log. One
+connection, used from the daemon's event loop only; every write commits at
+once, so a crash loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from branchyard.errors import Conflict, NotFound
+from branchyard.model import Repo, Revision, RevisionState, Target
+
+Slot = tuple[str, str]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS repos (
+    name TEXT PRIMARY KEY, url TEXT NOT NULL UNIQUE, default_branch TEXT, added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS namespaces (branch TEXT PRIMARY KEY, namespace TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS removed (
+    namespace TEXT NOT NULL, service TEXT NOT NULL, sha TEXT NOT NULL,
+    PRIMARY KEY (namespace, service)
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    namespace TEXT NOT NULL, service TEXT NOT NULL, port INTEGER NOT NULL,
+    PRIMARY KEY (namespace, service)
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, service TEXT NOT NULL,
+    ordinal INTEGER NOT NULL, repo TEXT NOT NULL, branch TEXT NOT NULL, sha TEXT NOT NULL,
+    key TEXT NOT NULL, settings_version TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '', port INTEGER, created_at REAL NOT NULL,
+    changed_at REAL NOT NULL, UNIQUE (namespace, service, ordinal)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL,
+    namespace TEXT, service TEXT, message TEXT NOT NULL
+);
+"""
+
+_REVISION_COLUMNS = (
+    "id, namespace, service, ordinal, repo, branch, sha, key, settings_version, state, reason, "
+    "port, created_at, changed_at"
+)
+
+
+def _revision(row: sqlite3.Row) -> Revision:
+    values = dict(row)
+    values["state"] = RevisionState(values["state"])
+    return Revision(**values)
+
+
+class Store:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._clock = clock
+
+    def close(self) -> None:
+        self._db.close()
+
+    # repos
+
+    def add_repo(self, repo: Repo) -> None:
+        for row in self._db.execute(
+            "SELECT name, url FROM repos WHERE name = ? OR url = ?", (repo.name, repo.url)
+        ):
+            what = f"name {repo.name!r}" if row["name"] == repo.name else repo.url
+            raise Conflict(f"repo {row['name']} is already registered with {what}")
+        self._db.execute(
+            "INSERT INTO repos VALUES (?, ?, ?, ?)",
+            (repo.name, repo.url, repo.default_branch, self._clock()),
+        )
+
+    def remove_repo(self, name: str) -> None:
+        if self._db.execute("DELETE FROM repos WHERE name = ?", (name,)).rowcount == 0:
+            raise NotFound(f"no repo named {name!r} (see: branchyard repo ls)")
+
+    def repos(self) -> list[Repo]:
+        rows = self._db.execute("SELECT name, url, default_branch FROM repos ORDER BY name")
+        return [Repo(r["name"], r["url"], r["default_branch"]) for r in rows]
+
+    # namespaces handed out to branches
+
+    def namespaces(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT branch, namespace FROM namespaces").fetchall())
+
+    def set_namespaces(self, assigned: Mapping[str, str]) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM namespaces")
+            self._db.executemany("INSERT INTO namespaces VALUES (?, ?)", assigned.items())
+
+    # services removed by hand until their next push
+
+    def removed(self) -> dict[Slot, str]:
+        rows = self._db.execute("SELECT namespace, service, sha FROM removed")
+        return {(r["namespace"], r["service"]): r["sha"] for r in rows}
+
+    def set_removed(self, slot: Slot, sha: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?)", (*slot, sha))
+
+    def forget_removed(self, keep: Mapping[Slot, str]) -> None:
+        """Drop every removal mark that no longer matches a head (the service was pushed)."""
+        for slot, sha in self.removed().items():
+            if keep.get(slot) != sha:
+                self._db.execute("DELETE FROM removed WHERE namespace = ? AND service = ?", slot)
+
+    # stable peer ports
+
+    def address(self, slot: Slot) -> int | None:
+        row = self._db.execute(
+            "SELECT port FROM addresses WHERE namespace = ? AND service = ?", slot
+        ).fetchone()
+        return int(row["port"]) if row else None
+
+    def set_address(self, slot: Slot, port: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO addresses VALUES (?, ?, ?)", (*slot, port))
+
+    # revisions
+
+    def new_revision(self, target: Target, state: RevisionState) -> Revision:
+        now = self._clock()
+        with self._db:
+            (ordinal,) = self._db.execute(
+                "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM revisions "
+                "WHERE namespace = ? AND service = ?",
+                (target.namespace, target.service),
+            ).fetchone()
+            cursor = self._db.execute(
+                "INSERT INTO revisions (namespace, service, ordinal, repo, branch, sha, key, "
+                "settings_version, state, created_at, changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    target.namespace,
+                    target.service,
+                    ordinal,
+                    target.repo,
+                    target.branch,
+                    target.sha,
+                    target.key,
+                    target.settings.version,
+                    state.value,
+                    now,
+                    now,
+                ),
+            )
+        return self.revision(int(cursor.lastrowid or 0))
+
+    def revision(self, revision_id: int) -> Revision:
+        row = self._db.execute(
+            f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE id = ?", (revision_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no revision {revision_id}")
+        return _revision(row)
+
+    def set_state(
+        self, revision_id: int, state: RevisionState, reason: str = "", port: int | None = None
+    ) -> Revision:
+        self._db.execute(
+            "UPDATE revisions SET state = ?, reason = ?, port = COALESCE(?, port), "
+            "changed_at = ? WHERE id = ?",
+            (state.value, reason, port, self._clock(), revision_id),
+        )
+        return self.revision(revision_id)
+
+    def revisions(self, slot: Slot) -> list[Revision]:
+        rows = self._db.execute(
+            f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE namespace = ? AND service = ? "
+            "ORDER BY ordinal DESC",
+            slot,
+        )
+        return [_revision(r) for r in rows]
+
+    def active_revisions(self) -> list[Revision]:
+        states = tuple(s.value for s in RevisionState if s.active)
+        rows = self._db.execute(
+            f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE state IN (?, ?, ?)", states
+        )
+        return [_revision(r) for r in rows]
+
+    # events
+
+    def event(self, kind: str, message: str, slot: Slot | None = None) -> None:
+        namespace, service = slot or (None, None)
+        self._db.execute(
+            "INSERT INTO events (at, kind, namespace, service, message) VALUES (?, ?, ?, ?, ?)",
+            (self._clock(), kind, namespace, service, message),
+        )

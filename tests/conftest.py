@@ -1,0 +1,240 @@
+"""Shared fixtures: real git repos, a real daemon on free ports, the real CLI.
+
+Integration tests never fake git, processes or sockets. Every daemon gets a
+temp home and a unique marker in its environment; after it stops, no process
+carrying the marker may remain.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Tess Ter",
+    "GIT_AUTHOR_EMAIL": "tess@example.com",
+    "GIT_COMMITTER_NAME": "Tess Ter",
+    "GIT_COMMITTER_EMAIL": "tess@example.com",
+}
+os.environ.update(GIT_IDENTITY)
+
+SERVICE = '''\
+import json, os, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/call/"):
+            url = os.environ[self.path.removeprefix("/call/")]
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                body = answer.read()
+        else:
+            env = {k: v for k, v in os.environ.items()
+                   if k.startswith("BRANCHYARD_") or k.endswith("_URL")
+                   or k in ("PORT", "GREETING", "VERSION")}
+            body = json.dumps({"pid": os.getpid(), "env": env}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+print("listening on", os.environ["PORT"], flush=True)
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (AssertionError, OSError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class ServiceRepo:
+    """A bare 'origin' repo and a working clone to commit and push from."""
+
+    name: str
+    origin: Path
+    clone: Path
+
+    def write(self, files: dict[str, str]) -> None:
+        for relative, text in files.items():
+            path = self.clone / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    def commit(self, files: dict[str, str], message: str = "change") -> str:
+        self.write(files)
+        git("add", "-A", cwd=self.clone)
+        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.clone)
+        return git("rev-parse", "HEAD", cwd=self.clone)
+
+    def push(self, branch: str | None = None) -> None:
+        git("push", "-q", "origin", branch or self.branch(), cwd=self.clone)
+
+    def branch(self) -> str:
+        return git("rev-parse", "--abbrev-ref", "HEAD", cwd=self.clone)
+
+    def checkout(self, branch: str, new: bool = True) -> None:
+        git("checkout", "-q", *(["-b"] if new else []), branch, cwd=self.clone)
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> Callable[..., ServiceRepo]:
+    def make(name: str, files: dict[str, str] | None = None) -> ServiceRepo:
+        origin = tmp_path / "origin" / f"{name}.git"
+        clone = tmp_path / "work" / name
+        git("init", "-q", "--bare", "-b", "main", str(origin))
+        git("init", "-q", "-b", "main", str(clone))
+        git("remote", "add", "origin", str(origin), cwd=clone)
+        repo = ServiceRepo(name, origin, clone)
+        repo.commit(files if files is not None else stdlib_service(), "first")
+        repo.push("main")
+        return repo
+
+    return make
+
+
+def stdlib_service(**extra: str) -> dict[str, str]:
+    return {"Procfile": "web: python app.py\n", "app.py": SERVICE, **extra}
+
+
+@dataclass
+class Daemon:
+    home: Path
+    process: subprocess.Popen[bytes]
+    marker: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def router_port(self) -> int:
+        return int(self.info["router"].rsplit(":", 1)[1])
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "branchyard", "--home", str(self.home), *args],
+            capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"branchyard {' '.join(args)} failed: {done.stderr}")
+        return done
+
+    def ps_q(self, namespace: str = "main") -> list[str]:
+        return self.cli("-n", namespace, "ps", "-q").stdout.split()
+
+    def ps_json(self, *args: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads(self.cli("ps", "--format", "json", *args).stdout)
+        return rows
+
+    def row(self, namespace: str, service: str) -> dict[str, Any]:
+        for row in self.ps_json("-A"):
+            if (row["namespace"], row["service"]) == (namespace, service):
+                return row
+        raise AssertionError(f"{namespace}:{service} not in ps")
+
+    def get(self, host: str, path: str = "/", port: int | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.router_port, timeout=10)
+        try:
+            connection.request("GET", path, headers={"Host": host})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def answer(self, service: str, namespace: str = "main", path: str = "/") -> dict[str, Any]:
+        """The JSON a service answers through the router (raises unless 200)."""
+        status, body = self.get(f"{service.replace('_', '-')}.{namespace}.localhost", path)
+        assert status == 200, (status, body[:200])
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def serves(self, service: str, namespace: str, sha: str) -> bool:
+        try:
+            return bool(self.answer(service, namespace)["env"]["BRANCHYARD_REVISION"] == sha)
+        except (AssertionError, OSError, ValueError, KeyError):
+            return False
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+        return self.process.returncode
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def start_daemon(home: Path, *extra: str) -> Daemon:
+    marker = f"BRANCHYARD_TEST_MARK_{uuid.uuid4().hex}"
+    log = (home.parent / f"{home.name}-daemon.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "branchyard", "--home", str(home), "up", "--router-port", "0",
+         *extra],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BY_TEST": marker},
+    )
+    daemon = Daemon(home, process, marker)
+
+    def ready() -> bool:
+        assert process.poll() is None, "daemon exited early"
+        daemon.info = json.loads((home / "daemon.json").read_text())
+        return True
+
+    wait_for(ready, 20, "daemon.json")
+    return daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    running = start_daemon(tmp_path / "home", "--poll-interval", "1")
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        log = (tmp_path / "home-daemon.log").read_text(errors="replace")
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        wait_for(lambda: not processes_with(running.marker), 10, "no process left behind")
