@@ -1,0 +1,168 @@
+"""Bad input gets a clear one-line message and a non-zero exit, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _fails_with(done: object, *words: str) -> None:
+    stderr = getattr(done, "stderr", "")
+    assert getattr(done, "returncode", 0) == 1, stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    for word in words:
+        assert word in stderr, stderr
+
+
+def test_a_path_that_is_not_a_git_repo_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _fails_with(daemon.cli("repo", "add", str(plain), check=False), "not a git repository")
+    _fails_with(daemon.cli("repo", "add", str(tmp_path / "nope"), check=False), "no such")
+    assert daemon.cli("repo", "ls").stdout.count("\n") == 1
+
+
+def test_a_repo_added_twice_is_refused_and_the_first_kept(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    _fails_with(daemon.cli("repo", "add", str(app.origin), check=False), "already registered")
+    _fails_with(
+        daemon.cli("repo", "add", str(app.origin), "--name", "other", check=False), "already"
+    )
+    assert "app" in daemon.cli("repo", "ls").stdout
+    wait_for(lambda: daemon.answer("app"), 30, "app still deploys")
+
+
+def test_odd_branch_names_get_valid_distinct_namespaces(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    long_name = "feature/" + "x" * 192
+    for branch in (long_name, "fix/ünïcode-ß", "Fix/Unicode-SS"):
+        app.checkout(branch)
+        app.push(branch)
+        app.checkout("main", new=False)
+    wait_for(lambda: len(json.loads(daemon.cli("ps", "-A", "--format", "json").stdout)) == 4,
+             30, "four namespaces")
+    namespaces = {r["namespace"]: r for r in daemon.ps_json("-A")}
+    assert len(namespaces) == 4
+    for name in namespaces:
+        assert 0 < len(name) <= 63 and name == name.lower(), name
+        assert all(c.isalnum() or c == "-" for c in name) and name.isascii(), name
+    long_ns = next(n for n in namespaces if n.startswith("feature-x"))
+    wait_for(lambda: daemon.answer("app", long_ns)["env"]["BRANCHYARD_BRANCH"] == long_name,
+             30, "long branch serves")
+
+
+def test_a_procfile_without_web_fails_with_a_reason_in_ps(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", {"Procfile": "worker: python w.py\n"})
+    daemon.cli("repo", "add", str(app.origin))
+    row = wait_for(lambda: (r := daemon.row("main", "app"))["state"] == "failed" and r, 30)
+    assert "web:" in row["reason"]
+    assert "web:" in daemon.cli("ps").stdout
+
+
+def test_a_failing_build_keeps_the_previous_revision_serving(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    bad = "build:\n  - echo compiling the thing && exit 3\n"
+    app.commit({"branchyard.yaml": bad}, "broken build")
+    app.push()
+    row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 30, "failure")
+    assert "exited 3" in row["reason"]
+    assert row["state"].startswith("live (v")
+    assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
+    assert "compiling the thing" in daemon.cli("logs", "--build", "app").stdout
+
+
+@pytest.mark.parametrize(
+    ("files", "words"),
+    [
+        ({"app.py": "import sys\nprint('boom', flush=True)\nsys.exit(4)\n"}, "exited with code 4"),
+        (
+            {
+                "app.py": "import time\ntime.sleep(600)\n",
+                "branchyard.yaml": "health:\n  path: /\n  timeout: 2\n",
+            },
+            "did not pass within 2 s",
+        ),
+    ],
+    ids=["exits-at-once", "never-answers"],
+)
+def test_a_service_that_dies_or_never_answers_never_takes_traffic(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], files: dict[str, str], words: str
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    app.commit(files, "broken")
+    app.push()
+    row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 30, "failure")
+    assert words in row["reason"]
+    assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
+
+
+def test_unknown_namespaces_and_services_are_named_in_the_error(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", stdlib_service())
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.ps_q() == ["main:app"], 30)
+    _fails_with(daemon.cli("-n", "nope", "ps", check=False), "no namespace 'nope'", "main")
+    _fails_with(daemon.cli("logs", "ghost", check=False), "no service 'ghost'", "app")
+    _fails_with(daemon.cli("env", "set", "ghost", "A=1", check=False), "no service 'ghost'")
+    _fails_with(daemon.cli("env", "set", "app", "PORT=1", check=False), "PORT")
+    _fails_with(daemon.cli("env", "set", "app", "1BAD=1", check=False), "not a valid")
+    _fails_with(daemon.cli("repo", "rm", "ghost", check=False), "no repo named 'ghost'")
+
+
+def test_edit_saved_unchanged_or_invalid_changes_nothing(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30)
+    _fails_with(daemon.cli("edit", "app", env={"EDITOR": "true"}, check=False), "unchanged")
+
+    editor = tmp_path / "editor.py"
+    seen = tmp_path / "seen.txt"
+    editor.write_text(
+        "import sys\n"
+        "path = sys.argv[1]\n"
+        "text = open(path).read()\n"
+        f"open({str(seen)!r}, 'a').write(text + '\\n=====\\n')\n"
+        "if 'error:' not in text:\n"
+        "    open(path, 'w').write('env:\\n  - not a mapping\\n')\n"
+    )
+    done = daemon.cli("edit", "app", env={"EDITOR": f"python3 {editor}"}, check=False)
+    _fails_with(done, "unchanged")
+    rounds = seen.read_text().split("=====")
+    assert "# error: env must map variable names to values" in rounds[1]
+    assert daemon.cli("history", "app").stdout == ""
+    assert daemon.cli("env", "ls", "app").stdout == ""
+
+
+def test_the_cli_says_how_to_start_the_daemon_when_it_is_down(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "branchyard", "--home", str(tmp_path), "ps"],
+        capture_output=True, text=True, check=False,
+    )
+    _fails_with(done, "not running", "branchyard up")

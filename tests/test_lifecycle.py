@@ -1,0 +1,123 @@
+"""Revisions come and go with commits and branches, and take nothing with them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, git, processes_with, stdlib_service, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_new_commit_becomes_a_new_revision_without_restarting_peers(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app, web = make_repo("app"), make_repo("web")
+    daemon.cli("repo", "add", str(app.origin))
+    daemon.cli("repo", "add", str(web.origin))
+    wait_for(lambda: daemon.answer("web")["env"].get("APP_URL"), 60, "web wired to app")
+    web_before = daemon.answer("web")
+    app_url = web_before["env"]["APP_URL"]
+
+    for number in range(3):
+        sha = app.commit({"version.txt": str(number)}, f"commit {number}")
+        app.push()
+        wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"commit {number} live")
+
+    rows = {r["service"]: r for r in daemon.ps_json()}
+    assert rows["app"]["live"]["sha"] == sha
+    assert rows["app"]["state"] == "live"
+    web_after = daemon.answer("web")
+    assert web_after["pid"] == web_before["pid"], "web restarted for app's commits"
+    assert web_after["env"]["APP_URL"] == app_url
+    assert daemon.answer("web", path="/call/APP_URL")["env"]["BRANCHYARD_REVISION"] == sha
+
+
+def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    app.checkout("feature/Login_Fix")
+    app.push("feature/Login_Fix")
+    wait_for(lambda: daemon.ps_q("feature-login-fix") == ["feature-login-fix:app"], 30, "ns")
+    pid = wait_for(lambda: daemon.answer("app", "feature-login-fix")["pid"], 30, "answer")
+
+    git("push", "-q", "origin", "--delete", "feature/Login_Fix", cwd=app.clone)
+    wait_for(lambda: "feature-login-fix" not in daemon.cli("ns", "ls").stdout, 30, "ns gone")
+    assert daemon.ps_q("main") == ["main:app"]
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "process stopped")
+    status, body = daemon.get("app.feature-login-fix.localhost")
+    assert status == 404
+    assert b"app.main.localhost" in body
+    builds = daemon.home / "builds" / "feature-login-fix"
+    assert not any(builds.rglob("app.py"))
+
+
+def test_rm_stops_a_service_until_the_next_push(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    done = daemon.cli("rm", "app")
+    assert "until" in done.stdout or "next push" in done.stdout
+    wait_for(lambda: daemon.get("app.main.localhost")[0] == 404, 30, "app removed")
+
+    sha = app.commit({"x.txt": "1"})
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", sha), 30, "back after a push")
+
+
+def test_repo_rm_removes_its_services_from_every_namespace(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app, web = make_repo("app"), make_repo("web")
+    for repo in (app, web):
+        daemon.cli("repo", "add", str(repo.origin))
+        repo.checkout("bugfix")
+        repo.push("bugfix")
+    wait_for(lambda: len(daemon.ps_json("-A")) == 4, 30, "four services")
+    daemon.cli("repo", "rm", "app")
+    wait_for(
+        lambda: sorted(f"{r['namespace']}:{r['service']}" for r in daemon.ps_json("-A"))
+        == ["bugfix:web", "main:web"], 30, "app gone everywhere",
+    )
+    assert "app" not in daemon.cli("repo", "ls").stdout.split()
+
+
+def test_workers_run_beside_the_web_process(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    flag = tmp_path / "worker-ran"
+    files = stdlib_service(
+        Procfile="web: python app.py\nworker: python worker.py\n",
+        **{"worker.py": f"import time\nopen({str(flag)!r}, 'w').write('ok')\ntime.sleep(600)\n"},
+    )
+    app = make_repo("app", files)
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    wait_for(flag.exists, 10, "worker started")
+
+
+def test_stopping_the_daemon_stops_every_service_and_port(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    from tests.conftest import start_daemon
+
+    app = make_repo("app")
+    running = start_daemon(tmp_path / "home")
+    running.cli("repo", "add", str(app.origin))
+    wait_for(lambda: running.answer("app"), 30, "app live")
+    port = running.router_port
+    assert running.stop() == 0
+    wait_for(lambda: not processes_with(running.marker), 10, "no process left")
+    assert not (running.home / "daemon.json").exists()
+    with pytest.raises(OSError):
+        running.get("app.main.localhost", port=port)
+    done = running.cli("ps", check=False)
+    assert done.returncode == 1
+    assert "branchyard up" in done.stderr
