@@ -51,7 +51,8 @@ still sends for a short while, so the client reads the answer instead of a reset
   small HTML page linking every namespace's services;
 - 431 when the request head is larger than 64 KiB;
 - 503 when the service is known but has no live revision yet;
-- 502 when the backend cannot be reached.
+- 502 when the backend cannot be reached, or closes the connection without sending
+  a byte of answer.
 
 A peer listener can answer 503 or 502 too, before it has read anything: whatever it
 was, the client gets an HTTP answer, which is the right one for HTTP peers.
@@ -246,9 +247,9 @@ class _ClientSide(asyncio.Protocol):
     :class:`_BackendSide` that forwards its events here.
     """
 
-    def __init__(self, router: Router, peer_key: _Key | None) -> None:
-        self._router = router
-        self._peer_key = peer_key  # None: the main listener, routed by Host
+    def __init__(self, listener: _Listener) -> None:
+        self._listener = listener
+        self._peer_key = listener.peer_key  # None: the main listener, routed by Host
         self._transport: asyncio.Transport | None = None
         self._backend: asyncio.Transport | None = None
         self._buffer = b""  # bytes read before the backend connection exists
@@ -259,12 +260,13 @@ class _ClientSide(asyncio.Protocol):
         self._backend_full = False  # the backend transport's write buffer is full
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._route: _Key = ("", "")  # (namespace, service) once routed
 
     # -- client transport events -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = t = cast(asyncio.Transport, transport)
-        if not self._router._track(self):
+        if not self._listener.track(self):
             t.abort()
             return
         if self._peer_key is None:
@@ -272,7 +274,7 @@ class _ClientSide(asyncio.Protocol):
             self._timer = loop.call_later(HEAD_TIMEOUT_SECONDS, t.close)
             return
         namespace, service = self._peer_key
-        backend = self._router._table.resolve_peer(namespace, service)
+        backend = self._listener.table.resolve_peer(namespace, service)
         if backend is None:
             self._answer(_text_response(503, f"no live revision of {service} in {namespace} yet"))
         else:
@@ -304,7 +306,7 @@ class _ClientSide(asyncio.Protocol):
         return self._connecting is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._router._untrack(self)
+        self._listener.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._connecting is not None:
@@ -341,10 +343,13 @@ class _ClientSide(asyncio.Protocol):
         elif not self._backend_full:
             client.resume_reading()
 
-    def backend_eof(self) -> bool:
+    def backend_eof(self, answered: bool) -> bool:
         self._backend_eof = True
         client = self._transport
         assert client is not None
+        if not answered and self._peer_key is None:
+            self._answer_backend_hung_up()
+            return False
         if self._client_eof:
             client.close()
             return False  # the backend transport closes itself
@@ -352,9 +357,22 @@ class _ClientSide(asyncio.Protocol):
             client.write_eof()
         return True
 
-    def backend_lost(self) -> None:
+    def backend_lost(self, answered: bool) -> None:
         assert self._transport is not None
-        self._transport.close()  # sends what is still buffered for the client first
+        if self._answering:
+            return
+        if not answered and self._peer_key is None:
+            self._answer_backend_hung_up()
+        else:
+            self._transport.close()  # sends what is still buffered for the client first
+
+    def _answer_backend_hung_up(self) -> None:
+        """The backend ended the connection without a byte of answer (it crashed?)."""
+        self._backend = None
+        namespace, service = self._route
+        self._answer(
+            _text_response(502, f"{service} in {namespace} closed the connection without answering")
+        )
 
     def backend_full(self, full: bool) -> None:
         self._backend_full = full
@@ -385,7 +403,7 @@ class _ClientSide(asyncio.Protocol):
             self._answer(_text_response(400, f"bad request: {problem}"))
             return
         host = hosts[0].strip().decode("latin-1")
-        table = self._router._table
+        table = self._listener.table
         key = table.resolve_host(host)
         if key is None:
             self._answer(_not_found_page(host, table.entries()))
@@ -399,6 +417,7 @@ class _ClientSide(asyncio.Protocol):
 
     def _connect(self, namespace: str, service: str, backend: Address) -> None:
         assert self._transport is not None
+        self._route = (namespace, service)
         self._transport.pause_reading()
         self._connecting = asyncio.get_running_loop().create_task(
             self._open_backend(namespace, service, backend)
@@ -452,10 +471,6 @@ class _ClientSide(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    @property
-    def peer_key(self) -> _Key | None:
-        return self._peer_key
-
 
 class _BackendSide(asyncio.Protocol):
     """The backend half of a spliced pair: passes everything to its client half."""
@@ -466,23 +481,73 @@ class _BackendSide(asyncio.Protocol):
         assert client_transport is not None
         self._client_transport = client_transport
 
+        self._answered = False  # has the backend sent anything yet?
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._client.backend_made(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
+        self._answered = True
         self._client_transport.write(data)
 
     def eof_received(self) -> bool:
-        return self._client.backend_eof()
+        return self._client.backend_eof(self._answered)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client.backend_lost()
+        self._client.backend_lost(self._answered)
 
     def pause_writing(self) -> None:
         self._client.backend_full(True)
 
     def resume_writing(self) -> None:
         self._client.backend_full(False)
+
+
+class _Listener:
+    """One listening socket and the connections it accepted."""
+
+    def __init__(self, table: RouteTable, peer_key: _Key | None) -> None:
+        self.table = table
+        self.peer_key = peer_key  # None: the main listener, routed by Host
+        self.connections: set[_ClientSide] = set()
+        self.closing = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def open(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _ClientSide(self), host, port, backlog=LISTEN_BACKLOG
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    def track(self, connection: _ClientSide) -> bool:
+        if self.closing:
+            return False
+        self.connections.add(connection)
+        return True
+
+    async def close(self) -> None:
+        """Stop listening, abort every connection, and return once their sockets are shut."""
+        self.closing = True
+        server = self.server
+        if server is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Stop accepting first and let connections already accepted get their transport:
+        # asyncio (3.11) leaks a socket accepted just before Server.close() otherwise.
+        for sock in server.sockets:
+            with contextlib.suppress(NotImplementedError, ValueError):
+                loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+        server.close()
+        for _ in range(3):  # late connection_made calls see `closing` and abort themselves
+            for connection in list(self.connections):
+                connection.abort()
+            await asyncio.sleep(0)
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
 
 
 class Router:
@@ -494,32 +559,25 @@ class Router:
 
     def __init__(self, table: RouteTable) -> None:
         self._table = table
-        self._main: asyncio.Server | None = None
-        self._main_port: int | None = None
-        self._peers: dict[_Key, tuple[asyncio.Server, int]] = {}
+        self._main: _Listener | None = None
+        self._peers: dict[_Key, _Listener] = {}
         self._peer_lock: asyncio.Lock | None = None
-        self._connections: set[_ClientSide] = set()  # every open proxied connection
-        self._closing = False
 
     async def serve(self, host: str, port: int) -> int:
         """Start the main listener (port 0 picks a free one); return the bound port."""
         if self._main is not None:
-            raise RuntimeError(f"the router already serves on port {self._main_port}")
-        self._closing = False
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _ClientSide(self, None), host, port, backlog=LISTEN_BACKLOG
-        )
-        self._main = server
-        self._main_port = _bound_port(server)
-        return self._main_port
+            raise RuntimeError(f"the router already serves on port {self._main.port}")
+        listener = _Listener(self._table, None)
+        bound = await listener.open(host, port)
+        self._main = listener
+        return bound
 
     @property
     def main_port(self) -> int:
         """The main listener's port; raises RuntimeError before :meth:`serve`."""
-        if self._main_port is None:
+        if self._main is None:
             raise RuntimeError("the router is not serving")
-        return self._main_port
+        return self._main.port
 
     async def open_peer_listener(
         self, namespace: str, service: str, host: str = "127.0.0.1", port: int = 0
@@ -537,66 +595,33 @@ class Router:
         async with self._peer_lock:
             existing = self._peers.get(key)
             if existing is not None:
-                return existing[1]
-            self._closing = False
-            loop = asyncio.get_running_loop()
-            server = await loop.create_server(
-                lambda: _ClientSide(self, key), host, port, backlog=LISTEN_BACKLOG
-            )
-            bound = _bound_port(server)
-            self._peers[key] = (server, bound)
+                return existing.port
+            listener = _Listener(self._table, key)
+            bound = await listener.open(host, port)
+            self._peers[key] = listener
             return bound
 
     def peer_port(self, namespace: str, service: str) -> int | None:
         """The port of (namespace, service)'s peer listener, or None if it has none."""
         existing = self._peers.get((namespace, service))
-        return None if existing is None else existing[1]
+        return None if existing is None else existing.port
 
     async def close_peer_listener(self, namespace: str, service: str) -> None:
         """Stop listening for (namespace, service) and drop its open connections."""
-        key = (namespace, service)
-        existing = self._peers.pop(key, None)
-        if existing is None:
-            return
-        server, _ = existing
-        server.close()
-        doomed = [c for c in self._connections if c.peer_key == key]
-        await _shut_down([server], doomed)
+        listener = self._peers.pop((namespace, service), None)
+        if listener is not None:
+            await listener.close()
 
     async def close(self) -> None:
         """Close every listener and every open proxied connection."""
-        self._closing = True
-        servers = [server for server, _ in self._peers.values()]
+        listeners = list(self._peers.values())
         if self._main is not None:
-            servers.append(self._main)
+            listeners.append(self._main)
         self._peers.clear()
         self._main = None
-        self._main_port = None
-        for server in servers:
-            server.close()
-        await _shut_down(servers, list(self._connections))
+        await asyncio.gather(*(listener.close() for listener in listeners))
 
-    def _track(self, connection: _ClientSide) -> bool:
-        if self._closing:
-            return False
-        self._connections.add(connection)
-        return True
-
-    def _untrack(self, connection: _ClientSide) -> None:
-        self._connections.discard(connection)
-
-
-def _bound_port(server: asyncio.Server) -> int:
-    port: int = server.sockets[0].getsockname()[1]
-    return port
-
-
-async def _shut_down(servers: list[asyncio.Server], connections: list[_ClientSide]) -> None:
-    for connection in connections:
-        connection.abort()
-    # Aborted transports close their sockets on the next loop iterations.
-    for _ in range(2):
-        await asyncio.sleep(0)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+    def _open_connections(self) -> int:
+        """How many proxied connections are open (for tests and diagnostics)."""
+        listeners = [*self._peers.values(), *([self._main] if self._main else [])]
+        return sum(len(listener.connections) for listener in listeners)

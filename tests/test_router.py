@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from branchyard.router import BASELINE, Address, RouteTable, Router
+from branchyard.router import BASELINE, Address, Router, RouteTable
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -315,8 +315,7 @@ def test_chunked_request_body_is_streamed_both_ways_without_buffering(
     with connect(proxy.port) as sock:
         buffer = bytearray()
         sock.sendall(
-            b"POST /echo HTTP/1.1\r\nHost: web.main.localhost\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: web.main.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         head = recv_until(sock, b"\r\n\r\n", buffer)
         assert head.startswith(b"HTTP/1.1 200")
@@ -386,6 +385,19 @@ def test_unreachable_backend_gets_a_502_with_a_reason(proxy: Proxy) -> None:
     assert body.count(b"\n") == 1
     assert headers["Connection"] == "close"
     assert int(headers["Content-Length"]) == len(body)
+
+
+def test_backend_hanging_up_without_answering_gets_a_502(proxy: Proxy, backends: Backends) -> None:
+    class HangUp(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+
+    proxy.set_backend("main", "web", backends.tcp(HangUp))
+
+    status, headers, body = proxy.get("web.main.localhost")
+
+    assert (status, body) == (502, b"web in main closed the connection without answering\n")
+    assert headers["Connection"] == "close"
 
 
 def test_request_without_a_host_header_gets_a_400(proxy: Proxy) -> None:

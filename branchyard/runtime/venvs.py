@@ -45,6 +45,8 @@ class VenvCache:
         async with self._locks.setdefault(venv.name, asyncio.Lock()):
             if (venv / _READY).exists():
                 os.utime(venv / _READY)
+                with log.open("a") as out:
+                    out.write(f"dependencies unchanged: reusing environment {venv.name}\n")
             else:
                 await self._create(venv, checkout, log)
                 self._prune()

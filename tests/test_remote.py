@@ -1,0 +1,40 @@
+"""Remote repos are polled with a cheap ref listing and fetched only when a head moved."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, wait_for
+from tests.githttp import GitHttpServer
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_repo_served_over_http_is_polled_cheaply_and_deployed(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    with GitHttpServer(app.origin.parent) as server:
+        done = daemon.cli("repo", "add", f"{server.url}/app.git")
+        assert "added app" in done.stdout
+        first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 60)
+        fetches = server.fetches()
+        requests = len(server.requests)
+        time.sleep(2.5)
+        assert len(server.requests) > requests, "the repo was not polled"
+        assert server.fetches() == fetches, "an unchanged repo was fetched again"
+
+        sha = app.commit({"x.txt": "1"}, "second")
+        app.push()
+        wait_for(lambda: daemon.serves("app", "main", sha), 30, "the new commit over http")
+        assert sha != first
+        assert server.fetches() > fetches
+
+
+def test_an_unreachable_remote_is_refused_with_a_reason(daemon: Daemon) -> None:
+    done = daemon.cli("repo", "add", "http://127.0.0.1:9/nothing.git", check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: http://127.0.0.1:9/nothing.git is not a git repository")
