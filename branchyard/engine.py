@@ -64,6 +64,7 @@ class Engine:
         self.targets: dict[Slot, Target] = {}
         self.live: dict[Slot, Live] = {}
         self._current: dict[Slot, str] = {}
+        self._peer_slots: set[Slot] = set()
         self._deploys: dict[Slot, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -130,6 +131,14 @@ class Engine:
                 await self._cancel_deploy(slot)
                 await self._stop(slot, action.reason)
                 self.table.remove(*slot)
+        await self._close_unused_peer_ports()
+
+    async def _close_unused_peer_ports(self) -> None:
+        """Close the peer ports that no wanted service can see any more."""
+        wanted = {(t.namespace, peer) for t in self.targets.values() for peer in t.peers}
+        for slot in self._peer_slots - wanted:
+            await self.router.close_peer_listener(*slot)
+        self._peer_slots &= wanted
 
     # deploying
 
@@ -213,6 +222,7 @@ class Engine:
         port = self.router.peer_port(*slot)
         if port is not None:
             return port
+        self._peer_slots.add(slot)
         stored = self.store.address(slot)
         try:
             port = await self.router.open_peer_listener(*slot, port=stored or 0)
@@ -271,7 +281,9 @@ class Engine:
         return repo
 
     async def remove_repo(self, name: str) -> None:
+        url = next((r.url for r in self.store.repos() if r.name == name), "")
         self.store.remove_repo(name)
+        self.sources.drop(url)
         self.watcher.unwatch(name)
         self.heads.pop(name, None)
         self.store.event("repo", f"removed {name}")

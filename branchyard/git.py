@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,12 @@ class Sources:
     def __init__(self, mirrors: Path) -> None:
         self._mirrors = mirrors
         self._sources: dict[str, Source] = {}
+
+    def drop(self, url: str) -> None:
+        """Forget a repo; a remote repo's mirror is deleted."""
+        source = self._sources.pop(url, None)
+        if source is not None and not source.local:
+            shutil.rmtree(source.git_dir, ignore_errors=True)
 
     def __call__(self, url: str) -> Source:
         if url not in self._sources:

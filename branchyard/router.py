@@ -69,6 +69,7 @@ import contextlib
 import html
 import logging
 import re
+import unicodedata
 from http import HTTPStatus
 from typing import TypeAlias, cast
 
@@ -99,14 +100,22 @@ _log = logging.getLogger(__name__)
 _Key: TypeAlias = tuple[str, str]
 """(namespace, service)."""
 
-_NOT_DNS_SAFE = re.compile(r"[^a-z0-9-]")
+_NOT_DNS_SAFE = re.compile(r"[^a-z0-9-]+")
+_DASHES = re.compile(r"-{2,}")
 _HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _HEAD_END = b"\r\n\r\n"
 
 
 def _dns_safe(name: str) -> str:
-    """The form of a name used in host names: lowercase, anything else becomes ``-``."""
-    return _NOT_DNS_SAFE.sub("-", name.lower())
+    """The form of a name used in host names: ``other_app`` gives ``other-app``.
+
+    Lowercase, every character outside ``[a-z0-9-]`` becomes ``-`` (accents folded
+    first), runs of ``-`` collapse and ``-`` at either end goes: the same rule as
+    ``naming.dns_label``, so the URLs the API prints are the ones routed here. Host
+    labels go through it too, so ``other_app`` and ``Other--App`` also reach it.
+    """
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return _DASHES.sub("-", _NOT_DNS_SAFE.sub("-", folded.lower())).strip("-")
 
 
 def _split_host(host: str) -> tuple[str, str | None]:
@@ -134,19 +143,23 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._backends: dict[_Key, Address | None] = {}
-        # (DNS-safe namespace, DNS-safe service) -> the entry a host name reaches.
-        self._by_host: dict[_Key, _Key] = {}
+        self._host_keys: dict[_Key, _Key] = {}  # entry -> (DNS namespace, DNS service)
+        self._by_host: dict[_Key, _Key] = {}  # (DNS namespace, DNS service) -> entry
 
     def set_backend(self, namespace: str, service: str, backend: Address | None) -> None:
         """Route (namespace, service) to ``backend``; ``None`` means "no live revision"."""
-        self._backends[namespace, service] = backend
-        self._reindex(namespace, service)
+        key = (namespace, service)
+        self._backends[key] = backend
+        if key not in self._host_keys:
+            self._host_keys[key] = host_key = (_dns_safe(namespace), _dns_safe(service))
+            self._reindex(host_key)
 
     def remove(self, namespace: str, service: str) -> None:
         """Forget (namespace, service); removing an unknown entry does nothing."""
-        if (namespace, service) in self._backends:
-            del self._backends[namespace, service]
-            self._reindex(namespace, service)
+        key = (namespace, service)
+        if key in self._backends:
+            del self._backends[key]
+            self._reindex(self._host_keys.pop(key))
 
     def resolve(self, namespace: str, service: str) -> Address | None:
         """The backend of exactly this entry, or None (unknown, or no live revision)."""
@@ -164,7 +177,7 @@ class RouteTable:
 
         ``"other-app.bugfix.localhost:7080"`` gives ``("bugfix", "other_app")`` when
         that entry exists: the first label is the service's DNS-safe form, the second
-        the namespace. Case does not matter; the port and any further labels are
+        the namespace's. Case does not matter; the port and any further labels are
         ignored (so a wildcard domain works as well as ``.localhost``).
         """
         name, _ = _split_host(host)
@@ -172,17 +185,17 @@ class RouteTable:
         namespace = rest.partition(".")[0]
         if not service or not namespace:
             return None
-        return self._by_host.get((_dns_safe(namespace), _dns_safe(service)))
+        found = self._by_host.get((namespace, service))
+        if found is None:  # not already in DNS-safe form, "other_app" say
+            found = self._by_host.get((_dns_safe(namespace), _dns_safe(service)))
+        return found
 
     def entries(self) -> list[tuple[str, str, Address | None]]:
         """Every entry as (namespace, service, backend), sorted by namespace, service."""
         return [(ns, svc, self._backends[ns, svc]) for ns, svc in sorted(self._backends)]
 
-    def _reindex(self, namespace: str, service: str) -> None:
-        host_key = (_dns_safe(namespace), _dns_safe(service))
-        candidates = [
-            key for key in self._backends if (_dns_safe(key[0]), _dns_safe(key[1])) == host_key
-        ]
+    def _reindex(self, host_key: _Key) -> None:
+        candidates = [key for key, hk in self._host_keys.items() if hk == host_key]
         if not candidates:
             self._by_host.pop(host_key, None)
             return

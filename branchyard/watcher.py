@@ -23,6 +23,7 @@ from branchyard.model import Repo, RepoHeads
 log = logging.getLogger(__name__)
 
 LOCAL_INTERVAL = 0.1
+ERROR_INTERVAL = 2.0  # seconds between tries of a repo that could not be read
 OnHeads = Callable[[RepoHeads], Awaitable[None]]
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -62,6 +63,7 @@ class Watcher:
         self._on_heads = on_heads
         self._poll_interval = poll_interval
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.errors: dict[str, str] = {}  # repo -> why it could not be read, while it can't
 
     def watch(self, repo: Repo) -> None:
         if repo.name not in self._tasks:
@@ -71,6 +73,7 @@ class Watcher:
 
     def unwatch(self, name: str) -> None:
         task = self._tasks.pop(name, None)
+        self.errors.pop(name, None)
         if task:
             task.cancel()
 
@@ -87,12 +90,10 @@ class Watcher:
         fingerprint: Fingerprint | None = None
         source = self._sources(repo.url)
         while True:
-            interval = self._poll_interval
+            interval = self._poll_interval if path is None else LOCAL_INTERVAL
             if path is not None:
-                interval = LOCAL_INTERVAL
                 current = refs_fingerprint(git_dir_of(path))
-                changed = current != fingerprint
-                fingerprint = current
+                changed, fingerprint = current != fingerprint, current
             else:
                 changed = True
             if changed:
@@ -103,7 +104,18 @@ class Watcher:
                         await source.sync()
                         await self._on_heads(seen)
                         last = seen
+                    self._clear_error(repo.name)
                 except BranchyardError as exc:
-                    log.warning("watching %s: %s", repo.name, exc.message)
+                    self._set_error(repo.name, exc.message)
                     fingerprint = None
+                    interval = max(interval, ERROR_INTERVAL)
             await asyncio.sleep(interval)
+
+    def _set_error(self, name: str, message: str) -> None:
+        if self.errors.get(name) != message:
+            log.warning("watching %s: %s", name, message)
+            self.errors[name] = message
+
+    def _clear_error(self, name: str) -> None:
+        if self.errors.pop(name, None) is not None:
+            log.info("watching %s: reachable again", name)

@@ -32,7 +32,7 @@ GIT_IDENTITY = {
 }
 os.environ.update(GIT_IDENTITY)
 
-SERVICE = '''\
+SERVICE = """\
 import json, os, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -58,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
 
 print("listening on", os.environ["PORT"], flush=True)
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-'''
+"""
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
@@ -143,11 +143,15 @@ class Daemon:
     def router_port(self) -> int:
         return int(self.info["router"].rsplit(":", 1)[1])
 
-    def cli(self, *args: str, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "branchyard", "--home", str(self.home), *args],
-            capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=60,
         )
         if check and done.returncode != 0:
             raise AssertionError(f"branchyard {' '.join(args)} failed: {done.stderr}")
@@ -212,9 +216,20 @@ def start_daemon(home: Path, *extra: str) -> Daemon:
     marker = f"BRANCHYARD_TEST_MARK_{uuid.uuid4().hex}"
     log = (home.parent / f"{home.name}-daemon.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "branchyard", "--home", str(home), "up", "--router-port", "0",
-         *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BY_TEST": marker},
+        [
+            sys.executable,
+            "-m",
+            "branchyard",
+            "--home",
+            str(home),
+            "up",
+            "--router-port",
+            "0",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "BY_TEST": marker},
     )
     daemon = Daemon(home, process, marker)
 

@@ -45,8 +45,9 @@ class GitHttpServer:
                     "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
                     "REMOTE_ADDR": "127.0.0.1",
                 }
-                done = subprocess.run(["git", "http-backend"], input=body, env=env,
-                                      capture_output=True, check=False)
+                done = subprocess.run(
+                    ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
+                )
                 head, _, payload = done.stdout.partition(b"\r\n\r\n")
                 status = 200
                 headers = []
@@ -72,8 +73,9 @@ class GitHttpServer:
 
     def fetches(self) -> int:
         """Requests that transferred objects (not just the list of refs)."""
-        return sum(1 for _, _, body in self.requests if b"command=fetch" in body
-                   or b"want " in body)
+        return sum(
+            1 for _, _, body in self.requests if b"command=fetch" in body or b"want " in body
+        )
 
     def __enter__(self) -> GitHttpServer:
         self._thread.start()

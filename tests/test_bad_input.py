@@ -52,16 +52,22 @@ def test_odd_branch_names_get_valid_distinct_namespaces(
         app.checkout(branch)
         app.push(branch)
         app.checkout("main", new=False)
-    wait_for(lambda: len(json.loads(daemon.cli("ps", "-A", "--format", "json").stdout)) == 4,
-             30, "four namespaces")
+    wait_for(
+        lambda: len(json.loads(daemon.cli("ps", "-A", "--format", "json").stdout)) == 4,
+        30,
+        "four namespaces",
+    )
     namespaces = {r["namespace"]: r for r in daemon.ps_json("-A")}
     assert len(namespaces) == 4
     for name in namespaces:
         assert 0 < len(name) <= 63 and name == name.lower(), name
         assert all(c.isalnum() or c == "-" for c in name) and name.isascii(), name
     long_ns = next(n for n in namespaces if n.startswith("feature-x"))
-    wait_for(lambda: daemon.answer("app", long_ns)["env"]["BRANCHYARD_BRANCH"] == long_name,
-             30, "long branch serves")
+    wait_for(
+        lambda: daemon.answer("app", long_ns)["env"]["BRANCHYARD_BRANCH"] == long_name,
+        30,
+        "long branch serves",
+    )
 
 
 def test_a_procfile_without_web_fails_with_a_reason_in_ps(
@@ -163,6 +169,8 @@ def test_the_cli_says_how_to_start_the_daemon_when_it_is_down(tmp_path: Path) ->
 
     done = subprocess.run(
         [sys.executable, "-m", "branchyard", "--home", str(tmp_path), "ps"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     _fails_with(done, "not running", "branchyard up")

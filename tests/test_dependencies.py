@@ -58,8 +58,9 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
 ) -> None:
     wheels = tmp_path / "wheels"
     first = wheel(wheels, "1.0")
-    app = make_repo("app", stdlib_service(**{"app.py": APP,
-                                            "requirements.txt": f"{wheels / first}\n"}))
+    app = make_repo(
+        "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{wheels / first}\n"})
+    )
     daemon.cli("repo", "add", str(app.origin))
     assert wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep") == "1.0"
     assert "install" in daemon.cli("logs", "--build", "app").stdout

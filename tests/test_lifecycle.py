@@ -83,8 +83,12 @@ def test_repo_rm_removes_its_services_from_every_namespace(
     wait_for(lambda: len(daemon.ps_json("-A")) == 4, 30, "four services")
     daemon.cli("repo", "rm", "app")
     wait_for(
-        lambda: sorted(f"{r['namespace']}:{r['service']}" for r in daemon.ps_json("-A"))
-        == ["bugfix:web", "main:web"], 30, "app gone everywhere",
+        lambda: (
+            sorted(f"{r['namespace']}:{r['service']}" for r in daemon.ps_json("-A"))
+            == ["bugfix:web", "main:web"]
+        ),
+        30,
+        "app gone everywhere",
     )
     assert "app" not in daemon.cli("repo", "ls").stdout.split()
 
@@ -121,3 +125,30 @@ def test_stopping_the_daemon_stops_every_service_and_port(
     done = running.cli("ps", check=False)
     assert done.returncode == 1
     assert "branchyard up" in done.stderr
+
+
+def test_a_namespace_that_goes_away_closes_its_peer_ports(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    import socket
+
+    app, web = make_repo("app"), make_repo("web")
+    for repo in (app, web):
+        daemon.cli("repo", "add", str(repo.origin))
+        repo.checkout("bugfix")
+        repo.push("bugfix")
+    app_url = wait_for(lambda: daemon.answer("web", "bugfix")["env"]["APP_URL"], 30, "wired")
+    port = int(app_url.rsplit(":", 1)[1])
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    for repo in (app, web):
+        git("push", "-q", "origin", "--delete", "bugfix", cwd=repo.clone)
+    wait_for(lambda: "bugfix" not in daemon.cli("ns", "ls").stdout, 30, "bugfix gone")
+
+    def closed() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(closed, 10, "the peer port closed")

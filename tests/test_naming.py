@@ -139,9 +139,7 @@ def test_a_non_default_branch_named_main_does_not_get_the_baseline() -> None:
         pytest.param("修复", "修正", id="two-cjk-names"),
     ],
 )
-def test_two_different_colliding_branches_get_different_namespaces(
-    first: str, second: str
-) -> None:
+def test_two_different_colliding_branches_get_different_namespaces(first: str, second: str) -> None:
     assert dns_label(first) == dns_label(second)
     taken = {BASELINE, dns_label(first)}
     assert namespace_for_branch(first, taken) != namespace_for_branch(second, taken)

@@ -233,6 +233,17 @@ def test_host_names_reach_services_by_their_dns_safe_form_in_any_case() -> None:
     assert table.resolve_host("OTHER-APP.Bugfix.LOCALHOST") == ("bugfix", "other_app")
     assert table.resolve_host("web.main.localhost") == ("main", "web")
     assert table.resolve_host("web.main.localhost.") == ("main", "web")
+    assert table.resolve_host("other_app.bugfix.localhost") == ("bugfix", "other_app")
+
+
+def test_a_service_whose_name_is_already_dns_safe_wins_a_shared_host_name() -> None:
+    table = RouteTable()
+    table.set_backend("main", "other_app", ("127.0.0.1", 1))
+    table.set_backend("main", "other-app", ("127.0.0.1", 2))
+    assert table.resolve_host("other-app.main.localhost") == ("main", "other-app")
+
+    table.remove("main", "other-app")
+    assert table.resolve_host("other-app.main.localhost") == ("main", "other_app")
 
 
 def test_host_names_that_name_no_entry_resolve_to_none() -> None:

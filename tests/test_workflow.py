@@ -33,7 +33,7 @@ def test_three_repos_branched_into_bugfix_become_one_wired_namespace(
         repo.checkout("bugfix")
         repo.push("bugfix")
         expected.append(f"bugfix:{name}")
-        wait_for(lambda e=sorted(expected): daemon.ps_q("bugfix") == e, 30, f"ps -q {expected}")
+        wait_for(lambda: daemon.ps_q("bugfix") == expected, 30, f"ps -q {expected}")
 
     sha = {name: repo.commit({}, "noop") for name, repo in repos.items()}
     for repo in repos.values():
@@ -55,7 +55,8 @@ def test_three_repos_branched_into_bugfix_become_one_wired_namespace(
     assert "bugfix:web settings" in done.stdout
     wait_for(
         lambda: daemon.answer("web", "bugfix")["env"].get("GREETING") == "hi from bugfix",
-        60, "web with the new env",
+        60,
+        "web with the new env",
     )
     assert "GREETING" not in daemon.answer("web", "main")["env"]
     history = daemon.cli("-n", "bugfix", "history", "web").stdout

@@ -29,6 +29,7 @@ from branchyard.runtime import Address, RevisionSpec
 from branchyard.runtime.venvs import VenvCache, run_logged
 
 STOP_GRACE = 10.0
+KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
 LOOPBACK = "127.0.0.1"
 
@@ -67,6 +68,14 @@ async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
             await asyncio.wait_for(process.wait(), grace)
     _signal_group(process, signal.SIGKILL)
     await process.wait()
+
+
+def _prune_logs(directory: Path, up_to: int) -> None:
+    """Delete the logs of revisions with an ordinal of ``up_to`` or less."""
+    for log in directory.glob("v*.log"):
+        ordinal = log.name[1:].split(".", 1)[0]
+        if ordinal.isdigit() and int(ordinal) <= up_to:
+            log.unlink(missing_ok=True)
 
 
 class LocalInstance:
@@ -120,6 +129,7 @@ class LocalRuntime:
     async def deploy(self, spec: RevisionSpec) -> LocalInstance:
         build_log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=True)
         build_log.parent.mkdir(parents=True, exist_ok=True)
+        _prune_logs(build_log.parent, spec.ordinal - KEEP_LOGS)
         checkout = self._builds / spec.namespace / spec.service / f"v{spec.ordinal}-{spec.sha[:7]}"
         shutil.rmtree(checkout, ignore_errors=True)
         checkout.parent.mkdir(parents=True, exist_ok=True)
