@@ -98,6 +98,7 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
                 "url": r.url,
                 "default_branch": r.default_branch,
                 "branches": len(engine.heads[r.name].branches) if r.name in engine.heads else 0,
+                "error": engine.watcher.errors.get(r.name, ""),
             }
             for r in engine.store.repos()
         ]

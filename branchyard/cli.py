@@ -116,10 +116,16 @@ def repo_add(ctx: Context, url: str, name: str | None, default_branch: str | Non
 def repo_ls(ctx: Context) -> None:
     """List registered repos."""
     rows = [
-        [r["name"], r["url"], r["default_branch"] or "(HEAD)", str(r["branches"])]
+        [
+            r["name"],
+            r["url"],
+            r["default_branch"] or "(HEAD)",
+            str(r["branches"]),
+            r["error"] or "ok",
+        ]
         for r in ctx.client.call("GET", path_of("repos"))
     ]
-    click.echo(_table(["NAME", "URL", "DEFAULT", "BRANCHES"], rows))
+    click.echo(_table(["NAME", "URL", "DEFAULT", "BRANCHES", "STATUS"], rows))
 
 
 @repo.command("rm")

@@ -54,8 +54,13 @@ still sends for a short while, so the client reads the answer instead of a reset
 - 502 when the backend cannot be reached, or closes the connection without sending
   a byte of answer.
 
-A peer listener can answer 503 or 502 too, before it has read anything: whatever it
-was, the client gets an HTTP answer, which is the right one for HTTP peers.
+A connection that has not sent a complete head within 30 s is closed without one.
+
+A peer listener answers 503 (nothing live here or in the baseline) or 502 (backend
+unreachable) the same way, without having read anything: whatever protocol the
+client speaks, it gets an HTTP answer, which is the right one for HTTP peers. A peer
+backend that closes without answering is passed through as a plain close, since
+for other protocols that can be normal.
 
 Every open proxied connection is tracked, so :meth:`Router.close` (and
 :meth:`Router.close_peer_listener` for its own) can abort them and leave no socket
@@ -69,9 +74,10 @@ import contextlib
 import html
 import logging
 import re
-import unicodedata
 from http import HTTPStatus
 from typing import TypeAlias, cast
+
+from branchyard.naming import dns_label
 
 __all__ = ["BASELINE", "Address", "RouteTable", "Router"]
 
@@ -100,22 +106,8 @@ _log = logging.getLogger(__name__)
 _Key: TypeAlias = tuple[str, str]
 """(namespace, service)."""
 
-_NOT_DNS_SAFE = re.compile(r"[^a-z0-9-]+")
-_DASHES = re.compile(r"-{2,}")
 _HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _HEAD_END = b"\r\n\r\n"
-
-
-def _dns_safe(name: str) -> str:
-    """The form of a name used in host names: ``other_app`` gives ``other-app``.
-
-    Lowercase, every character outside ``[a-z0-9-]`` becomes ``-`` (accents folded
-    first), runs of ``-`` collapse and ``-`` at either end goes: the same rule as
-    ``naming.dns_label``, so the URLs the API prints are the ones routed here. Host
-    labels go through it too, so ``other_app`` and ``Other--App`` also reach it.
-    """
-    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return _DASHES.sub("-", _NOT_DNS_SAFE.sub("-", folded.lower())).strip("-")
 
 
 def _split_host(host: str) -> tuple[str, str | None]:
@@ -151,7 +143,7 @@ class RouteTable:
         key = (namespace, service)
         self._backends[key] = backend
         if key not in self._host_keys:
-            self._host_keys[key] = host_key = (_dns_safe(namespace), _dns_safe(service))
+            self._host_keys[key] = host_key = (dns_label(namespace), dns_label(service))
             self._reindex(host_key)
 
     def remove(self, namespace: str, service: str) -> None:
@@ -187,7 +179,7 @@ class RouteTable:
             return None
         found = self._by_host.get((namespace, service))
         if found is None:  # not already in DNS-safe form, "other_app" say
-            found = self._by_host.get((_dns_safe(namespace), _dns_safe(service)))
+            found = self._by_host.get((dns_label(namespace), dns_label(service)))
         return found
 
     def entries(self) -> list[tuple[str, str, Address | None]]:
@@ -231,7 +223,7 @@ def _not_found_page(host: str, entries: list[tuple[str, str, Address | None]]) -
         for ns, service, backend in entries:
             if ns != namespace:
                 continue
-            url = f"http://{_dns_safe(service)}.{_dns_safe(ns)}.localhost{suffix}/"
+            url = f"http://{dns_label(service)}.{dns_label(ns)}.localhost{suffix}/"
             note = "" if backend is not None else " <small>(no live revision yet)</small>"
             items.append(
                 f'<li><a href="{html.escape(url)}">{html.escape(service)}</a>'
@@ -442,7 +434,7 @@ class _ClientSide(asyncio.Protocol):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
                 await loop.create_connection(lambda: _BackendSide(self), host, port)
-        except (OSError, TimeoutError) as exc:
+        except Exception as exc:  # OSError mostly; TimeoutError; a bad address
             reason = str(exc) or type(exc).__name__
             _log.warning(
                 "cannot reach %s in %s at %s:%s: %s", service, namespace, host, port, reason

@@ -174,3 +174,25 @@ def test_the_cli_says_how_to_start_the_daemon_when_it_is_down(tmp_path: Path) ->
         check=False,
     )
     _fails_with(done, "not running", "branchyard up")
+
+
+def test_a_repo_that_vanishes_shows_why_in_repo_ls_and_keeps_serving(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    import shutil
+
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    moved = app.origin.with_name("moved.git")
+    shutil.move(app.origin, moved)
+
+    def status() -> str:
+        listing = daemon.cli("repo", "ls").stdout.splitlines()
+        return next(line for line in listing if line.startswith("app ")).split("  ")[-1].strip()
+
+    wait_for(lambda: status() != "ok", 15, "the error in repo ls")
+    assert "does not appear to be a git repository" in status()
+    assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
+    shutil.move(moved, app.origin)
+    wait_for(lambda: status() == "ok", 15, "reachable again")

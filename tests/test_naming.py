@@ -6,7 +6,7 @@ import hashlib
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from branchyard.naming import (
@@ -145,11 +145,13 @@ def test_two_different_colliding_branches_get_different_namespaces(first: str, s
     assert namespace_for_branch(first, taken) != namespace_for_branch(second, taken)
 
 
+@settings(database=None)
 @given(st.text())
 def test_any_branch_name_gives_a_valid_dns_label(branch: str) -> None:
     assert_dns_label(namespace_for_branch(branch))
 
 
+@settings(database=None)
 @given(st.text(), st.sets(st.text(max_size=70), max_size=5))
 def test_any_branch_name_gives_a_valid_dns_label_whatever_is_taken(
     branch: str, taken: set[str]
