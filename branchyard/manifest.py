@@ -68,7 +68,8 @@ def _load_config(text: str) -> dict[str, Any]:
         raise ManifestError(f"{CONFIG_FILE} must be a mapping, not {type(data).__name__}")
     unknown = set(data) - {"build", "run", "health", "env"}
     if unknown:
-        raise ManifestError(f"{CONFIG_FILE} has unknown keys: {', '.join(sorted(unknown))}")
+        names = ", ".join(sorted(map(str, unknown)))
+        raise ManifestError(f"{CONFIG_FILE} has unknown keys: {names}")
     return data
 
 
@@ -97,8 +98,12 @@ def _health(value: Any) -> tuple[str, float]:
     timeout = value.get("timeout", DEFAULT_HEALTH_TIMEOUT)
     if not isinstance(path, str) or not path.startswith("/"):
         raise ManifestError(f"{CONFIG_FILE}: health path must start with /")
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
-        raise ManifestError(f"{CONFIG_FILE}: health timeout must be 1 to 600 seconds")
+    unknown = set(value) - {"path", "timeout"}
+    if unknown:
+        names = ", ".join(sorted(map(str, unknown)))
+        raise ManifestError(f"{CONFIG_FILE}: health has unknown keys: {names}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        raise ManifestError(f"{CONFIG_FILE}: health timeout must be more than 0 and at most 600 s")
     return path, float(timeout)
 
 

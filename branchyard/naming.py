@@ -18,7 +18,7 @@ MAX_LABEL = 63
 _HASH_LEN = 6
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _DASHES = re.compile(r"-{2,}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def dns_label(name: str) -> str:
@@ -36,9 +36,13 @@ def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
 
 
-def _with_suffix(label: str, branch: str) -> str:
-    head = label[: MAX_LABEL - _HASH_LEN - 1].rstrip("-")
-    return f"{head}-{short_hash(branch)}" if head else f"b-{short_hash(branch)}"
+def _with_suffix(label: str, branch: str, taken: Container[str]) -> str:
+    """``label`` cut to fit a hash of ``branch``; rehashed in the rare case that is taken."""
+    head = label[: MAX_LABEL - _HASH_LEN - 1].rstrip("-") or "b"
+    salt = 0
+    while (candidate := f"{head}-{short_hash(f'{branch}#{salt}' if salt else branch)}") in taken:
+        salt += 1
+    return candidate
 
 
 def namespace_for_branch(branch: str, taken: Container[str] = ()) -> str:
@@ -49,13 +53,18 @@ def namespace_for_branch(branch: str, taken: Container[str] = ()) -> str:
     """
     label = dns_label(branch)
     if not label or len(label) > MAX_LABEL or label in taken or label == BASELINE:
-        return _with_suffix(label, branch)
+        return _with_suffix(label, branch, taken)
     return label
 
 
 def env_var_for(service: str) -> str:
-    """``other_app`` gives ``OTHER_APP_URL``: upper-cased, other characters as ``_``."""
-    return re.sub(r"[^A-Z0-9]", "_", service.upper()) + "_URL"
+    """``other_app`` gives ``OTHER_APP_URL``: upper-cased, other characters as ``_``.
+
+    A name that starts with a digit gets a leading ``_`` (``2fa`` gives ``_2FA_URL``),
+    since a variable name cannot start with one.
+    """
+    name = re.sub(r"[^A-Z0-9]", "_", service.upper()) + "_URL"
+    return f"_{name}" if name[0].isdigit() else name
 
 
 def service_name_from_url(url: str) -> str:
@@ -65,4 +74,4 @@ def service_name_from_url(url: str) -> str:
 
 
 def is_env_name(name: str) -> bool:
-    return bool(_ENV_NAME.match(name))
+    return bool(_ENV_NAME.fullmatch(name))

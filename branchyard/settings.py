@@ -65,8 +65,10 @@ def parse_document(text: str) -> dict[str, str]:
         raise InvalidSettings("the document must be a mapping with the key `env`")
     unknown = set(data) - {"env"}
     if unknown:
-        raise InvalidSettings(f"unknown keys: {', '.join(map(str, sorted(unknown)))} (only env)")
-    env = data.get("env") or {}
+        raise InvalidSettings(f"unknown keys: {', '.join(sorted(map(str, unknown)))} (only env)")
+    env = data.get("env")
+    if env is None:
+        env = {}
     if not isinstance(env, dict):
         raise InvalidSettings("env must map variable names to values")
     return validate_env(env)

@@ -8,9 +8,10 @@ once, so a crash loses nothing that was acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound
@@ -67,6 +68,17 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """All or nothing (the connection autocommits otherwise)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     # repos
 
     def add_repo(self, repo: Repo) -> None:
@@ -94,7 +106,7 @@ class Store:
         return dict(self._db.execute("SELECT branch, namespace FROM namespaces").fetchall())
 
     def set_namespaces(self, assigned: Mapping[str, str]) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute("DELETE FROM namespaces")
             self._db.executemany("INSERT INTO namespaces VALUES (?, ?)", assigned.items())
 
@@ -128,7 +140,7 @@ class Store:
 
     def new_revision(self, target: Target, state: RevisionState) -> Revision:
         now = self._clock()
-        with self._db:
+        with self._transaction():
             (ordinal,) = self._db.execute(
                 "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM revisions "
                 "WHERE namespace = ? AND service = ?",

@@ -227,33 +227,33 @@ def test_health_is_a_path_or_a_mapping(config: str, path: str, timeout: float) -
         ),
         pytest.param(
             "health: {timeout: 0}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="zero",
         ),
         pytest.param(
             "health: {timeout: -3}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="negative",
         ),
         pytest.param(
             "health: {timeout: 601}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="too-long",
         ),
         pytest.param(
             "health: {timeout: '30'}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="string",
         ),
         pytest.param(
             "health: {timeout: .nan}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="nan",
         ),
         # YAML 1.1 reads `yes` as True, and bool is an int: today it becomes a 1 s timeout.
         pytest.param(
             "health: {timeout: yes}",
-            "branchyard.yaml: health timeout must be 1 to 600 seconds",
+            "branchyard.yaml: health timeout must be more than 0 and at most 600 s",
             id="bool",
         ),
     ],
@@ -387,3 +387,8 @@ env:
         health_timeout=12.0,
         env={"GREETING": "hello", "WORKERS": "2"},
     )
+
+
+def test_a_typo_inside_health_is_refused_not_ignored() -> None:
+    with pytest.raises(ManifestError, match="health has unknown keys: pth"):
+        parse_manifest("web: x", "health:\n  pth: /ready\n")

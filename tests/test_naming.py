@@ -6,7 +6,7 @@ import hashlib
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from branchyard.naming import (
@@ -145,13 +145,11 @@ def test_two_different_colliding_branches_get_different_namespaces(first: str, s
     assert namespace_for_branch(first, taken) != namespace_for_branch(second, taken)
 
 
-@settings(database=None)
 @given(st.text())
 def test_any_branch_name_gives_a_valid_dns_label(branch: str) -> None:
     assert_dns_label(namespace_for_branch(branch))
 
 
-@settings(database=None)
 @given(st.text(), st.sets(st.text(max_size=70), max_size=5))
 def test_any_branch_name_gives_a_valid_dns_label_whatever_is_taken(
     branch: str, taken: set[str]
@@ -211,3 +209,8 @@ def test_a_repo_url_gives_the_service_name(url: str, service: str) -> None:
 )
 def test_env_names_are_letters_digits_and_underscores(name: str, valid: bool) -> None:
     assert is_env_name(name) is valid
+
+
+def test_a_service_name_starting_with_a_digit_gives_a_valid_variable_name() -> None:
+    assert env_var_for("2fa") == "_2FA_URL"
+    assert is_env_name(env_var_for("2fa"))

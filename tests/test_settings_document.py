@@ -187,7 +187,12 @@ ENV_NAMES = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,12}\Z").filter(
 ENV_VALUES = st.text(st.characters(codec="utf-8", exclude_characters="\0"))
 
 
-@hypothesis.settings(max_examples=40, database=None)
+@hypothesis.settings(max_examples=40)
 @given(st.dictionaries(ENV_NAMES, ENV_VALUES, max_size=4))
 def test_any_valid_env_survives_a_render_and_parse(env: dict[str, str]) -> None:
     assert parse_document(render_document(env)) == env
+
+
+def test_an_env_that_is_a_list_is_refused_even_when_empty() -> None:
+    with pytest.raises(InvalidSettings, match="env must map"):
+        parse_document("env: []\n")
