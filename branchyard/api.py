@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, NotFound
 from branchyard.model import Revision, RevisionState
-from branchyard.naming import dns_label
+from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.settings import validate_env
 
@@ -52,6 +52,10 @@ def _revision_json(revision: Revision | None) -> dict[str, Any] | None:
         "created_at": revision.created_at,
         "changed_at": revision.changed_at,
     }
+
+
+def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
+    return item[0][0] != BASELINE, item[0]
 
 
 def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
@@ -116,7 +120,7 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
     @app.get("/api/namespaces")
     async def list_namespaces() -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        for (namespace, service), target in sorted(engine.targets.items()):
+        for (namespace, service), target in sorted(engine.targets.items(), key=_baseline_first):
             entry = found.setdefault(
                 namespace, {"namespace": namespace, "branch": target.branch, "services": []}
             )
