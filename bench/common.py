@@ -204,8 +204,10 @@ class Daemon:
         marker = f"BENCH_{uuid.uuid4().hex}"
         log = (home / "daemon.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "branchyard", "--home", str(home), "up"]
-            + ["--router-port", "0", "--api-port", "0", *extra],
+            [
+                *(sys.executable, "-m", "branchyard", "--home", str(home), "up"),
+                *("--router-port", "0", "--api-port", "0", *extra),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, MARKER_VARIABLE: marker},

@@ -63,7 +63,9 @@ def dependency_service(requirement: str, version: int = 0) -> dict[str, str]:
     return {
         "Procfile": PROCFILE,
         "app.py": SERVICE.format(
-            imports="import tinydep", version=version, extra='\n            "tinydep": tinydep.VALUE,'
+            imports="import tinydep",
+            version=version,
+            extra='\n            "tinydep": tinydep.VALUE,',
         ),
         "requirements.txt": f"{requirement}\n",
     }

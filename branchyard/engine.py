@@ -31,6 +31,7 @@ from branchyard.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
+FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be read
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -100,6 +101,9 @@ class Engine:
         self.request_reconcile()
 
     async def _loop(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            # Plan once with every repo's heads rather than once per repo as they come.
+            await asyncio.wait_for(self.watcher.first_look(), FIRST_LOOK_TIMEOUT)
         while True:
             await self._wake.wait()
             self._wake.clear()

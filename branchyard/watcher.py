@@ -1,7 +1,7 @@
 """The watcher: notices pushes and reports branch heads to the engine.
 
 A repo on this machine is watched by a cheap stat of its refs (directory and
-file times, no process) several times a second; only when that changes does it
+file times, no process) ten times a second; only when that changes does it
 run ``git ls-remote``. A remote repo is asked with ``git ls-remote`` every poll
 interval, which transfers only the ref list; it is fetched only when a head
 moved. Either way the engine gets a :class:`~branchyard.model.RepoHeads` when,
@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from branchyard.errors import BranchyardError
@@ -57,59 +58,98 @@ def refs_fingerprint(git_dir: Path) -> Fingerprint:
     return tuple(sorted(seen))
 
 
+@dataclass
+class _Watched:
+    repo: Repo
+    git_dir: Path | None  # None for a remote repo
+    last: RepoHeads | None = None
+    fingerprint: Fingerprint | None = None
+    due: float = 0.0  # loop time before which the repo is not looked at
+    check: asyncio.Task[None] | None = None  # an ls-remote in flight
+
+
 class Watcher:
+    """One loop for every repo: it wakes ten times a second, stats local repos,
+    and starts a check (``ls-remote``, then a fetch if heads moved) for each repo
+    whose refs changed or whose poll interval is up. Checks run concurrently,
+    at most one per repo."""
+
     def __init__(self, sources: Sources, on_heads: OnHeads, poll_interval: float) -> None:
         self._sources = sources
         self._on_heads = on_heads
         self._poll_interval = poll_interval
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watched: dict[str, _Watched] = {}
+        self._loop: asyncio.Task[None] | None = None
         self.errors: dict[str, str] = {}  # repo -> why it could not be read, while it can't
 
     def watch(self, repo: Repo) -> None:
-        if repo.name not in self._tasks:
-            self._tasks[repo.name] = asyncio.create_task(
-                self._watch(repo), name=f"watch {repo.name}"
-            )
+        path = local_path(repo.url)
+        self._watched.setdefault(
+            repo.name, _Watched(repo, git_dir_of(path) if path is not None else None)
+        )
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._run(), name="watcher")
 
     def unwatch(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
+        watched = self._watched.pop(name, None)
         self.errors.pop(name, None)
-        if task:
-            task.cancel()
+        if watched and watched.check:
+            watched.check.cancel()
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
+        tasks = [w.check for w in self._watched.values() if w.check]
+        if self._loop:
+            tasks.append(self._loop)
+        self._watched.clear()
+        self._loop = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch(self, repo: Repo) -> None:
-        path = local_path(repo.url)
-        last: RepoHeads | None = None
-        fingerprint: Fingerprint | None = None
-        source = self._sources(repo.url)
+    async def first_look(self) -> None:
+        """Return once every watched repo has been looked at (read, or failed) once."""
+        while any(
+            w.last is None and w.repo.name not in self.errors for w in self._watched.values()
+        ):
+            await asyncio.sleep(LOCAL_INTERVAL / 2)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            interval = self._poll_interval if path is None else LOCAL_INTERVAL
-            if path is not None:
-                current = refs_fingerprint(git_dir_of(path))
-                changed, fingerprint = current != fingerprint, current
-            else:
-                changed = True
-            if changed:
-                try:
-                    heads = await ls_remote(repo.url)
-                    seen = RepoHeads(repo.name, heads.default_branch or "", heads.branches)
-                    if seen != last:
-                        await source.sync()
-                        await self._on_heads(seen)
-                        last = seen
-                    self._clear_error(repo.name)
-                except BranchyardError as exc:
-                    self._set_error(repo.name, exc.message)
-                    fingerprint = None
-                    interval = max(interval, ERROR_INTERVAL)
-            await asyncio.sleep(interval)
+            now = loop.time()
+            for watched in list(self._watched.values()):
+                if watched.check is None and now >= watched.due and self._changed(watched):
+                    watched.check = asyncio.create_task(self._check(watched, now))
+            await asyncio.sleep(LOCAL_INTERVAL)
+
+    def _changed(self, watched: _Watched) -> bool:
+        if watched.git_dir is None:
+            return True
+        current = refs_fingerprint(watched.git_dir)
+        changed, watched.fingerprint = current != watched.fingerprint, current
+        return changed
+
+    async def _check(self, watched: _Watched, now: float) -> None:
+        name = watched.repo.name
+        try:
+            heads = await ls_remote(watched.repo.url)
+            seen = RepoHeads(name, heads.default_branch or "", heads.branches)
+            if seen != watched.last:
+                await self._sources(watched.repo.url).sync()
+                await self._on_heads(seen)
+                watched.last = seen
+            self._clear_error(name)
+            if watched.git_dir is None:
+                watched.due = now + self._poll_interval
+        except BranchyardError as exc:
+            self._set_error(name, exc.message)
+            watched.fingerprint = None
+            remote = watched.git_dir is None
+            watched.due = now + (
+                max(ERROR_INTERVAL, self._poll_interval) if remote else ERROR_INTERVAL
+            )
+        finally:
+            watched.check = None
 
     def _set_error(self, name: str, message: str) -> None:
         if self.errors.get(name) != message:

@@ -152,3 +152,32 @@ def test_a_namespace_that_goes_away_closes_its_peer_ports(
         return False
 
     wait_for(closed, 10, "the peer port closed")
+
+
+def test_a_restarted_daemon_brings_everything_back_with_its_settings(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    from tests.conftest import start_daemon
+
+    app, web = make_repo("app"), make_repo("web")
+    first = start_daemon(tmp_path / "home")
+    try:
+        for repo in (app, web):
+            first.cli("repo", "add", str(repo.origin))
+        wait_for(lambda: first.answer("web")["env"].get("APP_URL"), 30, "wired")
+        first.cli("env", "set", "web", "GREETING=kept")
+        wait_for(lambda: first.answer("web")["env"].get("GREETING") == "kept", 30, "setting")
+        ordinal = first.row("main", "web")["live"]["ordinal"]
+    finally:
+        assert first.stop() == 0
+    wait_for(lambda: not processes_with(first.marker), 10, "no process left")
+
+    second = start_daemon(tmp_path / "home")
+    try:
+        wait_for(lambda: second.answer("web")["env"].get("GREETING") == "kept", 30, "back")
+        assert second.row("main", "web")["live"]["ordinal"] == ordinal + 1
+        assert "env set GREETING" in second.cli("history", "web").stdout
+        assert second.ps_q() == ["main:app", "main:web"]
+    finally:
+        assert second.stop() == 0
+    wait_for(lambda: not processes_with(second.marker), 10, "no process left")

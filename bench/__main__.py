@@ -1,0 +1,85 @@
+"""``python -m bench [push] [router] [capacity] [--flags]``: run the benchmarks.
+
+No part named means every part, and RESULTS.md is rewritten; named parts
+replace their own sections in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import capacity, push, router
+from bench.common import ROOT, BenchError
+from bench.results import ORDER, Section, write
+
+PARTS = {"push": push, "router": router, "capacity": capacity}
+
+
+def _command() -> str:
+    python = Path(sys.executable)
+    shown = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
+    return shlex.join([shown, "-m", "bench", *sys.argv[1:]])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="branchyard benchmarks: push-to-live, the router against nginx, capacity.",
+    )
+    parser.add_argument("parts", nargs="*", metavar="PART", help="push, router, capacity")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench" / "RESULTS.md",
+        help="where to write the results (default bench/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp directory (repos, homes, logs)"
+    )
+    for module in PARTS.values():
+        module.add_arguments(parser)
+    args = parser.parse_args()
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown part {', '.join(unknown)} (choose from {', '.join(ORDER)})")
+    chosen = [part for part in ORDER if part in args.parts] or list(ORDER)
+    full = not args.parts or set(chosen) == set(ORDER)
+
+    command = _command()
+    workdir = Path(tempfile.mkdtemp(prefix="branchyard-bench-"))
+    sections: list[Section] = []
+    failed: list[str] = []
+    try:
+        for part in chosen:
+            print(f"bench: {part} ...", file=sys.stderr, flush=True)
+            began = time.monotonic()
+            try:
+                section = PARTS[part].run(args, workdir / part, command)
+            except BenchError as exc:
+                print(f"bench: {part} could not run: {exc}", file=sys.stderr, flush=True)
+                failed.append(part)
+                continue
+            sections.append(section)
+            print(f"bench: {part} took {time.monotonic() - began:.0f} s", file=sys.stderr)
+            for target in section.targets:
+                verdict = "PASS" if target.passed else "MISS"
+                print(f"  {verdict}  {target.what}: {target.figure} ({target.goal})")
+    finally:
+        if args.keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if sections:
+        write(args.results, sections, command, full and not failed)
+        print(f"bench: wrote {args.results}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Part 1, push-to-live: from ``git push`` returning to the router's first answer from it.
+
+Three cases, each against the real daemon, and the baseline they are set
+against, measured in the same run:
+
+- **cold start** of the sample service with no branchyard: process start to its
+  first 200, started exactly as the local runtime starts it;
+- **local path**: a bare repo on this machine (the watcher stats its refs);
+- **polling path**: the same kind of repo served by ``git http-backend``
+  (tests/githttp.py), which the daemon polls every ``--poll-interval`` seconds.
+  Before each push the bench sleeps a random fraction of the interval, so pushes
+  land at a uniformly random point of the poll cycle (otherwise they would sit
+  in step with it, since each push follows the previous one going live);
+- **dependencies**: a service with ``tinydep`` in requirements.txt: code-only
+  commits (the build log must show the cached environment reused and nothing
+  installed) and commits that change the dependency (a new environment).
+
+The poller asks the router with a fresh connection (``Connection: close``) every
+``--poll-ms`` milliseconds, since the router routes per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import Daemon, ServiceRepo, Summary, git, revision_at, wait_until
+from bench.results import LATENCY_HEADER, Section, latency_row, ms
+from bench.services import cold_starts, dependency_service, make_venv, stdlib_service, wheel
+from tests.githttp import GitHttpServer
+
+LIVE_TIMEOUT = 120.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("push-to-live")
+    group.add_argument("--commits", type=int, default=20, help="commits per path (default 20)")
+    group.add_argument(
+        "--dep-commits", type=int, default=5, help="dependency-changing commits (default 5)"
+    )
+    group.add_argument(
+        "--cold-starts", type=int, default=20, help="cold-start samples per service (default 20)"
+    )
+    group.add_argument(
+        "--poll-interval",
+        type=float,
+        default=2.0,
+        help="the daemon's --poll-interval on the polling path, seconds (default 2)",
+    )
+    group.add_argument(
+        "--poll-ms", type=float, default=5.0, help="the bench's own poll period (default 5 ms)"
+    )
+
+
+def _time_pushes(
+    daemon: Daemon,
+    repo: ServiceRepo,
+    commits: int,
+    files: Callable[[int], dict[str, str]],
+    poll: float,
+    before_push: Callable[[], None] = lambda: None,
+    after_live: Callable[[str], None] = lambda sha: None,
+) -> tuple[list[float], list[float]]:
+    """Push ``commits`` commits one after another; (push-to-live, git push) seconds each."""
+    host = f"{repo.name}.main.localhost"
+    to_live, pushes = [], []
+    for number in range(1, commits + 1):
+        sha = repo.commit(files(number), f"change {number}")
+        before_push()
+        started = time.monotonic()
+        repo.push()
+        pushed = time.monotonic()
+        wait_until(
+            lambda sha=sha: revision_at(daemon.router_port, host) == sha,
+            LIVE_TIMEOUT,
+            f"{repo.name}@{sha[:7]} through the router",
+            poll,
+        )
+        to_live.append(time.monotonic() - pushed)
+        pushes.append(pushed - started)
+        after_live(sha)
+    return to_live, pushes
+
+
+def _first_deploy(daemon: Daemon, repo: ServiceRepo, url: str, poll: float) -> float:
+    sha = git("rev-parse", "HEAD", cwd=repo.clone)
+    started = time.monotonic()
+    daemon.add_repo(url)
+    wait_until(
+        lambda: revision_at(daemon.router_port, f"{repo.name}.main.localhost") == sha,
+        LIVE_TIMEOUT,
+        f"the first deploy of {repo.name}",
+        poll,
+    )
+    return time.monotonic() - started
+
+
+def _overheads(values: list[float], baseline: float) -> list[float]:
+    return [value - baseline for value in values]
+
+
+def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
+    section = Section("push", "1. Push-to-live", command)
+    started = time.monotonic()
+    poll = args.poll_ms / 1000
+    rows: list[list[str]] = []
+
+    # Baselines: the services' own cold start, no branchyard.
+    plain = ServiceRepo.create(workdir / "local", "app", stdlib_service())
+    plain_venv = make_venv(workdir / "venv-plain")
+    cold = Summary.of(
+        cold_starts(plain.export(workdir / "run-plain"), plain_venv, args.cold_starts, poll)
+    )
+    rows.append(latency_row("cold start, stdlib service (no branchyard)", cold))
+
+    wheels = workdir / "wheels"
+    requirement = wheel(wheels, "1.0")
+    deps = ServiceRepo.create(workdir / "local", "depapp", dependency_service(str(requirement)))
+    deps_venv = make_venv(workdir / "venv-deps", deps.clone / "requirements.txt")
+    cold_deps = Summary.of(
+        cold_starts(deps.export(workdir / "run-deps"), deps_venv, args.cold_starts, poll)
+    )
+    rows.append(latency_row("cold start, service with tinydep (no branchyard)", cold_deps))
+
+    # The local path, then the dependency cases, on one daemon.
+    with Daemon.start(workdir / "home-local") as daemon:
+        first_plain = _first_deploy(daemon, plain, str(plain.origin), poll)
+        local, pushes = _time_pushes(daemon, plain, args.commits, lambda n: stdlib_service(n), poll)
+        first_deps = _first_deploy(daemon, deps, str(deps.origin), poll)
+        clean = []
+
+        def installed_nothing(sha: str) -> None:
+            log = daemon.cli("logs", "--build", deps.name)
+            clean.append("reusing environment" in log and "install" not in log)
+
+        code_only, _ = _time_pushes(
+            daemon,
+            deps,
+            args.commits,
+            lambda n: dependency_service(str(requirement), n),
+            poll,
+            after_live=installed_nothing,
+        )
+        installs = []
+
+        def installed(sha: str) -> None:
+            installs.append("install" in daemon.cli("logs", "--build", deps.name))
+
+        dep_change, _ = _time_pushes(
+            daemon,
+            deps,
+            args.dep_commits,
+            lambda n: dependency_service(str(wheel(wheels, f"1.{n}")), args.commits + n),
+            poll,
+            after_live=installed,
+        )
+
+    # The polling path: git http-backend on loopback, the daemon polling it.
+    interval = args.poll_interval
+    polled = ServiceRepo.create(workdir / "http", "polled", stdlib_service())
+    with (
+        GitHttpServer(polled.origin.parent) as server,
+        Daemon.start(workdir / "home-poll", "--poll-interval", f"{interval:g}") as daemon,
+    ):
+        first_polled = _first_deploy(daemon, polled, f"{server.url}/polled.git", poll)
+        rng = random.Random(1)
+        polling, _ = _time_pushes(
+            daemon,
+            polled,
+            args.commits,
+            lambda n: stdlib_service(n),
+            poll,
+            before_push=lambda: time.sleep(rng.uniform(0, interval)),
+        )
+        http_requests = len(server.requests)
+    shutil.rmtree(workdir / "home-poll", ignore_errors=True)
+
+    local_s = Summary.of(local)
+    local_over = Summary.of(_overheads(local, cold.median))
+    polling_s = Summary.of(polling)
+    polling_over = Summary.of(_overheads(polling, cold.median))
+    code_s = Summary.of(code_only)
+    code_over = Summary.of(_overheads(code_only, cold_deps.median))
+    change_s = Summary.of(dep_change)
+    change_over = Summary.of(_overheads(dep_change, cold_deps.median))
+    rows += [
+        latency_row("local path: push-to-live", local_s),
+        latency_row("local path: overhead (push-to-live - cold start p50)", local_over),
+        latency_row(f"polling path ({interval:g} s): push-to-live", polling_s),
+        latency_row("polling path: overhead (push-to-live - cold start p50)", polling_over),
+        latency_row("with deps, code-only commit: push-to-live", code_s),
+        latency_row("with deps, code-only commit: overhead", code_over),
+        latency_row("with deps, dependency change: push-to-live", change_s),
+        latency_row("with deps, dependency change: overhead", change_over),
+        latency_row("`git push` itself (local bare repo)", Summary.of(pushes)),
+    ]
+
+    section.add(
+        "Each commit changes the service's code and is pushed only after the previous one "
+        "answered through the router. Push-to-live runs from `git push` returning to the "
+        "router's first answer from the new revision (fresh connection every "
+        f"{args.poll_ms:g} ms). Overhead is push-to-live minus the median cold start of "
+        "the same service, started the way the runtime starts it (`/bin/sh -c 'python "
+        "app.py'` in a `uv venv` environment) but with no branchyard. On the polling path "
+        f"the daemon runs with `--poll-interval {interval:g}` and each push is delayed by "
+        "a random 0…interval, so it lands at a random point of the poll cycle: the "
+        "expected wait for the poll is half the interval.",
+        "",
+    )
+    section.table(LATENCY_HEADER, rows)
+    section.add(
+        "Ratios (p50): "
+        f"local push-to-live / cold start = {local_s.median / cold.median:.1f}x; "
+        f"code-only with deps / its cold start = {code_s.median / cold_deps.median:.1f}x; "
+        f"dependency change / code-only = {change_s.median / code_s.median:.1f}x; "
+        f"polling p50 - interval/2 = {ms(polling_s.median - interval / 2)}.",
+        "",
+        f"First deploys (repo add → first answer): stdlib service {ms(first_plain)}, with "
+        f"tinydep (creates and fills the environment) {ms(first_deps)}, over HTTP "
+        f"{ms(first_polled)}. The git HTTP server saw {http_requests} requests.",
+        "",
+        f"Build logs (`branchyard logs --build depapp` after each commit went live): "
+        f"{sum(clean)} of {len(clean)} code-only commits reused the environment and "
+        f"installed nothing; {sum(installs)} of {len(installs)} dependency changes installed.",
+        "",
+        "Yardsticks: Argo CD polls every 3 min by default, Flux users commonly set 1 min; "
+        "Rio rebuilt an image per commit, which took minutes.",
+        "",
+    )
+    section.target(
+        "local path: overhead p50", ms(local_over.median), "≤ 300 ms", local_over.median <= 0.3
+    )
+    goal = interval / 2 + 0.3
+    section.target(
+        f"polling path ({interval:g} s): push-to-live p50",
+        ms(polling_s.median),
+        f"≤ interval/2 + 300 ms = {ms(goal)}",
+        polling_s.median <= goal,
+    )
+    section.target(
+        "with deps, code-only commit: overhead p50",
+        ms(code_over.median),
+        "≤ 500 ms",
+        code_over.median <= 0.5,
+    )
+    section.target(
+        "with deps, code-only commit installs nothing",
+        f"{sum(clean)} of {len(clean)}",
+        "all",
+        all(clean) and bool(clean),
+    )
+    section.seconds = time.monotonic() - started
+    return section
