@@ -175,6 +175,13 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def threads(pid: int) -> int:
     return status_kib(pid, "Threads")
 

@@ -8,6 +8,7 @@ the top is rebuilt from every section's target rows.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Section:
     lines: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    load: tuple[float, float, float] = field(default_factory=os.getloadavg)
     seconds: float = 0.0
 
     def add(self, *lines: str) -> None:
@@ -59,7 +61,8 @@ class Section:
             f"<!-- bench:{self.key}:begin -->",
             f"## {self.title}",
             "",
-            f"Run {when}, took {self.seconds:.0f} s: `{self.command}`",
+            f"Run {when}, took {self.seconds:.0f} s, load average at the start "
+            f"{' '.join(f'{x:.2f}' for x in self.load)}: `{self.command}`",
             "",
             *self.lines,
         ]

@@ -135,6 +135,7 @@ class Engine:
                 await self._cancel_deploy(slot)
                 await self._stop(slot, action.reason)
                 self.table.remove(*slot)
+                self.runtime.discard(*slot)
         await self._close_unused_peer_ports()
 
     async def _close_unused_peer_ports(self) -> None:

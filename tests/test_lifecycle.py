@@ -53,8 +53,9 @@ def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
     status, body = daemon.get("app.feature-login-fix.localhost")
     assert status == 404
     assert b"app.main.localhost" in body
-    builds = daemon.home / "builds" / "feature-login-fix"
-    assert not any(builds.rglob("app.py"))
+    assert not (daemon.home / "builds" / "feature-login-fix").exists()
+    assert not (daemon.home / "logs" / "feature-login-fix").exists()
+    assert (daemon.home / "logs" / "main" / "app").is_dir()
 
 
 def test_rm_stops_a_service_until_the_next_push(

@@ -126,6 +126,12 @@ class LocalRuntime:
         suffix = ".build.log" if build else ".log"
         return self._logs / namespace / service / f"v{ordinal}{suffix}"
 
+    def discard(self, namespace: str, service: str) -> None:
+        for root in (self._logs, self._builds):
+            shutil.rmtree(root / namespace / service, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / namespace).rmdir()  # only if no other service is left there
+
     async def deploy(self, spec: RevisionSpec) -> LocalInstance:
         build_log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=True)
         build_log.parent.mkdir(parents=True, exist_ok=True)

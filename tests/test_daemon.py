@@ -1,0 +1,76 @@
+"""The daemon's own edges: ports, homes, demo, following logs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _up(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "branchyard", "--home", str(home), "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_second_daemon_on_the_same_home_or_port_is_refused(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    same_home = _up(daemon.home, "--router-port", "0")
+    assert same_home.returncode == 1
+    assert same_home.stderr.strip().splitlines()[-1] == (
+        f"error: a daemon is already running with home {daemon.home}"
+    )
+    same_port = _up(tmp_path / "other", "--router-port", str(daemon.router_port))
+    assert same_port.returncode == 1
+    last = same_port.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot listen on 127.0.0.1:{daemon.router_port}"), last
+    assert not (tmp_path / "other" / "daemon.json").exists()
+    assert daemon.cli("info").stdout.startswith("router  http://127.0.0.1:")
+
+
+def test_demo_registers_three_wired_sample_services(daemon: Daemon, tmp_path: Path) -> None:
+    done = daemon.cli("demo", str(tmp_path / "demo"))
+    assert "registered other_app" in done.stdout
+    assert f"curl http://web.bugfix.localhost:{daemon.router_port}/" in done.stdout
+    wait_for(lambda: daemon.ps_q() == ["main:app", "main:other_app", "main:web"], 60, "demo")
+
+    def page() -> str:
+        status, body = daemon.get("web.main.localhost")
+        return body.decode() if status == 200 and b'"service": "other_app"' in body else ""
+
+    text = wait_for(page, 60, "web showing both peers")
+    assert '"service": "app"' in text
+    again = daemon.cli("demo", str(tmp_path / "demo"), check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_logs_follow_prints_the_output_and_keeps_the_stream_open(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "branchyard", "--home", str(daemon.home), "logs", "-f", "app"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline().startswith("listening on")
+        assert follower.poll() is None
+    finally:
+        follower.kill()
+        follower.wait()
