@@ -67,6 +67,7 @@ class Engine:
         self._current: dict[Slot, str] = {}
         self._peer_slots: set[Slot] = set()
         self._deploys: dict[Slot, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -90,7 +91,9 @@ class Engine:
         for task in deploys:
             task.cancel()
         await asyncio.gather(*deploys, return_exceptions=True)
-        await asyncio.gather(*(self._stop(slot, "daemon stopped") for slot in list(self.live)))
+        for slot in list(self.live):
+            self._stop(slot, "daemon stopped")
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def request_reconcile(self) -> None:
         self._wake.set()
@@ -133,7 +136,7 @@ class Engine:
             else:
                 self._current.pop(slot, None)
                 await self._cancel_deploy(slot)
-                await self._stop(slot, action.reason)
+                self._stop(slot, action.reason)
                 self.table.remove(*slot)
                 self.runtime.discard(*slot)
         await self._close_unused_peer_ports()
@@ -193,7 +196,7 @@ class Engine:
         self.live[slot].watch = asyncio.create_task(self._watch_exit(slot, self.live[slot]))
         self.store.event("live", f"v{revision.ordinal} {revision.sha7} is live", slot)
         if old:
-            await self._retire(old, f"replaced by v{revision.ordinal}")
+            self._retire(old, f"replaced by v{revision.ordinal}")
 
     async def _spec(self, target: Target, revision: Revision) -> RevisionSpec:
         source = self.sources(target.url)
@@ -247,16 +250,28 @@ class Engine:
             self.store.event("crashed", f"v{live.revision.ordinal} {reason}", slot)
             await live.instance.stop()
 
-    async def _retire(self, live: Live, reason: str) -> None:
+    def _retire(self, live: Live, reason: str) -> None:
+        """Stop a revision that no longer takes traffic, in the background.
+
+        It is marked stopped only once its processes have exited. The task is
+        kept, so that neither a cancelled deploy nor the reconcile loop can
+        leave a process half-stopped, and :meth:`close` waits for it.
+        """
         if live.watch:
             live.watch.cancel()
-        self.store.set_state(live.revision.id, RevisionState.STOPPED, reason)
-        await live.instance.stop()
 
-    async def _stop(self, slot: Slot, reason: str) -> None:
+        async def stop() -> None:
+            await live.instance.stop()
+            self.store.set_state(live.revision.id, RevisionState.STOPPED, reason)
+
+        task = asyncio.create_task(stop(), name=f"stop {live.revision.service}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _stop(self, slot: Slot, reason: str) -> None:
         live = self.live.pop(slot, None)
         if live:
-            await self._retire(live, reason)
+            self._retire(live, reason)
 
     # commands
 
