@@ -7,6 +7,7 @@ replace their own sections in it.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -23,8 +24,22 @@ PARTS = {"push": push, "router": router, "capacity": capacity}
 
 def _command() -> str:
     python = Path(sys.executable)
-    shown = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
+    shown = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else str(python)
     return shlex.join([shown, "-m", "bench", *sys.argv[1:]])
+
+
+def _wait_for_quiet(threshold: float, patience: float) -> None:
+    """Let other work on the machine settle before measuring (the load is recorded)."""
+    deadline = time.monotonic() + patience
+    if os.getloadavg()[0] > threshold and patience > 0:
+        print(
+            f"bench: waiting up to {patience:g} s for the load average "
+            f"({os.getloadavg()[0]:.2f}) to fall to {threshold:g}",
+            file=sys.stderr,
+            flush=True,
+        )
+    while os.getloadavg()[0] > threshold and time.monotonic() < deadline:
+        time.sleep(5)
 
 
 def main() -> int:
@@ -42,6 +57,18 @@ def main() -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp directory (repos, homes, logs)"
     )
+    parser.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.5,
+        help="before each part, wait for the 1-minute load average to fall to this (0.5)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=600,
+        help="...but wait no longer than this many seconds (default 600; 0: never wait)",
+    )
     for module in PARTS.values():
         module.add_arguments(parser)
     args = parser.parse_args()
@@ -57,10 +84,12 @@ def main() -> int:
     failed: list[str] = []
     try:
         for part in chosen:
+            _wait_for_quiet(args.quiet_load, args.quiet_wait)
             print(f"bench: {part} ...", file=sys.stderr, flush=True)
             began = time.monotonic()
             try:
                 section = PARTS[part].run(args, workdir / part, command)
+                section.load_end = os.getloadavg()
             except BenchError as exc:
                 print(f"bench: {part} could not run: {exc}", file=sys.stderr, flush=True)
                 failed.append(part)

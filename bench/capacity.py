@@ -24,6 +24,7 @@ from bench.common import (
     Daemon,
     ServiceRepo,
     Summary,
+    cli_env,
     command_name,
     cpu_seconds,
     get,
@@ -121,13 +122,14 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
 
         # As after a normal install, with the bytecode cached (in a temp prefix, so the
         # work tree stays clean); and as this environment runs it, which may forbid that.
-        cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        plain = cli_env(os.environ)
+        cached = {k: v for k, v in plain.items() if k != "PYTHONDONTWRITEBYTECODE"}
         cached["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
         ps_argv = [str(BRANCHYARD), "--home", str(daemon.home), "ps", "-A"]
         subprocess.run(ps_argv, env=cached, capture_output=True, check=True)  # fills the cache
         ps_times, ps_plain_times, api_times = [], [], []
         for _ in range(args.ps_runs):
-            for env, times in ((cached, ps_times), (None, ps_plain_times)):
+            for env, times in ((cached, ps_times), (plain, ps_plain_times)):
                 began_ps = time.monotonic()
                 done = subprocess.run(ps_argv, env=env, capture_output=True, text=True, check=True)
                 times.append(time.monotonic() - began_ps)

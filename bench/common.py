@@ -8,18 +8,20 @@ them through ``/proc`` and check that none is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import platform
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -175,6 +177,13 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
+
+
 def command_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -191,6 +200,14 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cli_env(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` for the ``branchyard`` console script, importing the branchyard beside
+    this bench (which is the installed one, unless the bench runs in another checkout).
+    The daemon needs no such thing: it runs as ``python -m branchyard`` from ROOT."""
+    path = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH", "")) if p)
+    return {**base, "PYTHONPATH": path}
 
 
 # -- the daemon --------------------------------------------------------------------
@@ -255,6 +272,7 @@ class Daemon:
             capture_output=True,
             text=True,
             timeout=120,
+            env=cli_env(os.environ),
         )
         if done.returncode != 0:
             raise BenchError(f"branchyard {' '.join(args)} failed: {done.stderr.strip()}")
@@ -265,6 +283,9 @@ class Daemon:
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
+            token = self.home / "token"  # the API token, where the daemon has one
+            if token.exists():
+                headers["Authorization"] = f"Bearer {token.read_text().strip()}"
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             data = response.read()
@@ -297,7 +318,14 @@ class Daemon:
                 self.process.wait()
                 raise BenchError("the daemon did not stop within 60 s") from None
         took = time.monotonic() - started
-        wait_until(lambda: not processes_with(self.marker), 15, "no process left", 0.05)
+        deadline = time.monotonic() + 15
+        while (left := processes_with(self.marker)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:
+            raise BenchError(
+                "the daemon left processes behind: "
+                + "; ".join(f"{pid} {command_line(pid)}" for pid in left)
+            )
         if self.process.returncode != 0:
             raise BenchError(f"the daemon exited {self.process.returncode}: {self.log_tail()}")
         return took
@@ -308,6 +336,22 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self.process.poll() is None:
             self.stop()
+
+    def events(self, since: float) -> list[tuple[float, str, str, str, str]]:
+        """(at, kind, namespace, service, message) from the store since ``since`` (wall
+        clock), for breakdowns; empty if the store cannot be read that way."""
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.home / 'state.db'}?mode=ro", uri=True)
+            ) as db:
+                rows = db.execute(
+                    "SELECT at, kind, coalesce(namespace, ''), coalesce(service, ''), message "
+                    "FROM events WHERE at >= ? ORDER BY at",
+                    (since,),
+                ).fetchall()
+        except sqlite3.Error:
+            return []
+        return [tuple(row) for row in rows]
 
 
 # -- statistics --------------------------------------------------------------------

@@ -4,7 +4,8 @@ Three cases, each against the real daemon, and the baseline they are set
 against, measured in the same run:
 
 - **cold start** of the sample service with no branchyard: process start to its
-  first 200, started exactly as the local runtime starts it;
+  first 200, started exactly as the local runtime starts it, one sample right
+  before each push (so a busy machine weighs on both alike);
 - **local path**: a bare repo on this machine (the watcher stats its refs);
 - **polling path**: the same kind of repo served by ``git http-backend``
   (tests/githttp.py), which the daemon polls every ``--poll-interval`` seconds.
@@ -16,7 +17,8 @@ against, measured in the same run:
   installed) and commits that change the dependency (a new environment).
 
 The poller asks the router with a fresh connection (``Connection: close``) every
-``--poll-ms`` milliseconds, since the router routes per connection.
+``--poll-ms`` milliseconds, so that a router that routes per connection is not
+kept on the old revision.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Daemon, ServiceRepo, Summary, git, revision_at, wait_until
-from bench.results import LATENCY_HEADER, Section, latency_row, ms
+from bench.results import LATENCY_HEADER, Section, latency_row, ms, spread
 from bench.services import cold_starts, dependency_service, make_venv, stdlib_service, wheel
 from tests.githttp import GitHttpServer
 
@@ -43,9 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dep-commits", type=int, default=5, help="dependency-changing commits (default 5)"
     )
     group.add_argument(
-        "--cold-starts", type=int, default=20, help="cold-start samples per service (default 20)"
-    )
-    group.add_argument(
         "--poll-interval",
         type=float,
         default=2.0,
@@ -56,6 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Sample:
+    began: float  # wall clock: `git push` started
+    pushed: float  # wall clock: `git push` returned
+    answered: float  # wall clock: the router's first answer from the new revision
+
+    @property
+    def to_live(self) -> float:
+        return self.answered - self.pushed
+
+    @property
+    def push(self) -> float:
+        return self.pushed - self.began
+
+
 def _time_pushes(
     daemon: Daemon,
     repo: ServiceRepo,
@@ -64,26 +79,62 @@ def _time_pushes(
     poll: float,
     before_push: Callable[[], None] = lambda: None,
     after_live: Callable[[str], None] = lambda sha: None,
-) -> tuple[list[float], list[float]]:
-    """Push ``commits`` commits one after another; (push-to-live, git push) seconds each."""
+) -> list[Sample]:
+    """Push ``commits`` commits one after another, timing each until it answers."""
     host = f"{repo.name}.main.localhost"
-    to_live, pushes = [], []
+    samples = []
     for number in range(1, commits + 1):
         sha = repo.commit(files(number), f"change {number}")
         before_push()
-        started = time.monotonic()
+        began = time.time()
         repo.push()
-        pushed = time.monotonic()
+        pushed = time.time()
         wait_until(
             lambda sha=sha: revision_at(daemon.router_port, host) == sha,
             LIVE_TIMEOUT,
             f"{repo.name}@{sha[:7]} through the router",
             poll,
         )
-        to_live.append(time.monotonic() - pushed)
-        pushes.append(pushed - started)
+        samples.append(Sample(began, pushed, time.time()))
         after_live(sha)
-    return to_live, pushes
+    return samples
+
+
+PHASES = (
+    "notice: the watcher sees the push (stat or poll, ls-remote, fetch)",
+    "plan: heads seen → deploy started",
+    "build and start: checkout, environment, spawn, health check",
+    "route: live → the bench's first answer through the router",
+)
+
+
+def _breakdown(daemon: Daemon, service: str, samples: list[Sample]) -> list[list[float]] | None:
+    """Each push's time split at the store's events (push, deploy, live), or None."""
+    events = daemon.events(samples[0].began - 1)
+    phases: list[list[float]] = [[] for _ in PHASES]
+    for sample in samples:
+        window = [e for e in events if sample.began <= e[0] <= sample.answered]
+        heads = next((e for e in window if e[1] == "push" and e[4].startswith(service)), None)
+        deploy = next((e for e in window if e[1] == "deploy" and e[3] == service), None)
+        live = next((e for e in window if e[1] == "live" and e[3] == service), None)
+        if heads is None or deploy is None or live is None:
+            return None
+        marks = [sample.pushed, heads[0], deploy[0], live[0], sample.answered]
+        for index in range(len(PHASES)):
+            phases[index].append(marks[index + 1] - marks[index])
+    return phases
+
+
+class _TimedRequests(list[tuple[str, str, bytes]]):
+    """The git HTTP server's request log, with the wall-clock time of each request."""
+
+    def __init__(self, existing: list[tuple[str, str, bytes]]) -> None:
+        super().__init__(existing)
+        self.times: list[float] = []
+
+    def append(self, item: tuple[str, str, bytes]) -> None:
+        self.times.append(time.time())
+        super().append(item)
 
 
 def _first_deploy(daemon: Daemon, repo: ServiceRepo, url: str, poll: float) -> float:
@@ -109,27 +160,31 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     poll = args.poll_ms / 1000
     rows: list[list[str]] = []
 
-    # Baselines: the services' own cold start, no branchyard.
+    # Baselines: the services' own cold start, no branchyard, one sample right before
+    # each push of the local and the code-only series, so both see the same machine.
     plain = ServiceRepo.create(workdir / "local", "app", stdlib_service())
+    plain_run = plain.export(workdir / "run-plain")
     plain_venv = make_venv(workdir / "venv-plain")
-    cold = Summary.of(
-        cold_starts(plain.export(workdir / "run-plain"), plain_venv, args.cold_starts, poll)
-    )
-    rows.append(latency_row("cold start, stdlib service (no branchyard)", cold))
-
     wheels = workdir / "wheels"
     requirement = wheel(wheels, "1.0")
     deps = ServiceRepo.create(workdir / "local", "depapp", dependency_service(str(requirement)))
+    deps_run = deps.export(workdir / "run-deps")
     deps_venv = make_venv(workdir / "venv-deps", deps.clone / "requirements.txt")
-    cold_deps = Summary.of(
-        cold_starts(deps.export(workdir / "run-deps"), deps_venv, args.cold_starts, poll)
-    )
-    rows.append(latency_row("cold start, service with tinydep (no branchyard)", cold_deps))
+    cold_plain: list[float] = []
+    cold_with_deps: list[float] = []
 
     # The local path, then the dependency cases, on one daemon.
     with Daemon.start(workdir / "home-local") as daemon:
         first_plain = _first_deploy(daemon, plain, str(plain.origin), poll)
-        local, pushes = _time_pushes(daemon, plain, args.commits, lambda n: stdlib_service(n), poll)
+        local = _time_pushes(
+            daemon,
+            plain,
+            args.commits,
+            lambda n: stdlib_service(n),
+            poll,
+            before_push=lambda: cold_plain.extend(cold_starts(plain_run, plain_venv, 1, poll)),
+        )
+        local_phases = _breakdown(daemon, plain.name, local)
         first_deps = _first_deploy(daemon, deps, str(deps.origin), poll)
         clean = []
 
@@ -137,12 +192,13 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             log = daemon.cli("logs", "--build", deps.name)
             clean.append("reusing environment" in log and "install" not in log)
 
-        code_only, _ = _time_pushes(
+        code_only = _time_pushes(
             daemon,
             deps,
             args.commits,
             lambda n: dependency_service(str(requirement), n),
             poll,
+            before_push=lambda: cold_with_deps.extend(cold_starts(deps_run, deps_venv, 1, poll)),
             after_live=installed_nothing,
         )
         installs = []
@@ -150,7 +206,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         def installed(sha: str) -> None:
             installs.append("install" in daemon.cli("logs", "--build", deps.name))
 
-        dep_change, _ = _time_pushes(
+        dep_change = _time_pushes(
             daemon,
             deps,
             args.dep_commits,
@@ -158,6 +214,8 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             poll,
             after_live=installed,
         )
+        code_phases = _breakdown(daemon, deps.name, code_only)
+        change_phases = _breakdown(daemon, deps.name, dep_change)
 
     # The polling path: git http-backend on loopback, the daemon polling it.
     interval = args.poll_interval
@@ -167,8 +225,9 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         Daemon.start(workdir / "home-poll", "--poll-interval", f"{interval:g}") as daemon,
     ):
         first_polled = _first_deploy(daemon, polled, f"{server.url}/polled.git", poll)
+        server.requests = requests = _TimedRequests(server.requests)
         rng = random.Random(1)
-        polling, _ = _time_pushes(
+        polling = _time_pushes(
             daemon,
             polled,
             args.commits,
@@ -177,16 +236,25 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             before_push=lambda: time.sleep(rng.uniform(0, interval)),
         )
         http_requests = len(server.requests)
+        polling_phases = _breakdown(daemon, polled.name, polling)
+        poll_waits = []
+        for sample in polling:
+            after = [at for at in requests.times if at >= sample.pushed]
+            poll_waits.append(after[0] - sample.pushed if after else float("nan"))
     shutil.rmtree(workdir / "home-poll", ignore_errors=True)
 
-    local_s = Summary.of(local)
-    local_over = Summary.of(_overheads(local, cold.median))
-    polling_s = Summary.of(polling)
-    polling_over = Summary.of(_overheads(polling, cold.median))
-    code_s = Summary.of(code_only)
-    code_over = Summary.of(_overheads(code_only, cold_deps.median))
-    change_s = Summary.of(dep_change)
-    change_over = Summary.of(_overheads(dep_change, cold_deps.median))
+    cold = Summary.of(cold_plain)
+    cold_deps = Summary.of(cold_with_deps)
+    rows.append(latency_row("cold start, stdlib service (no branchyard)", cold))
+    rows.append(latency_row("cold start, service with tinydep (no branchyard)", cold_deps))
+    local_s = Summary.of([x.to_live for x in local])
+    local_over = Summary.of(_overheads([x.to_live for x in local], cold.median))
+    polling_s = Summary.of([x.to_live for x in polling])
+    polling_over = Summary.of(_overheads([x.to_live for x in polling], cold.median))
+    code_s = Summary.of([x.to_live for x in code_only])
+    code_over = Summary.of(_overheads([x.to_live for x in code_only], cold_deps.median))
+    change_s = Summary.of([x.to_live for x in dep_change])
+    change_over = Summary.of(_overheads([x.to_live for x in dep_change], cold_deps.median))
     rows += [
         latency_row("local path: push-to-live", local_s),
         latency_row("local path: overhead (push-to-live - cold start p50)", local_over),
@@ -196,7 +264,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         latency_row("with deps, code-only commit: overhead", code_over),
         latency_row("with deps, dependency change: push-to-live", change_s),
         latency_row("with deps, dependency change: overhead", change_over),
-        latency_row("`git push` itself (local bare repo)", Summary.of(pushes)),
+        latency_row("`git push` itself (local bare repo)", Summary.of([x.push for x in local])),
     ]
 
     section.add(
@@ -205,13 +273,45 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         "router's first answer from the new revision (fresh connection every "
         f"{args.poll_ms:g} ms). Overhead is push-to-live minus the median cold start of "
         "the same service, started the way the runtime starts it (`/bin/sh -c 'python "
-        "app.py'` in a `uv venv` environment) but with no branchyard. On the polling path "
+        "app.py'` in a `uv venv` environment) but with no branchyard, one sample taken "
+        "right before each push of the local and code-only series. On the polling path "
         f"the daemon runs with `--poll-interval {interval:g}` and each push is delayed by "
         "a random 0…interval, so it lands at a random point of the poll cycle: the "
         "expected wait for the poll is half the interval.",
         "",
     )
     section.table(LATENCY_HEADER, rows)
+    cases = {
+        "local": local_phases,
+        f"polling ({interval:g} s)": polling_phases,
+        "deps, code-only": code_phases,
+        "deps, dependency change": change_phases,
+    }
+    if all(phases is not None for phases in cases.values()):
+        section.add(
+            "Where the time goes: each push split at the daemon's own events (its store's "
+            "`push`, `deploy` and `live` rows), p50 (min … max) per phase. *Build and "
+            "start* contains the service's own cold start.",
+            "",
+        )
+        section.table(
+            ["phase", *cases],
+            [
+                [phase, *(spread(Summary.of(p[index])) for p in cases.values() if p)]
+                for index, phase in enumerate(PHASES)
+            ],
+        )
+        assert polling_phases is not None
+        fetching = [n - w for n, w in zip(polling_phases[0], poll_waits, strict=True)]
+        section.add(
+            "On the polling path, *notice* is the wait for the next poll, p50 "
+            f"{spread(Summary.of(poll_waits))} (half the interval is {ms(interval / 2)}), "
+            f"then `git ls-remote` and the fetch over HTTP, p50 {spread(Summary.of(fetching))} "
+            "(timed at the git HTTP server's first request after the push).",
+            "",
+        )
+    else:
+        section.add("(No breakdown: the daemon's store did not have the expected events.)", "")
     section.add(
         "Ratios (p50): "
         f"local push-to-live / cold start = {local_s.median / cold.median:.1f}x; "

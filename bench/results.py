@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Summary, machine
+from bench.common import BenchError, Summary, git, machine
 
 ORDER = ("push", "router", "capacity")
 _TARGET_ROW = re.compile(r"^\| .+ \| \*\*(PASS|MISS)\*\* \|$")
@@ -41,6 +41,7 @@ class Section:
     targets: list[Target] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    load_end: tuple[float, float, float] | None = None
     seconds: float = 0.0
 
     def add(self, *lines: str) -> None:
@@ -61,8 +62,8 @@ class Section:
             f"<!-- bench:{self.key}:begin -->",
             f"## {self.title}",
             "",
-            f"Run {when}, took {self.seconds:.0f} s, load average at the start "
-            f"{' '.join(f'{x:.2f}' for x in self.load)}: `{self.command}`",
+            f"Run {when}, took {self.seconds:.0f} s, load average {_load(self.load)} at the "
+            f"start and {_load(self.load_end)} at the end: `{self.command}`",
             "",
             *self.lines,
         ]
@@ -72,6 +73,10 @@ class Section:
             out.append("")
         out.append(f"<!-- bench:{self.key}:end -->")
         return "\n".join(out)
+
+
+def _load(load: tuple[float, float, float] | None) -> str:
+    return "?" if load is None else " ".join(f"{x:.2f}" for x in load)
 
 
 def ms(seconds: float) -> str:
@@ -111,10 +116,23 @@ def _sections_in(text: str) -> dict[str, str]:
     return found
 
 
+def _revision() -> str:
+    """The commit measured, and whether the product's files differed from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = git("rev-parse", "--short", "HEAD", cwd=root)
+        changed = git("status", "--porcelain", "--", "branchyard", "pyproject.toml", cwd=root)
+    except BenchError:
+        return "?"
+    files = len(changed.splitlines())
+    return f"commit {commit}" + (f" plus uncommitted changes in {files} files" if files else "")
+
+
 def write(path: Path, sections: list[Section], command: str, full: bool) -> None:
     previous = {} if full or not path.exists() else _sections_in(path.read_text())
     rendered = {**previous, **{s.key: s.render() for s in sections}}
     info = machine()
+    info["branchyard"] = _revision()
     header = [
         "# branchyard benchmarks",
         "",

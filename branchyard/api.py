@@ -8,19 +8,23 @@ in exactly one place (:func:`_error`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
+from branchyard import auth, webhooks
 from branchyard.engine import Engine
-from branchyard.errors import BranchyardError, NotFound
+from branchyard.errors import BranchyardError, NotFound, UsageError
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
+from branchyard.rollout import last_lines
+from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
 
 FOLLOW_INTERVAL = 0.2
@@ -30,6 +34,15 @@ class RepoIn(BaseModel):
     url: str
     name: str | None = None
     default_branch: str | None = None
+    webhook_secret: str = ""
+
+
+class RevisionIn(BaseModel):
+    ordinal: int | None = None
+
+
+class WeightsIn(BaseModel):
+    weights: dict[int, int]
 
 
 class EnvIn(BaseModel):
@@ -38,9 +51,11 @@ class EnvIn(BaseModel):
     message: str = ""
 
 
-def _revision_json(revision: Revision | None) -> dict[str, Any] | None:
-    if revision is None:
-        return None
+def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
+    return _revision_json(revision) if revision else None
+
+
+def _revision_json(revision: Revision) -> dict[str, Any]:
     return {
         "ordinal": revision.ordinal,
         "sha": revision.sha,
@@ -48,6 +63,7 @@ def _revision_json(revision: Revision | None) -> dict[str, Any] | None:
         "branch": revision.branch,
         "state": revision.state.value,
         "reason": revision.reason,
+        "subject": revision.subject,
         "settings": revision.settings_version,
         "created_at": revision.created_at,
         "changed_at": revision.changed_at,
@@ -58,8 +74,27 @@ def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
     return item[0][0] != BASELINE, item[0]
 
 
-def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
+def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     app = FastAPI(title="branchyard", version="0.1.0")
+    token = [auth.load_or_create(home)]
+
+    @app.middleware("http")
+    async def require_token(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        given = auth.bearer(request.headers.get("authorization"))
+        if request.url.path.startswith("/hooks/") or auth.matches(token[0], given):
+            return await call_next(request)
+        return JSONResponse(
+            {"error": "unauthorized", "message": f"missing or wrong API token (see {home}/token)"},
+            status_code=401,
+        )
+
+    @app.post("/api/token/rotate")
+    async def rotate_token() -> dict[str, str]:
+        token[0] = auth.rotate(home)
+        engine.store.event("token", "API token rotated")
+        return {"token_file": str(home / auth.TOKEN_FILE)}
 
     @app.exception_handler(BranchyardError)
     async def _error(request: Request, exc: BranchyardError) -> JSONResponse:
@@ -71,21 +106,37 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
     def row(slot: Slot) -> dict[str, Any]:
         history = engine.store.revisions(slot)
         latest = history[0] if history else None
-        live = engine.live.get(slot)
-        shown = live.revision if live else latest
-        if live and latest and latest.id != live.revision.id:
+        running = engine.rollouts.live(slot)
+        live = engine.store.revision(running.revision.id) if running else None
+        shown = live or latest
+        weights = engine.rollouts.weights(slot)
+        pin = engine.store.pin(slot)
+        if running and running.instance.state is not ProcessState.RUNNING:
+            state = f"restarting (exit {running.instance.exit_code})"
+        elif live and latest and latest.id != live.id:
             state = f"live (v{latest.ordinal} {latest.state.value})"
         elif shown:
             state = shown.state.value
         else:
             state = "pending"
+        if len(weights) > 1:
+            state += " split " + " ".join(f"v{o}={w}" for o, w in sorted(weights.items()))
+        elif pin is not None:
+            state += f" pinned v{pin}"
+        failed = latest and latest.state in (RevisionState.FAILED, RevisionState.CRASHED)
         return {
             "namespace": slot[0],
             "service": slot[1],
             "state": state,
-            "reason": latest.reason if latest and latest.state is RevisionState.FAILED else "",
-            "live": _revision_json(live.revision if live else None),
-            "latest": _revision_json(latest),
+            "reason": latest.reason if latest and failed else "",
+            "live": _optional_revision(live),
+            "latest": _optional_revision(latest),
+            "pinned": pin,
+            "weights": weights,
+            "restarts": running.instance.restarts if running else 0,
+            "last_lines": last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
+            if latest and failed
+            else [],
             "url": router_url(*slot),
             "since": shown.changed_at if shown else None,
         }
@@ -109,7 +160,7 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
 
     @app.post("/api/repos", status_code=201)
     async def add_repo(body: RepoIn) -> dict[str, Any]:
-        repo = await engine.add_repo(body.url, body.name, body.default_branch)
+        repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
         return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
 
     @app.delete("/api/repos/{name}")
@@ -169,8 +220,8 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
     ) -> PlainTextResponse | StreamingResponse:
         engine.target(namespace, service)
         history = engine.store.revisions((namespace, service))
-        live = engine.live.get((namespace, service))
-        revision = live.revision if live and not build else (history[0] if history else None)
+        running = engine.rollouts.live((namespace, service))
+        revision = running.revision if running and not build else next(iter(history), None)
         if revision is None:
             raise NotFound(f"{service} in {namespace} has no revision yet")
         path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
@@ -178,7 +229,118 @@ def create_app(engine: Engine, info: dict[str, Any]) -> FastAPI:
             return PlainTextResponse(path.read_text(errors="replace") if path.exists() else "")
         return StreamingResponse(_follow(path), media_type="text/plain")
 
+    @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
+    async def revisions(namespace: str, service: str) -> list[dict[str, Any]]:
+        engine.target(namespace, service)
+        return [_revision_json(r) for r in engine.store.revisions((namespace, service))]
+
+    @app.post("/api/namespaces/{namespace}/services/{service}/rollback")
+    async def rollback(namespace: str, service: str, body: RevisionIn) -> dict[str, Any]:
+        revision = await engine.rollback(namespace, service, body.ordinal)
+        return {"live": revision.ordinal, "pinned": revision.ordinal}
+
+    @app.post("/api/namespaces/{namespace}/services/{service}/promote")
+    async def promote(namespace: str, service: str, body: RevisionIn) -> dict[str, Any]:
+        if body.ordinal is None:
+            raise UsageError("promote needs a revision (for example: promote web 4)")
+        revision = await engine.promote(namespace, service, body.ordinal)
+        return {"live": revision.ordinal, "pinned": revision.ordinal}
+
+    @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
+    async def unpin(namespace: str, service: str) -> dict[str, Any]:
+        revision = await engine.unpin(namespace, service)
+        return {"live": revision.ordinal if revision else None}
+
+    @app.put("/api/namespaces/{namespace}/services/{service}/weights")
+    async def weights(namespace: str, service: str, body: WeightsIn) -> dict[str, Any]:
+        await engine.weight(namespace, service, body.weights)
+        return {"weights": engine.rollouts.weights((namespace, service))}
+
+    @app.post("/hooks/{provider}", status_code=202)
+    async def hook(provider: str, request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(*await _webhook(engine, provider, request))
+        except webhooks.WebhookError as exc:
+            engine.store.event("webhook", f"{provider} webhook rejected: {exc.message}")
+            return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
+
+    @app.get("/api/events")
+    async def list_events(after: int = 0, namespace: str | None = None) -> list[dict[str, Any]]:
+        return engine.store.events(after, namespace)
+
+    @app.get("/events", response_model=None)
+    async def stream_events(namespace: str | None = None, after: int = 0) -> StreamingResponse:
+        return StreamingResponse(
+            _event_stream(engine, namespace, after), media_type="text/event-stream"
+        )
+
+    @app.post("/api/gc")
+    async def gc() -> dict[str, int]:
+        return engine.gc()
+
     return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it passes the webhook limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        webhooks.check_size(int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        webhooks.check_size(len(body))
+    return bytes(body)
+
+
+async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[str, Any], int]:
+    """(answer, status) for one webhook delivery; WebhookError for the refusals."""
+    try:
+        provider = webhooks.Provider(name)
+    except ValueError:
+        return {"error": "not_found", "message": f"no webhook endpoint for {name!r}"}, 404
+    body = await _read_body(request)
+    headers = dict(request.headers)
+    event = webhooks.parse(provider, headers, body)
+    wanted = {webhooks.normalize_url(url) for url in event.repo_urls}
+    repo = next((r for r in engine.store.repos() if webhooks.normalize_url(r.url) in wanted), None)
+    if repo is None:
+        shown = event.repo_urls[0] if event.repo_urls else event.repo_name
+        message = f"{name} webhook for {shown}, which is not a registered repo: ignored"
+        engine.store.event("webhook", message)
+        return {"ignored": message}, 202
+    secret = repo.webhook_secret or engine.webhook_secret
+    if not secret:
+        raise webhooks.WebhookError(
+            401,
+            "bad_webhook_signature",
+            f"no webhook secret is set for repo {repo.name}: add it with "
+            "`repo add --webhook-secret` or set BRANCHYARD_WEBHOOK_SECRET for the daemon",
+        )
+    webhooks.verify(
+        provider,
+        headers,
+        body,
+        secret,
+        secret_name=f"the webhook secret of repo {repo.name} (or the global one)",
+    )
+    if event.kind == "ping":
+        return {"pong": repo.name}, 200
+    if event.kind in ("push", "delete"):
+        engine.watcher.poke(repo.name)
+        engine.store.event("webhook", f"{name} {event.kind} of {event.branch} in {repo.name}")
+        return {"checking": repo.name, "branch": event.branch}, 202
+    return {"ignored": f"{event.kind} event"}, 200
+
+
+async def _event_stream(engine: Engine, namespace: str | None, after: int) -> AsyncIterator[bytes]:
+    """Server-sent events: every stored event after ``after``, then new ones as they come."""
+    last = after
+    while True:
+        for event in engine.store.events(last, namespace):
+            last = int(str(event["id"]))
+            yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
+        await asyncio.sleep(FOLLOW_INTERVAL)
 
 
 async def _follow(path: Path) -> AsyncIterator[bytes]:

@@ -65,13 +65,39 @@ pass_context = click.make_pass_decorator(Context)
 @click.option("--router-port", default=7080, show_default=True, help="0 picks a free port.")
 @click.option("--api-port", default=0, show_default=True, help="0 picks a free port.")
 @click.option(
+    "--api-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the API; anything but loopback needs the token (always made on start).",
+)
+@click.option(
     "--poll-interval",
     default=5.0,
     show_default=True,
     help="Seconds between checks of remote repos.",
 )
+@click.option(
+    "--drain-grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight requests get to finish on a replaced revision.",
+)
+@click.option(
+    "--stop-grace",
+    default=10.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
+)
 @pass_context
-def up(ctx: Context, router_port: int, api_port: int, poll_interval: float) -> None:
+def up(
+    ctx: Context,
+    router_port: int,
+    api_port: int,
+    api_host: str,
+    poll_interval: float,
+    drain_grace: float,
+    stop_grace: float,
+) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import logging
 
@@ -80,7 +106,12 @@ def up(ctx: Context, router_port: int, api_port: int, poll_interval: float) -> N
     if not 0.1 <= poll_interval <= 3600:
         raise UsageError("--poll-interval must be between 0.1 and 3600 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(serve(Options(ctx.home, router_port, api_port, poll_interval)))
+    if drain_grace < 0 or stop_grace < 0:
+        raise UsageError("--drain-grace and --stop-grace must not be negative")
+    options = Options(
+        ctx.home, router_port, api_port, api_host, poll_interval, drain_grace, stop_grace
+    )
+    asyncio.run(serve(options))
 
 
 @cli.command()
@@ -100,13 +131,27 @@ def repo() -> None:
 @click.argument("url")
 @click.option("--name", help="Service name (default: the repo's name without .git).")
 @click.option("--default-branch", help="Branch for the baseline (default: the repo's HEAD).")
+@click.option(
+    "--webhook-secret",
+    default="",
+    help="Secret its webhooks are signed with ('-' reads it from stdin).",
+)
 @pass_context
-def repo_add(ctx: Context, url: str, name: str | None, default_branch: str | None) -> None:
+def repo_add(
+    ctx: Context, url: str, name: str | None, default_branch: str | None, webhook_secret: str
+) -> None:
     """Register a service repo: a local path, file://, http(s):// or ssh URL."""
     local = Path(url).expanduser()
     if "://" not in url and not url.startswith("git@") and local.exists():
         url = str(local.resolve())
-    body = {"url": url, "name": name, "default_branch": default_branch}
+    if webhook_secret == "-":
+        webhook_secret = sys.stdin.readline().strip()
+    body = {
+        "url": url,
+        "name": name,
+        "default_branch": default_branch,
+        "webhook_secret": webhook_secret,
+    }
     added = ctx.client.call("POST", path_of("repos"), body)
     click.echo(f"added {added['name']} ({added['url']})")
 
@@ -402,6 +447,123 @@ def history(ctx: Context, service: str, ns: str | None) -> None:
             if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
                 click.echo(f"    {line}")
         click.echo()
+
+
+def _service_path(ctx: Context, ns: str | None, service: str, *more: str) -> str:
+    return path_of("namespaces", ctx.namespace(ns), "services", service, *more)
+
+
+def _ordinal(text: str) -> int:
+    """``4``, ``v4`` or ``V4`` -> 4."""
+    digits = text.lower().removeprefix("v")
+    if not digits.isdigit():
+        raise UsageError(f"{text!r} is not a revision (write it as 4 or v4)")
+    return int(digits)
+
+
+@cli.command()
+@click.argument("service")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@namespaced
+@pass_context
+def revisions(ctx: Context, service: str, fmt: str, ns: str | None) -> None:
+    """A service's revisions in a namespace, newest first, and why each ended."""
+    found = ctx.client.call("GET", _service_path(ctx, ns, service, "revisions"))
+    if fmt == "json":
+        click.echo(json.dumps(found, indent=2))
+        return
+    rows = [
+        [
+            f"v{r['ordinal']}",
+            r["sha7"],
+            r["subject"][:40],
+            r["settings"] or "-",
+            _age(r["created_at"]),
+            r["state"],
+            r["reason"],
+        ]
+        for r in found
+    ]
+    click.echo(_table(["REV", "COMMIT", "SUBJECT", "SETTINGS", "CREATED", "STATE", "WHY"], rows))
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("revision", required=False)
+@namespaced
+@pass_context
+def rollback(ctx: Context, service: str, revision: str | None, ns: str | None) -> None:
+    """Send traffic to an earlier revision (the previous one by default) and pin it."""
+    body = {"ordinal": _ordinal(revision) if revision else None}
+    done = ctx.client.call("POST", _service_path(ctx, ns, service, "rollback"), body)
+    click.echo(
+        f"{ctx.namespace(ns)}:{service} is on v{done['live']}, pinned; new commits "
+        f"stage until: branchyard unpin {service}"
+    )
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("revision")
+@namespaced
+@pass_context
+def promote(ctx: Context, service: str, revision: str, ns: str | None) -> None:
+    """Send all traffic to a revision (for example a staged one) and pin it."""
+    body = {"ordinal": _ordinal(revision)}
+    done = ctx.client.call("POST", _service_path(ctx, ns, service, "promote"), body)
+    click.echo(f"{ctx.namespace(ns)}:{service} is on v{done['live']}, pinned")
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
+def unpin(ctx: Context, service: str, ns: str | None) -> None:
+    """Let traffic follow new commits again (the newest staged revision goes live)."""
+    done = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))
+    then = f"; v{done['live']} goes live" if done["live"] else ""
+    click.echo(f"{ctx.namespace(ns)}:{service} follows new commits{then}")
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("shares", nargs=-1, required=True, metavar="REV=PCT...")
+@namespaced
+@pass_context
+def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) -> None:
+    """Split traffic between revisions, per request (a canary): weight web 4=90 5=10."""
+    weights = {_ordinal(rev): pct for rev, pct in _assignments(shares).items()}
+    try:
+        body = {"weights": {rev: int(pct) for rev, pct in weights.items()}}
+    except ValueError:
+        raise UsageError("each share is REV=PCT with a whole number, like 5=10") from None
+    done = ctx.client.call("PUT", _service_path(ctx, ns, service, "weights"), body)
+    shown = " ".join(f"v{rev}={pct}" for rev, pct in sorted(done["weights"].items()))
+    click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
+
+
+@cli.group()
+def token() -> None:
+    """The API token (HOME/token, readable only by its owner)."""
+
+
+@token.command("rotate")
+@pass_context
+def token_rotate(ctx: Context) -> None:
+    """Replace the API token; the old one stops working at once."""
+    done = ctx.client.call("POST", path_of("token", "rotate"))
+    click.echo(f"token rotated; the new one is in {done['token_file']}")
+
+
+@cli.command()
+@pass_context
+def gc(ctx: Context) -> None:
+    """Delete builds beyond the kept ones and environments nothing uses."""
+    freed = ctx.client.call("POST", path_of("gc"))
+    click.echo(
+        f"freed {freed['builds_bytes'] / 1e6:.1f} MB of builds, removed "
+        f"{freed['environments_removed']} environments"
+    )
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from branchyard import auth
 from branchyard.errors import BranchyardError, DaemonNotRunning
 
 DAEMON_FILE = "daemon.json"
@@ -60,7 +61,9 @@ class Client:
     ) -> http.client.HTTPResponse:
         connection = self._connection(timeout)
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = {"Authorization": f"Bearer {auth.read(self.home) or ''}"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         try:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()

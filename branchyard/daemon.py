@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -23,12 +24,14 @@ from typing import IO
 
 import uvicorn
 
+from branchyard import auth
 from branchyard.api import create_app
 from branchyard.engine import Engine
 from branchyard.errors import UsageError
 from branchyard.git import Sources
+from branchyard.rollout import DRAIN_GRACE
 from branchyard.router import Router, RouteTable
-from branchyard.runtime.local import LocalRuntime
+from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.settings import SettingsRepo
 from branchyard.store import Store
 
@@ -51,7 +54,10 @@ class Options:
     home: Path
     router_port: int = 7080
     api_port: int = 0
+    api_host: str = LOOPBACK
     poll_interval: float = 5.0
+    drain_grace: float = DRAIN_GRACE
+    stop_grace: float = STOP_GRACE
 
 
 @contextlib.contextmanager
@@ -68,15 +74,31 @@ def _home_lock(home: Path) -> Iterator[IO[str]]:
         handle.close()
 
 
-def _bind(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((LOOPBACK, port))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
+
+
+def _reachable(host: str) -> str:
+    """An address the CLI on this machine can use for a listener bound to ``host``."""
+    return LOOPBACK if host in ("0.0.0.0", "::", "") else host
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 async def serve(options: Options) -> None:
@@ -92,16 +114,22 @@ async def _serve(options: Options) -> None:
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
+    runtime = LocalRuntime(home, sources, store, options.stop_grace)
     engine = Engine(
         store,
-        LocalRuntime(home, sources),
+        runtime,
         router,
         table,
         sources,
         SettingsRepo(home / "settings"),
         options.poll_interval,
+        options.drain_grace,
+        options.stop_grace,
     )
-    api_socket = _bind(options.api_port)
+    token = auth.load_or_create(home)
+    if not _is_loopback(options.api_host) and not token:
+        raise UsageError(f"refusing to listen on {options.api_host} without a token in {home}")
+    api_socket = _bind(options.api_host, options.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,9 +147,9 @@ async def _serve(options: Options) -> None:
             "pid": os.getpid(),
             "home": str(home),
             "router": f"http://{LOOPBACK}:{router_port}",
-            "api": f"http://{LOOPBACK}:{api_socket.getsockname()[1]}",
+            "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
         }
-        config = uvicorn.Config(create_app(engine, info), log_level="warning", lifespan="off")
+        config = uvicorn.Config(create_app(engine, info, home), log_level="warning", lifespan="off")
         server = _ApiServer(config)
         api_task = asyncio.create_task(server.serve(sockets=[api_socket]))
         while not server.started:
@@ -140,6 +168,7 @@ async def _serve(options: Options) -> None:
         if server is not None and api_task is not None:
             server.should_exit = True
             await api_task
+        await runtime.close()
         await router.close()
         api_socket.close()
         store.close()

@@ -13,33 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from branchyard.errors import BranchyardError, Conflict, NotFound, UsageError
 from branchyard.git import Sources, local_path, ls_remote
-from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import ActionKind, Slot, plan
+from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import Router, RouteTable
-from branchyard.runtime import Instance, RevisionSpec, Runtime
+from branchyard.runtime import Runtime
+from branchyard.runtime.processes import reap_leftovers
 from branchyard.settings import SettingsRepo
 from branchyard.store import Store
 from branchyard.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
+RESTARTED = "daemon restarted"
 FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be read
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-@dataclass
-class Live:
-    revision: Revision
-    instance: Instance
-    watch: asyncio.Task[None] | None = None
 
 
 class Engine:
@@ -52,6 +47,8 @@ class Engine:
         sources: Sources,
         settings: SettingsRepo,
         poll_interval: float,
+        drain_grace: float = DRAIN_GRACE,
+        stop_grace: float = 10.0,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -59,23 +56,30 @@ class Engine:
         self.table = table
         self.sources = sources
         self.settings_repo = settings
+        self.rollouts = Rollouts(store, runtime, router, table, sources, drain_grace, stop_grace)
         self.watcher = Watcher(sources, self._on_heads, poll_interval)
+        self.webhook_secret = os.environ.get("BRANCHYARD_WEBHOOK_SECRET", "")
         self.heads: dict[str, RepoHeads] = {}
         self.overlays: dict[Slot, Overlay] = {}
         self.targets: dict[Slot, Target] = {}
-        self.live: dict[Slot, Live] = {}
         self._current: dict[Slot, str] = {}
         self._peer_slots: set[Slot] = set()
         self._deploys: dict[Slot, asyncio.Task[None]] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
     # life cycle
 
     async def start(self) -> None:
+        """Recover from whatever the last daemon left, then start watching."""
+        killed = reap_leftovers(self.store.processes())
+        for pgid, _, _ in self.store.processes():
+            self.store.remove_process(pgid)
+        if killed:
+            log.warning("stopped %d processes a previous daemon left running", len(killed))
+            self.store.event("recovered", f"stopped {len(killed)} leftover processes")
         for revision in self.store.active_revisions():
-            self.store.set_state(revision.id, RevisionState.STOPPED, "daemon restarted")
+            self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
         self.overlays = await self.settings_repo.open()
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
@@ -91,9 +95,7 @@ class Engine:
         for task in deploys:
             task.cancel()
         await asyncio.gather(*deploys, return_exceptions=True)
-        for slot in list(self.live):
-            self._stop(slot, "daemon stopped")
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.rollouts.close()
 
     def request_reconcile(self) -> None:
         self._wake.set()
@@ -125,7 +127,7 @@ class Engine:
         self.store.forget_removed(result.heads)
         self.targets = dict(result.targets)
         for slot in self.targets:
-            if self.table.resolve(*slot) is None and slot not in self.live:
+            if slot not in self.rollouts.traffic:
                 self.table.set_backend(*slot, None)
         for action in result.actions:
             slot = (action.namespace, action.service)
@@ -136,8 +138,8 @@ class Engine:
             else:
                 self._current.pop(slot, None)
                 await self._cancel_deploy(slot)
-                self._stop(slot, action.reason)
-                self.table.remove(*slot)
+                self.rollouts.retire_slot(slot, action.reason)
+                self.store.set_pin(slot, None)
                 self.runtime.discard(*slot)
         await self._close_unused_peer_ports()
 
@@ -167,17 +169,36 @@ class Engine:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _revision_for(self, target: Target, subject: str) -> Revision:
+        """A new revision, or the same one again if a restart or a pin interrupted it."""
+        slot = (target.namespace, target.service)
+        latest = next(iter(self.store.revisions(slot)), None)
+        if (
+            latest is not None
+            and latest.key == target.key
+            and (latest.reason == RESTARTED or latest.state is RevisionState.STAGED)
+        ):
+            return self.store.set_state(latest.id, RevisionState.BUILDING)
+        return self.store.new_revision(target, RevisionState.BUILDING, subject)
+
     async def _deploy(
         self, target: Target, reason: str, previous: asyncio.Task[None] | None
     ) -> None:
         if previous:
             await asyncio.gather(previous, return_exceptions=True)
         slot = (target.namespace, target.service)
-        revision = self.store.new_revision(target, RevisionState.BUILDING)
+        source = self.sources(target.url)
+        try:
+            await source.ensure(target.sha)
+            subject = await source.subject(target.sha)
+        except BranchyardError:
+            subject = ""
+        revision = self._revision_for(target, subject)
         self.store.event("deploy", f"v{revision.ordinal} {reason}", slot)
         try:
-            spec = await self._spec(target, revision)
-            instance = await self.runtime.deploy(spec)
+            self.store.set_env(revision.id, await self._env(target))
+            revision = self.store.revision(revision.id)
+            build = await self.rollouts.build(revision)
         except asyncio.CancelledError:
             self.store.set_state(revision.id, RevisionState.SUPERSEDED, "a newer target arrived")
             raise
@@ -185,26 +206,21 @@ class Engine:
             self.store.set_state(revision.id, RevisionState.FAILED, exc.message)
             self.store.event("failed", f"v{revision.ordinal}: {exc.message}", slot)
             return
-        except Exception as exc:
-            log.exception("deploy of %s failed", slot)
-            self.store.set_state(revision.id, RevisionState.FAILED, f"internal error: {exc}")
+        pin = self.store.pin(slot)
+        if pin is None:
+            await self.rollouts.go_live(revision)
             return
-        revision = self.store.set_state(revision.id, RevisionState.LIVE, port=instance.address[1])
-        old = self.live.get(slot)
-        self.live[slot] = Live(revision, instance)
-        self.table.set_backend(*slot, instance.address)
-        self.live[slot].watch = asyncio.create_task(self._watch_exit(slot, self.live[slot]))
-        self.store.event("live", f"v{revision.ordinal} {revision.sha7} is live", slot)
-        if old:
-            self._retire(old, f"replaced by v{revision.ordinal}")
+        if self.rollouts.live(slot) is None and pin != revision.ordinal:
+            with contextlib.suppress(BranchyardError):
+                await self.rollouts.pin_to(slot, pin, "restore")
+        if pin == revision.ordinal:
+            await self.rollouts.go_live(revision)
+        else:
+            self.rollouts.stage(revision, build, pin)
 
-    async def _spec(self, target: Target, revision: Revision) -> RevisionSpec:
-        source = self.sources(target.url)
-        await source.ensure(target.sha)
-        procfile = await source.read_file(target.sha, PROCFILE)
-        config = await source.read_file(target.sha, CONFIG_FILE)
-        manifest = parse_manifest(procfile, config)
-        env = dict(manifest.env)
+    async def _env(self, target: Target) -> dict[str, str]:
+        """The env a target's processes get (but PORT, which the runtime picks)."""
+        env: dict[str, str] = {}
         for peer in target.peers:
             port = await self._peer_port((target.namespace, peer))
             env[env_var_for(peer)] = f"http://127.0.0.1:{port}"
@@ -215,15 +231,7 @@ class Engine:
             BRANCHYARD_REVISION=target.sha,
             BRANCHYARD_BRANCH=target.branch,
         )
-        return RevisionSpec(
-            target.namespace,
-            target.service,
-            revision.ordinal,
-            target.url,
-            target.sha,
-            manifest,
-            env,
-        )
+        return env
 
     async def _peer_port(self, slot: Slot) -> int:
         """The stable loopback port through which peers reach ``slot``."""
@@ -240,42 +248,11 @@ class Engine:
             self.store.set_address(slot, port)
         return port
 
-    async def _watch_exit(self, slot: Slot, live: Live) -> None:
-        code = await live.instance.wait()
-        if self.live.get(slot) is live:
-            del self.live[slot]
-            self.table.set_backend(*slot, None)
-            reason = f"crashed with exit code {code}; see: branchyard logs"
-            self.store.set_state(live.revision.id, RevisionState.FAILED, reason)
-            self.store.event("crashed", f"v{live.revision.ordinal} {reason}", slot)
-            await live.instance.stop()
-
-    def _retire(self, live: Live, reason: str) -> None:
-        """Stop a revision that no longer takes traffic, in the background.
-
-        It is marked stopped only once its processes have exited. The task is
-        kept, so that neither a cancelled deploy nor the reconcile loop can
-        leave a process half-stopped, and :meth:`close` waits for it.
-        """
-        if live.watch:
-            live.watch.cancel()
-
-        async def stop() -> None:
-            await live.instance.stop()
-            self.store.set_state(live.revision.id, RevisionState.STOPPED, reason)
-
-        task = asyncio.create_task(stop(), name=f"stop {live.revision.service}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    def _stop(self, slot: Slot, reason: str) -> None:
-        live = self.live.pop(slot, None)
-        if live:
-            self._retire(live, reason)
-
     # commands
 
-    async def add_repo(self, url: str, name: str | None, default_branch: str | None) -> Repo:
+    async def add_repo(
+        self, url: str, name: str | None, default_branch: str | None, webhook_secret: str = ""
+    ) -> Repo:
         path = local_path(url)
         if path is not None:
             path = path.expanduser().resolve()
@@ -294,7 +271,7 @@ class Engine:
             await ls_remote(url)
         except BranchyardError as exc:
             raise UsageError(f"{url} is not a git repository I can read: {exc.message}") from None
-        repo = Repo(service, url, default_branch)
+        repo = Repo(service, url, default_branch, webhook_secret)
         self.store.add_repo(repo)
         self.store.event("repo", f"added {service} from {url}")
         self.watcher.watch(repo)
@@ -344,7 +321,25 @@ class Engine:
         self.target(namespace, service)
         return dict(self.overlays.get((namespace, service), Overlay("")).env)
 
-    async def settled(self) -> None:
-        """Wait until no reconcile is pending and no deploy is in flight (for tests)."""
-        while self._wake.is_set() or self._deploys:
-            await asyncio.sleep(0.05)
+    # rollouts a person asks for
+
+    async def rollback(self, namespace: str, service: str, ordinal: int | None) -> Revision:
+        self.target(namespace, service)
+        return await self.rollouts.pin_to((namespace, service), ordinal, "rollback")
+
+    async def promote(self, namespace: str, service: str, ordinal: int) -> Revision:
+        self.target(namespace, service)
+        return await self.rollouts.pin_to((namespace, service), ordinal, "promote")
+
+    async def unpin(self, namespace: str, service: str) -> Revision | None:
+        self.target(namespace, service)
+        return await self.rollouts.unpin((namespace, service))
+
+    async def weight(self, namespace: str, service: str, percents: Mapping[int, int]) -> None:
+        self.target(namespace, service)
+        await self.rollouts.split((namespace, service), percents)
+
+    def gc(self) -> dict[str, int]:
+        """Prune every slot's builds and the environment cache; what was freed."""
+        freed = sum(self.rollouts.prune(slot) for slot in self.targets)
+        return {"builds_bytes": freed, **self.runtime.gc()}

@@ -126,6 +126,10 @@ class Source:
             return None
         return data.decode(errors="replace")
 
+    async def subject(self, sha: str) -> str:
+        """The first line of the commit message."""
+        return (await self._git("log", "-1", "--format=%s", sha)).decode().strip()
+
     async def checkout(self, sha: str, dest: Path) -> None:
         """Write the tree of ``sha`` into ``dest`` (which must not exist yet)."""
         data = await self._git("archive", "--format=tar", sha)

@@ -12,6 +12,7 @@ class Repo:
     name: str
     url: str
     default_branch: str | None = None  # None: whatever the repo's HEAD names
+    webhook_secret: str = field(default="", repr=False)  # "" means: the global one
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,22 @@ class Overlay:
 class RevisionState(enum.StrEnum):
     """The life of a revision::
 
-    BUILDING -> STARTING -> LIVE -> STOPPED
-        |           |
-        +-----------+--> FAILED        (reason says why; the previous revision keeps serving)
-    BUILDING/STARTING --> SUPERSEDED   (a newer target arrived first)
+    BUILDING ──> STARTING ──> LIVE ──> STOPPED     (replaced, removed, or daemon stopped)
+       │  └─> STAGED ─┘  │      └──> CRASHED     (its supervisor gave up restarting it)
+       │     (pinned)    │
+       └─────────────────┴──> FAILED             (reason says why; the previous one serves)
+    BUILDING / STARTING ──> SUPERSEDED           (a newer target arrived first)
+
+    A STOPPED or STAGED revision whose build is kept can go live again at once
+    (rollback, promote).
     """
 
     BUILDING = "building"
+    STAGED = "staged"
     STARTING = "starting"
     LIVE = "live"
     STOPPED = "stopped"
+    CRASHED = "crashed"
     FAILED = "failed"
     SUPERSEDED = "superseded"
 
@@ -80,10 +87,13 @@ class Revision:
     service: str
     ordinal: int
     repo: str
+    url: str
     branch: str
     sha: str
+    subject: str
     key: str
     settings_version: str
+    env: Mapping[str, str]
     state: RevisionState
     reason: str
     port: int | None

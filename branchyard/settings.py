@@ -96,6 +96,8 @@ class SettingsRepo:
         if not (self.path / ".git").exists():
             self.path.mkdir(parents=True, exist_ok=True)
             await git("init", "--quiet", "-b", "main", str(self.path))
+        # A daemon killed mid-commit leaves git's lock behind; only one daemon uses this home.
+        (self.path / ".git" / "index.lock").unlink(missing_ok=True)
         versions: dict[str, str] = {}
         log = b""
         if await self._has_commits():

@@ -9,19 +9,21 @@ once, so a crash loses nothing that was acknowledged.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from branchyard.errors import Conflict, NotFound
+from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Repo, Revision, RevisionState, Target
 
 Slot = tuple[str, str]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
-    name TEXT PRIMARY KEY, url TEXT NOT NULL UNIQUE, default_branch TEXT, added_at REAL NOT NULL
+    name TEXT PRIMARY KEY, url TEXT NOT NULL UNIQUE, default_branch TEXT, added_at REAL NOT NULL,
+    webhook_secret TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS namespaces (branch TEXT PRIMARY KEY, namespace TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS removed (
@@ -34,10 +36,18 @@ CREATE TABLE IF NOT EXISTS addresses (
 );
 CREATE TABLE IF NOT EXISTS revisions (
     id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, service TEXT NOT NULL,
-    ordinal INTEGER NOT NULL, repo TEXT NOT NULL, branch TEXT NOT NULL, sha TEXT NOT NULL,
-    key TEXT NOT NULL, settings_version TEXT NOT NULL, state TEXT NOT NULL,
+    ordinal INTEGER NOT NULL, repo TEXT NOT NULL, url TEXT NOT NULL, branch TEXT NOT NULL,
+    sha TEXT NOT NULL, subject TEXT NOT NULL DEFAULT '', key TEXT NOT NULL,
+    settings_version TEXT NOT NULL, env TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '', port INTEGER, created_at REAL NOT NULL,
     changed_at REAL NOT NULL, UNIQUE (namespace, service, ordinal)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    namespace TEXT NOT NULL, service TEXT NOT NULL, ordinal INTEGER NOT NULL,
+    PRIMARY KEY (namespace, service)
+);
+CREATE TABLE IF NOT EXISTS processes (
+    pgid INTEGER PRIMARY KEY, started TEXT NOT NULL, what TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL,
@@ -45,15 +55,17 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+SCHEMA_VERSION = 2
 _REVISION_COLUMNS = (
-    "id, namespace, service, ordinal, repo, branch, sha, key, settings_version, state, reason, "
-    "port, created_at, changed_at"
+    "id, namespace, service, ordinal, repo, url, branch, sha, subject, key, settings_version, "
+    "env, state, reason, port, created_at, changed_at"
 )
 
 
 def _revision(row: sqlite3.Row) -> Revision:
     values = dict(row)
     values["state"] = RevisionState(values["state"])
+    values["env"] = json.loads(values["env"])
     return Revision(**values)
 
 
@@ -62,7 +74,14 @@ class Store:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version not in (0, SCHEMA_VERSION) or (
+            version == 0 and self._db.execute("SELECT name FROM sqlite_master").fetchone()
+        ):
+            self._db.close()
+            raise UsageError(f"{path} was written by another version of branchyard; move it away")
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._clock = clock
 
     def close(self) -> None:
@@ -88,8 +107,8 @@ class Store:
             what = f"name {repo.name!r}" if row["name"] == repo.name else repo.url
             raise Conflict(f"repo {row['name']} is already registered with {what}")
         self._db.execute(
-            "INSERT INTO repos VALUES (?, ?, ?, ?)",
-            (repo.name, repo.url, repo.default_branch, self._clock()),
+            "INSERT INTO repos VALUES (?, ?, ?, ?, ?)",
+            (repo.name, repo.url, repo.default_branch, self._clock(), repo.webhook_secret),
         )
 
     def remove_repo(self, name: str) -> None:
@@ -97,8 +116,10 @@ class Store:
             raise NotFound(f"no repo named {name!r} (see: branchyard repo ls)")
 
     def repos(self) -> list[Repo]:
-        rows = self._db.execute("SELECT name, url, default_branch FROM repos ORDER BY name")
-        return [Repo(r["name"], r["url"], r["default_branch"]) for r in rows]
+        rows = self._db.execute(
+            "SELECT name, url, default_branch, webhook_secret FROM repos ORDER BY name"
+        )
+        return [Repo(r["name"], r["url"], r["default_branch"], r["webhook_secret"]) for r in rows]
 
     # namespaces handed out to branches
 
@@ -138,7 +159,7 @@ class Store:
 
     # revisions
 
-    def new_revision(self, target: Target, state: RevisionState) -> Revision:
+    def new_revision(self, target: Target, state: RevisionState, subject: str = "") -> Revision:
         now = self._clock()
         with self._transaction():
             (ordinal,) = self._db.execute(
@@ -147,16 +168,18 @@ class Store:
                 (target.namespace, target.service),
             ).fetchone()
             cursor = self._db.execute(
-                "INSERT INTO revisions (namespace, service, ordinal, repo, branch, sha, key, "
-                "settings_version, state, created_at, changed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO revisions (namespace, service, ordinal, repo, url, branch, sha, "
+                "subject, key, settings_version, state, created_at, changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     target.namespace,
                     target.service,
                     ordinal,
                     target.repo,
+                    target.url,
                     target.branch,
                     target.sha,
+                    subject,
                     target.key,
                     target.settings.version,
                     state.value,
@@ -184,6 +207,12 @@ class Store:
         )
         return self.revision(revision_id)
 
+    def set_env(self, revision_id: int, env: Mapping[str, str]) -> None:
+        """Record the env a revision runs with, so a rollback runs it the same way."""
+        self._db.execute(
+            "UPDATE revisions SET env = ? WHERE id = ?", (json.dumps(dict(env)), revision_id)
+        )
+
     def revisions(self, slot: Slot) -> list[Revision]:
         rows = self._db.execute(
             f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE namespace = ? AND service = ? "
@@ -199,6 +228,32 @@ class Store:
         )
         return [_revision(r) for r in rows]
 
+    # pins: a slot whose traffic a person fixed (rollback, promote, weight)
+
+    def pin(self, slot: Slot) -> int | None:
+        row = self._db.execute(
+            "SELECT ordinal FROM pins WHERE namespace = ? AND service = ?", slot
+        ).fetchone()
+        return int(row["ordinal"]) if row else None
+
+    def set_pin(self, slot: Slot, ordinal: int | None) -> None:
+        if ordinal is None:
+            self._db.execute("DELETE FROM pins WHERE namespace = ? AND service = ?", slot)
+        else:
+            self._db.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", (*slot, ordinal))
+
+    # process groups started, so that a daemon killed with -9 is cleaned up after
+
+    def add_process(self, pgid: int, started: str, what: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO processes VALUES (?, ?, ?)", (pgid, started, what))
+
+    def remove_process(self, pgid: int) -> None:
+        self._db.execute("DELETE FROM processes WHERE pgid = ?", (pgid,))
+
+    def processes(self) -> list[tuple[int, str, str]]:
+        rows = self._db.execute("SELECT pgid, started, what FROM processes")
+        return [(r["pgid"], r["started"], r["what"]) for r in rows]
+
     # events
 
     def event(self, kind: str, message: str, slot: Slot | None = None) -> None:
@@ -207,3 +262,18 @@ class Store:
             "INSERT INTO events (at, kind, namespace, service, message) VALUES (?, ?, ?, ?, ?)",
             (self._clock(), kind, namespace, service, message),
         )
+
+    def events(
+        self, after: int = 0, namespace: str | None = None, limit: int = 200
+    ) -> list[dict[str, object]]:
+        """Events with an id above ``after``, oldest first (the last ``limit`` if many)."""
+        where, args = "id > ?", list[object]([after])
+        if namespace is not None:
+            where += " AND namespace = ?"
+            args.append(namespace)
+        rows = self._db.execute(
+            f"SELECT * FROM (SELECT id, at, kind, namespace, service, message FROM events "
+            f"WHERE {where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (*args, limit),
+        )
+        return [dict(r) for r in rows]

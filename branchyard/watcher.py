@@ -106,6 +106,13 @@ class Watcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def poke(self, name: str) -> None:
+        """Look at a repo at the next tick, whatever its interval (a webhook said so)."""
+        watched = self._watched.get(name)
+        if watched is not None:
+            watched.due = 0.0
+            watched.fingerprint = None
+
     async def first_look(self) -> None:
         """Return once every watched repo has been looked at (read, or failed) once."""
         while any(

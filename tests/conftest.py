@@ -236,7 +236,7 @@ def start_daemon(home: Path, *extra: str) -> Daemon:
     def ready() -> bool:
         assert process.poll() is None, "daemon exited early"
         daemon.info = json.loads((home / "daemon.json").read_text())
-        return True
+        return bool(daemon.info["pid"] == process.pid)  # not one a killed daemon left
 
     wait_for(ready, 20, "daemon.json")
     return daemon

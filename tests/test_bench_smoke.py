@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    *("--commits", "2", "--dep-commits", "1", "--cold-starts", "2", "--poll-interval", "0.5"),
+    *("--commits", "2", "--dep-commits", "1", "--poll-interval", "0.5", "--quiet-wait", "0"),
     *("--namespaces", "2", "--idle-seconds", "1", "--ps-runs", "2", "--push-samples", "1"),
 ]
 

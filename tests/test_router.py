@@ -13,17 +13,20 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 
+from branchyard import router as router_module
 from branchyard.router import BASELINE, Address, Router, RouteTable
 
 T = TypeVar("T")
 TIMEOUT = 5.0
+WEB = "web.main.localhost"
 
 
 # -- harness ---------------------------------------------------------------------
@@ -39,6 +42,10 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> Any:
+        """Start ``coro`` on the loop without waiting; returns a concurrent Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         async def on_loop() -> T:
@@ -62,11 +69,23 @@ class Proxy:
     def set_backend(self, namespace: str, service: str, backend: Address | None) -> None:
         self.loop.call(self.table.set_backend, namespace, service, backend)
 
+    def set_weights(self, namespace: str, service: str, weights: list[tuple[Address, int]]) -> None:
+        self.loop.call(self.table.set_weights, namespace, service, weights)
+
     def remove(self, namespace: str, service: str) -> None:
         self.loop.call(self.table.remove, namespace, service)
 
     def get(self, host: str, path: str = "/") -> tuple[int, dict[str, str], bytes]:
         return http_get(self.port, host, path)
+
+    def in_flight(self, backend: Address) -> int:
+        return self.loop.call(self.router.in_flight, backend)
+
+    def idle(self, backend: Address) -> int:
+        return self.loop.call(self.router._idle_connections, backend)
+
+    def drain(self, backend: Address, grace: float) -> int:
+        return self.loop.run(self.router.drain(backend, grace))
 
 
 def http_get(port: int, host: str, path: str = "/") -> tuple[int, dict[str, str], bytes]:
@@ -77,6 +96,30 @@ def http_get(port: int, host: str, path: str = "/") -> tuple[int, dict[str, str]
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def ask(
+    conn: http.client.HTTPConnection,
+    path: str = "/",
+    host: str = WEB,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One request on a kept-alive connection; (status, body)."""
+    conn.request(method, path, headers={"Host": host, **(headers or {})})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def keep_alive(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -93,23 +136,51 @@ def proxy() -> Iterator[Proxy]:
 
 
 class Backend(BaseHTTPRequestHandler):
-    """Answers ``NAME PATH PEERPORT``; echoes chunked bodies chunk by chunk; upgrades."""
+    """Answers ``NAME PATH PEERPORT`` and a few special paths; echoes bodies; upgrades.
+
+    Each subclass (one per backend) records the router-side port of every request it
+    served (``seen``) and of every connection that ended (``closed``).
+    """
 
     protocol_version = "HTTP/1.1"
     name = "backend"
+    seen: ClassVar[list[int]]
+    closed: ClassVar[list[int]]
 
     def do_GET(self) -> None:
+        type(self).seen.append(self.client_address[1])
         if self.headers.get("Upgrade"):
             self._upgrade()
             return
-        body = f"{self.name} {self.path} {self.client_address[1]}".encode()
+        if self.path.startswith("/sleep/"):
+            time.sleep(float(self.path.rsplit("/", 1)[1]))
+        if self.path.startswith("/status/"):
+            self.send_response(int(self.path.rsplit("/", 1)[1]))
+            self.end_headers()
+            return
+        if self.path == "/chunked":
+            self._chunked_answer([b"a", b"bb", b"ccc"])
+            return
+        if self.path == "/close-delimited":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+            self.close_connection = True
+            return
+        if self.path == "/headers":
+            self._answer(f"{self.requestline}\r\n{self.headers}".encode())
+            return
+        self._answer(f"{self.name} {self.path} {self.client_address[1]}".encode())
+
+    def do_HEAD(self) -> None:
+        type(self).seen.append(self.client_address[1])
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", "1000")
         self.end_headers()
-        self.wfile.write(body)
 
     def do_POST(self) -> None:
-        assert self.headers["Transfer-Encoding"] == "chunked"
+        type(self).seen.append(self.client_address[1])
+        if self.headers["Transfer-Encoding"] != "chunked":
+            self._answer(b"got " + self.rfile.read(int(self.headers["Content-Length"])))
+            return
         self.send_response(200)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
@@ -122,6 +193,24 @@ class Backend(BaseHTTPRequestHandler):
             self.wfile.flush()
             if size == 0:
                 return
+
+    def finish(self) -> None:
+        super().finish()
+        type(self).closed.append(self.client_address[1])
+
+    def _answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _chunked_answer(self, chunks: list[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in [*chunks, b""]:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
 
     def _upgrade(self) -> None:
         self.send_response(101)
@@ -140,20 +229,29 @@ class Backend(BaseHTTPRequestHandler):
 class QuietServer(ThreadingHTTPServer):
     block_on_close = False  # keep-alive handler threads must not delay teardown
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a backend whose connection the router aborted: expected in drain tests
+
 
 @dataclass
 class Backends:
     servers: list[socketserver.BaseServer] = field(default_factory=list)
+    handlers: dict[Address, type[Backend]] = field(default_factory=dict)
 
     def http(self, name: str) -> Address:
-        handler = type(f"Backend_{name}", (Backend,), {"name": name})
-        return self._start(QuietServer(("127.0.0.1", 0), handler))
+        handler = type(f"Backend_{name}", (Backend,), {"name": name, "seen": [], "closed": []})
+        address = self._start(QuietServer(("127.0.0.1", 0), handler))
+        self.handlers[address] = handler
+        return address
 
     def tcp(self, handler: type[socketserver.BaseRequestHandler]) -> Address:
         server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         server.block_on_close = False
         return self._start(server)
+
+    def stats(self, address: Address) -> type[Backend]:
+        return self.handlers[address]
 
     def _start(self, server: socketserver.TCPServer) -> Address:
         threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
@@ -213,12 +311,13 @@ def raw_exchange(port: int, request: bytes) -> bytes:
         return recv_all(sock)
 
 
-class EchoAfterEof(socketserver.BaseRequestHandler):
-    """A plain TCP service that answers only once the client has finished sending."""
+def who(body: bytes) -> bytes:
+    """The backend name in a default answer."""
+    return body.split()[0]
 
-    def handle(self) -> None:
-        received = recv_all(self.request)
-        self.request.sendall(b"got " + received)
+
+def fds() -> int | None:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
 
 
 # -- the route table -------------------------------------------------------------
@@ -283,8 +382,44 @@ def test_peers_resolve_to_their_namespace_first_then_to_the_baseline() -> None:
     assert table.resolve_peer("bugfix", "app") == ("127.0.0.1", 2)
     assert table.resolve_peer("bugfix", "nothing") is None
 
+    table.set_weights("bugfix", "app", [(("127.0.0.1", 2), 0)])
+    assert table.resolve_peer("bugfix", "app") == ("127.0.0.1", 1)
 
-# -- the main listener -----------------------------------------------------------
+
+def test_weights_choose_a_backend_on_every_resolve_in_proportion() -> None:
+    table = RouteTable()
+    a, b, c = ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)
+
+    table.set_weights("main", "web", [(a, 100), (b, 0)])
+    assert {table.resolve("main", "web") for _ in range(200)} == {a}
+
+    table.set_weights("main", "web", [(a, 1), (b, 3), (c, 0)])
+    counts = Counter(table.resolve("main", "web") for _ in range(4000))
+    assert set(counts) == {a, b}
+    assert 700 < counts[a] < 1300  # expected 1000
+
+    table.set_weights("main", "web", [(a, 0), (b, 0)])
+    assert table.resolve("main", "web") is None
+
+
+def test_entries_show_the_highest_weight_backend_and_routes_to_knows_every_one() -> None:
+    table = RouteTable()
+    a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+
+    table.set_weights("main", "web", [(a, 10), (b, 90)])
+    assert table.entries() == [("main", "web", b)]
+    assert table.routes_to(a) and table.routes_to(b)
+    assert table.resolve_host("web.main.localhost") == ("main", "web")
+
+    table.set_weights("main", "web", [(a, 0), (b, 0)])
+    assert table.entries() == [("main", "web", None)]
+    assert not table.routes_to(a)
+
+    with pytest.raises(ValueError, match="negative"):
+        table.set_weights("main", "web", [(a, -1)])
+
+
+# -- the main listener: routing --------------------------------------------------
 
 
 def test_host_header_picks_the_namespace_and_service(proxy: Proxy, backends: Backends) -> None:
@@ -297,20 +432,18 @@ def test_host_header_picks_the_namespace_and_service(proxy: Proxy, backends: Bac
     status, _, body = proxy.get(f"web.bugfix.localhost:{proxy.port}", "/b")
     assert (status, body.split()[:2]) == (200, [b"web-bugfix", b"/b"])
     status, _, body = proxy.get(f"other-app.bugfix.localhost:{proxy.port}")
-    assert (status, body.split()[0]) == (200, b"other-bugfix")
+    assert (status, who(body)) == (200, b"other-bugfix")
 
 
 def test_keep_alive_connection_serves_two_requests_on_one_backend_connection(
     proxy: Proxy, backends: Backends
 ) -> None:
     proxy.set_backend("main", "web", backends.http("web"))
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=TIMEOUT)
+    conn = keep_alive(proxy.port)
     try:
         answers = []
         for path in ["/one", "/two"]:
-            conn.request("GET", path, headers={"Host": "web.main.localhost"})
-            response = conn.getresponse()
-            answers.append(response.read().split())
+            answers.append(ask(conn, path)[1].split())
             sock = conn.sock
         assert sock is conn.sock  # http.client did not reconnect
         assert [a[1] for a in answers] == [b"/one", b"/two"]
@@ -319,15 +452,88 @@ def test_keep_alive_connection_serves_two_requests_on_one_backend_connection(
         conn.close()
 
 
+def test_a_backend_writing_head_and_body_apart_is_not_slowed_by_delayed_acks(
+    proxy: Proxy, backends: Backends
+) -> None:
+    # http.server sends the head and the body in two writes without TCP_NODELAY: on a
+    # pooled connection each answer would wait ~40 ms for a delayed ACK (Nagle).
+    proxy.set_backend("main", "web", backends.http("web"))
+    conn = keep_alive(proxy.port)
+    try:
+        ask(conn)
+        started = time.monotonic()
+        for _ in range(40):
+            assert ask(conn)[0] == 200
+        assert time.monotonic() - started < 0.8  # 40 stalls would take 1.6 s or more
+    finally:
+        conn.close()
+
+
+def test_a_keep_alive_client_moves_to_the_new_backend_at_its_next_request(
+    proxy: Proxy, backends: Backends
+) -> None:
+    old, new = backends.http("old"), backends.http("new")
+    proxy.set_backend("main", "web", old)
+    conn = keep_alive(proxy.port)
+    try:
+        assert who(ask(conn)[1]) == b"old"
+        sock = conn.sock
+        proxy.set_backend("main", "web", new)
+        assert who(ask(conn)[1]) == b"new"
+        proxy.set_backend("main", "web", old)
+        assert who(ask(conn)[1]) == b"old"
+        assert conn.sock is sock  # all on one client connection
+    finally:
+        conn.close()
+
+
+def test_backend_connections_are_pooled_across_client_connections(
+    proxy: Proxy, backends: Backends
+) -> None:
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+
+    for _ in range(20):  # a new client connection each time
+        assert proxy.get(WEB)[0] == 200
+
+    assert len(backends.stats(web).seen) == 20
+    assert len(set(backends.stats(web).seen)) == 1  # one backend connection served them all
+    assert proxy.idle(web) == 1
+    assert proxy.in_flight(web) == 0
+
+
+def test_weights_apply_to_each_request_of_one_keep_alive_connection(
+    proxy: Proxy, backends: Backends
+) -> None:
+    a, b = backends.http("a"), backends.http("b")
+    conn = keep_alive(proxy.port)
+    try:
+        proxy.set_weights("main", "web", [(a, 100), (b, 0)])
+        assert {who(ask(conn)[1]) for _ in range(20)} == {b"a"}
+
+        proxy.set_weights("main", "web", [(a, 50), (b, 50)])
+        counts = Counter(who(ask(conn)[1]) for _ in range(400))
+        assert counts[b"a"] > 100 and counts[b"b"] > 100, counts
+
+        proxy.set_weights("main", "web", [(a, 0), (b, 0)])
+        conn.request("GET", "/", headers={"Host": WEB})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (503, b"no live revision of web in main yet\n")
+    finally:
+        conn.close()
+
+
+# -- the main listener: HTTP -----------------------------------------------------
+
+
 def test_chunked_request_body_is_streamed_both_ways_without_buffering(
     proxy: Proxy, backends: Backends
 ) -> None:
     proxy.set_backend("main", "web", backends.http("web"))
     with connect(proxy.port) as sock:
         buffer = bytearray()
-        sock.sendall(
-            b"POST /echo HTTP/1.1\r\nHost: web.main.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: " + WEB.encode() + b"\r\n")
+        sock.sendall(b"Transfer-Encoding: chunked\r\n\r\n")
         head = recv_until(sock, b"\r\n\r\n", buffer)
         assert head.startswith(b"HTTP/1.1 200")
         for piece in [b"first", b"second", b"third"]:
@@ -337,11 +543,145 @@ def test_chunked_request_body_is_streamed_both_ways_without_buffering(
         sock.sendall(b"0\r\n\r\n")
         assert recv_until(sock, b"0\r\n\r\n", buffer) == b"0\r\n\r\n"
 
+        # the connection (and the backend connection) carry on
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
+        assert recv_until(sock, b"\r\n\r\n", buffer).startswith(b"HTTP/1.1 200")
+
+
+def test_request_bodies_with_a_length_and_chunked_responses_pass_through(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+    conn = keep_alive(proxy.port)
+    try:
+        conn.request("POST", "/", body=b"x" * 100_000, headers={"Host": WEB})
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"got " + b"x" * 100_000)
+
+        conn.request("GET", "/chunked", headers={"Host": WEB})
+        response = conn.getresponse()
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert response.read() == b"abbccc"
+        sock = conn.sock
+
+        assert ask(conn)[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_head_204_and_304_answers_have_no_body_and_leave_both_connections_usable(
+    proxy: Proxy, backends: Backends
+) -> None:
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+    conn = keep_alive(proxy.port)
+    try:
+        first = ask(conn)[1].split()[2]
+        sock = conn.sock
+
+        conn.request("HEAD", "/", headers={"Host": WEB})
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Length")) == (200, "1000")
+        assert response.read() == b""
+        assert ask(conn, "/status/204") == (204, b"")
+        assert ask(conn, "/status/304") == (304, b"")
+
+        last = ask(conn)[1].split()[2]
+        assert conn.sock is sock
+        assert first == last  # the backend connection was reused throughout
+        assert len(set(backends.stats(web).seen)) == 1
+    finally:
+        conn.close()
+
+
+def test_a_response_that_ends_with_the_connection_reaches_the_client_which_is_closed(
+    proxy: Proxy, backends: Backends
+) -> None:
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+
+    answer = raw_exchange(
+        proxy.port, b"GET /close-delimited HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nuntil the end")
+    assert proxy.idle(web) == 0
+
+
+def test_requests_carry_x_forwarded_headers_and_no_hop_by_hop_ones(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+    conn = keep_alive(proxy.port)
+    try:
+        _, seen = ask(conn, "/headers", headers={"Connection": "keep-alive", "Keep-Alive": "9"})
+        lines = seen.decode().splitlines()
+        assert lines[0] == "GET /headers HTTP/1.1"
+        assert "X-Forwarded-For: 127.0.0.1" in lines
+        assert "X-Forwarded-Host: web.main.localhost" in lines
+        assert "X-Forwarded-Proto: http" in lines
+        assert "Host: web.main.localhost" in lines
+        assert not [line for line in lines if line.lower().startswith(("connection", "keep-"))]
+
+        _, seen = ask(
+            conn,
+            "/headers",
+            headers={"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Host": "evil", "X-Other": "1"},
+        )
+        lines = seen.decode().splitlines()
+        assert "X-Forwarded-For: 10.1.2.3, 127.0.0.1" in lines
+        assert "X-Forwarded-Host: web.main.localhost" in lines
+        assert "X-Forwarded-Host: evil" not in lines
+        assert "X-Other: 1" in lines
+    finally:
+        conn.close()
+
+
+def test_a_client_asking_to_close_is_told_so_while_the_backend_connection_is_kept(
+    proxy: Proxy, backends: Backends
+) -> None:
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+
+    answers = [
+        raw_exchange(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: web.main.localhost\r\nConnection: close\r\n\r\n"
+        ),
+        raw_exchange(proxy.port, b"GET / HTTP/1.0\r\nHost: web.main.localhost\r\n\r\n"),
+    ]
+
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nConnection: close" in head
+        assert who(body) == b"web"
+    assert len(set(backends.stats(web).seen)) == 1
+    assert proxy.idle(web) == 1
+
+
+def test_pipelined_requests_are_answered_one_by_one_in_order(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+
+    answer = raw_exchange(
+        proxy.port,
+        b"GET /one HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n"
+        b"GET /two HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n"
+        b"GET /three HTTP/1.1\r\nHost: web.main.localhost\r\nConnection: close\r\n\r\n",
+    )
+
+    assert answer.count(b"HTTP/1.1 200 OK") == 3
+    assert answer.index(b"web /one") < answer.index(b"web /two") < answer.index(b"web /three")
+
 
 def test_websocket_style_upgrade_carries_raw_bytes_both_ways(
     proxy: Proxy, backends: Backends
 ) -> None:
-    proxy.set_backend("main", "web", backends.http("web"))
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
     with connect(proxy.port) as sock:
         buffer = bytearray()
         sock.sendall(
@@ -353,8 +693,12 @@ def test_websocket_style_upgrade_carries_raw_bytes_both_ways(
         for message in [b"\x81\x05hello", b"\x00\xff binary \r\n\r\n", b"last"]:
             sock.sendall(message)
             assert recv_until(sock, b"echo:" + message, buffer).endswith(message)
+        assert proxy.in_flight(web) == 1
         sock.shutdown(socket.SHUT_WR)
         assert recv_all(sock) == b""  # the backend's close comes through
+
+    wait_until(lambda: proxy.in_flight(web) == 0, "the upgraded connection to end")
+    assert proxy.idle(web) == 0  # never pooled
 
 
 def test_unknown_host_gets_a_404_listing_the_services(proxy: Proxy) -> None:
@@ -372,6 +716,19 @@ def test_unknown_host_gets_a_404_listing_the_services(proxy: Proxy) -> None:
         assert f'href="http://other-app.bugfix.localhost:{port}/"' in page
         assert f'href="http://web.main.localhost:{port}/"' in page
         assert ">bugfix</h2>" in page and ">main</h2>" in page
+
+
+def test_a_keep_alive_client_gets_a_404_for_a_later_request_to_an_unknown_host(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+    conn = keep_alive(proxy.port)
+    try:
+        assert ask(conn)[0] == 200
+        status, body = ask(conn, host="nothing.main.localhost")
+        assert status == 404 and b"web.main.localhost" in body
+    finally:
+        conn.close()
 
 
 def test_service_without_a_live_revision_gets_a_503(proxy: Proxy) -> None:
@@ -411,8 +768,74 @@ def test_backend_hanging_up_without_answering_gets_a_502(proxy: Proxy, backends:
     assert headers["Connection"] == "close"
 
 
+def test_backend_answering_something_that_is_not_http_gets_a_502(
+    proxy: Proxy, backends: Backends
+) -> None:
+    class Nonsense(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            self.request.sendall(b"SSH-2.0-OpenSSH\r\n")
+
+    proxy.set_backend("main", "web", backends.tcp(Nonsense))
+
+    status, _, body = proxy.get("web.main.localhost")
+
+    assert (status, body) == (502, b"web in main sent an answer that is not HTTP/1.x\n")
+
+
+class AnswersOnce(socketserver.BaseRequestHandler):
+    """Answers the first request of each connection; hangs up on the next one unanswered,
+    like a backend that closed an idle keep-alive connection just as it was reused."""
+
+    connections = 0
+
+    def handle(self) -> None:
+        type(self).connections += 1
+        buffer = bytearray()
+        recv_until(self.request, b"\r\n\r\n", buffer)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        self.request.recv(65536)
+
+
+def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(
+    proxy: Proxy, backends: Backends
+) -> None:
+    handler = type("Once", (AnswersOnce,), {"connections": 0})
+    proxy.set_backend("main", "web", backends.tcp(handler))
+    conn = keep_alive(proxy.port)
+    try:
+        assert ask(conn) == (200, b"fresh")
+        assert ask(conn) == (200, b"fresh")  # the pooled connection hung up: retried
+        assert handler.connections == 2
+    finally:
+        conn.close()
+
+
+def test_a_post_on_a_stale_pooled_connection_is_not_retried_and_gets_a_502(
+    proxy: Proxy, backends: Backends
+) -> None:
+    handler = type("Once", (AnswersOnce,), {"connections": 0})
+    proxy.set_backend("main", "web", backends.tcp(handler))
+    conn = keep_alive(proxy.port)
+    try:
+        assert ask(conn) == (200, b"fresh")
+        status, body = ask(conn, method="POST")
+        assert (status, body) == (502, b"web in main closed the connection without answering\n")
+        assert handler.connections == 1
+    finally:
+        conn.close()
+
+
 def test_request_without_a_host_header_gets_a_400(proxy: Proxy) -> None:
     answer = raw_exchange(proxy.port, b"GET / HTTP/1.0\r\nAccept: */*\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b"bad request: no Host header\n")
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+def test_bytes_that_are_not_http_get_a_400(proxy: Proxy) -> None:
+    answer = raw_exchange(proxy.port, b"\x16\x03\x01 this is not http\r\n\r\n")
 
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"\r\nConnection: close\r\n" in answer
@@ -428,12 +851,13 @@ def test_request_head_over_64_kib_gets_a_431(proxy: Proxy) -> None:
 
 
 def test_half_closed_client_still_gets_the_answer(proxy: Proxy, backends: Backends) -> None:
-    proxy.set_backend("main", "echo", backends.tcp(EchoAfterEof))
+    proxy.set_backend("main", "web", backends.http("web"))
     with connect(proxy.port) as sock:
-        request = b"GET / HTTP/1.1\r\nHost: echo.main.localhost\r\n\r\nbody"
-        sock.sendall(request)
+        sock.sendall(b"GET /half HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
-        assert recv_all(sock) == b"got " + request
+        answer = recv_all(sock)  # ends: the router closes once the answer is out
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\n\r\nweb /half " in answer
 
 
 def test_slow_reader_makes_the_router_stop_reading_from_the_backend(
@@ -446,11 +870,12 @@ def test_slow_reader_makes_the_router_stop_reading_from_the_backend(
         def handle(self) -> None:
             nonlocal sent
             self.request.recv(65536)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
             self.request.settimeout(1.0)
             chunk = bytes(1024 * 1024)
             try:
                 while sent < total:
-                    sent += self.request.send(chunk)
+                    sent += self.request.send(chunk[: total - sent])
             except OSError:
                 pass
 
@@ -460,12 +885,154 @@ def test_slow_reader_makes_the_router_stop_reading_from_the_backend(
         time.sleep(0.4)  # read nothing: only socket buffers and one high-water mark fill up
         stalled_at = sent
         assert stalled_at < total / 2
-        received = 0
+        buffer = bytearray()
+        recv_until(sock, b"\r\n\r\n", buffer)
+        received = len(buffer)
         while received < total:
             data = sock.recv(1024 * 1024)
             assert data
             received += len(data)
         assert received == total
+
+
+def test_client_connections_waiting_too_long_for_a_request_are_closed(
+    proxy: Proxy, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "HEAD_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(router_module, "SWEEP_SECONDS", 0.1)
+    proxy.set_backend("main", "web", backends.http("web"))
+    with connect(proxy.port) as silent, connect(proxy.port) as kept:
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
+        recv_until(kept, b"web / ", bytearray())
+        started = time.monotonic()
+        assert silent.recv(1) == b""
+        assert kept.recv(65536) == b""  # after its answer, idle for too long
+        assert time.monotonic() - started < 2
+
+
+def test_idle_pooled_connections_are_closed_after_a_while(
+    proxy: Proxy, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "POOL_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(router_module, "SWEEP_SECONDS", 0.1)
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+
+    assert proxy.get(WEB)[0] == 200
+    assert proxy.idle(web) == 1
+    wait_until(lambda: proxy.idle(web) == 0, "the idle connection to be closed")
+    wait_until(lambda: len(backends.stats(web).closed) == 1, "the backend to see the close")
+
+
+# -- draining --------------------------------------------------------------------
+
+
+def in_thread(fn: Callable[[], T]) -> Callable[[], T]:
+    """Run ``fn`` in a thread now; the returned function joins it and gives its result."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> T:
+        thread.join(TIMEOUT)
+        if errors:
+            raise errors[0]
+        assert results, "the thread did not finish"
+        return results[0]
+
+    return join
+
+
+def test_drain_lets_an_in_flight_request_finish_while_new_requests_go_to_the_new_backend(
+    proxy: Proxy, backends: Backends
+) -> None:
+    old, new = backends.http("old"), backends.http("new")
+    proxy.set_backend("main", "web", old)
+    slow = in_thread(lambda: proxy.get(WEB, "/sleep/0.5"))
+    wait_until(lambda: len(backends.stats(old).seen) == 1, "the slow request to reach old")
+    assert proxy.in_flight(old) == 1
+
+    proxy.set_backend("main", "web", new)
+    draining = proxy.loop.start(proxy.router.drain(old, 5.0))
+    assert who(proxy.get(WEB)[2]) == b"new"
+    assert not draining.done()
+
+    status, _, body = slow()
+    assert (status, who(body)) == (200, b"old")
+    assert draining.result(TIMEOUT) == 0
+    assert proxy.in_flight(old) == 0
+    wait_until(lambda: len(backends.stats(old).closed) == 1, "old's connection to close")
+
+
+def test_drain_closes_idle_connections_at_once_and_client_connections_move_on(
+    proxy: Proxy, backends: Backends
+) -> None:
+    old, new = backends.http("old"), backends.http("new")
+    proxy.set_backend("main", "web", old)
+    conn = keep_alive(proxy.port)
+    try:
+        assert who(ask(conn)[1]) == b"old"
+        sock = conn.sock
+        assert proxy.idle(old) == 1
+
+        proxy.set_backend("main", "web", new)
+        started = time.monotonic()
+        assert proxy.drain(old, 5.0) == 0
+        assert time.monotonic() - started < 0.5
+        assert proxy.idle(old) == 0
+        wait_until(lambda: len(backends.stats(old).closed) == 1, "old to see its connection close")
+
+        assert who(ask(conn)[1]) == b"new"
+        assert conn.sock is sock  # the client connection lives on
+    finally:
+        conn.close()
+
+
+def test_drain_aborts_a_request_that_outlasts_the_grace_and_counts_it(
+    proxy: Proxy, backends: Backends
+) -> None:
+    old, new = backends.http("old"), backends.http("new")
+    proxy.set_backend("main", "web", old)
+    slow = in_thread(lambda: proxy.get(WEB, "/sleep/2"))
+    wait_until(lambda: len(backends.stats(old).seen) == 1, "the slow request to reach old")
+    proxy.set_backend("main", "web", new)
+
+    started = time.monotonic()
+    assert proxy.drain(old, 0.2) == 1
+    assert time.monotonic() - started < 1.0
+
+    status, _, body = slow()
+    assert status == 502
+    assert body == b"web in main was retired (drained) before it finished answering\n"
+    assert proxy.in_flight(old) == 0
+
+
+def test_drain_gives_an_upgraded_connection_the_grace_then_aborts_it(
+    proxy: Proxy, backends: Backends
+) -> None:
+    old = backends.http("old")
+    proxy.set_backend("main", "web", old)
+    with connect(proxy.port) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: web.main.localhost\r\n")
+        sock.sendall(b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        recv_until(sock, b"\r\n\r\n", bytearray())
+        proxy.set_backend("main", "web", None)
+
+        assert proxy.drain(old, 0.2) == 1
+        assert recv_all(sock) == b""
+    assert proxy.in_flight(old) == 0
+
+
+def test_drain_of_a_backend_never_used_returns_at_once(proxy: Proxy) -> None:
+    assert proxy.drain(("127.0.0.1", free_port()), 5.0) == 0
 
 
 # -- peer listeners --------------------------------------------------------------
@@ -480,7 +1047,7 @@ def test_peer_listener_follows_new_revisions_and_falls_back_to_the_baseline(
     def who_answers() -> bytes:
         status, _, body = http_get(port, "whatever")
         assert status == 200
-        return body.split()[0]
+        return who(body)
 
     assert who_answers() == b"app-main"
     proxy.set_backend("bugfix", "app", backends.http("app-bugfix-v1"))
@@ -500,15 +1067,35 @@ def test_peer_listener_follows_new_revisions_and_falls_back_to_the_baseline(
     assert status == 502 and body.startswith(b"cannot reach app in bugfix")
 
 
-def test_peer_listener_splices_any_tcp_protocol_with_half_close(
+def test_peer_listener_switches_per_request_on_one_keep_alive_connection(
     proxy: Proxy, backends: Backends
 ) -> None:
-    proxy.set_backend("bugfix", "db", backends.tcp(EchoAfterEof))
+    proxy.set_backend(BASELINE, "app", backends.http("app-main"))
+    port = proxy.loop.run(proxy.router.open_peer_listener("bugfix", "app"))
+    conn = keep_alive(port)
+    try:
+        assert who(ask(conn, host="127.0.0.1")[1]) == b"app-main"
+        sock = conn.sock
+        proxy.set_backend("bugfix", "app", backends.http("app-bugfix"))
+        assert who(ask(conn, host="anything")[1]) == b"app-bugfix"
+        proxy.set_backend("bugfix", "app", None)
+        assert who(ask(conn, host="anything")[1]) == b"app-main"
+        _, seen = ask(conn, "/headers", host=f"127.0.0.1:{port}")
+        assert f"X-Forwarded-Host: 127.0.0.1:{port}" in seen.decode().splitlines()
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_peer_listener_answers_bytes_that_are_not_http_with_a_400(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("bugfix", "db", backends.http("db"))
     port = proxy.loop.run(proxy.router.open_peer_listener("bugfix", "db"))
-    with connect(port) as sock:
-        sock.sendall(b"\x00not http at all\xff")
-        sock.shutdown(socket.SHUT_WR)
-        assert recv_all(sock) == b"got \x00not http at all\xff"
+
+    answer = raw_exchange(port, b"\x00not http at all\xff\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 400 ")
 
 
 def test_peer_listener_is_idempotent_and_can_be_closed(proxy: Proxy) -> None:
@@ -537,15 +1124,17 @@ def test_peer_listener_on_a_taken_port_raises_oserror(proxy: Proxy) -> None:
 # -- shutdown --------------------------------------------------------------------
 
 
-def test_close_leaves_nothing_listening_and_drops_open_connections(
+def test_close_leaves_nothing_listening_and_no_connection_open(
     proxy: Proxy, backends: Backends
 ) -> None:
-    proxy.set_backend("main", "web", backends.http("web"))
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
     peer_port = proxy.loop.run(proxy.router.open_peer_listener("main", "web"))
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=TIMEOUT)
-    conn.request("GET", "/", headers={"Host": "web.main.localhost"})
-    conn.getresponse().read()
+    conn = keep_alive(proxy.port)
+    ask(conn)
     idle = connect(peer_port)
+    slow = in_thread(lambda: http_get(peer_port, "x", "/sleep/0.3"))
+    wait_until(lambda: len(backends.stats(web).seen) == 2, "the slow request to arrive")
     assert proxy.router.main_port == proxy.port
 
     proxy.loop.run(proxy.router.close())
@@ -556,6 +1145,10 @@ def test_close_leaves_nothing_listening_and_drops_open_connections(
     assert conn.sock is not None
     assert conn.sock.recv(1) == b""  # the kept-alive connection was closed
     assert idle.recv(1) == b""
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        slow()
+    # the pooled and the busy backend connection are closed too
+    wait_until(lambda: len(backends.stats(web).closed) == 2, "the backend connections to close")
     conn.close()
     idle.close()
     with pytest.raises(RuntimeError):
@@ -563,16 +1156,17 @@ def test_close_leaves_nothing_listening_and_drops_open_connections(
 
 
 def test_finished_connections_leave_no_sockets_behind(proxy: Proxy, backends: Backends) -> None:
-    proxy.set_backend("main", "web", backends.http("web"))
-    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    web = backends.http("web")
+    proxy.set_backend("main", "web", web)
+    fds_before = fds()
 
     for _ in range(20):
         assert proxy.get("web.main.localhost")[0] == 200
         assert proxy.get("nothing.main.localhost")[0] == 404
-    deadline = time.monotonic() + TIMEOUT
-    while proxy.loop.call(proxy.router._open_connections) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not proxy.loop.call(proxy.router._open_connections), "connections to end")
+    assert proxy.idle(web) == 1
 
-    assert proxy.loop.call(proxy.router._open_connections) == 0
+    assert proxy.drain(web, 1.0) == 0  # closes the pooled one
+    wait_until(lambda: len(backends.stats(web).closed) == 1, "the pooled connection to close")
     if fds_before is not None:
-        assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+        assert fds() <= fds_before

@@ -2,13 +2,16 @@
 
 Layout under the home::
 
-    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/   the checkout, removed when the revision stops
-    venvs/HASH/                               shared environments (see ``venvs``)
-    logs/NAMESPACE/SERVICE/vORDINAL.log       the processes' output
-    logs/NAMESPACE/SERVICE/vORDINAL.build.log fetch, install and build output
+    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/    the checkout, kept until pruned
+    builds/NAMESPACE/SERVICE/vORDINAL-SHA7.ok  written when its build succeeded
+    venvs/HASH/                                shared environments (see ``venvs``)
+    logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
+    logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output
 
-Every process runs in its own session, so stopping a revision signals the
-whole process group: SIGTERM, then SIGKILL after the grace period.
+A build found on disk with its ``.ok`` mark is used as it is, so a rollback,
+or a deploy after a daemon restart, starts without building. Every process is
+supervised (see ``supervisor``); the web process is health-checked before the
+instance is handed back, and again after every restart.
 """
 
 from __future__ import annotations
@@ -17,27 +20,28 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
-from branchyard.runtime import Address, RevisionSpec
+from branchyard.runtime import Address, Build, OnChange, RevisionSpec
+from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, rotate
+from branchyard.runtime.supervisor import (
+    FirstStartFailed,
+    Process,
+    ProcessState,
+    Spawn,
+    Supervisor,
+)
 from branchyard.runtime.venvs import VenvCache, run_logged
 
-STOP_GRACE = 10.0
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+ROTATE_INTERVAL = 0.5
 
 
 async def probe(port: int, path: str, timeout: float = 1.0) -> int | None:
@@ -56,43 +60,83 @@ async def probe(port: int, path: str, timeout: float = 1.0) -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
-def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
-
-
-async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
-    if process.returncode is None:
-        _signal_group(process, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), grace)
-    _signal_group(process, signal.SIGKILL)
-    await process.wait()
-
-
 def _prune_logs(directory: Path, up_to: int) -> None:
     """Delete the logs of revisions with an ordinal of ``up_to`` or less."""
-    for log in directory.glob("v*.log"):
+    for log in directory.glob("v*.log*"):
         ordinal = log.name[1:].split(".", 1)[0]
         if ordinal.isdigit() and int(ordinal) <= up_to:
             log.unlink(missing_ok=True)
 
 
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+class HealthCheck:
+    """``GET path`` on the port until it answers 2xx or 3xx, the process exits,
+    or ``timeout`` seconds pass; ``failure`` says which, for the message."""
+
+    def __init__(self, port: int, path: str, timeout: float) -> None:
+        self.port = port
+        self.path = path
+        self.timeout = timeout
+        self.failure = ""
+
+    async def __call__(self, process: Process) -> bool:
+        deadline = time.monotonic() + self.timeout
+        last: int | None = None
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                self.failure = f"exited with code {process.returncode}"
+                return False
+            last = await probe(self.port, self.path) or last
+            if last is not None and 200 <= last < 400:
+                return True
+            await asyncio.sleep(HEALTH_INTERVAL)
+        answer = f"last answer {last}" if last else "no answer"
+        self.failure = (
+            f"health check GET {self.path} did not pass within {self.timeout:g} s ({answer})"
+        )
+        return False
+
+
+def _first_start_message(web: Supervisor, health: HealthCheck, exc: FirstStartFailed) -> str:
+    if web.state is ProcessState.FAILED:
+        if health.failure.startswith("exited") or exc.exit_code is not None:
+            code = exc.exit_code if exc.exit_code is not None else web.exit_code
+            return f"exited with code {code} before passing its health check; see: branchyard logs"
+        return health.failure or exc.message
+    return f"a worker could not start: {exc.message}; see: branchyard logs"
+
+
+@dataclass
+class LocalBuild:
+    spec: RevisionSpec
+    checkout: Path
+    venv: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _local(build: Build) -> LocalBuild:
+    if not isinstance(build, LocalBuild):
+        raise TypeError(f"not a local build: {build!r}")
+    return build
+
+
 class LocalInstance:
     def __init__(
         self,
-        web: asyncio.subprocess.Process,
-        workers: list[asyncio.subprocess.Process],
+        web: Supervisor,
+        workers: list[Supervisor],
         port: int,
-        checkout: Path,
-        release: Callable[[], None],
+        log: Path,
+        give_back: Callable[[], None],
     ) -> None:
         self._web = web
         self._workers = workers
         self._port = port
-        self._checkout = checkout
-        self._release = release
-        self._stopped = False
+        self.log = log
+        self._give_back = give_back
 
     @property
     def address(self) -> Address:
@@ -102,45 +146,63 @@ class LocalInstance:
     def pid(self) -> int | None:
         return self._web.pid
 
-    async def wait(self) -> int:
-        return await self._web.wait()
+    @property
+    def state(self) -> ProcessState:
+        return self._web.state
 
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        await asyncio.gather(*(_terminate(p, STOP_GRACE) for p in [self._web, *self._workers]))
-        shutil.rmtree(self._checkout, ignore_errors=True)
-        self._release()
+    @property
+    def exit_code(self) -> int | None:
+        return self._web.exit_code
+
+    @property
+    def restarts(self) -> int:
+        return self._web.restarts
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        await asyncio.gather(*(s.stop(grace) for s in [self._web, *self._workers]))
+        self._give_back()
 
 
 class LocalRuntime:
-    def __init__(self, home: Path, sources: Callable[[str], Source]) -> None:
+    def __init__(
+        self,
+        home: Path,
+        sources: Callable[[str], Source],
+        registry: Registry,
+        stop_grace: float = STOP_GRACE,
+    ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
         self._sources = sources
-        self.venvs = VenvCache(home / "venvs")
+        self._registry = registry
+        self._stop_grace = stop_grace
+        self._ports = Ports()
+        self._running: set[LocalInstance] = set()
+        self._rotator: asyncio.Task[None] | None = None
+        self.venvs = VenvCache(home / "venvs", registry)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
     def log_path(self, namespace: str, service: str, ordinal: int, build: bool) -> Path:
         suffix = ".build.log" if build else ".log"
         return self._logs / namespace / service / f"v{ordinal}{suffix}"
 
-    def discard(self, namespace: str, service: str) -> None:
-        for root in (self._logs, self._builds):
-            shutil.rmtree(root / namespace / service, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (root / namespace).rmdir()  # only if no other service is left there
+    def _checkout(self, spec: RevisionSpec) -> Path:
+        return self._builds / spec.namespace / spec.service / f"v{spec.ordinal}-{spec.sha[:7]}"
 
-    async def deploy(self, spec: RevisionSpec) -> LocalInstance:
+    # building
+
+    async def build(self, spec: RevisionSpec) -> LocalBuild:
         build_log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=True)
         build_log.parent.mkdir(parents=True, exist_ok=True)
         _prune_logs(build_log.parent, spec.ordinal - KEEP_LOGS)
-        checkout = self._builds / spec.namespace / spec.service / f"v{spec.ordinal}-{spec.sha[:7]}"
+        checkout = self._checkout(spec)
+        done = checkout.with_name(checkout.name + ".ok")
+        if done.exists() and checkout.is_dir():
+            kept = await self.venvs.acquire(checkout, build_log)
+            return LocalBuild(spec, checkout, kept, self._env(spec, kept))
         shutil.rmtree(checkout, ignore_errors=True)
         checkout.parent.mkdir(parents=True, exist_ok=True)
         venv: Path | None = None
-        processes: list[asyncio.subprocess.Process] = []
         try:
             source = self._sources(spec.repo_url)
             await source.ensure(spec.sha)
@@ -148,70 +210,125 @@ class LocalRuntime:
             venv = await self.venvs.acquire(checkout, build_log)
             env = self._env(spec, venv)
             for step in spec.manifest.build:
-                code = await run_logged(["/bin/sh", "-c", step], checkout, build_log, env)
+                code = await run_logged(
+                    ["/bin/sh", "-c", step], checkout, build_log, env, self._registry
+                )
                 if code != 0:
                     raise BuildFailed(
                         f"build step `{step}` exited {code}; see: branchyard logs --build"
                     )
-            port = free_port()
-            log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=False)
-            web = await self._spawn(spec.manifest.web, checkout, {**env, "PORT": str(port)}, log)
-            processes.append(web)
-            for _, command in spec.manifest.workers:
-                processes.append(await self._spawn(command, checkout, env, log))
-            await self._wait_healthy(spec, web, port)
         except BaseException:
-            await asyncio.gather(*(_terminate(p, 1.0) for p in processes))
             shutil.rmtree(checkout, ignore_errors=True)
             if venv is not None:
                 self.venvs.release(venv)
             raise
-        held = venv
-        return LocalInstance(web, processes[1:], port, checkout, lambda: self.venvs.release(held))
+        done.touch()
+        return LocalBuild(spec, checkout, venv, env)
 
     def _env(self, spec: RevisionSpec, venv: Path) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHYARD_")}
-        path = f"{venv / 'bin'}{os.pathsep}{base.get('PATH', os.defpath)}"
         base.pop("PYTHONHOME", None)
+        path = f"{venv / 'bin'}{os.pathsep}{base.get('PATH', os.defpath)}"
         return {**base, **spec.env, "PATH": path, "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1"}
 
-    async def _spawn(
-        self, command: str, cwd: Path, env: dict[str, str], log: Path
-    ) -> asyncio.subprocess.Process:
-        with log.open("ab") as out:
-            return await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
+    def release(self, build: Build) -> None:
+        self.venvs.release(_local(build).venv)
 
-    async def _wait_healthy(
-        self, spec: RevisionSpec, web: asyncio.subprocess.Process, port: int
-    ) -> None:
-        path = spec.manifest.health_path
-        deadline = time.monotonic() + spec.manifest.health_timeout
-        last: int | None = None
-        while time.monotonic() < deadline:
-            if web.returncode is not None:
-                raise BuildFailed(
-                    f"exited with code {web.returncode} before passing its health check; "
-                    "see: branchyard logs"
+    def gc(self) -> dict[str, int]:
+        return {"environments_removed": self.venvs.gc()}
+
+    def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
+        freed = 0
+        for done in (self._builds / namespace / service).glob("v*.ok"):
+            ordinal = done.name[1:].split("-", 1)[0]
+            if ordinal.isdigit() and int(ordinal) not in keep:
+                checkout = done.with_suffix("")
+                freed += _size(checkout)
+                done.unlink(missing_ok=True)
+                shutil.rmtree(checkout, ignore_errors=True)
+        return freed
+
+    def discard(self, namespace: str, service: str) -> None:
+        for root in (self._logs, self._builds):
+            shutil.rmtree(root / namespace / service, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / namespace).rmdir()  # only if no other service is left there
+
+    # running
+
+    async def start(self, build: Build, on_change: OnChange) -> LocalInstance:
+        build = _local(build)
+        spec = build.spec
+        log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=False)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        port = self._ports.take()
+        web_env = {**build.env, "PORT": str(port)}
+        instance: LocalInstance | None = None
+
+        def changed(_: Supervisor) -> None:
+            if instance is not None:
+                on_change(instance)
+
+        def spawner(command: str, env: dict[str, str], what: str) -> Spawn:
+            async def spawn() -> LocalProcess:
+                return await LocalProcess.spawn(
+                    ["/bin/sh", "-c", command],
+                    build.checkout,
+                    env,
+                    log,
+                    self._registry,
+                    f"{spec.name} {what}",
                 )
-            last = await probe(port, path) or last
-            if last is not None and 200 <= last < 400:
-                return
-            await asyncio.sleep(HEALTH_INTERVAL)
-        answer = f"last answer {last}" if last else "no answer"
-        raise BuildFailed(
-            f"health check GET {path} did not pass within "
-            f"{spec.manifest.health_timeout:g} s ({answer})"
+
+            return spawn
+
+        health = HealthCheck(port, spec.manifest.health_path, spec.manifest.health_timeout)
+        web = Supervisor(
+            f"{spec.name} web",
+            spawner(spec.manifest.web, web_env, "web"),
+            health,
+            grace=self._stop_grace,
+            on_change=changed,
         )
+        workers = [
+            Supervisor(
+                f"{spec.name} {name}", spawner(command, build.env, name), grace=self._stop_grace
+            )
+            for name, command in spec.manifest.workers
+        ]
+        supervisors = [web, *workers]
+        try:
+            await web.start()
+            for worker in workers:
+                await worker.start()
+        except FirstStartFailed as exc:
+            await asyncio.gather(*(s.stop(1.0) for s in supervisors))
+            self._ports.give_back(port)
+            raise BuildFailed(_first_start_message(web, health, exc)) from None
+        except BaseException:
+            await asyncio.gather(*(s.stop(1.0) for s in supervisors))
+            self._ports.give_back(port)
+            raise
+
+        def give_back() -> None:
+            self._ports.give_back(port)
+            if instance is not None:
+                self._running.discard(instance)
+
+        instance = LocalInstance(web, workers, port, log, give_back)
+        self._running.add(instance)
+        if self._rotator is None:
+            self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
+        return instance
+
+    async def _rotate_logs(self) -> None:
+        while True:
+            await asyncio.sleep(ROTATE_INTERVAL)
+            for instance in list(self._running):
+                rotate(instance.log)
 
     async def close(self) -> None:
-        """Nothing to close: instances are stopped by the engine."""
+        if self._rotator:
+            self._rotator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rotator

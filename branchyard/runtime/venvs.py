@@ -18,6 +18,7 @@ from pathlib import Path
 import uv
 
 from branchyard.errors import BuildFailed
+from branchyard.runtime.processes import LocalProcess, Registry
 
 DEPENDENCY_FILES = ("requirements.txt", "pyproject.toml")
 KEEP = 20
@@ -34,8 +35,9 @@ def dependency_hash(checkout: Path) -> str:
 
 
 class VenvCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, registry: Registry) -> None:
         self.root = root
+        self._registry = registry
         self._locks: dict[str, asyncio.Lock] = {}
         self._in_use: dict[Path, int] = {}
 
@@ -69,38 +71,38 @@ class VenvCache:
             if (checkout / name).is_file():
                 steps.append([uv_bin, "pip", "install", "--python", python, "-r", name])
         for argv in steps:
-            code = await run_logged(argv, checkout, log, dict(os.environ))
+            code = await run_logged(argv, checkout, log, dict(os.environ), self._registry)
             if code != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 what = "creating the environment" if argv[1] == "venv" else f"installing {argv[-1]}"
                 raise BuildFailed(f"{what} failed (exit {code}); see: branchyard logs --build")
         (venv / _READY).touch()
 
-    def _prune(self) -> None:
+    def _prune(self, keep: int = KEEP) -> int:
+        """Remove the least recently used environments beyond ``keep``; how many."""
         ready = [p for p in self.root.iterdir() if (p / _READY).exists()]
         ready.sort(key=lambda p: (p / _READY).stat().st_mtime, reverse=True)
-        for old in ready[KEEP:]:
+        removed = 0
+        for old in ready[keep:]:
             if old not in self._in_use:
                 shutil.rmtree(old, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def gc(self) -> int:
+        """Remove every environment no kept build uses; how many."""
+        return self._prune(keep=0)
 
 
-async def run_logged(argv: list[str], cwd: Path, log: Path, env: dict[str, str]) -> int:
+async def run_logged(
+    argv: list[str], cwd: Path, log: Path, env: dict[str, str], registry: Registry
+) -> int:
     """Run ``argv`` with its output appended to ``log``; its exit code."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
-        out.flush()
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            return await process.wait()
-        except asyncio.CancelledError:
-            process.kill()
-            await process.wait()
-            raise
+    process = await LocalProcess.spawn(argv, cwd, env, log, registry, f"build: {argv[0]}")
+    try:
+        return await process.wait()
+    except asyncio.CancelledError:
+        await process.terminate(0)
+        raise

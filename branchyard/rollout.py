@@ -1,0 +1,356 @@
+"""Rollouts: which revisions of a (namespace, service) slot run and take traffic.
+
+The engine decides *what* should run (a :class:`~branchyard.model.Target` per
+slot); this module does the switch, one slot at a time:
+
+    build ─> (pinned? staged) ─> start + health ─> route ─> drain old ─> stop old
+
+Traffic of a slot is a map of revision to weight: one revision at 100 in the
+normal case, several for a canary (``weight``). A person can pin a slot
+(``rollback``, ``promote``, ``weight``): new commits still build and show as
+staged, but take no traffic until ``unpin`` or ``promote``. Builds of the last
+:data:`KEEP_BUILDS` revisions of each slot are kept, so going back is a start,
+not a build. Every running revision is supervised by the runtime; when its
+supervisor gives up, the revision is marked crashed and taken out of traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError
+from branchyard.git import Sources
+from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
+from branchyard.model import Revision, RevisionState
+from branchyard.router import Router, RouteTable
+from branchyard.runtime import Build, Instance, RevisionSpec, Runtime
+from branchyard.runtime.supervisor import ProcessState
+from branchyard.store import Store
+
+log = logging.getLogger(__name__)
+
+Slot = tuple[str, str]
+KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
+DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
+LAST_LINES = 5
+
+
+@dataclass
+class Running:
+    revision: Revision
+    build: Build
+    instance: Instance
+
+
+def last_lines(path: Path, count: int = LAST_LINES) -> list[str]:
+    """The last ``count`` lines of a log (reads at most its last 64 KiB)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - 65536))
+            tail = file.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in tail.splitlines() if line.strip()][-count:]
+
+
+class Rollouts:
+    def __init__(
+        self,
+        store: Store,
+        runtime: Runtime,
+        router: Router,
+        table: RouteTable,
+        sources: Sources,
+        drain_grace: float = DRAIN_GRACE,
+        stop_grace: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.router = router
+        self.table = table
+        self.sources = sources
+        self.drain_grace = drain_grace
+        self.stop_grace = stop_grace
+        self.running: dict[int, Running] = {}  # revision id -> started revision
+        self.traffic: dict[Slot, dict[int, int]] = {}  # slot -> revision id -> weight
+        self.builds: dict[int, Build] = {}  # revision id -> build held in memory
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # what runs
+
+    def live(self, slot: Slot) -> Running | None:
+        """The revision with the most traffic in ``slot``."""
+        weights = self.traffic.get(slot)
+        if not weights:
+            return None
+        best = max(weights, key=lambda rid: (weights[rid], rid))
+        return self.running.get(best)
+
+    def weights(self, slot: Slot) -> dict[int, int]:
+        """ordinal -> weight of the revisions that take traffic."""
+        return {
+            self.running[rid].revision.ordinal: w
+            for rid, w in self.traffic.get(slot, {}).items()
+            if rid in self.running
+        }
+
+    def _route(self, slot: Slot) -> None:
+        serving = [
+            (self.running[rid].instance.address, weight)
+            for rid, weight in sorted(self.traffic.get(slot, {}).items())
+            if rid in self.running and self.running[rid].instance.state is ProcessState.RUNNING
+        ]
+        if len(serving) == 1:
+            self.table.set_backend(*slot, serving[0][0])
+        elif serving:
+            self.table.set_weights(*slot, serving)
+        else:
+            self.table.set_backend(*slot, None)
+
+    # building and switching
+
+    async def spec(self, revision: Revision) -> RevisionSpec:
+        source = self.sources(revision.url)
+        await source.ensure(revision.sha)
+        procfile = await source.read_file(revision.sha, PROCFILE)
+        config = await source.read_file(revision.sha, CONFIG_FILE)
+        manifest = parse_manifest(procfile, config)
+        env = {**manifest.env, **revision.env}
+        return RevisionSpec(
+            revision.namespace,
+            revision.service,
+            revision.ordinal,
+            revision.url,
+            revision.sha,
+            manifest,
+            env,
+        )
+
+    async def build(self, revision: Revision) -> Build:
+        """The build of ``revision``: held, found on disk, or made now."""
+        held = self.builds.get(revision.id)
+        if held is not None:
+            return held
+        build = await self.runtime.build(await self.spec(revision))
+        self.builds[revision.id] = build
+        return build
+
+    async def go_live(self, revision: Revision, weights: Mapping[int, int] | None = None) -> bool:
+        """Start ``revision`` (if it is not running) and give it all traffic, or ``weights``.
+
+        Returns False, with the revision marked failed, if it cannot start; what
+        served before keeps serving.
+        """
+        slot = (revision.namespace, revision.service)
+        if revision.id not in self.running:
+            try:
+                build = await self.build(revision)
+                self.store.set_state(revision.id, RevisionState.STARTING)
+                instance = await self.runtime.start(build, self._on_change)
+            except asyncio.CancelledError:
+                self._fail(revision, RevisionState.SUPERSEDED, "a newer target arrived")
+                raise
+            except BranchyardError as exc:
+                self._fail(revision, RevisionState.FAILED, exc.message)
+                return False
+            revision = self.store.set_state(
+                revision.id, RevisionState.LIVE, port=instance.address[1]
+            )
+            self.running[revision.id] = Running(revision, build, instance)
+        else:
+            revision = self.store.set_state(revision.id, RevisionState.LIVE)
+            self.running[revision.id].revision = revision
+        before = self.traffic.get(slot, {})
+        self.traffic[slot] = dict(weights) if weights else {revision.id: 100}
+        self._route(slot)
+        self.store.event("live", f"v{revision.ordinal} {revision.sha7} takes traffic", slot)
+        for rid in before.keys() - self.traffic[slot].keys():
+            self.retire(rid, f"replaced by v{revision.ordinal}")
+        self.prune(slot)
+        return True
+
+    def _fail(self, revision: Revision, state: RevisionState, reason: str) -> None:
+        self.store.set_state(revision.id, state, reason)
+        if state is RevisionState.FAILED:
+            self.store.event(
+                "failed", f"v{revision.ordinal}: {reason}", (revision.namespace, revision.service)
+            )
+        build = self.builds.pop(revision.id, None)
+        if build is not None:
+            self.runtime.release(build)
+
+    def stage(self, revision: Revision, build: Build, pinned: int) -> None:
+        self.builds[revision.id] = build
+        self.store.set_state(
+            revision.id, RevisionState.STAGED, f"pinned to v{pinned}: promote or unpin to use it"
+        )
+        self.prune((revision.namespace, revision.service))
+
+    def retire(
+        self, revision_id: int, reason: str, state: RevisionState = RevisionState.STOPPED
+    ) -> None:
+        """Take a revision out of traffic, drain it, stop it, in the background.
+
+        It is marked stopped only once its processes are gone. The task is kept,
+        so a cancelled deploy never leaves a process half-stopped and
+        :meth:`close` waits for it.
+        """
+        running = self.running.pop(revision_id, None)
+        if running is None:
+            return
+        slot = (running.revision.namespace, running.revision.service)
+        weights = self.traffic.get(slot, {})
+        if weights.pop(revision_id, None) is not None:
+            self._route(slot)
+
+        async def drain_and_stop() -> None:
+            await self.router.drain(running.instance.address, self.drain_grace)
+            await running.instance.stop(self.stop_grace)
+            self.store.set_state(running.revision.id, state, reason)
+
+        task = asyncio.create_task(drain_and_stop(), name=f"retire {running.revision.ordinal}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def retire_slot(self, slot: Slot, reason: str) -> None:
+        for rid in list(self.traffic.pop(slot, {})):
+            self.retire(rid, reason)
+        self.table.remove(*slot)
+        for rid in [rid for rid, b in self.builds.items() if _slot_of(b) == slot]:
+            self.runtime.release(self.builds.pop(rid))
+
+    def _on_change(self, instance: Instance) -> None:
+        running = next((r for r in self.running.values() if r.instance is instance), None)
+        if running is None:
+            return
+        slot = (running.revision.namespace, running.revision.service)
+        self._route(slot)
+        if instance.state is ProcessState.FAILED:
+            lines = last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
+            reason = (
+                f"crashed: exit code {instance.exit_code} after {instance.restarts} "
+                f"restarts" + (f"; last output: {lines[-1]}" if lines else "")
+            )
+            self.store.event("crashed", f"v{running.revision.ordinal} {reason}", slot)
+            self.retire(running.revision.id, reason, RevisionState.CRASHED)
+        elif instance.state is ProcessState.BACKOFF:
+            self.store.event(
+                "restarting",
+                f"v{running.revision.ordinal} exited with code {instance.exit_code}; restarting",
+                slot,
+            )
+
+    # a person's choices
+
+    def find(self, slot: Slot, ordinal: int | None) -> Revision:
+        history = self.store.revisions(slot)
+        live = self.live(slot)
+        if ordinal is None:
+            if live is None:
+                raise UsageError(f"{slot[1]} in {slot[0]} has no live revision to go back from")
+            earlier = [
+                r
+                for r in history
+                if r.ordinal < live.revision.ordinal
+                and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
+            ]
+            if not earlier:
+                raise UsageError(f"{slot[1]} in {slot[0]} has no earlier revision to go back to")
+            return earlier[0]
+        for revision in history:
+            if revision.ordinal == ordinal:
+                if revision.state in (
+                    RevisionState.FAILED,
+                    RevisionState.SUPERSEDED,
+                    RevisionState.BUILDING,
+                ):
+                    raise UsageError(f"v{ordinal} is {revision.state.value}; it cannot serve")
+                return revision
+        raise NotFound(f"{slot[1]} in {slot[0]} has no revision v{ordinal}")
+
+    async def pin_to(self, slot: Slot, ordinal: int | None, what: str) -> Revision:
+        """Send all traffic to one revision and pin the slot there (rollback, promote)."""
+        revision = self.find(slot, ordinal)
+        if not await self.go_live(revision):
+            raise BuildFailed(
+                f"v{revision.ordinal} could not start: {self.store.revision(revision.id).reason}"
+            )
+        self.store.set_pin(slot, revision.ordinal)
+        self.store.event(what, f"v{revision.ordinal} {revision.sha7} pinned", slot)
+        return revision
+
+    async def unpin(self, slot: Slot) -> Revision | None:
+        """Drop the pin; the newest staged revision, if any, goes live."""
+        self.store.set_pin(slot, None)
+        self.store.event("unpin", "traffic follows new commits again", slot)
+        newest = next(iter(self.store.revisions(slot)), None)
+        if newest is not None and newest.state is RevisionState.STAGED:
+            await self.go_live(newest)
+            return newest
+        return None
+
+    async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
+        """Split traffic between revisions by weight (a canary); pins the slot."""
+        if not percents or any(p < 0 for p in percents.values()) or not any(percents.values()):
+            raise UsageError("weights must be REV=PCT with at least one above 0")
+        revisions = {ordinal: self.find(slot, ordinal) for ordinal in percents}
+        for revision in revisions.values():
+            if revision.id not in self.running and not await self._start(revision):
+                raise BuildFailed(
+                    f"v{revision.ordinal} could not start: "
+                    f"{self.store.revision(revision.id).reason}"
+                )
+        heaviest = max(percents, key=lambda o: (percents[o], o))
+        await self.go_live(
+            revisions[heaviest], {revisions[o].id: pct for o, pct in percents.items()}
+        )
+        self.store.set_pin(slot, heaviest)
+        shares = ", ".join(f"v{o}={p}" for o, p in sorted(percents.items()))
+        self.store.event("weight", shares, slot)
+
+    async def _start(self, revision: Revision) -> bool:
+        try:
+            build = await self.build(revision)
+            instance = await self.runtime.start(build, self._on_change)
+        except BranchyardError as exc:
+            self._fail(revision, RevisionState.FAILED, exc.message)
+            return False
+        revision = self.store.set_state(revision.id, RevisionState.LIVE, port=instance.address[1])
+        self.running[revision.id] = Running(revision, build, instance)
+        return True
+
+    # retention
+
+    def prune(self, slot: Slot) -> int:
+        """Keep the builds of what runs, what is staged, and the last few; bytes freed."""
+        keep: set[int] = set()
+        kept = 0
+        for revision in self.store.revisions(slot):
+            running = revision.id in self.running
+            if running or revision.state is RevisionState.STAGED:
+                keep.add(revision.ordinal)
+            elif (
+                revision.state in (RevisionState.STOPPED, RevisionState.LIVE, RevisionState.CRASHED)
+                and kept < KEEP_BUILDS
+            ):
+                keep.add(revision.ordinal)
+                kept += 1
+            if revision.ordinal not in keep and revision.id in self.builds:
+                self.runtime.release(self.builds.pop(revision.id))
+        return self.runtime.prune(*slot, keep)
+
+    async def close(self) -> None:
+        for slot in list(self.traffic):
+            for rid in list(self.traffic[slot]):
+                self.retire(rid, "daemon stopped")
+        for rid in list(self.running):
+            self.retire(rid, "daemon stopped")
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _slot_of(build: Build) -> Slot:
+    return (build.spec.namespace, build.spec.service)

@@ -1,0 +1,253 @@
+"""Rollouts: no dropped request, pin and roll back, supervision, retention, crash safety."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    processes_with,
+    start_daemon,
+    stdlib_service,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Load:
+    """Bounded request loops through the router: keep-alive and a new connection each."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.port = port
+        self.host = host
+        self.answers: list[tuple[float, str]] = []  # (time received, revision sha)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (True, False)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _loop(self, keep_alive: bool) -> None:
+        connection: http.client.HTTPConnection | None = None
+        deadline = time.monotonic() + 120  # bounded whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                headers = {"Host": self.host}
+                if not keep_alive:
+                    headers["Connection"] = "close"
+                connection.request("GET", "/", headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    self.errors.append(f"HTTP {response.status}: {body[:100]!r}")
+                else:
+                    sha = json.loads(body)["env"]["BRANCHYARD_REVISION"]
+                    self.answers.append((time.time(), sha))
+                if not keep_alive or response.will_close:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if connection is not None:
+                    connection.close()
+                connection = None
+            time.sleep(max(0.0, 0.01 - (time.monotonic() - started)))  # ~100/s per loop
+
+
+def test_twenty_pushes_under_load_drop_no_request(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    shas = []
+    with Load(daemon.router_port, "app.main.localhost") as load:
+        time.sleep(0.5)
+        for number in range(20):
+            sha = app.commit({"n.txt": str(number)}, f"push {number}")
+            app.push()
+            wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"push {number}")
+            shas.append(sha)
+        time.sleep(0.5)
+    assert load.errors == []
+    assert len(load.answers) > 100 * 2
+    revisions = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
+    stopped_at = {r["sha"]: r["changed_at"] for r in revisions if r["state"] == "stopped"}
+    late = [(at, sha) for at, sha in load.answers if sha in stopped_at and at > stopped_at[sha]]
+    assert late == [], "answers from revisions already reported stopped"
+
+
+def test_rollback_pins_then_unpin_follows_new_commits(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    second = app.commit({"x": "2"}, "second commit")
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", second), 30, "second live")
+
+    done = daemon.cli("rollback", "app")
+    assert "v1" in done.stdout and "pinned" in done.stdout
+    assert daemon.serves("app", "main", first)
+    listing = daemon.cli("revisions", "app").stdout
+    assert "second commit" in listing and "replaced by v1" in listing
+
+    third = app.commit({"x": "3"}, "third commit")
+    app.push()
+    row = wait_for(
+        lambda: (r := daemon.row("main", "app"))["latest"]["state"] == "staged" and r,
+        30,
+        "third staged",
+    )
+    assert row["latest"]["sha"] == third and "pinned v1" in row["state"]
+    assert daemon.serves("app", "main", first)
+
+    assert "v3 goes live" in daemon.cli("unpin", "app").stdout
+    wait_for(lambda: daemon.serves("app", "main", third), 30, "third live after unpin")
+    daemon.cli("promote", "app", "v2")
+    assert daemon.serves("app", "main", second)
+    assert daemon.row("main", "app")["pinned"] == 2
+
+
+def test_weights_split_traffic_per_request(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    second = app.commit({"x": "2"}, "canary")
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", second), 30, "second live")
+    assert "v1=50 v2=50" in daemon.cli("weight", "app", "1=50", "2=50").stdout
+    seen = [daemon.answer("app")["env"]["BRANCHYARD_REVISION"] for _ in range(200)]
+    assert seen.count(first) > 40 and seen.count(second) > 40
+    assert "split v1=50 v2=50" in daemon.cli("ps").stdout
+
+
+def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    pid = wait_for(lambda: daemon.answer("app")["pid"], 30, "app live")
+    os.kill(pid, signal.SIGKILL)
+    new_pid = wait_for(lambda: (p := daemon.answer("app")["pid"]) != pid and p, 30, "restarted")
+    assert new_pid != pid
+    assert daemon.row("main", "app")["restarts"] == 1
+
+    flag = tmp_path / "crash"
+    crashy = stdlib_service(
+        **{
+            "app.py": (
+                "import os, sys, pathlib\n"
+                f"if pathlib.Path({str(flag)!r}).exists():\n"
+                "    print('giving up now', flush=True)\n"
+                "    sys.exit(7)\n" + stdlib_service()["app.py"]
+            )
+        }
+    )
+    sha = app.commit(crashy, "crashes once flagged")
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", sha), 30, "crashy live")
+    flag.write_text("x")
+    os.kill(daemon.answer("app")["pid"], signal.SIGKILL)
+    row = wait_for(
+        lambda: (r := daemon.row("main", "app"))["latest"]["state"] == "crashed" and r,
+        90,
+        "crashed",
+    )
+    assert "exit code 7" in row["reason"] and "giving up now" in row["reason"]
+    assert any("giving up now" in line for line in row["last_lines"])
+    assert daemon.get("app.main.localhost")[0] == 503
+
+
+def test_builds_are_kept_for_the_last_five_revisions_and_gc_reports(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    for number in range(7):
+        sha = app.commit({"n": str(number)}, f"c{number}")
+        app.push()
+        wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"commit {number}")
+    builds = daemon.home / "builds" / "main" / "app"
+    wait_for(lambda: len(list(builds.glob("*.ok"))) == 6, 15, "six builds (live and five)")
+    assert "freed" in daemon.cli("gc").stdout
+    started = time.monotonic()
+    daemon.cli("rollback", "app", "v4")
+    assert time.monotonic() - started < 10
+    assert daemon.row("main", "app")["live"]["ordinal"] == 4
+
+
+def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    stubborn = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    app = make_repo("app", stdlib_service(**{"app.py": stubborn + stdlib_service()["app.py"]}))
+    running = start_daemon(tmp_path / "home", "--stop-grace", "1", "--drain-grace", "1")
+    try:
+        running.cli("repo", "add", str(app.origin))
+        pid = wait_for(lambda: running.answer("app")["pid"], 30, "app live")
+        sha = app.commit({"n": "1"}, "next")
+        app.push()
+        wait_for(lambda: running.serves("app", "main", sha), 30, "next live")
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "the stubborn one killed")
+    finally:
+        assert running.stop() == 0
+    wait_for(lambda: not processes_with(running.marker), 15, "no process left")
+
+
+def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app, web = make_repo("app"), make_repo("web")
+    first = start_daemon(tmp_path / "home")
+    for repo in (app, web):
+        first.cli("repo", "add", str(repo.origin))
+    wait_for(lambda: first.answer("web")["env"].get("APP_URL"), 30, "wired")
+    first.cli("env", "set", "web", "GREETING=survives")
+    wait_for(lambda: first.answer("web")["env"].get("GREETING") == "survives", 30, "set")
+    old_pids = set(processes_with(first.marker))
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    assert old_pids & set(processes_with(first.marker)), "services outlive a SIGKILLed daemon"
+
+    second = start_daemon(tmp_path / "home")
+    try:
+        wait_for(lambda: second.answer("web")["env"].get("GREETING") == "survives", 30, "back")
+        wait_for(lambda: not (old_pids & set(processes_with(first.marker))), 15, "old ones gone")
+        assert "env set GREETING" in second.cli("history", "web").stdout
+        argvs = [
+            Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            for p in processes_with(second.marker)
+        ]
+        services = [a for a in argvs if a[0].endswith(b"python") and b"app.py" in a]
+        assert len(services) == 2, "one process per revision"
+    finally:
+        assert second.stop() == 0
+    wait_for(lambda: not processes_with(first.marker), 15, "nothing left")
