@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import capacity, push, router
 from bench.common import ROOT, BenchError
-from bench.results import ORDER, Section, write
+from bench.results import ORDER, Section, product_revision, write
 
 PARTS = {"push": push, "router": router, "capacity": capacity}
 
@@ -79,6 +79,7 @@ def main() -> int:
     full = not args.parts or set(chosen) == set(ORDER)
 
     command = _command()
+    revision = product_revision()  # at the start: the work tree may move during the run
     workdir = Path(tempfile.mkdtemp(prefix="branchyard-bench-"))
     sections: list[Section] = []
     failed: list[str] = []
@@ -105,7 +106,9 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     if sections:
-        write(args.results, sections, command, full and not failed)
+        if product_revision() != revision:
+            revision += f"; it changed during the run, to {product_revision()}"
+        write(args.results, sections, command, full and not failed, revision)
         print(f"bench: wrote {args.results}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -116,7 +116,7 @@ def _sections_in(text: str) -> dict[str, str]:
     return found
 
 
-def _revision() -> str:
+def product_revision() -> str:
     """The commit measured, and whether the product's files differed from it."""
     root = Path(__file__).resolve().parent.parent
     try:
@@ -128,11 +128,13 @@ def _revision() -> str:
     return f"commit {commit}" + (f" plus uncommitted changes in {files} files" if files else "")
 
 
-def write(path: Path, sections: list[Section], command: str, full: bool) -> None:
+def write(
+    path: Path, sections: list[Section], command: str, full: bool, revision: str | None = None
+) -> None:
     previous = {} if full or not path.exists() else _sections_in(path.read_text())
     rendered = {**previous, **{s.key: s.render() for s in sections}}
     info = machine()
-    info["branchyard"] = _revision()
+    info["branchyard"] = revision or product_revision()
     header = [
         "# branchyard benchmarks",
         "",

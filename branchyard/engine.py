@@ -22,7 +22,7 @@ from branchyard.git import Sources, local_path, ls_remote
 from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import ActionKind, Slot, plan
-from branchyard.rollout import DRAIN_GRACE, Rollouts
+from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, Rollouts
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Runtime
 from branchyard.runtime.processes import reap_leftovers
@@ -33,6 +33,7 @@ from branchyard.watcher import Watcher
 log = logging.getLogger(__name__)
 
 RESTARTED = "daemon restarted"
+BURST_SETTLE = 0.3  # seconds a deploy that cancelled an older one waits before building
 FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be read
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -78,12 +79,35 @@ class Engine:
         if killed:
             log.warning("stopped %d processes a previous daemon left running", len(killed))
             self.store.event("recovered", f"stopped {len(killed)} leftover processes")
+        was_live: dict[Slot, Revision] = {}
         for revision in self.store.active_revisions():
+            slot = (revision.namespace, revision.service)
+            if revision.state is RevisionState.LIVE and (
+                revision.ordinal == self.store.pin(slot)
+                or (slot not in was_live and self.store.pin(slot) is None)
+            ):
+                was_live[slot] = revision
             self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
         self.overlays = await self.settings_repo.open()
+        await self._restore(list(was_live.values()))
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
             self.watcher.watch(repo)
+
+    async def _restore(self, revisions: list[Revision]) -> None:
+        """Bring back what served when the last daemon ended, from the kept builds."""
+        for namespace, service, port in self.store.addresses():
+            with contextlib.suppress(OSError):
+                await self.router.open_peer_listener(namespace, service, port=port)
+                self._peer_slots.add((namespace, service))
+
+        async def restore(revision: Revision) -> None:
+            slot = (revision.namespace, revision.service)
+            self.table.set_backend(*slot, None)
+            if await self.rollouts.go_live(self.store.revision(revision.id)):
+                self._current[slot] = revision.key
+
+        await asyncio.gather(*(restore(r) for r in revisions))
 
     async def close(self) -> None:
         await self.watcher.close()
@@ -176,7 +200,9 @@ class Engine:
         if (
             latest is not None
             and latest.key == target.key
-            and (latest.reason == RESTARTED or latest.state is RevisionState.STAGED)
+            and (
+                latest.reason in (RESTARTED, DAEMON_STOPPED) or latest.state is RevisionState.STAGED
+            )
         ):
             return self.store.set_state(latest.id, RevisionState.BUILDING)
         return self.store.new_revision(target, RevisionState.BUILDING, subject)
@@ -186,7 +212,12 @@ class Engine:
     ) -> None:
         if previous:
             await asyncio.gather(previous, return_exceptions=True)
+            # A burst of pushes: let it settle, so that only its newest commit is built.
+            await asyncio.sleep(BURST_SETTLE)
         slot = (target.namespace, target.service)
+        live = self.rollouts.live(slot)
+        if live is not None and live.revision.key == target.key:
+            return
         source = self.sources(target.url)
         try:
             await source.ensure(target.sha)

@@ -37,6 +37,7 @@ Slot = tuple[str, str]
 KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
 DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
 LAST_LINES = 5
+DAEMON_STOPPED = "daemon stopped"
 
 
 @dataclass
@@ -346,9 +347,9 @@ class Rollouts:
     async def close(self) -> None:
         for slot in list(self.traffic):
             for rid in list(self.traffic[slot]):
-                self.retire(rid, "daemon stopped")
+                self.retire(rid, DAEMON_STOPPED)
         for rid in list(self.running):
-            self.retire(rid, "daemon stopped")
+            self.retire(rid, DAEMON_STOPPED)
         await asyncio.gather(*self._retiring, return_exceptions=True)
 
 

@@ -819,7 +819,11 @@ class _ClientConnection(asyncio.Protocol):
         request = self._current
         assert request is not None
         self._current = None
-        reusable = backend.keep_alive and request.complete
+        reusable = (
+            backend.keep_alive
+            and request.complete
+            and not backend.transport.get_write_buffer_size()  # the request was all sent
+        )
         self._detach(backend, reusable)
         if not request.complete:  # answered before the whole request arrived
             self._linger_close()

@@ -154,6 +154,10 @@ class Store:
         ).fetchone()
         return int(row["port"]) if row else None
 
+    def addresses(self) -> list[tuple[str, str, int]]:
+        rows = self._db.execute("SELECT namespace, service, port FROM addresses")
+        return [(r["namespace"], r["service"], r["port"]) for r in rows]
+
     def set_address(self, slot: Slot, port: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO addresses VALUES (?, ?, ?)", (*slot, port))
 

@@ -570,6 +570,25 @@ def test_request_bodies_with_a_length_and_chunked_responses_pass_through(
         conn.close()
 
 
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_an_expect_100_continue_request_gets_the_interim_answer_before_sending_its_body(
+    proxy: Proxy, backends: Backends, connection: str
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+    with connect(proxy.port) as sock:
+        buffer = bytearray()
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: web.main.localhost\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nConnection: %s\r\n\r\n" % connection.encode()
+        )
+        assert recv_until(sock, b"\r\n\r\n", buffer).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"hello")
+        head = recv_until(sock, b"\r\n\r\n", buffer)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert (b"\r\nConnection: close\r\n" in head) == (connection == "close")
+        assert recv_until(sock, b"got hello", buffer) == b"got hello"
+
+
 def test_head_204_and_304_answers_have_no_body_and_leave_both_connections_usable(
     proxy: Proxy, backends: Backends
 ) -> None:

@@ -1,0 +1,157 @@
+"""Bad behaviour that must be survived: hangs, floods of logs, bursts, kills, leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    git,
+    processes_with,
+    start_daemon,
+    stdlib_service,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+HANGS = """\
+import os, socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", int(os.environ["PORT"])))
+server.listen()
+held = []
+while True:
+    connection, _ = server.accept()
+    held.append(connection)  # accepts, never answers
+"""
+
+FLOODS = """\
+import sys
+line = "x" * 1023 + "\\n"
+for _ in range(60 * 1024):  # 60 MiB of output
+    sys.stdout.write(line)
+sys.stdout.flush()
+""" + stdlib_service()["app.py"]
+
+
+def test_a_health_check_that_hangs_times_out_and_the_old_revision_serves(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    app.commit({"app.py": HANGS, "branchyard.yaml": "health:\n  timeout: 2\n"}, "hangs")
+    app.push()
+    row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 30, "failure")
+    assert "did not pass within 2 s" in row["reason"]
+    assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
+
+
+def test_a_service_flooding_its_log_keeps_it_bounded(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", stdlib_service(**{"app.py": FLOODS}))
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 60, "app live after its flood")
+    log = daemon.home / "logs" / "main" / "app" / "v1.log"
+    wait_for(lambda: log.stat().st_size <= 10 * 1024 * 1024, 10, "rotated")
+    rotated = log.with_name("v1.log.1")
+    assert rotated.stat().st_size <= 10 * 1024 * 1024
+    assert log.stat().st_size + rotated.stat().st_size < 60 * 1024 * 1024
+
+
+def test_a_burst_of_fifty_pushes_builds_only_what_is_newest(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", stdlib_service(**{"branchyard.yaml": "build: sleep 1\n"}))
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    commits = [app.commit({"n": str(number)}, f"burst {number}") for number in range(50)]
+    for sha in commits:  # fifty pushes, as fast as git goes
+        git("push", "-q", "origin", f"{sha}:refs/heads/main", cwd=app.clone)
+    last = commits[-1]
+    wait_for(lambda: daemon.serves("app", "main", last), 60, "the newest live")
+    history = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
+    times = [round(r["created_at"] - history[-1]["created_at"], 2) for r in history]
+    assert len(history) <= 5, f"{len(history)} revisions for 50 pushes: {times}"
+    assert history[0]["state"] == "live"
+    assert all(r["state"] in ("stopped", "superseded") for r in history[1:])
+
+
+def test_no_file_descriptor_leaks_across_a_hundred_deploys(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    pid = int(daemon.info["pid"])
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    for number in range(5):  # warm up pools and caches
+        sha = app.commit({"n": str(number)}, f"warm {number}")
+        app.push()
+        wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, "warm-up")
+    before = descriptors()
+    for number in range(100):
+        env = {"VERSION": str(number)}
+        daemon.cli("env", "set", "app", *(f"{k}={v}" for k, v in env.items()))
+        wait_for(
+            lambda n=number: daemon.answer("app")["env"].get("VERSION") == str(n),
+            30,
+            f"deploy {number}",
+        )
+    time.sleep(1.5)  # let the last retirement finish
+    assert descriptors() <= before + 5, (before, descriptors())
+
+
+@pytest.mark.parametrize(
+    ("files", "moment"),
+    [
+        ({"branchyard.yaml": "build: sleep 30\n"}, "mid-build"),
+        (
+            {
+                "app.py": "import time\ntime.sleep(30)\n" + stdlib_service()["app.py"],
+                "branchyard.yaml": "health:\n  timeout: 60\n",
+            },
+            "mid-health-check",
+        ),
+    ],
+    ids=["mid-build", "mid-health-check"],
+)
+def test_a_daemon_killed_mid_deploy_converges_on_restart(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], files: dict[str, str], moment: str
+) -> None:
+    app = make_repo("app")
+    first = start_daemon(tmp_path / "home")
+    first.cli("repo", "add", str(app.origin))
+    stable = wait_for(lambda: first.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+    app.commit(files, moment)
+    app.push()
+    wait_for(
+        lambda: first.row("main", "app")["latest"]["state"] in ("building", "starting"), 30, moment
+    )
+    time.sleep(0.5)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    second = start_daemon(tmp_path / "home")
+    try:
+        wait_for(lambda: not processes_with(first.marker), 15, "leftovers of the first stopped")
+        wait_for(
+            lambda: second.answer("app")["env"]["BRANCHYARD_REVISION"] == stable,
+            60,
+            "the stable revision serves again",
+        )
+    finally:
+        second.stop()
+    wait_for(lambda: not processes_with(second.marker), 15, "nothing left")
