@@ -26,6 +26,7 @@ from branchyard.planner import Slot
 from branchyard.rollout import last_lines
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
+from branchyard.vault import masked
 
 FOLLOW_INTERVAL = 0.2
 
@@ -35,6 +36,12 @@ class RepoIn(BaseModel):
     name: str | None = None
     default_branch: str | None = None
     webhook_secret: str = ""
+
+
+class SecretsIn(BaseModel):
+    set: dict[str, str] = {}
+    unset: list[str] = []
+    author: str = "branchyard"
 
 
 class RevisionIn(BaseModel):
@@ -198,8 +205,20 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return {"removed": f"{namespace}:{service}", "until_next_push_of": target.branch}
 
     @app.get("/api/namespaces/{namespace}/services/{service}/env")
-    async def get_env(namespace: str, service: str) -> dict[str, Any]:
-        return {"env": engine.env_of(namespace, service)}
+    async def get_env(namespace: str, service: str, show_secrets: bool = False) -> dict[str, Any]:
+        secrets = engine.secrets_of(namespace, service)
+        return {
+            "env": engine.env_of(namespace, service),
+            "secrets": secrets if show_secrets else masked(list(secrets)),
+        }
+
+    @app.put("/api/namespaces/{namespace}/services/{service}/secrets")
+    async def put_secrets(namespace: str, service: str, body: SecretsIn) -> dict[str, Any]:
+        changes: dict[str, str | None] = {**body.set, **dict.fromkeys(body.unset)}
+        if not changes:
+            raise UsageError("nothing to change: give secrets to set or unset")
+        overlay = await engine.set_secrets(namespace, service, changes, body.author)
+        return {"secrets": sorted(overlay.secrets), "version": overlay.version}
 
     @app.put("/api/namespaces/{namespace}/services/{service}/env")
     async def put_env(namespace: str, service: str, body: EnvIn) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 TOKEN_FILE = "token"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically."""
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -39,13 +39,13 @@ def load_or_create(home: Path) -> str:
         token = ""
     if not token:
         token = new_token()
-        _write_private(path, token + "\n")
+        write_private(path, token + "\n")
     return token
 
 
 def rotate(home: Path) -> str:
     token = new_token()
-    _write_private(home / TOKEN_FILE, token + "\n")
+    write_private(home / TOKEN_FILE, token + "\n")
     return token
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import click
 
@@ -37,6 +38,11 @@ class Context:
 
     def namespace(self, override: str | None) -> str:
         return override or self._namespace or BASELINE
+
+    @property
+    def namespace_option(self) -> str | None:
+        """The global -n, if one was given."""
+        return self._namespace
 
 
 def namespaced(func: F) -> F:
@@ -319,13 +325,17 @@ def env_group() -> None:
 
 @env_group.command("ls")
 @click.argument("service")
+@click.option("--show-secrets", is_flag=True, help="Print secret values instead of a mask.")
 @namespaced
 @pass_context
-def env_ls(ctx: Context, service: str, ns: str | None) -> None:
+def env_ls(ctx: Context, service: str, show_secrets: bool, ns: str | None) -> None:
     """Variables a person set (branchyard's own, like PORT and *_URL, are not listed)."""
-    env = ctx.client.call("GET", _env_path(ctx.namespace(ns), service))["env"]
-    for key, value in sorted(env.items()):
+    path = _env_path(ctx.namespace(ns), service) + ("?show_secrets=true" if show_secrets else "")
+    found = ctx.client.call("GET", path)
+    for key, value in sorted(found["env"].items()):
         click.echo(f"{key}={value}")
+    for key, value in sorted(found["secrets"].items()):
+        click.echo(f"{key}={value}  (secret)")
 
 
 def _assignments(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -341,12 +351,20 @@ def _assignments(pairs: tuple[str, ...]) -> dict[str, str]:
 @env_group.command("set")
 @click.argument("service")
 @click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--secret", is_flag=True, help="Store the values as secrets, never shown again.")
 @namespaced
 @pass_context
-def env_set(ctx: Context, service: str, pairs: tuple[str, ...], ns: str | None) -> None:
+def env_set(
+    ctx: Context, service: str, pairs: tuple[str, ...], secret: bool, ns: str | None
+) -> None:
     """Set variables; rolls out a new revision."""
     namespace = ctx.namespace(ns)
     changes = _assignments(pairs)
+    if secret:
+        body = {"set": changes, "author": _author()}
+        done = ctx.client.call("PUT", _service_path(ctx, ns, service, "secrets"), body)
+        click.echo(f"{namespace}:{service} settings {done['version']} (secret values not shown)")
+        return
     env = ctx.client.call("GET", _env_path(namespace, service))["env"]
     version = _put_env(
         ctx, namespace, service, {**env, **changes}, f"env set {' '.join(sorted(changes))}"
@@ -362,10 +380,19 @@ def env_set(ctx: Context, service: str, pairs: tuple[str, ...], ns: str | None) 
 def env_unset(ctx: Context, service: str, keys: tuple[str, ...], ns: str | None) -> None:
     """Remove variables; rolls out a new revision."""
     namespace = ctx.namespace(ns)
-    env = ctx.client.call("GET", _env_path(namespace, service))["env"]
-    missing = [k for k in keys if k not in env]
+    found = ctx.client.call("GET", _env_path(namespace, service))
+    env = found["env"]
+    missing = [k for k in keys if k not in env and k not in found["secrets"]]
     if missing:
         raise UsageError(f"not set in {namespace}:{service}: {', '.join(missing)}")
+    secrets = [k for k in keys if k in found["secrets"]]
+    if secrets:
+        body = {"unset": secrets, "author": _author()}
+        ctx.client.call("PUT", _service_path(ctx, ns, service, "secrets"), body)
+        keys = tuple(k for k in keys if k not in secrets)
+        if not keys:
+            click.echo(f"{namespace}:{service} secrets unset: {', '.join(secrets)}")
+            return
     version = _put_env(
         ctx,
         namespace,
@@ -540,6 +567,31 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
     done = ctx.client.call("PUT", _service_path(ctx, ns, service, "weights"), body)
     shown = " ".join(f"v{rev}={pct}" for rev, pct in sorted(done["weights"].items()))
     click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
+    where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
+    return f"{when}  {event['kind']:<10} {where:<24} {event['message']}"
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+@click.option("-n", "--namespace", "ns", help="Only this namespace (default: all).")
+@pass_context
+def events(ctx: Context, follow: bool, ns: str | None) -> None:
+    """What happened: pushes, builds, revisions going live, rollbacks, edits, webhooks."""
+    namespace = ns or ctx.namespace_option
+    found = ctx.client.call("GET", path_of("events", namespace=namespace))
+    for event in found:
+        click.echo(_event_line(event))
+    if not follow:
+        return
+    after = found[-1]["id"] if found else 0
+    query = {"after": after, "namespace": namespace} if namespace else {"after": after}
+    for line in ctx.client.lines(f"/events?{urlencode(query)}"):
+        if line.startswith("data: "):
+            click.echo(_event_line(json.loads(line[6:])))
 
 
 @cli.group()

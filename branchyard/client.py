@@ -87,6 +87,12 @@ class Client:
     def text(self, path: str) -> str:
         return self._send("GET", path, None).read().decode(errors="replace")
 
+    def lines(self, path: str) -> Iterator[str]:
+        """The lines of a streamed answer (server-sent events), as they come."""
+        response = self._send("GET", path, None, timeout=None)
+        while line := response.readline():
+            yield line.decode(errors="replace").rstrip("\n")
+
     def stream(self, path: str) -> Iterator[bytes]:
         response = self._send("GET", path, None, timeout=None)
         while chunk := response.read1(65536):

@@ -34,6 +34,7 @@ from branchyard.router import Router, RouteTable
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.settings import SettingsRepo
 from branchyard.store import Store
+from branchyard.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ async def _serve(options: Options) -> None:
         sources,
         SettingsRepo(home / "settings"),
         options.poll_interval,
+        Vault(home / "secrets.json"),
         options.drain_grace,
         options.stop_grace,
     )

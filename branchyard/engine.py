@@ -15,19 +15,21 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 
 from branchyard.errors import BranchyardError, Conflict, NotFound, UsageError
 from branchyard.git import Sources, local_path, ls_remote
 from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
-from branchyard.planner import ActionKind, Slot, plan
+from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
 from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, Rollouts
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Runtime
 from branchyard.runtime.processes import reap_leftovers
-from branchyard.settings import SettingsRepo
+from branchyard.settings import SettingsRepo, validate_env
 from branchyard.store import Store
+from branchyard.vault import Vault
 from branchyard.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Engine:
         sources: Sources,
         settings: SettingsRepo,
         poll_interval: float,
+        vault: Vault,
         drain_grace: float = DRAIN_GRACE,
         stop_grace: float = 10.0,
     ) -> None:
@@ -57,7 +60,10 @@ class Engine:
         self.table = table
         self.sources = sources
         self.settings_repo = settings
-        self.rollouts = Rollouts(store, runtime, router, table, sources, drain_grace, stop_grace)
+        self.vault = vault
+        self.rollouts = Rollouts(
+            store, runtime, router, table, sources, vault.values, drain_grace, stop_grace
+        )
         self.watcher = Watcher(sources, self._on_heads, poll_interval)
         self.webhook_secret = os.environ.get("BRANCHYARD_WEBHOOK_SECRET", "")
         self.heads: dict[str, RepoHeads] = {}
@@ -342,11 +348,42 @@ class Engine:
         self, namespace: str, service: str, env: Mapping[str, str], author: str, message: str
     ) -> Overlay:
         self.target(namespace, service)
-        overlay = await self.settings_repo.write((namespace, service), env, author, message)
+        secrets = self.overlays.get((namespace, service), NO_SETTINGS).secrets
+        overlay = await self.settings_repo.write(
+            (namespace, service), env, author, message, secrets
+        )
         self.overlays[(namespace, service)] = overlay
         self.store.event("settings", f"{message} ({overlay.version})", (namespace, service))
         self.request_reconcile()
         return overlay
+
+    async def set_secrets(
+        self, namespace: str, service: str, changes: Mapping[str, str | None], author: str
+    ) -> Overlay:
+        """Set (a value) or unset (None) secrets; git records only that they changed."""
+        slot = (namespace, service)
+        self.target(namespace, service)
+        current = self.overlays.get(slot, NO_SETTINGS)
+        missing = [k for k, v in changes.items() if v is None and k not in current.secrets]
+        if missing:
+            raise UsageError(f"no secret {', '.join(missing)} in {namespace}:{service}")
+        validate_env({k: v for k, v in changes.items() if v is not None})
+        self.vault.update(slot, changes)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marks = {k: f"changed {now}" for k, v in changes.items() if v is not None}
+        removed = {k for k, v in changes.items() if v is None}
+        secrets = {k: v for k, v in {**current.secrets, **marks}.items() if k not in removed}
+        verb = "set" if any(v is not None for v in changes.values()) else "unset"
+        message = f"{verb} secret {' '.join(sorted(changes))}"
+        overlay = await self.settings_repo.write(slot, current.env, author, message, secrets)
+        self.overlays[slot] = overlay
+        self.store.event("settings", f"{message} ({overlay.version})", slot)
+        self.request_reconcile()
+        return overlay
+
+    def secrets_of(self, namespace: str, service: str) -> dict[str, str]:
+        self.target(namespace, service)
+        return self.vault.values((namespace, service))
 
     def env_of(self, namespace: str, service: str) -> dict[str, str]:
         self.target(namespace, service)

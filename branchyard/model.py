@@ -30,6 +30,7 @@ class Overlay:
 
     version: str  # short id of the settings commit, "" when nothing was ever set
     env: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict)  # name -> when it last changed
 
 
 class RevisionState(enum.StrEnum):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,7 @@ class Rollouts:
         router: Router,
         table: RouteTable,
         sources: Sources,
+        secrets: Callable[[Slot], Mapping[str, str]],
         drain_grace: float = DRAIN_GRACE,
         stop_grace: float = 10.0,
     ) -> None:
@@ -74,6 +75,7 @@ class Rollouts:
         self.router = router
         self.table = table
         self.sources = sources
+        self.secrets = secrets
         self.drain_grace = drain_grace
         self.stop_grace = stop_grace
         self.running: dict[int, Running] = {}  # revision id -> started revision
@@ -120,7 +122,8 @@ class Rollouts:
         procfile = await source.read_file(revision.sha, PROCFILE)
         config = await source.read_file(revision.sha, CONFIG_FILE)
         manifest = parse_manifest(procfile, config)
-        env = {**manifest.env, **revision.env}
+        secrets = self.secrets((revision.namespace, revision.service))
+        env = {**manifest.env, **revision.env, **secrets}
         return RevisionSpec(
             revision.namespace,
             revision.service,

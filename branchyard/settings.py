@@ -78,6 +78,23 @@ def render_document(env: Mapping[str, str]) -> str:
     return yaml.safe_dump({"env": dict(env)}, default_flow_style=False, sort_keys=True)
 
 
+def render_file(env: Mapping[str, str], secrets: Mapping[str, str]) -> str:
+    """The stored form: the env, and for each secret only when it last changed."""
+    data: dict[str, object] = {"env": dict(env)}
+    if secrets:
+        data["secrets"] = dict(secrets)
+    return yaml.safe_dump(data, default_flow_style=False, sort_keys=True)
+
+
+def parse_file(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(env, secret marks) of a stored settings file."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise InvalidSettings("a settings file must be a mapping")
+    secrets = data.pop("secrets", None) or {}
+    return parse_document(yaml.safe_dump(data)), {str(k): str(v) for k, v in secrets.items()}
+
+
 @dataclass(frozen=True)
 class Change:
     commit: str
@@ -113,7 +130,8 @@ class SettingsRepo:
             file = self.path / relative
             if file.is_file() and relative.endswith(".yaml") and relative.count("/") == 1:
                 namespace, name = relative.removesuffix(".yaml").split("/")
-                overlays[(namespace, name)] = Overlay(version, parse_document(file.read_text()))
+                env, secrets = parse_file(file.read_text())
+                overlays[(namespace, name)] = Overlay(version, env, secrets)
         return overlays
 
     async def _has_commits(self) -> bool:
@@ -129,11 +147,18 @@ class SettingsRepo:
     def _relative(self, slot: Slot) -> str:
         return f"{slot[0]}/{slot[1]}.yaml"
 
-    async def write(self, slot: Slot, env: Mapping[str, str], author: str, message: str) -> Overlay:
+    async def write(
+        self,
+        slot: Slot,
+        env: Mapping[str, str],
+        author: str,
+        message: str,
+        secrets: Mapping[str, str] | None = None,
+    ) -> Overlay:
         relative = self._relative(slot)
         file = self.path / relative
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(render_document(env))
+        file.write_text(render_file(env, secrets or {}))
         await self._git("add", relative)
         name, _, email = author.partition(" <")
         await self._git(
@@ -150,7 +175,7 @@ class SettingsRepo:
             relative,
         )
         version = (await self._git("log", "-1", "--format=%h", "--", relative)).decode().strip()
-        return Overlay(version, dict(env))
+        return Overlay(version, dict(env), dict(secrets or {}))
 
     async def history(self, slot: Slot) -> list[Change]:
         if not await self._has_commits():

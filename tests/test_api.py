@@ -1,0 +1,188 @@
+"""The API: token on every call, JSON errors, webhooks, events, secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, git, start_daemon, wait_for
+from tests.githttp import GitHttpServer
+
+pytestmark = pytest.mark.integration
+PAYLOADS = Path(__file__).parent / "payloads"
+
+
+def call(
+    daemon: Daemon, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    port = int(daemon.info["api"].rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None
+    finally:
+        connection.close()
+
+
+def token_of(daemon: Daemon) -> str:
+    return (daemon.home / "token").read_text().strip()
+
+
+def test_every_api_call_needs_the_token_and_the_cli_reads_it(daemon: Daemon) -> None:
+    mode = stat.S_IMODE(os.stat(daemon.home / "token").st_mode)
+    assert mode == 0o600
+    status, body = call(daemon, "GET", "/api/info")
+    assert status == 401 and body["error"] == "unauthorized"
+    status, _ = call(daemon, "GET", "/api/info", headers={"Authorization": "Bearer nope"})
+    assert status == 401
+    good = {"Authorization": f"Bearer {token_of(daemon)}"}
+    assert call(daemon, "GET", "/api/info", headers=good)[0] == 200
+    status, spec = call(daemon, "GET", "/openapi.json", headers=good)
+    assert status == 200 and "/api/repos" in spec["paths"]
+    assert daemon.cli("info").returncode == 0
+
+    assert "token rotated" in daemon.cli("token", "rotate").stdout
+    assert call(daemon, "GET", "/api/info", headers=good)[0] == 401
+    assert daemon.cli("info").returncode == 0
+
+
+def test_errors_are_json_with_a_stable_code(daemon: Daemon) -> None:
+    good = {"Authorization": f"Bearer {token_of(daemon)}"}
+    status, body = call(daemon, "GET", "/api/services?namespace=nope", headers=good)
+    assert status == 404
+    assert body["error"] == "not_found" and "nope" in body["message"]
+    status, body = call(daemon, "DELETE", "/api/repos/ghost", headers=good)
+    assert (status, body["error"]) == (404, "not_found")
+
+
+def github_push(url: str, branch: str, sha: str, deleted: bool = False) -> bytes:
+    payload = json.loads((PAYLOADS / "github_push.json").read_text())
+    payload["ref"] = f"refs/heads/{branch}"
+    payload["after"] = "0" * 40 if deleted else sha
+    payload["deleted"] = deleted
+    payload["repository"].update(clone_url=url, html_url=url.removesuffix(".git"))
+    return json.dumps(payload).encode()
+
+
+def signed(body: bytes, secret: str, event: str = "push") -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {
+        "X-GitHub-Event": event,
+        "X-Hub-Signature-256": f"sha256={digest}",
+        "Content-Type": "application/json",
+    }
+
+
+def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    running = start_daemon(tmp_path / "home", "--poll-interval", "3600")
+    try:
+        with GitHttpServer(app.origin.parent) as server:
+            url = f"{server.url}/app.git"
+            running.cli("repo", "add", url, "--webhook-secret", "s3cret")
+            wait_for(lambda: running.answer("app"), 60, "app live")
+            app.checkout("bugfix")
+            sha = app.commit({"x": "1"}, "on bugfix")
+            app.push("bugfix")
+            body = github_push(url, "bugfix", sha)
+
+            status, answer = call(running, "POST", "/hooks/github", body, signed(body, "wrong"))
+            assert status == 401 and "X-Hub-Signature-256" in answer["message"]
+            status, answer = call(running, "POST", "/hooks/github", body, signed(body, "s3cret"))
+            assert (status, answer["checking"]) == (202, "app")
+            wait_for(lambda: running.serves("app", "bugfix", sha), 30, "deployed via webhook")
+
+            git("push", "-q", "origin", "--delete", "bugfix", cwd=app.clone)
+            body = github_push(url, "bugfix", sha, deleted=True)
+            assert call(running, "POST", "/hooks/github", body, signed(body, "s3cret"))[0] == 202
+            wait_for(lambda: "bugfix" not in running.cli("ns", "ls").stdout, 30, "removed")
+
+            ping = (PAYLOADS / "github_ping.json").read_bytes()
+            ping_json = json.loads(ping)
+            ping_json["repository"]["clone_url"] = url
+            ping = json.dumps(ping_json).encode()
+            assert (
+                call(running, "POST", "/hooks/github", ping, signed(ping, "s3cret", "ping"))[0]
+                == 200
+            )
+
+            other = github_push("http://127.0.0.1:1/else.git", "main", sha)
+            assert call(running, "POST", "/hooks/github", other, signed(other, "x"))[0] == 202
+            assert (
+                call(running, "POST", "/hooks/github", b"{nope", signed(b"{nope", "s3"))[0] == 400
+            )
+            huge = b" " * (6 * 1024 * 1024)
+            assert call(running, "POST", "/hooks/github", huge, signed(huge, "s3cret"))[0] == 413
+
+        events = running.cli("events").stdout
+        assert "webhook rejected" in events and "does not match" in events
+        assert "not a registered repo" in events
+        assert "live" in events
+    finally:
+        assert running.stop() == 0
+
+
+def test_secrets_are_given_to_the_service_and_never_shown(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    daemon.cli("env", "set", "--secret", "app", "GREETING=hunter2-secret")
+    wait_for(
+        lambda: daemon.answer("app")["env"].get("GREETING") == "hunter2-secret",
+        30,
+        "the service sees it",
+    )
+
+    listing = daemon.cli("env", "ls", "app").stdout
+    assert "GREETING=********  (secret)" in listing
+    assert "hunter2" in daemon.cli("env", "ls", "--show-secrets", "app").stdout
+    history = daemon.cli("history", "app").stdout
+    assert "set secret GREETING" in history and "hunter2" not in history
+    for text in (
+        daemon.cli("ps", "--format", "json").stdout,
+        daemon.cli("revisions", "app", "--format", "json").stdout,
+        daemon.cli("events").stdout,
+    ):
+        assert "hunter2" not in text
+    assert b"hunter2" not in (daemon.home / "state.db").read_bytes()
+    settings = b"".join(
+        p.read_bytes() for p in (daemon.home / "settings").rglob("*") if p.is_file()
+    )
+    assert b"hunter2" not in settings
+    assert stat.S_IMODE(os.stat(daemon.home / "secrets.json").st_mode) == 0o600
+
+    daemon.cli("env", "unset", "app", "GREETING")
+    wait_for(lambda: "GREETING" not in daemon.answer("app")["env"], 30, "unset")
+    assert "secret" not in daemon.cli("env", "ls", "app").stdout
+
+
+def test_events_stream_as_server_sent_events(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    port = int(daemon.info["api"].rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/events", headers={"Authorization": f"Bearer {token_of(daemon)}"})
+    response = connection.getresponse()
+    assert response.getheader("content-type", "").startswith("text/event-stream")
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    seen = ""
+    while "event: live" not in seen:
+        seen += response.readline().decode()
+    assert "data: {" in seen
+    connection.close()
