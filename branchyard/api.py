@@ -77,6 +77,15 @@ def _revision_json(revision: Revision) -> dict[str, Any]:
     }
 
 
+_NOTEWORTHY = (  # states of a newer revision that ps shows beside the live one
+    RevisionState.BUILDING,
+    RevisionState.STARTING,
+    RevisionState.STAGED,
+    RevisionState.FAILED,
+    RevisionState.CRASHED,
+)
+
+
 def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
     return item[0][0] != BASELINE, item[0]
 
@@ -120,7 +129,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         pin = engine.store.pin(slot)
         if running and running.instance.state is not ProcessState.RUNNING:
             state = f"restarting (exit {running.instance.exit_code})"
-        elif live and latest and latest.id != live.id:
+        elif live and latest and latest.id != live.id and latest.state in _NOTEWORTHY:
             state = f"live (v{latest.ordinal} {latest.state.value})"
         elif shown:
             state = shown.state.value

@@ -33,6 +33,7 @@ from branchyard.rollout import DRAIN_GRACE
 from branchyard.router import Router, RouteTable
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.settings import SettingsRepo
+from branchyard.status import StatusConfig, config_from_env
 from branchyard.store import Store
 from branchyard.vault import Vault
 
@@ -90,6 +91,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _status_config() -> StatusConfig | None:
+    try:
+        return config_from_env(os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _reachable(host: str) -> str:
     """An address the CLI on this machine can use for a listener bound to ``host``."""
     return LOOPBACK if host in ("0.0.0.0", "::", "") else host
@@ -125,6 +133,7 @@ async def _serve(options: Options) -> None:
         SettingsRepo(home / "settings"),
         options.poll_interval,
         Vault(home / "secrets.json"),
+        _status_config(),
         options.drain_grace,
         options.stop_grace,
     )

@@ -28,6 +28,7 @@ from branchyard.router import Router, RouteTable
 from branchyard.runtime import Runtime
 from branchyard.runtime.processes import reap_leftovers
 from branchyard.settings import SettingsRepo, validate_env
+from branchyard.status import StatusConfig, StatusReporter
 from branchyard.store import Store
 from branchyard.vault import Vault
 from branchyard.watcher import Watcher
@@ -51,6 +52,7 @@ class Engine:
         settings: SettingsRepo,
         poll_interval: float,
         vault: Vault,
+        status_config: StatusConfig | None = None,
         drain_grace: float = DRAIN_GRACE,
         stop_grace: float = 10.0,
     ) -> None:
@@ -61,6 +63,11 @@ class Engine:
         self.sources = sources
         self.settings_repo = settings
         self.vault = vault
+        self.status = StatusReporter(
+            status_config, on_error=lambda message: store.event("status", message)
+        )
+        self._reports: set[asyncio.Task[bool]] = set()
+        store.on_revision = self._report
         self.rollouts = Rollouts(
             store, runtime, router, table, sources, vault.values, drain_grace, stop_grace
         )
@@ -99,6 +106,28 @@ class Engine:
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
             self.watcher.watch(repo)
+
+    def _report(self, revision: Revision) -> None:
+        """Tell the forge (if one is configured) how a revision of its commit is doing."""
+        if not self.status.enabled:
+            return
+        url = f"http://{dns_label(revision.service)}.{revision.namespace}.localhost:"
+        url += f"{self.router.main_port}/"
+        description = f"{revision.service} v{revision.ordinal} {revision.state.value}"
+        if revision.reason:
+            description += f": {revision.reason}"
+        task = asyncio.get_running_loop().create_task(
+            self.status.report(
+                revision.url,
+                revision.sha,
+                revision.state.value,
+                url,
+                description,
+                context=f"branchyard/{revision.namespace}",
+            )
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def _restore(self, revisions: list[Revision]) -> None:
         """Bring back what served when the last daemon ended, from the kept builds."""

@@ -288,14 +288,15 @@ class Rollouts:
         return revision
 
     async def unpin(self, slot: Slot) -> Revision | None:
-        """Drop the pin; the newest staged revision, if any, goes live."""
+        """Drop the pin; the newest revision that can serve takes all traffic."""
         self.store.set_pin(slot, None)
         self.store.event("unpin", "traffic follows new commits again", slot)
-        newest = next(iter(self.store.revisions(slot)), None)
-        if newest is not None and newest.state is RevisionState.STAGED:
-            await self.go_live(newest)
-            return newest
-        return None
+        ready = (RevisionState.STAGED, RevisionState.LIVE)
+        newest = next((r for r in self.store.revisions(slot) if r.state in ready), None)
+        if newest is None or self.traffic.get(slot) == {newest.id: 100}:
+            return None
+        await self.go_live(newest)
+        return newest
 
     async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
         """Split traffic between revisions by weight (a canary); pins the slot."""

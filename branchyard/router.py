@@ -493,6 +493,7 @@ class _ClientConnection(asyncio.Protocol):
         self._upgrade_tail: bytearray | None = None  # bytes after an upgrade request
         self._answering = False  # we answered ourselves or are closing: discard input
         self._last = False  # no further request is read (after a bad one)
+        self._detour = False  # any of: spliced, answering, last, upgrade tail held
         self._client_eof = False
         self._full = False  # the client transport's write buffer is full
         self._paused = 0  # why the client is not read (bits), 0 when it is
@@ -526,16 +527,14 @@ class _ClientConnection(asyncio.Protocol):
         self._waiting_since = _now()
 
     def data_received(self, data: bytes) -> None:
-        if self._spliced:
-            backend = self._backend
-            if backend is not None:
-                backend.transport.write(data)
-            return
-        if self._answering or self._last:
-            return
-        if self._upgrade_tail is not None:  # the new protocol's first bytes: held
-            self._upgrade_tail += data
-            return
+        if self._detour:
+            if self._spliced:
+                backend = self._backend
+                if backend is not None:
+                    backend.transport.write(data)
+            elif self._upgrade_tail is not None and not (self._answering or self._last):
+                self._upgrade_tail += data  # the new protocol's first bytes: held
+            return  # else discarded
         if self._in_head:
             self._head_raw += len(data)
         self._feeding = True
@@ -544,6 +543,7 @@ class _ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             if not self._answering:
                 self._upgrade_tail = bytearray(data[int(upgrade.args[0]) :])
+                self._detour = True
                 self._pause(_UPGRADING)
         except httptools.HttpParserError as exc:
             self._feeding = False
@@ -806,7 +806,8 @@ class _ClientConnection(asyncio.Protocol):
     def _detach(self, backend: _BackendConnection, reusable: bool) -> None:
         self._backend = None
         backend.client = None
-        self._resume(_BACKEND_FULL)
+        if self._paused & _BACKEND_FULL:
+            self._resume(_BACKEND_FULL)
         if reusable:
             self._pool.put(backend)
         else:
@@ -863,7 +864,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def upgraded(self, backend: _BackendConnection) -> None:
         """The backend answered 101: splice the two connections from now on."""
-        self._spliced = backend.spliced = True
+        self._spliced = backend.spliced = self._detour = True
         self._current = self._parsing = None
         self._queue = None
         tail = self._upgrade_tail
@@ -913,7 +914,7 @@ class _ClientConnection(asyncio.Protocol):
         """Answer a bad request, unless an earlier request's response is still due."""
         current = self._current
         if current is not None and self._parsing is not current:
-            self._last = True  # finish the response in flight, then close
+            self._last = self._detour = True  # finish the response in flight, then close
             self._pause(_QUEUED)
             return
         self._answer(_text_response(status, line))
@@ -928,10 +929,10 @@ class _ClientConnection(asyncio.Protocol):
         if backend is not None:
             self._detach(backend, reusable=False)
         if self.transport.is_closing():
-            self._answering = True
+            self._answering = self._detour = True
             return
         if request is not None and request.answered:  # too late for an answer of ours
-            self._answering = True
+            self._answering = self._detour = True
             self.transport.close()
             return
         self.transport.write(response)
@@ -942,7 +943,7 @@ class _ClientConnection(asyncio.Protocol):
         closes (or we give up), so unread bytes do not turn our close into a reset
         that eats the response."""
         client = self.transport
-        self._answering = True
+        self._answering = self._detour = True
         self._current = self._parsing = None
         self._queue = None
         if self._client_eof or not client.can_write_eof():
@@ -1218,7 +1219,8 @@ class _Pool:
         """A response is done and ``connection`` can carry another request."""
         entry = connection.entry
         entry.busy.discard(connection)
-        connection.resume()
+        if connection.paused:
+            connection.resume()
         if (
             entry.draining
             or self.closing

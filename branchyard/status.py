@@ -307,10 +307,7 @@ def _hint(status: int, config: StatusConfig) -> str:
     if status == 403:
         return " (the token may not set commit statuses on this repository)"
     if status == 404:
-        return (
-            f" (no such repository or commit at {config.api_url}, "
-            "or the token cannot see it)"
-        )
+        return f" (no such repository or commit at {config.api_url}, or the token cannot see it)"
     return ""
 
 

@@ -83,6 +83,7 @@ class Store:
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._clock = clock
+        self.on_revision: Callable[[Revision], None] | None = None  # told of every state change
 
     def close(self) -> None:
         self._db.close()
@@ -191,7 +192,10 @@ class Store:
                     now,
                 ),
             )
-        return self.revision(int(cursor.lastrowid or 0))
+        revision = self.revision(int(cursor.lastrowid or 0))
+        if self.on_revision is not None:
+            self.on_revision(revision)
+        return revision
 
     def revision(self, revision_id: int) -> Revision:
         row = self._db.execute(
@@ -209,7 +213,10 @@ class Store:
             "changed_at = ? WHERE id = ?",
             (state.value, reason, port, self._clock(), revision_id),
         )
-        return self.revision(revision_id)
+        revision = self.revision(revision_id)
+        if self.on_revision is not None:
+            self.on_revision(revision)
+        return revision
 
     def set_env(self, revision_id: int, env: Mapping[str, str]) -> None:
         """Record the env a revision runs with, so a rollback runs it the same way."""

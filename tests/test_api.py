@@ -186,3 +186,65 @@ def test_events_stream_as_server_sent_events(
         seen += response.readline().decode()
     assert "data: {" in seen
     connection.close()
+
+
+class StatusRecorder:
+    """A loopback stand-in for the forge's API that records every request."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                recorder.requests.append((self.path, dict(self.headers), json.loads(body)))
+                self.send_response(201)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_revision_states_are_reported_as_github_commit_statuses(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_repo("app")
+    served = tmp_path / "srv"
+    served.mkdir()
+    (served / "acme").symlink_to(app.origin.parent)
+    forge = StatusRecorder()
+    monkeypatch.setenv("BRANCHYARD_STATUS_FORGE", "github")
+    monkeypatch.setenv("BRANCHYARD_STATUS_TOKEN", "forge-token")
+    monkeypatch.setenv("BRANCHYARD_STATUS_API", forge.url)
+    with GitHttpServer(served) as server:
+        running = start_daemon(tmp_path / "home", "--poll-interval", "1")
+        try:
+            running.cli("repo", "add", f"{server.url}/acme/app.git")
+            sha = wait_for(lambda: running.answer("app")["env"]["BRANCHYARD_REVISION"], 60)
+            wait_for(
+                lambda: any(b["state"] == "success" for _, _, b in forge.requests),
+                15,
+                "a success status",
+            )
+        finally:
+            assert running.stop() == 0
+    forge.server.shutdown()
+    path, headers, body = next(r for r in forge.requests if r[2]["state"] == "success")
+    assert path == f"/repos/acme/app/statuses/{sha}"
+    assert headers["Authorization"] == "Bearer forge-token"
+    assert body["context"] == "branchyard/main"
+    assert body["target_url"] == f"http://app.main.localhost:{running.router_port}/"
+    assert forge.requests[0][2]["state"] == "pending"
