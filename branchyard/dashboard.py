@@ -1,0 +1,571 @@
+"""The dashboard: every namespace's services at a glance, in a browser.
+
+Role
+----
+Server-rendered pages on the API's app (Jinja2 templates in ``templates/``, a
+little JavaScript and CSS in ``static/``; nothing is built on the user's
+machine):
+
+- ``GET /``: the overview, namespaces as rows (the baseline first), services as
+  columns, each cell a state badge, the revision, its age and links;
+- ``GET /ns/{namespace}/{service}``: one service: revisions, env (secrets
+  masked), settings history with diffs, live logs, the build log of a failed
+  build, and the actions (rollback, promote, unpin, env edit; restart once the
+  API has it).
+
+Both pages answer ``?part=live`` with just their changing part, rendered by the
+same template, so there is one renderer: the page's script follows ``/events``
+and swaps that part in when something happens, without a reload.
+
+Who may look
+------------
+Pages need the API token, carried by a session cookie instead of a header:
+``POST /api/dashboard/login-code`` (token-protected; ``branchyard dashboard``
+calls it) makes a one-time code valid for :data:`CODE_SECONDS`, and
+``GET /login?code=...`` turns it into a session; or a person pastes the token
+into the form at ``/login``. A session remembers the token it was opened with,
+so rotating the token ends every session. The cookie is HttpOnly and
+SameSite=Strict; requests that change something must also carry
+:data:`CSRF_HEADER` with the session's own value, which the page embeds.
+
+The API's token middleware asks this module through :func:`is_open`,
+:func:`session_token` and :func:`refusal`; sessions live in memory, so a
+daemon restart logs everyone out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.staticfiles import StaticFiles
+
+from branchyard import auth
+from branchyard.engine import Engine
+from branchyard.model import Revision, RevisionState
+from branchyard.naming import BASELINE, dns_label
+from branchyard.planner import Slot
+from branchyard.rollout import Running
+from branchyard.runtime.supervisor import ProcessState
+from branchyard.vault import MASK
+
+CODE_SECONDS = 300.0  # a login code from `branchyard dashboard` is valid this long, once
+SESSION_SECONDS = 12 * 3600.0  # a session ends this long after login
+CSRF_HEADER = "X-Branchyard-CSRF"
+COOKIE_PREFIX = "branchyard_session_"  # + the port the browser used, so daemons don't collide
+LOG_TAIL_BYTES = 64 * 1024  # the most of a build log a page shows
+MAX_FORM_BYTES = 4096
+
+_HERE = Path(__file__).parent
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_OPEN_PATHS = frozenset({"/login", "/logout"})
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+_PAGE_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+# The parts of each page that change, as ``?part=live`` sends them (see templates/live.html).
+_OVERVIEW = {"part_names": ("grid", "events")}
+_SERVICE = {"part_names": ("status", "actions", "revisions", "build", "env", "history", "events")}
+RESTART_PATH = "/api/namespaces/{namespace}/services/{service}/restart"
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+def _digest(secret: str) -> str:
+    """Sessions and codes are kept by their hash: a lookup's timing tells nothing useful."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass
+class Session:
+    token: str  # the API token it was opened with
+    csrf: str
+    expires: float
+
+
+@dataclass
+class Sessions:
+    """One-time login codes and the sessions they open, in memory."""
+
+    clock: Callable[[], float] = time.monotonic
+    codes: dict[str, tuple[str, float]] = field(default_factory=dict)  # hash -> (token, expiry)
+    sessions: dict[str, Session] = field(default_factory=dict)  # hash of the id -> session
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        self.codes = {k: v for k, v in self.codes.items() if v[1] > now}
+        self.sessions = {k: s for k, s in self.sessions.items() if s.expires > now}
+
+    def new_code(self, token: str) -> str:
+        self._sweep()
+        code = secrets.token_urlsafe(24)
+        self.codes[_digest(code)] = (token, self.clock() + CODE_SECONDS)
+        return code
+
+    def redeem(self, code: str) -> str | None:
+        """The token a code was made with, if the code is valid; it is gone either way."""
+        self._sweep()
+        found = self.codes.pop(_digest(code), None)
+        return found[0] if found else None
+
+    def open(self, token: str) -> tuple[str, Session]:
+        self._sweep()
+        session_id = secrets.token_urlsafe(32)
+        session = Session(token, secrets.token_urlsafe(24), self.clock() + SESSION_SECONDS)
+        self.sessions[_digest(session_id)] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self.sessions.get(_digest(session_id))
+        if session is None or session.expires <= self.clock():
+            return None
+        return session
+
+    def close(self, session_id: str | None) -> None:
+        if session_id:
+            self.sessions.pop(_digest(session_id), None)
+
+
+def _cookie_name(request: Request) -> str:
+    return f"{COOKIE_PREFIX}{request.url.port or 80}"
+
+
+def _sessions(request: Request) -> Sessions | None:
+    found = getattr(request.app.state, "dashboard_sessions", None)
+    return found if isinstance(found, Sessions) else None
+
+
+def _session(request: Request) -> Session | None:
+    sessions = _sessions(request)
+    if sessions is None:
+        return None
+    return sessions.get(request.cookies.get(_cookie_name(request)))
+
+
+def _csrf_ok(request: Request, session: Session) -> bool:
+    given = request.headers.get(CSRF_HEADER, "")
+    return hmac.compare_digest(session.csrf.encode(), given.encode())
+
+
+# -- what the API's token middleware asks -----------------------------------------------
+
+
+def is_open(request: Request) -> bool:
+    """Paths anyone may reach: the login page and form, logout, the static files."""
+    path = request.url.path
+    return path in _OPEN_PATHS or path.startswith("/static/")
+
+
+def session_token(request: Request) -> str | None:
+    """The API token behind the request's dashboard session, for the middleware to compare
+    with the current one (so a rotated token ends every session).
+
+    None without a session, and for a request that changes something (not GET, HEAD or
+    OPTIONS) but lacks the session's CSRF header.
+    """
+    session = _session(request)
+    if session is None:
+        return None
+    if request.method not in _SAFE_METHODS and not _csrf_ok(request, session):
+        return None
+    return session.token
+
+
+def refusal(request: Request) -> Response | None:
+    """How to refuse a request that carried no valid token, when the JSON 401 won't do:
+    a page is sent to the login form; a session without its CSRF header gets a 403."""
+    path = request.url.path
+    page = path == "/" or path.startswith("/ns/")
+    if request.method == "GET" and page and "part" not in request.query_params:
+        return RedirectResponse("/login", status_code=303)
+    if _session(request) is not None and request.method not in _SAFE_METHODS:
+        return JSONResponse(
+            {"error": "csrf", "message": f"missing or wrong {CSRF_HEADER} header"},
+            status_code=403,
+        )
+    return None
+
+
+# -- what a page shows ------------------------------------------------------------------
+
+_TONES = {
+    "live": "ok",
+    "building": "busy",
+    "starting": "busy",
+    "pending": "busy",
+    "restarting": "warn",
+    "failed": "bad",
+    "crashed": "bad",
+}
+# A newest revision in one of these states is what a cell shows, whatever serves.
+_NEWEST_SHOWS = (
+    RevisionState.BUILDING,
+    RevisionState.STARTING,
+    RevisionState.FAILED,
+    RevisionState.CRASHED,
+)
+_CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One service in one namespace, as a grid cell and a detail page's header show it."""
+
+    namespace: str
+    service: str
+    state: str  # the badge: live, building, starting, failed, crashed, restarting, ...
+    revision: Revision | None  # the one the badge is about
+    live: Revision | None  # the one that takes (most) traffic
+    notes: tuple[str, ...]  # "v3 serves", "pinned v2", "v5 staged", ...
+    reason: str  # why the shown revision failed
+    pinned: int | None
+    url: str
+
+    @property
+    def tone(self) -> str:
+        return _TONES.get(self.state, "idle")
+
+    @property
+    def failing(self) -> bool:
+        return self.tone == "bad"
+
+    @property
+    def since(self) -> float | None:
+        return self.revision.changed_at if self.revision else None
+
+
+def router_url(engine: Engine, namespace: str, service: str) -> str:
+    return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
+
+
+def _cell(engine: Engine, slot: Slot) -> Cell:
+    history = engine.store.revisions(slot)
+    latest = history[0] if history else None
+    running: Running | None = engine.rollouts.live(slot)
+    live = engine.store.revision(running.revision.id) if running else None
+    pinned = engine.store.pin(slot)
+    notes: list[str] = []
+    shown = latest
+    if latest is None:
+        state = "pending"
+    elif latest.state in _NEWEST_SHOWS:
+        state = latest.state.value
+    elif live is not None and running is not None:
+        state, shown = "live", live
+        if running.instance.state is not ProcessState.RUNNING:
+            state = "restarting"
+        if latest.id != live.id and latest.state is RevisionState.STAGED:
+            notes.append(f"v{latest.ordinal} staged")
+    else:
+        state = latest.state.value
+    if live is not None and shown is not None and shown.id != live.id:
+        notes.insert(0, f"v{live.ordinal} serves")
+    elif live is None and state in ("failed", "crashed"):
+        notes.insert(0, "nothing serves")
+    weights = engine.rollouts.weights(slot)
+    if len(weights) > 1:
+        notes.append("split " + " ".join(f"v{o}={w}%" for o, w in sorted(weights.items())))
+    elif pinned is not None:
+        notes.append(f"pinned v{pinned}")
+    failed = shown is not None and shown.state in (RevisionState.FAILED, RevisionState.CRASHED)
+    return Cell(
+        slot[0],
+        slot[1],
+        state,
+        shown,
+        live,
+        tuple(notes),
+        shown.reason if shown and failed else "",
+        pinned,
+        router_url(engine, *slot),
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    namespace: str
+    branch: str
+    cells: dict[str, Cell]
+
+    @property
+    def failing(self) -> list[str]:
+        return [service for service, cell in self.cells.items() if cell.failing]
+
+
+def overview(engine: Engine) -> tuple[list[str], list[Row]]:
+    """(service columns, namespace rows with the baseline first)."""
+    slots = sorted(engine.targets, key=lambda slot: (slot[0] != BASELINE, slot))
+    services = sorted({service for _, service in slots})
+    rows: dict[str, Row] = {}
+    for namespace, service in slots:
+        row = rows.setdefault(
+            namespace, Row(namespace, engine.targets[namespace, service].branch, {})
+        )
+        row.cells[service] = _cell(engine, (namespace, service))
+    return services, list(rows.values())
+
+
+def _age(since: float | None, now: float | None = None) -> str:
+    if since is None:
+        return "-"
+    seconds = max(0, int((now or time.time()) - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _iso(at: float | None) -> str:
+    if at is None:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - size))
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _diff_lines(diff: str) -> list[tuple[str, str]]:
+    """(kind, line) of a settings diff's body: kind is add, del or ctx; headers dropped."""
+    lines: list[tuple[str, str]] = []
+    body = False
+    for line in diff.splitlines():
+        if line.startswith("@@"):
+            body = True
+            continue
+        if not body:
+            continue
+        kind = {"+": "add", "-": "del"}.get(line[:1], "ctx")
+        lines.append((kind, line))
+    return lines
+
+
+def _last_event(engine: Engine) -> int:
+    events = engine.store.events(0, None, limit=1)
+    return int(str(events[-1]["id"])) if events else 0
+
+
+def _recent_events(
+    engine: Engine, namespace: str | None = None, service: str | None = None, count: int = 8
+) -> list[dict[str, object]]:
+    found = engine.store.events(0, namespace, limit=200 if service else count)
+    if service is not None:
+        found = [e for e in found if e["service"] == service]
+    return list(reversed(found[-count:]))
+
+
+def _branchyard_env(revision: Revision | None, person: Iterable[str]) -> dict[str, str]:
+    """What branchyard set for a revision: BRANCHYARD_*, peer URLs, PORT (never secrets)."""
+    if revision is None:
+        return {}
+    mine = set(person)
+    env = {k: v for k, v in revision.env.items() if k not in mine}
+    if revision.port:
+        env["PORT"] = str(revision.port)
+    return dict(sorted(env.items()))
+
+
+# -- the pages -----------------------------------------------------------------------
+
+
+def _templates() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(_HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["age"] = _age
+    env.filters["iso"] = _iso
+    env.globals["BASELINE"] = BASELINE
+    return env
+
+
+def _has_route(app: FastAPI, path: str, method: str) -> bool:
+    return any(
+        getattr(route, "path", None) == path and method in (getattr(route, "methods", None) or ())
+        for route in app.routes
+    )
+
+
+def mount(app: FastAPI, engine: Engine, home: Path) -> None:
+    """Add the dashboard's pages, login and static files to the API's ``app``."""
+    sessions = Sessions()
+    app.state.dashboard_sessions = sessions
+    templates = _templates()
+    app.mount("/static", StaticFiles(directory=_HERE / "static"), name="dashboard-static")
+
+    def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        page = templates.get_template(name).render(**context)
+        return HTMLResponse(page, status_code=status, headers=_PAGE_HEADERS)
+
+    def common(request: Request, page: str) -> dict[str, Any]:
+        session = _session(request)
+        return {
+            "page": page,
+            "csrf": session.csrf if session else "",
+            "logged_in": session is not None,
+            "router": f"http://localhost:{engine.router.main_port}/",
+            "last_event": _last_event(engine),
+            "now": time.time(),
+        }
+
+    def current_token() -> str:
+        return auth.read(home) or ""
+
+    def start_session(request: Request, token: str) -> Response:
+        session_id, _ = sessions.open(token)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            _cookie_name(request),
+            session_id,
+            max_age=int(SESSION_SECONDS),
+            path="/",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    def login_page(request: Request, status: int = 200, problem: str = "") -> HTMLResponse:
+        return render(
+            "login.html",
+            status,
+            **common(request, "login"),
+            problem=problem,
+            token_file=str(home / auth.TOKEN_FILE),
+        )
+
+    @app.post("/api/dashboard/login-code", tags=["dashboard"])
+    async def login_code() -> dict[str, Any]:
+        """A one-time code (valid 5 minutes) and the URL that logs a browser in with it."""
+        code = sessions.new_code(current_token())
+        return {
+            "code": code,
+            "url": f"http://localhost:{engine.router.main_port}/login?code={code}",
+            "expires_in": int(CODE_SECONDS),
+        }
+
+    @app.get("/login", include_in_schema=False)
+    async def login(request: Request, code: str | None = None) -> Response:
+        if code is None:
+            return login_page(request)
+        token = sessions.redeem(code)
+        if token is None or not auth.matches(current_token(), token):
+            return login_page(
+                request,
+                401,
+                "This login link is not valid: it was used already, it is older than "
+                f"{int(CODE_SECONDS // 60)} minutes, or the token changed since. Run "
+                "`branchyard dashboard` for a new one, or paste the API token below.",
+            )
+        return start_session(request, token)
+
+    @app.post("/login", include_in_schema=False)
+    async def login_with_token(request: Request) -> Response:
+        body = await request.body()
+        given = ""
+        if len(body) <= MAX_FORM_BYTES:
+            given = parse_qs(body.decode(errors="replace")).get("token", [""])[0].strip()
+        token = current_token()
+        if not auth.matches(token, given):
+            return login_page(
+                request,
+                401,
+                "That is not this daemon's API token. It is the one line of "
+                f"{home / auth.TOKEN_FILE}.",
+            )
+        return start_session(request, token)
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        body = await request.body()
+        session = _session(request)
+        given = parse_qs(body.decode(errors="replace")).get("csrf", [""])[0]
+        if session is not None and hmac.compare_digest(session.csrf.encode(), given.encode()):
+            sessions.close(request.cookies.get(_cookie_name(request)))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(_cookie_name(request), path="/")
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def overview_page(request: Request, part: str | None = None) -> HTMLResponse:
+        services, rows = overview(engine)
+        context = {
+            **common(request, "overview"),
+            "services": services,
+            "rows": rows,
+            "events": _recent_events(engine),
+        }
+        if part:
+            return render("live.html", parts_template="overview_parts.html", **_OVERVIEW, **context)
+        return render("overview.html", **context)
+
+    @app.get("/ns/{namespace}/{service}", include_in_schema=False)
+    async def service_page(
+        request: Request, namespace: str, service: str, part: str | None = None
+    ) -> HTMLResponse:
+        slot = (namespace, service)
+        target = engine.target(namespace, service)
+        cell = _cell(engine, slot)
+        history = engine.store.revisions(slot)
+        latest = history[0] if history else None
+        person = engine.env_of(namespace, service)
+        changes = await engine.settings_repo.history(slot)
+        build_log = (
+            _tail(engine.runtime.log_path(namespace, service, latest.ordinal, True))
+            if latest
+            else ""
+        )
+        rollback_to = next(
+            (
+                r
+                for r in history
+                if cell.live and r.ordinal < cell.live.ordinal and r.state in _CAN_SERVE[:2]
+            ),
+            None,
+        )
+        context = {
+            **common(request, "service"),
+            "cell": cell,
+            "target": target,
+            "revisions": history,
+            "latest": latest,
+            "can_serve": _CAN_SERVE,
+            "rollback_to": rollback_to,
+            "env": dict(sorted(person.items())),
+            "env_text": "".join(f"{k}={v}\n" for k, v in sorted(person.items())),
+            "secrets": sorted(engine.secrets_of(namespace, service)),
+            "mask": MASK,
+            "branchyard_env": _branchyard_env(cell.live or latest, person),
+            "changes": [(c, _diff_lines(c.diff)) for c in changes],
+            "build_log": build_log,
+            "can_restart": _has_route(app, RESTART_PATH, "POST"),
+            "events": _recent_events(engine, namespace, service),
+        }
+        if part:
+            return render("live.html", parts_template="service_parts.html", **_SERVICE, **context)
+        return render("service.html", **context)
