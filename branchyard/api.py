@@ -11,11 +11,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, webhooks
 from branchyard.engine import Engine
@@ -29,19 +30,35 @@ from branchyard.settings import validate_env
 from branchyard.vault import masked
 
 FOLLOW_INTERVAL = 0.2
+MAX_EVENT_ID = 2**63 - 1  # SQLite's INTEGER
+
+
+def _text(value: str) -> str:
+    """Refuse what no path, subprocess argument or UTF-8 encoder takes."""
+    if "\0" in value:
+        raise ValueError("contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("is not valid UTF-8 (a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+EventId = Annotated[int, Query(ge=0, le=MAX_EVENT_ID)]
 
 
 class RepoIn(BaseModel):
-    url: str
-    name: str | None = None
-    default_branch: str | None = None
-    webhook_secret: str = ""
+    url: Text
+    name: Text | None = None
+    default_branch: Text | None = None
+    webhook_secret: Text = ""
 
 
 class SecretsIn(BaseModel):
-    set: dict[str, str] = {}
-    unset: list[str] = []
-    author: str = "branchyard"
+    set: dict[Text, Text] = {}
+    unset: list[Text] = []
+    author: Text = "branchyard"
 
 
 class RevisionIn(BaseModel):
@@ -53,9 +70,9 @@ class WeightsIn(BaseModel):
 
 
 class EnvIn(BaseModel):
-    env: dict[str, Any]
-    author: str = "branchyard"
-    message: str = ""
+    env: dict[Text, Any]
+    author: Text = "branchyard"
+    message: Text = ""
 
 
 def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
@@ -115,6 +132,12 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     @app.exception_handler(BranchyardError)
     async def _error(request: Request, exc: BranchyardError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        message = problems.encode(errors="backslashreplace").decode()  # never echo the input
+        return JSONResponse({"error": "invalid_request", "message": message}, status_code=422)
 
     def router_url(namespace: str, service: str) -> str:
         return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
@@ -293,11 +316,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
 
     @app.get("/api/events")
-    async def list_events(after: int = 0, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def list_events(after: EventId = 0, namespace: str | None = None) -> list[dict[str, Any]]:
         return engine.store.events(after, namespace)
 
     @app.get("/events", response_model=None)
-    async def stream_events(namespace: str | None = None, after: int = 0) -> StreamingResponse:
+    async def stream_events(namespace: str | None = None, after: EventId = 0) -> StreamingResponse:
         return StreamingResponse(
             _event_stream(engine, namespace, after), media_type="text/event-stream"
         )

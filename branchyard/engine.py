@@ -319,6 +319,8 @@ class Engine:
     async def add_repo(
         self, url: str, name: str | None, default_branch: str | None, webhook_secret: str = ""
     ) -> Repo:
+        if url.startswith("-"):
+            raise UsageError(f"{url!r} is not a path or URL of a git repository")
         path = local_path(url)
         if path is not None:
             path = path.expanduser().resolve()

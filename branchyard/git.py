@@ -78,7 +78,7 @@ def parse_ls_remote(text: str) -> Heads:
 
 async def ls_remote(url: str) -> Heads:
     return parse_ls_remote(
-        (await git("ls-remote", "--symref", url, "HEAD", "refs/heads/*")).decode()
+        (await git("ls-remote", "--symref", "--", url, "HEAD", "refs/heads/*")).decode()
     )
 
 
@@ -100,7 +100,13 @@ class Source:
             if not self.git_dir.exists():
                 await git("init", "--bare", "--quiet", str(self.git_dir))
             await self._git(
-                "fetch", "--prune", "--no-tags", "--quiet", self.url, "+refs/heads/*:refs/heads/*"
+                "fetch",
+                "--prune",
+                "--no-tags",
+                "--quiet",
+                "--",
+                self.url,
+                "+refs/heads/*:refs/heads/*",
             )
 
     async def _git(self, *args: str) -> bytes:

@@ -46,6 +46,10 @@ def _check_value(name: str, value: Any) -> str:
     text = str(value)
     if "\0" in text:
         raise InvalidSettings(f"value of {name} contains a NUL character")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidSettings(f"value of {name} is not valid UTF-8 (a lone surrogate)") from None
     return text
 
 

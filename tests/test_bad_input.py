@@ -196,3 +196,13 @@ def test_a_repo_that_vanishes_shows_why_in_repo_ls_and_keeps_serving(
     assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
     shutil.move(moved, app.origin)
     wait_for(lambda: status() == "ok", 15, "reachable again")
+
+
+def test_a_url_that_looks_like_a_git_option_runs_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    for url in (f"--upload-pack=touch {marker};:x", f"-u touch {marker}"):
+        done = daemon.cli("repo", "add", "--", url, check=False)
+        assert done.returncode == 1, done.stdout
+    body = {"url": f"x --upload-pack=touch {marker}"}
+    assert daemon.cli("repo", "ls").stdout.count("\n") == 1
+    assert not marker.exists(), body
