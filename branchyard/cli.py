@@ -6,7 +6,6 @@ Errors become ``error: MESSAGE`` on stderr and exit code 1 in one place,
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import os
@@ -25,7 +24,6 @@ import click
 from branchyard.client import Client, default_home, path_of
 from branchyard.errors import BranchyardError, InvalidSettings, UsageError
 from branchyard.naming import BASELINE
-from branchyard.settings import parse_document, render_document
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,6 +103,7 @@ def up(
     stop_grace: float,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
+    import asyncio
     import logging
 
     from branchyard.daemon import Options, serve
@@ -442,6 +441,8 @@ def edit(ctx: Context, service: str, ns: str | None) -> None:
         f"# env of {service} in namespace {namespace}. Save to roll out a new revision;\n"
         "# save it unchanged to cancel. PORT, BRANCHYARD_* and *_URL are set for you.\n"
     )
+    from branchyard.settings import parse_document, render_document  # only edit needs YAML
+
     shown = header + render_document(current)
     while True:
         edited = _edit_text(shown)
