@@ -963,8 +963,13 @@ class _ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection and its backend connection now (router shutdown)."""
-        if self._backend is not None:
-            self._backend.transport.abort()
+        backend = self._backend
+        if backend is not None:  # detached first: its end must not start a retry
+            self._backend = None
+            backend.client = None
+            backend.entry.busy.discard(backend)
+            backend.transport.abort()
+        self._current = self._parsing = None
         self.transport.abort()
 
 

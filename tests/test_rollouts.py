@@ -239,7 +239,7 @@ def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
 
     second = start_daemon(tmp_path / "home")
     try:
-        wait_for(lambda: second.answer("web")["env"].get("GREETING") == "survives", 30, "back")
+        wait_for(lambda: second.answer("web")["env"].get("GREETING") == "survives", 60, "back")
         wait_for(lambda: not (old_pids & set(processes_with(first.marker))), 15, "old ones gone")
         assert "env set GREETING" in second.cli("history", "web").stdout
         argvs = [

@@ -464,7 +464,7 @@ def test_a_backend_writing_head_and_body_apart_is_not_slowed_by_delayed_acks(
         started = time.monotonic()
         for _ in range(40):
             assert ask(conn)[0] == 200
-        assert time.monotonic() - started < 0.8  # 40 stalls would take 1.6 s or more
+        assert time.monotonic() - started < 1.2  # 40 stalls would take 1.6 s or more
     finally:
         conn.close()
 
@@ -1005,7 +1005,7 @@ def test_drain_closes_idle_connections_at_once_and_client_connections_move_on(
         proxy.set_backend("main", "web", new)
         started = time.monotonic()
         assert proxy.drain(old, 5.0) == 0
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.0  # nothing to wait for, not the 5 s grace
         assert proxy.idle(old) == 0
         wait_until(lambda: len(backends.stats(old).closed) == 1, "old to see its connection close")
 
@@ -1026,7 +1026,7 @@ def test_drain_aborts_a_request_that_outlasts_the_grace_and_counts_it(
 
     started = time.monotonic()
     assert proxy.drain(old, 0.2) == 1
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.5  # the grace, not the 2 s request
 
     status, _, body = slow()
     assert status == 502
@@ -1149,11 +1149,12 @@ def test_close_leaves_nothing_listening_and_no_connection_open(
     web = backends.http("web")
     proxy.set_backend("main", "web", web)
     peer_port = proxy.loop.run(proxy.router.open_peer_listener("main", "web"))
-    conn = keep_alive(proxy.port)
-    ask(conn)
-    idle = connect(peer_port)
     slow = in_thread(lambda: http_get(peer_port, "x", "/sleep/0.3"))
-    wait_until(lambda: len(backends.stats(web).seen) == 2, "the slow request to arrive")
+    wait_until(lambda: len(backends.stats(web).seen) == 1, "the slow request to arrive")
+    conn = keep_alive(proxy.port)
+    ask(conn)  # on a second backend connection, idle in the pool afterwards
+    idle = connect(peer_port)
+    assert (proxy.in_flight(web), proxy.idle(web)) == (1, 1)
     assert proxy.router.main_port == proxy.port
 
     proxy.loop.run(proxy.router.close())
@@ -1166,8 +1167,10 @@ def test_close_leaves_nothing_listening_and_no_connection_open(
     assert idle.recv(1) == b""
     with pytest.raises((http.client.HTTPException, ConnectionError)):
         slow()
-    # the pooled and the busy backend connection are closed too
-    wait_until(lambda: len(backends.stats(web).closed) == 2, "the backend connections to close")
+    # the busy and the pooled backend connection are closed too, and no retry opened another
+    seen = set(backends.stats(web).seen)
+    assert len(seen) == 2
+    wait_until(lambda: set(backends.stats(web).closed) == seen, "the backend connections to close")
     conn.close()
     idle.close()
     with pytest.raises(RuntimeError):
