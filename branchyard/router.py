@@ -185,6 +185,10 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 _SMALL_PIECE = 16 * 1024
 
 
+_HOME_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})  # the router's own address
+_HOME_KEY: _Key = ("", "")
+
+
 def _split_host(host: str) -> tuple[str, str | None]:
     """Split a Host header value into (lowercase name, port or None)."""
     host = host.strip()
@@ -238,6 +242,12 @@ class RouteTable:
         self._host_keys: dict[_Key, _Key] = {}  # entry -> (DNS namespace, DNS service)
         self._by_host: dict[_Key, _Key] = {}  # (DNS namespace, DNS service) -> entry
         self._host_cache: dict[bytes, _Key | None] = {}  # Host header bytes -> entry
+        self.home: Address | None = None  # what serves the router's own address
+
+    def set_home(self, backend: Address | None) -> None:
+        """Send requests for the router's own address (``localhost:PORT``) to ``backend``
+        (the dashboard); without one they get the 404 listing page."""
+        self.home = backend
 
     def set_backend(self, namespace: str, service: str, backend: Address | None) -> None:
         """Route (namespace, service) to ``backend``; ``None`` means "no live revision"."""
@@ -725,6 +735,7 @@ class _ClientConnection(asyncio.Protocol):
         self._current = request
         table = self._table
         peer_key = self._peer_key
+        backend: Address | None
         if peer_key is None:
             host = request.host
             if not isinstance(host, bytes):
@@ -732,9 +743,13 @@ class _ClientConnection(asyncio.Protocol):
                 return
             key = table._route_host(host)
             if key is None:
-                self._answer(_not_found_page(host.decode("latin-1"), table.entries()))
-                return
-            backend = table.resolve(*key)
+                text = host.decode("latin-1")
+                if table.home is None or _split_host(text)[0] not in _HOME_NAMES:
+                    self._answer(_not_found_page(text, table.entries()))
+                    return
+                key, backend = _HOME_KEY, table.home
+            else:
+                backend = table.resolve(*key)
         else:
             key = peer_key
             backend = table.resolve_peer(*key)

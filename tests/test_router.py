@@ -1192,3 +1192,15 @@ def test_finished_connections_leave_no_sockets_behind(proxy: Proxy, backends: Ba
     wait_until(lambda: len(backends.stats(web).closed) == 1, "the pooled connection to close")
     if fds_before is not None:
         assert fds() <= fds_before
+
+
+def test_the_routers_own_address_goes_home_when_a_home_is_set(
+    proxy: Proxy, backends: Backends
+) -> None:
+    proxy.set_backend("main", "web", backends.http("web"))
+    proxy.loop.call(proxy.table.set_home, backends.http("dashboard"))
+    for host in (f"localhost:{proxy.port}", f"127.0.0.1:{proxy.port}"):
+        status, _, body = proxy.get(host, "/")
+        assert (status, who(body)) == (200, b"dashboard")
+    status, _, body = proxy.get(f"nope.main.localhost:{proxy.port}")
+    assert status == 404 and b"web.main.localhost" in body
