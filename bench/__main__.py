@@ -91,6 +91,7 @@ def main() -> int:
             try:
                 section = PARTS[part].run(args, workdir / part, command)
                 section.load_end = os.getloadavg()
+                section.revision = product_revision()
             except BenchError as exc:
                 print(f"bench: {part} could not run: {exc}", file=sys.stderr, flush=True)
                 failed.append(part)

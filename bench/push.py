@@ -125,6 +125,35 @@ def _breakdown(daemon: Daemon, service: str, samples: list[Sample]) -> list[list
     return phases
 
 
+def _poll_waits(
+    samples: list[Sample],
+    phases: list[list[float]] | None,
+    request_times: list[float],
+    interval: float,
+) -> list[float]:
+    """For each push, from `git push` returning to the start of the poll that saw it.
+
+    That poll is the burst of git HTTP requests (ls-remote, then the fetch) that
+    ended just before the daemon recorded the new heads. It may have started
+    while `git push` was still running (a negative wait): the ref moves before
+    the push returns.
+    """
+    if phases is None:
+        return []
+    gap = min(0.3, interval / 2)
+    waits = []
+    for sample, notice in zip(samples, phases[0], strict=True):
+        seen = sample.pushed + notice
+        before = [at for at in request_times if at <= seen]
+        if not before:
+            return []
+        start = len(before) - 1
+        while start > 0 and before[start] - before[start - 1] < gap:
+            start -= 1
+        waits.append(before[start] - sample.pushed)
+    return waits
+
+
 class _TimedRequests(list[tuple[str, str, bytes]]):
     """The git HTTP server's request log, with the wall-clock time of each request."""
 
@@ -237,10 +266,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         )
         http_requests = len(server.requests)
         polling_phases = _breakdown(daemon, polled.name, polling)
-        poll_waits = []
-        for sample in polling:
-            after = [at for at in requests.times if at >= sample.pushed]
-            poll_waits.append(after[0] - sample.pushed if after else float("nan"))
+        poll_waits = _poll_waits(polling, polling_phases, requests.times, interval)
     shutil.rmtree(workdir / "home-poll", ignore_errors=True)
 
     cold = Summary.of(cold_plain)
@@ -301,15 +327,17 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
                 for index, phase in enumerate(PHASES)
             ],
         )
-        assert polling_phases is not None
-        fetching = [n - w for n, w in zip(polling_phases[0], poll_waits, strict=True)]
-        section.add(
-            "On the polling path, *notice* is the wait for the next poll, p50 "
-            f"{spread(Summary.of(poll_waits))} (half the interval is {ms(interval / 2)}), "
-            f"then `git ls-remote` and the fetch over HTTP, p50 {spread(Summary.of(fetching))} "
-            "(timed at the git HTTP server's first request after the push).",
-            "",
-        )
+        if polling_phases is not None and poll_waits:
+            fetching = [n - w for n, w in zip(polling_phases[0], poll_waits, strict=True)]
+            section.add(
+                "On the polling path, *notice* is the wait for the poll that saw the push, "
+                f"p50 {spread(Summary.of(poll_waits))} (half the interval is "
+                f"{ms(interval / 2)}; negative when the poll started while `git push` was "
+                "still running), then `git ls-remote` and the fetch over HTTP, p50 "
+                f"{spread(Summary.of(fetching))} (the poll's burst of requests to the git "
+                "HTTP server, to the daemon recording the new heads).",
+                "",
+            )
     else:
         section.add("(No breakdown: the daemon's store did not have the expected events.)", "")
     section.add(

@@ -42,6 +42,7 @@ class Section:
     started: float = field(default_factory=time.time)
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
     load_end: tuple[float, float, float] | None = None
+    revision: str = ""  # the branchyard measured, as product_revision() says
     seconds: float = 0.0
 
     def add(self, *lines: str) -> None:
@@ -63,7 +64,8 @@ class Section:
             f"## {self.title}",
             "",
             f"Run {when}, took {self.seconds:.0f} s, load average {_load(self.load)} at the "
-            f"start and {_load(self.load_end)} at the end: `{self.command}`",
+            f"start and {_load(self.load_end)} at the end, branchyard "
+            f"{self.revision or '?'}: `{self.command}`",
             "",
             *self.lines,
         ]

@@ -8,6 +8,7 @@ in exactly one place (:func:`_error`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
-from branchyard import auth, webhooks
+from branchyard import auth, dashboard, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, NotFound, UsageError
 from branchyard.model import Revision, RevisionState
@@ -109,6 +110,9 @@ def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
 
 def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     app = FastAPI(title="branchyard", version="0.1.0")
+    # Set by the daemon when it stops: streams that never end on their own (events, logs -f)
+    # end then; uvicorn would otherwise wait for them (an open dashboard tab: forever).
+    app.state.stopping = stopping = asyncio.Event()
     token = [auth.load_or_create(home)]
 
     @app.middleware("http")
@@ -116,9 +120,14 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         given = auth.bearer(request.headers.get("authorization"))
-        if request.url.path.startswith("/hooks/") or auth.matches(token[0], given):
+        if (
+            request.url.path.startswith("/hooks/")
+            or dashboard.is_open(request)
+            or auth.matches(token[0], given)
+            or auth.matches(token[0], dashboard.session_token(request))
+        ):
             return await call_next(request)
-        return JSONResponse(
+        return dashboard.refusal(request) or JSONResponse(
             {"error": "unauthorized", "message": f"missing or wrong API token (see {home}/token)"},
             status_code=401,
         )
@@ -278,7 +287,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
         if not follow:
             return PlainTextResponse(path.read_text(errors="replace") if path.exists() else "")
-        return StreamingResponse(_follow(path), media_type="text/plain")
+        return StreamingResponse(_follow(path, stopping), media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
     async def revisions(namespace: str, service: str) -> list[dict[str, Any]]:
@@ -322,13 +331,14 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     @app.get("/events", response_model=None)
     async def stream_events(namespace: str | None = None, after: EventId = 0) -> StreamingResponse:
         return StreamingResponse(
-            _event_stream(engine, namespace, after), media_type="text/event-stream"
+            _event_stream(engine, namespace, after, stopping), media_type="text/event-stream"
         )
 
     @app.post("/api/gc")
     async def gc() -> dict[str, int]:
         return engine.gc()
 
+    dashboard.mount(app, engine, home)
     return app
 
 
@@ -384,17 +394,27 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
     return {"ignored": f"{event.kind} event"}, 200
 
 
-async def _event_stream(engine: Engine, namespace: str | None, after: int) -> AsyncIterator[bytes]:
+async def _pause(stopping: asyncio.Event) -> bool:
+    """Wait one follow interval; False once the daemon is stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), FOLLOW_INTERVAL)
+    return not stopping.is_set()
+
+
+async def _event_stream(
+    engine: Engine, namespace: str | None, after: int, stopping: asyncio.Event
+) -> AsyncIterator[bytes]:
     """Server-sent events: every stored event after ``after``, then new ones as they come."""
     last = after
     while True:
         for event in engine.store.events(last, namespace):
             last = int(str(event["id"]))
             yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
-        await asyncio.sleep(FOLLOW_INTERVAL)
+        if not await _pause(stopping):
+            return
 
 
-async def _follow(path: Path) -> AsyncIterator[bytes]:
+async def _follow(path: Path, stopping: asyncio.Event) -> AsyncIterator[bytes]:
     position = 0
     while True:
         if path.exists():
@@ -404,4 +424,5 @@ async def _follow(path: Path) -> AsyncIterator[bytes]:
             if chunk:
                 position += len(chunk)
                 yield chunk
-        await asyncio.sleep(FOLLOW_INTERVAL)
+        if not await _pause(stopping):
+            return

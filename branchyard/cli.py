@@ -620,6 +620,20 @@ def gc(ctx: Context) -> None:
 
 
 @cli.command()
+@click.option("--open", "open_browser", is_flag=True, help="Also open it in a web browser.")
+@pass_context
+def dashboard(ctx: Context, open_browser: bool) -> None:
+    """Print a link that logs a browser in to the dashboard (once, within 5 minutes)."""
+    done = ctx.client.call("POST", path_of("dashboard", "login-code"))
+    click.echo(done["url"])
+    click.echo(f"(the link logs in once, within {done['expires_in'] // 60} minutes)", err=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(done["url"])
+
+
+@cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), default="branchyard-demo")
 @pass_context
 def demo(ctx: Context, directory: Path) -> None:

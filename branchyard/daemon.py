@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 import uvicorn
+from fastapi import FastAPI
 
 from branchyard import auth
 from branchyard.api import create_app
@@ -147,6 +148,7 @@ async def _serve(options: Options) -> None:
         loop.add_signal_handler(sig, stop.set)
     api_task: asyncio.Task[None] | None = None
     server: _ApiServer | None = None
+    app: FastAPI | None = None
     try:
         try:
             router_port = await router.serve(LOOPBACK, options.router_port)
@@ -160,8 +162,10 @@ async def _serve(options: Options) -> None:
             "router": f"http://{LOOPBACK}:{router_port}",
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
         }
-        config = uvicorn.Config(create_app(engine, info, home), log_level="warning", lifespan="off")
+        app = create_app(engine, info, home)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
         server = _ApiServer(config)
+        table.set_home((_reachable(options.api_host), api_socket.getsockname()[1]))
         api_task = asyncio.create_task(server.serve(sockets=[api_socket]))
         while not server.started:
             if api_task.done():
@@ -174,6 +178,8 @@ async def _serve(options: Options) -> None:
         await stop.wait()
         print("branchyard is stopping", flush=True)
     finally:
+        if app is not None:
+            app.state.stopping.set()
         (home / DAEMON_FILE).unlink(missing_ok=True)
         await engine.close()
         if server is not None and api_task is not None:

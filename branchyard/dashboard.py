@@ -52,6 +52,7 @@ from starlette.staticfiles import StaticFiles
 
 from branchyard import auth
 from branchyard.engine import Engine
+from branchyard.errors import NotFound
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
@@ -80,8 +81,8 @@ _PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 # The parts of each page that change, as ``?part=live`` sends them (see templates/live.html).
-_OVERVIEW = {"part_names": ("grid", "events")}
-_SERVICE = {"part_names": ("status", "actions", "revisions", "build", "env", "history", "events")}
+_OVERVIEW_PARTS = ("grid", "events")
+_SERVICE_PARTS = ("status", "actions", "revisions", "build", "env", "history", "events")
 RESTART_PATH = "/api/namespaces/{namespace}/services/{service}/restart"
 
 
@@ -223,7 +224,8 @@ _NEWEST_SHOWS = (
     RevisionState.FAILED,
     RevisionState.CRASHED,
 )
-_CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)
+_CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)  # promote
+_ROLLBACK_TO = (RevisionState.STOPPED, RevisionState.STAGED)  # what a bare rollback picks
 
 
 @dataclass(frozen=True)
@@ -378,11 +380,12 @@ def _recent_events(
     return list(reversed(found[-count:]))
 
 
-def _branchyard_env(revision: Revision | None, person: Iterable[str]) -> dict[str, str]:
-    """What branchyard set for a revision: BRANCHYARD_*, peer URLs, PORT (never secrets)."""
+def _branchyard_env(revision: Revision | None, set_by_people: Iterable[str]) -> dict[str, str]:
+    """What branchyard set for a revision: BRANCHYARD_*, peer URLs, PORT; not what people
+    set (shown apart), and never a secret."""
     if revision is None:
         return {}
-    mine = set(person)
+    mine = set(set_by_people)
     env = {k: v for k, v in revision.env.items() if k not in mine}
     if revision.port:
         env["PORT"] = str(revision.port)
@@ -505,10 +508,10 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         body = await request.body()
         session = _session(request)
         given = parse_qs(body.decode(errors="replace")).get("csrf", [""])[0]
+        response = RedirectResponse("/login", status_code=303)
         if session is not None and hmac.compare_digest(session.csrf.encode(), given.encode()):
             sessions.close(request.cookies.get(_cookie_name(request)))
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(_cookie_name(request), path="/")
+            response.delete_cookie(_cookie_name(request), path="/")
         return response
 
     @app.get("/", include_in_schema=False)
@@ -521,7 +524,12 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "events": _recent_events(engine),
         }
         if part:
-            return render("live.html", parts_template="overview_parts.html", **_OVERVIEW, **context)
+            return render(
+                "live.html",
+                parts_template="overview_parts.html",
+                part_names=_OVERVIEW_PARTS,
+                **context,
+            )
         return render("overview.html", **context)
 
     @app.get("/ns/{namespace}/{service}", include_in_schema=False)
@@ -529,11 +537,15 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         request: Request, namespace: str, service: str, part: str | None = None
     ) -> HTMLResponse:
         slot = (namespace, service)
-        target = engine.target(namespace, service)
+        try:
+            target = engine.target(namespace, service)
+        except NotFound as exc:
+            return render("missing.html", 404, **common(request, "missing"), problem=exc.message)
         cell = _cell(engine, slot)
         history = engine.store.revisions(slot)
         latest = history[0] if history else None
         person = engine.env_of(namespace, service)
+        secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
         changes = await engine.settings_repo.history(slot)
         build_log = (
             _tail(engine.runtime.log_path(namespace, service, latest.ordinal, True))
@@ -544,7 +556,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             (
                 r
                 for r in history
-                if cell.live and r.ordinal < cell.live.ordinal and r.state in _CAN_SERVE[:2]
+                if cell.live and r.ordinal < cell.live.ordinal and r.state in _ROLLBACK_TO
             ),
             None,
         )
@@ -558,14 +570,19 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "rollback_to": rollback_to,
             "env": dict(sorted(person.items())),
             "env_text": "".join(f"{k}={v}\n" for k, v in sorted(person.items())),
-            "secrets": sorted(engine.secrets_of(namespace, service)),
+            "secrets": secret_names,
             "mask": MASK,
-            "branchyard_env": _branchyard_env(cell.live or latest, person),
+            "branchyard_env": _branchyard_env(cell.live or latest, [*person, *secret_names]),
             "changes": [(c, _diff_lines(c.diff)) for c in changes],
             "build_log": build_log,
             "can_restart": _has_route(app, RESTART_PATH, "POST"),
             "events": _recent_events(engine, namespace, service),
         }
         if part:
-            return render("live.html", parts_template="service_parts.html", **_SERVICE, **context)
+            return render(
+                "live.html",
+                parts_template="service_parts.html",
+                part_names=_SERVICE_PARTS,
+                **context,
+            )
         return render("service.html", **context)

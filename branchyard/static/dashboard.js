@@ -111,6 +111,11 @@
     timer = setTimeout(refresh, delay);
   }
 
+  function clear() {
+    say("");
+    say("", true);
+  }
+
   function say(text, problem = false) {
     const target = document.getElementById(problem ? "problem" : "notice");
     if (target) {
@@ -127,7 +132,11 @@
 
   async function readStream(url, onText, signal) {
     const answer = await fetch(url, { cache: "no-store", credentials: "same-origin", signal });
-    if (!answer.ok || !answer.body) throw new Error(`HTTP ${answer.status}`);
+    if (!answer.ok || !answer.body) {
+      const error = new Error(`HTTP ${answer.status}`);
+      error.status = answer.status;
+      throw error;
+    }
     const reader = answer.body.getReader();
     const decoder = new TextDecoder();
     for (;;) {
@@ -166,7 +175,10 @@
           }
         });
       } catch (error) {
-        // fall through: reconnect
+        if (error.status === 401) {
+          say("Your session ended; reload the page to log in again.", true);
+          return;
+        }
       }
       conn.hidden = false;
       await new Promise((resolve) => setTimeout(resolve, 2000));
@@ -250,8 +262,7 @@
     const kind = button.dataset.action;
     const ordinal = button.dataset.ordinal ? parseInt(button.dataset.ordinal, 10) : null;
     button.disabled = true;
-    say("");
-    say("", true);
+    clear();
     say(`Working: ${button.textContent.trim()}…`);
     try {
       const done = await actions[kind](ordinal);
@@ -283,7 +294,7 @@
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    say("", true);
+    clear();
     let env;
     try {
       env = parseEnv(text.value);
@@ -347,7 +358,7 @@
     stream = mine;
     logs.textContent = "";
     held = "";
-    logsState.textContent = paused ? "paused" : "following the live revision’s output";
+    logsState.textContent = paused ? "paused" : "following its output";
     while (!mine.signal.aborted) {
       try {
         await readStream(`${base}/logs?follow=true`, append, mine.signal);
@@ -363,7 +374,7 @@
     paused = !paused;
     pause.setAttribute("aria-pressed", String(paused));
     pause.textContent = paused ? "Resume" : "Pause";
-    logsState.textContent = paused ? "paused" : "following the live revision’s output";
+    logsState.textContent = paused ? "paused" : "following its output";
     if (!paused && held) {
       const chunk = held;
       held = "";
