@@ -306,6 +306,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         revision = await engine.promote(namespace, service, body.ordinal)
         return {"live": revision.ordinal, "pinned": revision.ordinal}
 
+    @app.post("/api/namespaces/{namespace}/services/{service}/restart")
+    async def restart(namespace: str, service: str) -> dict[str, Any]:
+        revision = await engine.restart(namespace, service)
+        return {"live": revision.ordinal}
+
     @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
     async def unpin(namespace: str, service: str) -> dict[str, Any]:
         revision = await engine.unpin(namespace, service)

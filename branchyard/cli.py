@@ -546,6 +546,16 @@ def promote(ctx: Context, service: str, revision: str, ns: str | None) -> None:
 @click.argument("service")
 @namespaced
 @pass_context
+def restart(ctx: Context, service: str, ns: str | None) -> None:
+    """Start the live revision's processes afresh, switching without a gap."""
+    done = ctx.client.call("POST", _service_path(ctx, ns, service, "restart"))
+    click.echo(f"{ctx.namespace(ns)}:{service} v{done['live']} restarted")
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
 def unpin(ctx: Context, service: str, ns: str | None) -> None:
     """Let traffic follow new commits again (the newest staged revision goes live)."""
     done = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))

@@ -430,6 +430,10 @@ class Engine:
         self.target(namespace, service)
         return await self.rollouts.pin_to((namespace, service), ordinal, "promote")
 
+    async def restart(self, namespace: str, service: str) -> Revision:
+        self.target(namespace, service)
+        return await self.rollouts.restart((namespace, service))
+
     async def unpin(self, namespace: str, service: str) -> Revision | None:
         self.target(namespace, service)
         return await self.rollouts.unpin((namespace, service))

@@ -211,14 +211,8 @@ class Rollouts:
         if weights.pop(revision_id, None) is not None:
             self._route(slot)
 
-        async def drain_and_stop() -> None:
-            await self.router.drain(running.instance.address, self.drain_grace)
-            await running.instance.stop(self.stop_grace)
-            self.store.set_state(running.revision.id, state, reason)
-
-        task = asyncio.create_task(drain_and_stop(), name=f"retire {running.revision.ordinal}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        task = self._stop_later(running.instance, f"retire v{running.revision.ordinal}")
+        task.add_done_callback(lambda _: self.store.set_state(running.revision.id, state, reason))
 
     def retire_slot(self, slot: Slot, reason: str) -> None:
         for rid in list(self.traffic.pop(slot, {})):
@@ -286,6 +280,29 @@ class Rollouts:
         self.store.set_pin(slot, revision.ordinal)
         self.store.event(what, f"v{revision.ordinal} {revision.sha7} pinned", slot)
         return revision
+
+    async def restart(self, slot: Slot) -> Revision:
+        """Start the live revision afresh and switch to the new processes, then drain
+        and stop the old ones: a restart without a gap."""
+        running = self.live(slot)
+        if running is None:
+            raise UsageError(f"{slot[1]} in {slot[0]} has no live revision to restart")
+        fresh = await self.runtime.start(running.build, self._on_change)
+        old, running.instance = running.instance, fresh
+        self._route(slot)
+        self.store.event("restart", f"v{running.revision.ordinal} restarted", slot)
+        self._stop_later(old, f"restart {running.revision.ordinal}")
+        return running.revision
+
+    def _stop_later(self, instance: Instance, name: str) -> asyncio.Task[None]:
+        async def drain_and_stop() -> None:
+            await self.router.drain(instance.address, self.drain_grace)
+            await instance.stop(self.stop_grace)
+
+        task = asyncio.create_task(drain_and_stop(), name=name)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
 
     async def unpin(self, slot: Slot) -> Revision | None:
         """Drop the pin; the newest revision that can serve takes all traffic."""

@@ -251,3 +251,20 @@ def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
     finally:
         assert second.stop() == 0
     wait_for(lambda: not processes_with(first.marker), 15, "nothing left")
+
+
+def test_restart_starts_new_processes_of_the_same_revision_without_a_gap(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    before = wait_for(lambda: daemon.answer("app"), 30, "app live")
+    with Load(daemon.router_port, "app.main.localhost") as load:
+        time.sleep(0.3)
+        assert "v1 restarted" in daemon.cli("restart", "app").stdout
+        time.sleep(0.5)
+    assert load.errors == []
+    after = daemon.answer("app")
+    assert after["pid"] != before["pid"]
+    assert after["env"]["BRANCHYARD_REVISION"] == before["env"]["BRANCHYARD_REVISION"]
+    wait_for(lambda: not Path(f"/proc/{before['pid']}").exists(), 15, "old process stopped")
