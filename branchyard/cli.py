@@ -116,7 +116,10 @@ def up(
     options = Options(
         ctx.home, router_port, api_port, api_host, poll_interval, drain_grace, stop_grace
     )
-    asyncio.run(serve(options))
+    import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(options))
 
 
 @cli.command()
