@@ -4,8 +4,8 @@
 
 Serves ``branchyard.router.Router`` on a free loopback port with a
 ``RouteTable`` whose only entry sends ``svc.main.localhost`` to
-``127.0.0.1:BACKEND_PORT``, on the same default asyncio event loop the daemon
-uses. Prints ``listening PORT`` once it accepts, and runs until SIGTERM or SIGINT.
+``127.0.0.1:BACKEND_PORT``, on the event loop the daemon uses (uvloop). Prints
+``listening PORT`` once it accepts, and runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+
+import uvloop
 
 from branchyard.router import Router, RouteTable
 
@@ -39,7 +41,8 @@ def main() -> None:
     parser.add_argument("--namespace", default="main")
     parser.add_argument("--service", default="svc")
     args = parser.parse_args()
-    asyncio.run(serve(args.backend_port, args.namespace, args.service))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(args.backend_port, args.namespace, args.service))
 
 
 if __name__ == "__main__":
