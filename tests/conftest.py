@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bench.common import processes_with
+
 T = TypeVar("T")
 
 GIT_IDENTITY = {
@@ -197,19 +199,6 @@ class Daemon:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
         return self.process.returncode
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def start_daemon(home: Path, *extra: str) -> Daemon:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from bench.services import wheel
 from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,36 +29,12 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 """
 
 
-def wheel(directory: Path, version: str) -> str:
-    """Write a minimal pure-Python wheel of ``tinydep`` (no index or network needed)."""
-    name = f"tinydep-{version}-py3-none-any.whl"
-    dist = f"tinydep-{version}.dist-info"
-    files = {
-        "tinydep/__init__.py": f"VALUE = {version!r}\n",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: tinydep\nVersion: {version}\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-        "Tag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
-    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    directory.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(directory / name, "w") as archive:
-        for path, text in files.items():
-            archive.writestr(path, text)
-    return name
-
-
 def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
 ) -> None:
     wheels = tmp_path / "wheels"
     first = wheel(wheels, "1.0")
-    app = make_repo(
-        "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{wheels / first}\n"})
-    )
+    app = make_repo("app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{first}\n"}))
     daemon.cli("repo", "add", str(app.origin))
     assert wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep") == "1.0"
     assert "install" in daemon.cli("logs", "--build", "app").stdout
@@ -73,7 +47,7 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     assert "install" not in build_log
 
     second = wheel(wheels, "2.0")
-    app.commit({"requirements.txt": f"{wheels / second}\n"}, "bump tinydep")
+    app.commit({"requirements.txt": f"{second}\n"}, "bump tinydep")
     app.push()
     assert wait_for(lambda: daemon.answer("app")["tinydep"] == "2.0", 60, "tinydep 2.0")
     assert "install" in daemon.cli("logs", "--build", "app").stdout
