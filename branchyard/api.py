@@ -152,8 +152,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
 
     def row(slot: Slot) -> dict[str, Any]:
-        history = engine.store.revisions(slot)
-        latest = history[0] if history else None
+        latest = next(iter(engine.store.revisions(slot, limit=1)), None)
         running = engine.rollouts.live(slot)
         live = engine.store.revision(running.revision.id) if running else None
         shown = live or latest

@@ -1,18 +1,15 @@
 """The ``branchyard`` command. Every command but ``up`` is a client of the daemon's API.
 
 Errors become ``error: MESSAGE`` on stderr and exit code 1 in one place,
-:func:`main`.
+:func:`main`. Modules only some commands need are imported inside those
+commands, so that every command starts fast (bench/capacity.py times ``ps -A``).
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,6 +297,9 @@ def _env_path(namespace: str, service: str) -> str:
 
 
 def _author() -> str:
+    import getpass
+    import subprocess
+
     def config(key: str) -> str:
         try:
             found = subprocess.run(
@@ -406,11 +406,16 @@ def env_unset(ctx: Context, service: str, keys: tuple[str, ...], ns: str | None)
 
 
 def _editor() -> list[str]:
+    import shlex
+
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     return shlex.split(editor)
 
 
 def _edit_text(text: str) -> str:
+    import subprocess
+    import tempfile
+
     with tempfile.NamedTemporaryFile(
         "w", suffix=".yaml", prefix="branchyard-", delete=False
     ) as file:

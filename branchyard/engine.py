@@ -231,7 +231,7 @@ class Engine:
     def _revision_for(self, target: Target, subject: str) -> Revision:
         """A new revision, or the same one again if a restart or a pin interrupted it."""
         slot = (target.namespace, target.service)
-        latest = next(iter(self.store.revisions(slot)), None)
+        latest = next(iter(self.store.revisions(slot, limit=1)), None)
         if (
             latest is not None
             and latest.key == target.key

@@ -224,11 +224,12 @@ class Store:
             "UPDATE revisions SET env = ? WHERE id = ?", (json.dumps(dict(env)), revision_id)
         )
 
-    def revisions(self, slot: Slot) -> list[Revision]:
+    def revisions(self, slot: Slot, limit: int = -1) -> list[Revision]:
+        """The slot's revisions, newest first; at most ``limit`` of them if it is not -1."""
         rows = self._db.execute(
             f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE namespace = ? AND service = ? "
-            "ORDER BY ordinal DESC",
-            slot,
+            "ORDER BY ordinal DESC LIMIT ?",
+            (*slot, limit),
         )
         return [_revision(r) for r in rows]
 
