@@ -104,6 +104,9 @@ class Source:
                 "--prune",
                 "--no-tags",
                 "--quiet",
+                "--no-write-fetch-head",
+                "--no-show-forced-updates",  # a check of the old heads' history, for a message
+                "--no-auto-maintenance",  # no repack that could start in the middle of a deploy
                 "--",
                 self.url,
                 "+refs/heads/*:refs/heads/*",

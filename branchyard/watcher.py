@@ -26,7 +26,15 @@ log = logging.getLogger(__name__)
 LOCAL_INTERVAL = 0.1
 ERROR_INTERVAL = 2.0  # seconds between tries of a repo that could not be read
 OnHeads = Callable[[RepoHeads], Awaitable[None]]
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def next_poll(due: float, started: float, interval: float) -> float:
+    """When to poll next: on the fixed cadence of the last due time, so that
+    polls do not drift later by however long each took to start; one interval
+    after ``started`` if that cadence has fallen behind (or there was none)."""
+    cadence = due + interval
+    return cadence if cadence > started else started + interval
 
 
 def git_dir_of(path: Path) -> Path:
@@ -35,14 +43,17 @@ def git_dir_of(path: Path) -> Path:
 
 
 def refs_fingerprint(git_dir: Path) -> Fingerprint:
-    """Names, mtimes and sizes of every loose ref, ``packed-refs`` and ``HEAD``."""
-    seen: list[tuple[str, int, int]] = []
+    """Names, mtimes, sizes and inodes of every loose ref, ``packed-refs`` and ``HEAD``.
+
+    git replaces a ref by renaming a new file over it, so the inode changes even
+    when two pushes land within one tick of the file system's clock."""
+    seen: list[tuple[str, int, int, int]] = []
     for name in ("HEAD", "packed-refs"):
         try:
             info = os.stat(git_dir / name)
         except FileNotFoundError:
             continue
-        seen.append((name, info.st_mtime_ns, info.st_size))
+        seen.append((name, info.st_mtime_ns, info.st_size, info.st_ino))
     stack = [git_dir / "refs" / "heads"]
     while stack:
         try:
@@ -54,7 +65,7 @@ def refs_fingerprint(git_dir: Path) -> Fingerprint:
                 stack.append(Path(entry.path))
             else:
                 info = entry.stat(follow_symlinks=False)
-                seen.append((entry.path, info.st_mtime_ns, info.st_size))
+                seen.append((entry.path, info.st_mtime_ns, info.st_size, info.st_ino))
     return tuple(sorted(seen))
 
 
@@ -127,7 +138,12 @@ class Watcher:
             for watched in list(self._watched.values()):
                 if watched.check is None and now >= watched.due and self._changed(watched):
                     watched.check = asyncio.create_task(self._check(watched, now))
-            await asyncio.sleep(LOCAL_INTERVAL)
+            await asyncio.sleep(self._pause(loop.time()))
+
+    def _pause(self, now: float) -> float:
+        """Until the next tick, or sooner if a poll falls due before it."""
+        dues = [w.due - now for w in self._watched.values() if w.check is None and w.due > now]
+        return min([LOCAL_INTERVAL, *dues])
 
     def _changed(self, watched: _Watched) -> bool:
         if watched.git_dir is None:
@@ -147,7 +163,7 @@ class Watcher:
                 watched.last = seen
             self._clear_error(name)
             if watched.git_dir is None:
-                watched.due = now + self._poll_interval
+                watched.due = next_poll(watched.due, now, self._poll_interval)
         except BranchyardError as exc:
             self._set_error(name, exc.message)
             watched.fingerprint = None
