@@ -186,6 +186,7 @@ async def _serve(options: Options) -> None:
             server.should_exit = True
             await api_task
         await runtime.close()
+        await sources.close()
         await router.close()
         api_socket.close()
         store.close()

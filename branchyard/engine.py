@@ -348,7 +348,7 @@ class Engine:
     async def remove_repo(self, name: str) -> None:
         url = next((r.url for r in self.store.repos() if r.name == name), "")
         self.store.remove_repo(name)
-        self.sources.drop(url)
+        await self.sources.drop(url)
         self.watcher.unwatch(name)
         self.heads.pop(name, None)
         self.store.event("repo", f"removed {name}")

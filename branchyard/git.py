@@ -4,6 +4,8 @@ A repository is reached by its URL. A local one (a path or ``file://``) is read
 in place; a remote one is mirrored under the home and fetched only when
 ``git ls-remote`` says its heads moved. Both answer the same questions: which
 branch heads exist, what a file holds at a commit, and the tree of a commit.
+Objects are read through one long-running ``git cat-file --batch`` per repo,
+not a process per question: a deploy asks half a dozen of them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
+def git_dir_of(path: Path) -> Path:
+    """The git directory of a local repo: ``path/.git`` for one with a work tree."""
+    dot_git = path / ".git"
+    return dot_git if dot_git.is_dir() else path
+
+
 @dataclass(frozen=True)
 class Heads:
     default_branch: str | None
@@ -82,6 +90,68 @@ async def ls_remote(url: str) -> Heads:
     )
 
 
+class _Objects:
+    """A ``git cat-file --batch`` kept running: object name in, its type and bytes out.
+
+    Started on first use and again after it dies; a lock keeps one question on
+    the pipe at a time. Objects fetched after it started are found too (git
+    looks for new packs when an object is missing from those it knows).
+    """
+
+    def __init__(self, git_dir: Path) -> None:
+        self._git_dir = git_dir
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def read(self, name: str) -> tuple[str, bytes] | None:
+        """The type and content of the object ``name`` (e.g. ``SHA:path``), or None if missing."""
+        if "\n" in name:
+            return None
+        async with self._lock:
+            process = await self._started()
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                process.stdin.write(name.encode() + b"\n")
+                line = await process.stdout.readline()
+                if not line:
+                    raise ConnectionResetError("git cat-file stopped")
+                if line.endswith((b" missing\n", b" ambiguous\n")):
+                    return None
+                header = line.split()  # OID TYPE SIZE
+                data = await process.stdout.readexactly(int(header[2]) + 1)
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                await self.close()
+                raise GitError(f"cannot read {self._git_dir}: {exc}") from None
+            return header[1].decode(), data[:-1]
+
+    async def _started(self) -> asyncio.subprocess.Process:
+        if self._process is None or self._process.returncode is not None:
+            self._process = await asyncio.create_subprocess_exec(
+                "git",
+                "--git-dir",
+                str(self._git_dir),
+                "cat-file",
+                "--batch",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, **_GIT_ENV},
+            )
+        return self._process
+
+    async def close(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 1.0)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 class Source:
     """A readable copy of one repo: in place for local repos, a mirror for remote ones."""
 
@@ -89,8 +159,9 @@ class Source:
         self.url = url
         path = local_path(url)
         self.local = path is not None
-        self.git_dir = path if path is not None else mirrors / f"{short_hash(url)}.git"
+        self.git_dir = git_dir_of(path) if path is not None else mirrors / f"{short_hash(url)}.git"
         self._lock = asyncio.Lock()
+        self._objects = _Objects(self.git_dir)
 
     async def sync(self) -> None:
         """Make the source hold every current head (a fetch for remote repos)."""
@@ -116,11 +187,8 @@ class Source:
         return await git("--git-dir", str(self.git_dir), *args)
 
     async def has(self, sha: str) -> bool:
-        try:
-            await self._git("cat-file", "-e", f"{sha}^{{commit}}")
-        except GitError:
-            return False
-        return True
+        found = await self._objects.read(f"{sha}^{{commit}}")
+        return found is not None and found[0] == "commit"
 
     async def ensure(self, sha: str) -> None:
         if not await self.has(sha):
@@ -129,15 +197,20 @@ class Source:
                 raise BuildFailed(f"commit {sha[:7]} is not in {self.url}")
 
     async def read_file(self, sha: str, path: str) -> str | None:
-        try:
-            data = await self._git("cat-file", "blob", f"{sha}:{path}")
-        except GitError:
+        found = await self._objects.read(f"{sha}:{path}")
+        if found is None or found[0] != "blob":
             return None
-        return data.decode(errors="replace")
+        return found[1].decode(errors="replace")
 
     async def subject(self, sha: str) -> str:
         """The first line of the commit message."""
-        return (await self._git("log", "-1", "--format=%s", sha)).decode().strip()
+        found = await self._objects.read(sha)
+        if found is None or found[0] != "commit":
+            raise GitError(f"no commit {sha[:7]} in {self.url}")
+        return commit_subject(found[1])
+
+    async def close(self) -> None:
+        await self._objects.close()
 
     async def checkout(self, sha: str, dest: Path) -> None:
         """Write the tree of ``sha`` into ``dest`` (which must not exist yet)."""
@@ -147,6 +220,13 @@ class Source:
             archive.extractall(dest, filter="data")
 
 
+def commit_subject(commit: bytes) -> str:
+    """The subject of a raw commit object: its message's first paragraph, on one line."""
+    _, _, message = commit.partition(b"\n\n")
+    paragraph = message.decode(errors="replace").strip().split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
+
+
 class Sources:
     """One :class:`Source` per URL, created on first use."""
 
@@ -154,11 +234,17 @@ class Sources:
         self._mirrors = mirrors
         self._sources: dict[str, Source] = {}
 
-    def drop(self, url: str) -> None:
+    async def drop(self, url: str) -> None:
         """Forget a repo; a remote repo's mirror is deleted."""
         source = self._sources.pop(url, None)
-        if source is not None and not source.local:
-            shutil.rmtree(source.git_dir, ignore_errors=True)
+        if source is not None:
+            await source.close()
+            if not source.local:
+                shutil.rmtree(source.git_dir, ignore_errors=True)
+
+    async def close(self) -> None:
+        for source in self._sources.values():
+            await source.close()
 
     def __call__(self, url: str) -> Source:
         if url not in self._sources:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from branchyard.errors import BranchyardError
-from branchyard.git import Sources, local_path, ls_remote
+from branchyard.git import Sources, git_dir_of, local_path, ls_remote
 from branchyard.model import Repo, RepoHeads
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ def next_poll(due: float, started: float, interval: float) -> float:
     after ``started`` if that cadence has fallen behind (or there was none)."""
     cadence = due + interval
     return cadence if cadence > started else started + interval
-
-
-def git_dir_of(path: Path) -> Path:
-    dot_git = path / ".git"
-    return dot_git if dot_git.is_dir() else path
 
 
 def refs_fingerprint(git_dir: Path) -> Fingerprint:

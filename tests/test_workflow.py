@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +69,17 @@ def test_three_repos_branched_into_bugfix_become_one_wired_namespace(
     repos["web"].push("bugfix")
     wait_for(lambda: daemon.serves("web", "bugfix", code_change), 60, "web's new commit")
     assert daemon.answer("web", "bugfix")["env"]["GREETING"] == "hi from bugfix"
+
+
+def test_a_repo_with_a_work_tree_runs_each_commit_made_in_it(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    repo = make_repo("solo")
+    daemon.cli("repo", "add", str(repo.clone))
+    first = git("rev-parse", "HEAD", cwd=repo.clone)
+    wait_for(lambda: daemon.serves("solo", "main", first), 60, "the first commit live")
+
+    second = repo.commit({}, "Made in the work tree, never pushed")
+    wait_for(lambda: daemon.serves("solo", "main", second), 60, "the new commit live")
+    revisions = daemon.cli("revisions", "solo").stdout
+    assert "Made in the work tree, never pushed" in revisions

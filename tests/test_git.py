@@ -1,0 +1,102 @@
+"""The git seam against real repositories: reading objects through one cat-file process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from branchyard.git import Source, commit_subject
+
+
+def git(*args: str, cwd: Path) -> str:
+    names = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    names |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env={**os.environ, **names}, check=True, capture_output=True
+    )
+    return done.stdout.decode().strip()
+
+
+def commit(repo: Path, files: dict[str, str], message: str) -> str:
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git("add", ".", cwd=repo)
+    git("commit", "-q", "-m", message, cwd=repo)
+    return git("rev-parse", "HEAD", cwd=repo)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    git("init", "-q", "-b", "main", cwd=tmp_path)
+    return tmp_path
+
+
+def cat_files() -> list[str]:
+    """The pids of this process's `git cat-file --batch` children."""
+    found = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "cat-file --batch"], capture_output=True, text=True
+    )
+    return found.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("raw", "subject"),
+    [
+        (b"tree t\nauthor a\n\nFix the login\n", "Fix the login"),
+        (b"tree t\nauthor a\n\nFix the login\n\nBecause it broke.\n", "Fix the login"),
+        (b"tree t\nauthor a\n\nA subject\nthat wraps\n\nbody\n", "A subject that wraps"),
+        (b"tree t\nauthor a\n\n", ""),
+        (b"tree t\nauthor a\n\n\xff bytes\n", "\ufffd bytes"),
+    ],
+)
+def test_the_subject_is_the_first_paragraph_on_one_line(raw: bytes, subject: str) -> None:
+    assert commit_subject(raw) == subject
+
+
+def test_one_process_answers_every_question_and_sees_later_commits(repo: Path) -> None:
+    first = commit(repo, {"Procfile": "web: python app.py\n", "a b.txt": "spaced\n"}, "First one")
+
+    async def scenario() -> None:
+        source = Source(str(repo), repo / "unused")
+        assert await source.has(first)
+        assert not await source.has("0" * 40)
+        assert await source.read_file(first, "Procfile") == "web: python app.py\n"
+        assert await source.read_file(first, "a b.txt") == "spaced\n"
+        assert await source.read_file(first, "no such file") is None
+        assert await source.read_file(first, ".") is None  # a tree, not a file
+        assert await source.read_file(first, "x\nHEAD") is None
+        assert await source.subject(first) == "First one"
+        assert len(cat_files()) == 1
+
+        second = commit(repo, {"Procfile": "web: python2 app.py\n"}, "Second\n\nwith a body")
+        assert await source.has(second)
+        assert await source.read_file(second, "Procfile") == "web: python2 app.py\n"
+        assert await source.subject(second) == "Second"
+        assert len(cat_files()) == 1
+
+        await source.close()
+        assert cat_files() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_died_is_started_again(repo: Path) -> None:
+    sha = commit(repo, {"Procfile": "web: x\n"}, "only")
+
+    async def scenario() -> None:
+        source = Source(str(repo), repo / "unused")
+        assert await source.subject(sha) == "only"
+        (pid,) = cat_files()
+        os.kill(int(pid), 9)
+        with pytest.raises(Exception, match="cannot read"):
+            for _ in range(50):  # until the pipe notices
+                await source.subject(sha)
+                await asyncio.sleep(0.01)
+        assert await source.subject(sha) == "only"
+        await source.close()
+
+    asyncio.run(scenario())
