@@ -94,8 +94,10 @@ class _Objects:
     """A ``git cat-file --batch`` kept running: object name in, its type and bytes out.
 
     Started on first use and again after it dies; a lock keeps one question on
-    the pipe at a time. Objects fetched after it started are found too (git
-    looks for new packs when an object is missing from those it knows).
+    the pipe at a time, and a question cancelled half-way stops the process, or
+    its answer would be read as the next question's. Objects fetched after it
+    started are found too (git looks for new packs when an object is missing
+    from those it knows).
     """
 
     def __init__(self, git_dir: Path) -> None:
@@ -120,9 +122,18 @@ class _Objects:
                 header = line.split()  # OID TYPE SIZE
                 data = await process.stdout.readexactly(int(header[2]) + 1)
             except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
-                await self.close()
+                self._discard()
                 raise GitError(f"cannot read {self._git_dir}: {exc}") from None
+            except asyncio.CancelledError:
+                self._discard()  # its answer would be read as the next question's
+                raise
             return header[1].decode(), data[:-1]
+
+    def _discard(self) -> None:
+        """Stop the process now; the next question starts a new one."""
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.kill()
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self._process is None or self._process.returncode is not None:

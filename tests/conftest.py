@@ -68,6 +68,21 @@ def git(*args: str, cwd: Path | None = None) -> str:
     return done.stdout.strip()
 
 
+def no_process_left(marker: str, timeout: float = 10.0) -> None:
+    """Wait until no process carries ``marker``; fail naming the ones that stayed."""
+    deadline = time.monotonic() + timeout
+    while pids := processes_with(marker):
+        if time.monotonic() > deadline:
+            left = []
+            for pid in pids:
+                try:
+                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+                except OSError:
+                    continue
+            raise AssertionError(f"processes left behind: {left}")
+        time.sleep(0.05)
+
+
 def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -241,4 +256,4 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         log = (tmp_path / "home-daemon.log").read_text(errors="replace")
         assert code == 0, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
-        wait_for(lambda: not processes_with(running.marker), 10, "no process left behind")
+        no_process_left(running.marker)

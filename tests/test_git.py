@@ -100,3 +100,23 @@ def test_a_reader_that_died_is_started_again(repo: Path) -> None:
         await source.close()
 
     asyncio.run(scenario())
+
+
+def test_a_question_cancelled_half_way_does_not_answer_the_next_one(repo: Path) -> None:
+    sha = commit(repo, {"Procfile": "web: x\n", "branchyard.yaml": "run: y\n"}, "both")
+
+    async def scenario() -> None:
+        source = Source(str(repo), repo / "unused")
+        for step in range(40):
+            asked = asyncio.create_task(source.read_file(sha, "Procfile"))
+            for _ in range(step % 8):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.0002 * (step // 8))
+            asked.cancel()
+            await asyncio.gather(asked, return_exceptions=True)
+            assert await source.read_file(sha, "branchyard.yaml") == "run: y\n", step
+        await source.close()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    assert cat_files() == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, processes_with, stdlib_service, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, no_process_left, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def test_stopping_the_daemon_stops_every_service_and_port(
     wait_for(lambda: running.answer("app"), 30, "app live")
     port = running.router_port
     assert running.stop() == 0
-    wait_for(lambda: not processes_with(running.marker), 10, "no process left")
+    no_process_left(running.marker)
     assert not (running.home / "daemon.json").exists()
     with pytest.raises(OSError):
         running.get("app.main.localhost", port=port)
@@ -171,7 +171,7 @@ def test_a_restarted_daemon_brings_everything_back_with_its_settings(
         ordinal = first.row("main", "web")["live"]["ordinal"]
     finally:
         assert first.stop() == 0
-    wait_for(lambda: not processes_with(first.marker), 10, "no process left")
+    no_process_left(first.marker)
 
     second = start_daemon(tmp_path / "home")
     try:
@@ -181,4 +181,4 @@ def test_a_restarted_daemon_brings_everything_back_with_its_settings(
         assert second.ps_q() == ["main:app", "main:web"]
     finally:
         assert second.stop() == 0
-    wait_for(lambda: not processes_with(second.marker), 10, "no process left")
+    no_process_left(second.marker)

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import (
     Daemon,
     ServiceRepo,
+    no_process_left,
     processes_with,
     start_daemon,
     stdlib_service,
@@ -219,7 +220,7 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "the stubborn one killed")
     finally:
         assert running.stop() == 0
-    wait_for(lambda: not processes_with(running.marker), 15, "no process left")
+    no_process_left(running.marker, 15)
 
 
 def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
