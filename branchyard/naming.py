@@ -8,7 +8,6 @@ take a namespace another branch already holds, gets a short hash suffix.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from collections.abc import Container
@@ -33,6 +32,8 @@ def dns_label(name: str) -> str:
 
 
 def short_hash(text: str) -> str:
+    import hashlib  # here, not at the top: it loads OpenSSL, and the CLI only needs BASELINE
+
     return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
 
 
