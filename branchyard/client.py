@@ -122,6 +122,9 @@ class _Answer:
             for event in (request, h11.Data(data=payload), h11.EndOfMessage()):
                 self._sock.sendall(self._http.send(event) or b"")
             response = self._next()
+        except OSError as exc:
+            self._sock.close()
+            raise BranchyardError(f"lost the connection to the daemon: {exc}") from None
         except BaseException:
             self._sock.close()
             raise

@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 
 from branchyard.git import Source, commit_subject
-
-
-def git(*args: str, cwd: Path) -> str:
-    names = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
-    names |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, env={**os.environ, **names}, check=True, capture_output=True
-    )
-    return done.stdout.decode().strip()
+from tests.conftest import git
 
 
 def commit(repo: Path, files: dict[str, str], message: str) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from branchyard.watcher import next_poll, refs_fingerprint
+from tests.conftest import git
 
 
 @pytest.mark.parametrize(
@@ -26,13 +26,6 @@ def test_polls_keep_their_cadence(
     due: float, started: float, interval: float, expected: float
 ) -> None:
     assert next_poll(due, started, interval) == pytest.approx(expected)
-
-
-def git(*args: str, cwd: Path) -> None:
-    author = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
-    committer = {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env = {**os.environ, **author, **committer}
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
 
 
 def test_the_fingerprint_changes_with_every_ref_update_even_within_one_clock_tick(
