@@ -28,7 +28,14 @@ from pathlib import Path
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
 from branchyard.runtime import Address, Build, OnChange, RevisionSpec
-from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, rotate
+from branchyard.runtime.processes import (
+    LOOPBACK,
+    LocalProcess,
+    Ports,
+    Registry,
+    rotate,
+    uninterrupted,
+)
 from branchyard.runtime.supervisor import (
     FirstStartFailed,
     Process,
@@ -107,6 +114,13 @@ def _first_start_message(web: Supervisor, health: HealthCheck, exc: FirstStartFa
             return f"exited with code {code} before passing its health check; see: branchyard logs"
         return health.failure or exc.message
     return f"a worker could not start: {exc.message}; see: branchyard logs"
+
+
+async def _stop_all(supervisors: list[Supervisor], grace: float = 1.0) -> None:
+    """Stop ``supervisors``; return once their processes are gone, even if cancelled
+    meanwhile, so that a start cancelled twice in a row (a burst of deploys) cannot
+    leave its processes running."""
+    await uninterrupted(asyncio.gather(*(s.stopping(grace) for s in supervisors)))
 
 
 @dataclass
@@ -301,13 +315,13 @@ class LocalRuntime:
             await web.start()
             for worker in workers:
                 await worker.start()
-        except FirstStartFailed as exc:
-            await asyncio.gather(*(s.stop(1.0) for s in supervisors))
-            self._ports.give_back(port)
-            raise BuildFailed(_first_start_message(web, health, exc)) from None
-        except BaseException:
-            await asyncio.gather(*(s.stop(1.0) for s in supervisors))
-            self._ports.give_back(port)
+        except BaseException as exc:
+            try:
+                await _stop_all(supervisors)
+            finally:
+                self._ports.give_back(port)
+            if isinstance(exc, FirstStartFailed):
+                raise BuildFailed(_first_start_message(web, health, exc)) from None
             raise
 
         def give_back() -> None:

@@ -17,9 +17,11 @@ import signal
 import socket
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
+
 LOG_MAX = 10 * 1024 * 1024  # bytes a service's log may reach before it is rotated
 
 
@@ -113,6 +115,22 @@ class LocalProcess:
                 await asyncio.wait_for(asyncio.shield(self._process.wait()), grace)
         signal_group(self.pid, signal.SIGKILL)
         await self.wait()
+
+
+async def uninterrupted(future: asyncio.Future[T]) -> T:
+    """Wait for ``future`` to the end even if the caller is cancelled meanwhile, then
+    raise that cancellation. For cleanup that must finish: stopping what was started."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return future.result()
 
 
 def reap_leftovers(processes: Iterable[tuple[int, str, str]]) -> list[str]:

@@ -190,16 +190,27 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """Stop supervising and terminate the process; EXITED at the end. Idempotent.
 
-        A FAILED supervisor has nothing left to stop and stays FAILED.
+        A FAILED supervisor has nothing left to stop and stays FAILED. Cancelling
+        ``stop`` does not cancel the stopping, which :meth:`stopping` began.
+        """
+        await asyncio.shield(self.stopping(grace))
+
+    def stopping(self, grace: float) -> asyncio.Future[None]:
+        """Begin to stop now, not at the caller's next step; what finishes the stop.
+
+        A coroutine that is cancelled before its first step never runs, so cleanup
+        written as ``await stop()`` can be lost; this begins it synchronously.
         """
         if self._stopping is None:
             if self.state in (ProcessState.EXITED, ProcessState.FAILED):
-                return
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
             self._move(Event.STOP)
             if self._task is not None:
                 self._task.cancel()
             self._stopping = asyncio.create_task(self._stop(grace), name=f"stop {self.name}")
-        await asyncio.shield(self._stopping)
+        return self._stopping
 
     async def wait_failed(self) -> None:
         """Return once the state is FAILED (which may be never)."""

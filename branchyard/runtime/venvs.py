@@ -18,7 +18,7 @@ from pathlib import Path
 import uv
 
 from branchyard.errors import BuildFailed
-from branchyard.runtime.processes import LocalProcess, Registry
+from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 
 DEPENDENCY_FILES = ("requirements.txt", "pyproject.toml")
 KEEP = 20
@@ -104,5 +104,5 @@ async def run_logged(
     try:
         return await process.wait()
     except asyncio.CancelledError:
-        await process.terminate(0)
+        await uninterrupted(asyncio.ensure_future(process.terminate(0)))
         raise

@@ -1,0 +1,102 @@
+"""The local runtime's start under cancellation, with real child processes.
+
+A burst of deploys cancels a start, then cancels it again while it is cleaning up
+(the deploy that cancelled it is itself superseded). Wherever the second cancel
+lands, the start must end with every process it spawned gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from branchyard.errors import BuildFailed
+from branchyard.git import Sources
+from branchyard.manifest import Manifest
+from branchyard.runtime import RevisionSpec
+from branchyard.runtime.local import LocalBuild, LocalRuntime
+
+
+class Registry:
+    """Records the process groups the runtime reports, as the store does."""
+
+    def __init__(self) -> None:
+        self.alive: dict[int, str] = {}
+
+    def add_process(self, pgid: int, started: str, what: str) -> None:
+        self.alive[pgid] = what
+
+    def remove_process(self, pgid: int) -> None:
+        self.alive.pop(pgid, None)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for init do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def never_healthy(home: Path, registry: Registry) -> tuple[LocalRuntime, LocalBuild]:
+    """A runtime and a build whose web process runs but never answers its health check."""
+    runtime = LocalRuntime(home, Sources(home / "mirrors"), registry)
+    spec = RevisionSpec(
+        "main", "app", 1, str(home), "0" * 40, Manifest("sleep 60", health_timeout=60), {}
+    )
+    checkout = home / "checkout"
+    checkout.mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"]}
+    return runtime, LocalBuild(spec, checkout, home / "venv", env)
+
+
+async def spawned(registry: Registry) -> None:
+    async with asyncio.timeout(10):
+        while not registry.alive:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("steps_between", [0, 1, 2, 3, 5, 8, 13])
+def test_a_start_cancelled_twice_leaves_no_process_whatever_the_gap(
+    tmp_path: Path, steps_between: int
+) -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        runtime, build = never_healthy(tmp_path, registry)
+        start = asyncio.create_task(runtime.start(build, lambda _: None))
+        await spawned(registry)
+        pgids = list(registry.alive)
+        start.cancel()
+        for _ in range(steps_between):
+            await asyncio.sleep(0)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        assert registry.alive == {}
+        assert not any(group_alive(pgid) for pgid in pgids)
+        await runtime.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_start_that_fails_its_health_check_stops_its_process_and_says_why(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        runtime, build = never_healthy(tmp_path, registry)
+        quick = Manifest("sleep 60", health_timeout=0.2)
+        build.spec = RevisionSpec("main", "app", 1, str(tmp_path), "0" * 40, quick, {})
+        with pytest.raises(BuildFailed, match=r"health check GET / did not pass within 0.2 s"):
+            await runtime.start(build, lambda _: None)
+        assert registry.alive == {}
+        await runtime.close()
+
+    asyncio.run(scenario())
