@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel
 from branchyard import auth, dashboard, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, NotFound, UsageError
-from branchyard.model import Revision, RevisionState
+from branchyard.model import Overlay, Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.rollout import last_lines
@@ -72,8 +72,19 @@ class WeightsIn(BaseModel):
 
 class EnvIn(BaseModel):
     env: dict[Text, Any]
+    version: Text  # the version the new env was made from ("" for a service with none)
     author: Text = "branchyard"
     message: Text = ""
+
+
+class EnvChangeIn(BaseModel):
+    set: dict[Text, Any] = {}
+    unset: list[Text] = []
+    author: Text = "branchyard"
+
+
+def _env_answer(settings: Overlay, changed: bool) -> dict[str, Any]:
+    return {"env": dict(settings.env), "version": settings.version, "changed": changed}
 
 
 def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
@@ -246,10 +257,12 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.get("/api/namespaces/{namespace}/services/{service}/env")
     async def get_env(namespace: str, service: str, show_secrets: bool = False) -> dict[str, Any]:
+        settings = engine.settings_of(namespace, service)
         secrets = engine.secrets_of(namespace, service)
         return {
-            "env": engine.env_of(namespace, service),
+            "env": dict(settings.env),
             "secrets": secrets if show_secrets else masked(list(secrets)),
+            "version": settings.version,
         }
 
     @app.put("/api/namespaces/{namespace}/services/{service}/secrets")
@@ -263,9 +276,16 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     @app.put("/api/namespaces/{namespace}/services/{service}/env")
     async def put_env(namespace: str, service: str, body: EnvIn) -> dict[str, Any]:
         env = validate_env(body.env)
-        message = body.message or f"set env of {service} in {namespace}"
-        overlay = await engine.set_env(namespace, service, env, body.author, message)
-        return {"env": dict(overlay.env), "version": overlay.version}
+        saved = await engine.set_env(
+            namespace, service, env, body.version, body.author, body.message
+        )
+        return _env_answer(*saved)
+
+    @app.patch("/api/namespaces/{namespace}/services/{service}/env")
+    async def change_env(namespace: str, service: str, body: EnvChangeIn) -> dict[str, Any]:
+        assign = validate_env(body.set)
+        saved = await engine.change_env(namespace, service, assign, body.unset, body.author)
+        return _env_answer(*saved)
 
     @app.get("/api/namespaces/{namespace}/services/{service}/history")
     async def history(namespace: str, service: str) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 
 import click
 
-from branchyard.client import Client, default_home, path_of
-from branchyard.errors import BranchyardError, InvalidSettings, UsageError
+from branchyard.client import ApiError, Client, default_home, path_of
+from branchyard.errors import BranchyardError, InvalidSettings, StaleVersion, UsageError
 from branchyard.naming import BASELINE
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -314,10 +314,19 @@ def _author() -> str:
     return f"{name} <{email}>"
 
 
-def _put_env(ctx: Context, namespace: str, service: str, env: dict[str, str], message: str) -> str:
-    body = {"env": env, "author": _author(), "message": message}
-    result = ctx.client.call("PUT", _env_path(namespace, service), body)
-    return str(result["version"])
+def _saved(namespace: str, service: str, done: dict[str, Any]) -> str:
+    unchanged = "" if done["changed"] else " (unchanged)"
+    return f"{namespace}:{service} settings {done['version']}{unchanged}"
+
+
+def _change_env(
+    ctx: Context, namespace: str, service: str, assign: dict[str, str], unset: tuple[str, ...]
+) -> None:
+    """Send only the change; the daemon applies it to the env as it is then."""
+    body = {"set": assign, "unset": list(unset), "author": _author()}
+    click.echo(
+        _saved(namespace, service, ctx.client.call("PATCH", _env_path(namespace, service), body))
+    )
 
 
 @cli.group("env")
@@ -367,11 +376,7 @@ def env_set(
         done = ctx.client.call("PUT", _service_path(ctx, ns, service, "secrets"), body)
         click.echo(f"{namespace}:{service} settings {done['version']} (secret values not shown)")
         return
-    env = ctx.client.call("GET", _env_path(namespace, service))["env"]
-    version = _put_env(
-        ctx, namespace, service, {**env, **changes}, f"env set {' '.join(sorted(changes))}"
-    )
-    click.echo(f"{namespace}:{service} settings {version}")
+    _change_env(ctx, namespace, service, changes, ())
 
 
 @env_group.command("unset")
@@ -395,14 +400,7 @@ def env_unset(ctx: Context, service: str, keys: tuple[str, ...], ns: str | None)
         if not keys:
             click.echo(f"{namespace}:{service} secrets unset: {', '.join(secrets)}")
             return
-    version = _put_env(
-        ctx,
-        namespace,
-        service,
-        {k: v for k, v in env.items() if k not in keys},
-        f"env unset {' '.join(sorted(keys))}",
-    )
-    click.echo(f"{namespace}:{service} settings {version}")
+    _change_env(ctx, namespace, service, {}, keys)
 
 
 def _editor() -> list[str]:
@@ -437,25 +435,16 @@ def _strip_error_comments(text: str) -> str:
     )
 
 
-@cli.command()
-@click.argument("service")
-@namespaced
-@pass_context
-def edit(ctx: Context, service: str, ns: str | None) -> None:
-    """Edit a service's env in $VISUAL or $EDITOR; saving rolls out a new revision."""
-    namespace = ctx.namespace(ns)
-    current = ctx.client.call("GET", _env_path(namespace, service))["env"]
-    header = (
-        f"# env of {service} in namespace {namespace}. Save to roll out a new revision;\n"
-        "# save it unchanged to cancel. PORT, BRANCHYARD_* and *_URL are set for you.\n"
-    )
-    from branchyard.settings import parse_document, render_document  # only edit needs YAML
+def _edited_env(shown: str, current: dict[str, str]) -> dict[str, str]:
+    """Open the editor on ``shown`` until it gives a valid, changed env; cancel otherwise."""
+    from branchyard.settings import is_blank_document, parse_document  # only edit needs YAML
 
-    shown = header + render_document(current)
     while True:
         edited = _edit_text(shown)
         if edited == shown:
             raise UsageError("saved unchanged; nothing was changed")
+        if is_blank_document(edited):
+            raise UsageError("the file was left empty; nothing was changed")
         try:
             env = parse_document(edited)
         except InvalidSettings as exc:
@@ -463,9 +452,48 @@ def edit(ctx: Context, service: str, ns: str | None) -> None:
             continue
         if env == current:
             raise UsageError("no change to the env; nothing was changed")
+        return env
+
+
+def _conflict_note(message: str, mine: dict[str, str]) -> str:
+    from branchyard.settings import render_document
+
+    yours = "".join(f"#   {line}\n" for line in render_document(mine).splitlines())
+    return (
+        f"# conflict: {message}.\n"
+        "# Below is the latest; make your change again. What you saved (not applied):\n"
+        f"{yours}"
+    )
+
+
+@cli.command()
+@click.argument("service")
+@namespaced
+@pass_context
+def edit(ctx: Context, service: str, ns: str | None) -> None:
+    """Edit a service's env in $VISUAL or $EDITOR; saving rolls out a new revision."""
+    from branchyard.settings import render_document
+
+    namespace = ctx.namespace(ns)
+    path = _env_path(namespace, service)
+    header = (
+        f"# env of {service} in namespace {namespace}. Save to roll out a new revision;\n"
+        "# save it unchanged or empty to cancel. PORT, BRANCHYARD_* and *_URL are set for you.\n"
+    )
+    note = ""
+    while True:
+        current = ctx.client.call("GET", path)
+        env = _edited_env(note + header + render_document(current["env"]), current["env"])
+        body = {"env": env, "version": current["version"], "author": _author()}
+        try:
+            done = ctx.client.call("PUT", path, body)
+        except ApiError as exc:
+            if exc.code != StaleVersion.code:
+                raise
+            note = _conflict_note(exc.message, env)
+            continue
         break
-    version = _put_env(ctx, namespace, service, env, f"edit {service} in {namespace}")
-    click.echo(f"{namespace}:{service} settings {version}; rolling out a new revision")
+    click.echo(f"{_saved(namespace, service, done)}; rolling out a new revision")
 
 
 @cli.command()

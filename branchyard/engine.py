@@ -15,8 +15,8 @@ import contextlib
 import logging
 import os
 import re
-import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
 
 from branchyard.errors import BranchyardError, Conflict, NotFound, UsageError
 from branchyard.git import Sources, local_path, ls_remote
@@ -27,7 +27,7 @@ from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, Rollouts
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Runtime
 from branchyard.runtime.processes import reap_leftovers
-from branchyard.settings import SettingsRepo, validate_env
+from branchyard.settings import SettingsRepo, check_version, describe_change, validate_env
 from branchyard.status import StatusConfig, StatusReporter
 from branchyard.store import Store
 from branchyard.vault import Vault
@@ -102,6 +102,9 @@ class Engine:
                 was_live[slot] = revision
             self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
         self.overlays = await self.settings_repo.open()
+        if self.settings_repo.set_aside:
+            log.warning("%s", self.settings_repo.set_aside)
+            self.store.event("settings", self.settings_repo.set_aside)
         await self._restore(list(was_live.values()))
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
@@ -375,38 +378,101 @@ class Engine:
         self.request_reconcile()
         return target
 
-    async def set_env(
-        self, namespace: str, service: str, env: Mapping[str, str], author: str, message: str
-    ) -> Overlay:
+    def settings_of(self, namespace: str, service: str) -> Overlay:
+        """What a person set for a service, with the version it is at."""
         self.target(namespace, service)
-        secrets = self.overlays.get((namespace, service), NO_SETTINGS).secrets
-        overlay = await self.settings_repo.write(
-            (namespace, service), env, author, message, secrets
-        )
-        self.overlays[(namespace, service)] = overlay
-        self.store.event("settings", f"{message} ({overlay.version})", (namespace, service))
-        self.request_reconcile()
-        return overlay
+        return self.overlays.get((namespace, service), NO_SETTINGS)
+
+    def env_of(self, namespace: str, service: str) -> dict[str, str]:
+        return dict(self.settings_of(namespace, service).env)
+
+    async def set_env(
+        self,
+        namespace: str,
+        service: str,
+        env: Mapping[str, str],
+        version: str,
+        author: str,
+        message: str = "",
+    ) -> tuple[Overlay, bool]:
+        """Replace the env, if it is still at ``version``; (settings, whether they changed)."""
+        slot = (namespace, service)
+        async with self.settings_repo.lock:
+            current = self.settings_of(namespace, service)
+            check_version(version, current.version, f"{service} in {namespace}")
+            change = describe_change(current.env, env)
+            if not change:
+                return current, False
+            message = message or f"edit {service} in {namespace}: {change}"
+            return await self._commit(slot, env, current.secrets, author, message), True
+
+    async def change_env(
+        self,
+        namespace: str,
+        service: str,
+        assign: Mapping[str, str],
+        unset: Collection[str],
+        author: str,
+    ) -> tuple[Overlay, bool]:
+        """Set and unset variables of the env as it is now; (settings, whether they changed)."""
+        slot = (namespace, service)
+        both = sorted(set(assign) & set(unset))
+        if both:
+            raise UsageError(f"both set and unset: {', '.join(both)}")
+        if not assign and not unset:
+            raise UsageError("nothing to change: give variables to set or unset")
+        validate_env(assign)
+        async with self.settings_repo.lock:
+            current = self.settings_of(namespace, service)
+            missing = sorted(k for k in unset if k not in current.env)
+            if missing:
+                raise UsageError(f"not set in {namespace}:{service}: {', '.join(missing)}")
+            env = {k: v for k, v in {**current.env, **assign}.items() if k not in unset}
+            change = describe_change(current.env, env)
+            if not change:
+                return current, False
+            overlay = await self._commit(slot, env, current.secrets, author, f"env {change}")
+            return overlay, True
 
     async def set_secrets(
         self, namespace: str, service: str, changes: Mapping[str, str | None], author: str
     ) -> Overlay:
-        """Set (a value) or unset (None) secrets; git records only that they changed."""
+        """Set (a value) or unset (None) secrets; git records only that they changed.
+
+        A value is kept only if its commit is made: if the commit fails, the
+        secrets are put back as they were.
+        """
         slot = (namespace, service)
-        self.target(namespace, service)
-        current = self.overlays.get(slot, NO_SETTINGS)
-        missing = [k for k, v in changes.items() if v is None and k not in current.secrets]
-        if missing:
-            raise UsageError(f"no secret {', '.join(missing)} in {namespace}:{service}")
         validate_env({k: v for k, v in changes.items() if v is not None})
-        self.vault.update(slot, changes)
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        marks = {k: f"changed {now}" for k, v in changes.items() if v is not None}
-        removed = {k for k, v in changes.items() if v is None}
-        secrets = {k: v for k, v in {**current.secrets, **marks}.items() if k not in removed}
-        verb = "set" if any(v is not None for v in changes.values()) else "unset"
-        message = f"{verb} secret {' '.join(sorted(changes))}"
-        overlay = await self.settings_repo.write(slot, current.env, author, message, secrets)
+        async with self.settings_repo.lock:
+            current = self.settings_of(namespace, service)
+            missing = [k for k, v in changes.items() if v is None and k not in current.secrets]
+            if missing:
+                raise UsageError(f"no secret {', '.join(missing)} in {namespace}:{service}")
+            now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            marks = {k: f"changed {now}" for k, v in changes.items() if v is not None}
+            removed = {k for k, v in changes.items() if v is None}
+            secrets = {k: v for k, v in {**current.secrets, **marks}.items() if k not in removed}
+            verb = "set" if any(v is not None for v in changes.values()) else "unset"
+            message = f"{verb} secret {' '.join(sorted(changes))}"
+            before = self.vault.values(slot)
+            self.vault.update(slot, changes)
+            try:
+                return await self._commit(slot, current.env, secrets, author, message)
+            except (BranchyardError, OSError):
+                self.vault.update(slot, {k: before.get(k) for k in changes})
+                raise
+
+    async def _commit(
+        self,
+        slot: Slot,
+        env: Mapping[str, str],
+        secrets: Mapping[str, str],
+        author: str,
+        message: str,
+    ) -> Overlay:
+        """Commit one change (the settings lock held), make it current and roll it out."""
+        overlay = await self.settings_repo.write(slot, env, author, message, secrets)
         self.overlays[slot] = overlay
         self.store.event("settings", f"{message} ({overlay.version})", slot)
         self.request_reconcile()
@@ -415,10 +481,6 @@ class Engine:
     def secrets_of(self, namespace: str, service: str) -> dict[str, str]:
         self.target(namespace, service)
         return self.vault.values((namespace, service))
-
-    def env_of(self, namespace: str, service: str) -> dict[str, str]:
-        self.target(namespace, service)
-        return dict(self.overlays.get((namespace, service), Overlay("")).env)
 
     # rollouts a person asks for
 

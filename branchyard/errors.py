@@ -10,6 +10,7 @@ HTTP status.
     │   └── InvalidSettings         an edited env document that does not validate
     ├── NotFound                    unknown repo, namespace or service (404)
     ├── Conflict                    e.g. a repo added twice (409)
+    │   └── StaleVersion            settings changed since the version a change started from
     ├── DaemonNotRunning            the CLI cannot reach the daemon
     ├── ManifestError               a Procfile or branchyard.yaml that cannot be used
     └── BuildFailed                 a revision could not be fetched, built or started
@@ -44,6 +45,10 @@ class NotFound(BranchyardError):
 class Conflict(BranchyardError):
     code = "conflict"
     status = 409
+
+
+class StaleVersion(Conflict):
+    code = "stale_version"
 
 
 class DaemonNotRunning(BranchyardError):

@@ -34,16 +34,23 @@ class Vault:
         return dict(self._data.get(self._key(slot), {}))
 
     def update(self, slot: Slot, changes: Mapping[str, str | None]) -> None:
-        """Set (a string) or remove (None) secrets of a slot, and save."""
-        current = self._data.setdefault(self._key(slot), {})
+        """Set (a string) or remove (None) secrets of a slot, and save.
+
+        Memory changes only once the file is saved: a secret that could not be
+        kept is not set.
+        """
+        key = self._key(slot)
+        current = dict(self._data.get(key, {}))
         for name, value in changes.items():
             if value is None:
                 current.pop(name, None)
             else:
                 current[name] = value
-        if not current:
-            del self._data[self._key(slot)]
-        write_private(self.path, json.dumps(self._data, indent=1, sort_keys=True))
+        data = {k: v for k, v in self._data.items() if k != key}
+        if current:
+            data[key] = current
+        write_private(self.path, json.dumps(data, indent=1, sort_keys=True))
+        self._data = data
 
 
 def masked(names: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[str, str]:

@@ -163,6 +163,27 @@ def test_edit_saved_unchanged_or_invalid_changes_nothing(
     assert daemon.cli("env", "ls", "app").stdout == ""
 
 
+def test_edit_left_empty_or_with_only_comments_cancels_and_keeps_the_env(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.ps_q() == ["main:app"], 30)
+    daemon.cli("env", "set", "app", "GREETING=hi")
+    history = daemon.cli("history", "app").stdout
+    comments_only = tmp_path / "comments_only.py"
+    comments_only.write_text(
+        "import sys\n"
+        "lines = open(sys.argv[1]).read().splitlines(keepends=True)\n"
+        "open(sys.argv[1], 'w').write(''.join(l for l in lines if l.startswith('#')))\n"
+    )
+    for editor in ("truncate -s 0", f"python3 {comments_only}"):
+        done = daemon.cli("edit", "app", env={"EDITOR": editor}, check=False)
+        _fails_with(done, "the file was left empty; nothing was changed")
+    assert daemon.cli("env", "ls", "app").stdout == "GREETING=hi\n"
+    assert daemon.cli("history", "app").stdout == history
+
+
 def test_the_cli_says_how_to_start_the_daemon_when_it_is_down(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from branchyard.errors import InvalidSettings, UsageError
-from branchyard.settings import parse_document, render_document, validate_env
+from branchyard.errors import InvalidSettings, StaleVersion, UsageError
+from branchyard.settings import (
+    check_version,
+    describe_change,
+    is_blank_document,
+    parse_document,
+    render_document,
+    validate_env,
+)
 
 
 @pytest.mark.parametrize(
@@ -196,3 +203,72 @@ def test_any_valid_env_survives_a_render_and_parse(env: dict[str, str]) -> None:
 def test_an_env_that_is_a_list_is_refused_even_when_empty() -> None:
     with pytest.raises(InvalidSettings, match="env must map"):
         parse_document("env: []\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "blank"),
+    [
+        pytest.param("", True, id="empty"),
+        pytest.param("\n  \n\t\n", True, id="whitespace"),
+        pytest.param("# env of app in namespace main.\n# save it unchanged\n", True, id="comments"),
+        pytest.param("  # indented comment\n", True, id="indented-comment"),
+        pytest.param("env: {}\n", False, id="an-empty-env-said-so"),
+        pytest.param("env:\n", False, id="env-key-alone"),
+        pytest.param("# header\nenv:\n  A: b\n", False, id="a-document"),
+    ],
+)
+def test_a_document_of_only_blanks_and_comments_is_blank(text: str, blank: bool) -> None:
+    assert is_blank_document(text) is blank
+
+
+@pytest.mark.parametrize(
+    ("given", "current"),
+    [
+        pytest.param("", "", id="never-set"),
+        pytest.param("3f2c1ab", "3f2c1ab", id="same"),
+        pytest.param("3f2c1ab", "3f2c1ab9", id="git-abbreviates-longer-now"),
+        pytest.param("3f2c1ab9", "3f2c1ab", id="git-abbreviated-longer-then"),
+    ],
+)
+def test_a_change_from_the_current_version_is_accepted(given: str, current: str) -> None:
+    check_version(given, current, "app in main")
+
+
+@pytest.mark.parametrize(
+    ("given", "current", "shown"),
+    [
+        pytest.param("", "3f2c1ab", "(none) (now 3f2c1ab)", id="made-from-nothing"),
+        pytest.param("3f2c1ab", "9e0d4c2", "3f2c1ab (now 9e0d4c2)", id="older"),
+        pytest.param("3f2c", "3f2c1ab", "3f2c (now 3f2c1ab)", id="too-short-to-compare"),
+        pytest.param("3f2c1ab", "", "3f2c1ab (now (none))", id="settings-gone"),
+    ],
+)
+def test_a_change_from_another_version_is_refused_with_409(
+    given: str, current: str, shown: str
+) -> None:
+    with pytest.raises(StaleVersion) as caught:
+        check_version(given, current, "app in main")
+    assert caught.value.message == (
+        f"the settings of app in main changed since version {shown}; start again from the latest"
+    )
+    assert (caught.value.code, caught.value.status) == ("stale_version", 409)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "said"),
+    [
+        pytest.param({}, {}, "", id="nothing"),
+        pytest.param({"A": "1"}, {"A": "1"}, "", id="same"),
+        pytest.param({}, {"B": "1", "A": "2"}, "set A B", id="added-sorted"),
+        pytest.param({"A": "1"}, {"A": "2"}, "set A", id="changed"),
+        pytest.param({"A": "1", "B": "2"}, {"B": "2"}, "unset A", id="removed"),
+        pytest.param({"A": "1"}, {"B": "1"}, "set B; unset A", id="renamed"),
+        pytest.param(
+            {}, {f"K{i}": "x" for i in range(8)}, "set K0 K1 K2 K3 K4 and 3 more", id="many"
+        ),
+    ],
+)
+def test_a_change_is_described_by_what_it_sets_and_unsets(
+    old: dict[str, str], new: dict[str, str], said: str
+) -> None:
+    assert describe_change(old, new) == said
