@@ -544,7 +544,8 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         cell = _cell(engine, slot)
         history = engine.store.revisions(slot)
         latest = history[0] if history else None
-        person = engine.env_of(namespace, service)
+        settings = engine.settings_of(namespace, service)
+        person = dict(settings.env)
         secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
         changes = await engine.settings_repo.history(slot)
         build_log = (
@@ -569,7 +570,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "can_serve": _CAN_SERVE,
             "rollback_to": rollback_to,
             "env": dict(sorted(person.items())),
-            "env_text": "".join(f"{k}={v}\n" for k, v in sorted(person.items())),
+            "settings_version": settings.version,
             "secrets": secret_names,
             "mask": MASK,
             "branchyard_env": _branchyard_env(cell.live or latest, [*person, *secret_names]),

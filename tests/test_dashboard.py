@@ -295,6 +295,50 @@ def test_rollback_and_env_edit_from_the_service_page(
     shoot(page, "service-phone")
 
 
+def env_via_api(daemon: Daemon) -> dict[str, str]:
+    status, body = api(daemon, "GET", "/api/namespaces/main/services/app/env")
+    assert status == 200, body
+    return dict(body["env"])
+
+
+@pytest.mark.integration
+def test_the_env_editor_keeps_multi_line_values_and_refuses_to_overwrite_a_newer_env(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], page: Page
+) -> None:
+    register(daemon, make_repo("app"))
+    wait_for(lambda: daemon.ps_q() == ["main:app"], 30, "main:app")
+    daemon.cli("env", "set", "app", "DSN=host=db\nsslmode=require", 'QUOTED="as typed"')
+    log_in(page, daemon)
+    page.goto(f"{api_base(daemon)}/ns/main/app")
+    editor = page.locator("#env-text")
+    dsn, quoted = 'DSN="host=db\\nsslmode=require"\n', 'QUOTED="\\"as typed\\""\n'
+    shown = dsn + quoted
+    expect(editor).to_have_value(shown)
+
+    editor.fill(shown + "OTHER=1\n")
+    page.get_by_role("button", name="Save env").click()
+    expect(page.locator("#notice")).to_contain_text("rolling out a new revision")
+    assert env_via_api(daemon) == {
+        "DSN": "host=db\nsslmode=require",
+        "QUOTED": '"as typed"',
+        "OTHER": "1",
+    }
+    expect(page.locator("#part-history")).to_contain_text("edit app in main: set OTHER")
+
+    editor.fill(shown + "OTHER=1\nMINE=lost race\n")
+    daemon.cli("env", "set", "app", "THEIRS=won race")
+    page.get_by_role("button", name="Save env").click()
+    expect(page.locator("#problem")).to_contain_text("changed since version")
+    expect(page.locator("#problem")).to_contain_text("the editor now shows the latest")
+    expect(editor).to_have_value(dsn + "OTHER=1\n" + quoted + "THEIRS=won race\n")
+    assert "MINE" not in env_via_api(daemon)
+
+    editor.fill('BROKEN="not closed\n')
+    page.get_by_role("button", name="Save env").click()
+    expect(page.locator("#problem")).to_contain_text('line 1: a value that starts with " is a JSON')
+    assert env_via_api(daemon)["THEIRS"] == "won race"
+
+
 @pytest.mark.integration
 def test_a_wrong_token_or_login_code_is_refused(daemon: Daemon, page: Page) -> None:
     base = api_base(daemon)

@@ -237,8 +237,9 @@
       data = null;
     }
     if (!answer.ok) {
-      const message = data && data.message ? data.message : `HTTP ${answer.status}`;
-      throw new Error(message);
+      const error = new Error(data && data.message ? data.message : `HTTP ${answer.status}`);
+      error.code = data && data.error;
+      throw error;
     }
     return data;
   }
@@ -276,9 +277,43 @@
     }
   });
 
-  // env edit
+  // env edit: KEY=VALUE lines. A value with a line break (or that starts with a quote) is
+  // written as a JSON string, KEY="one\ntwo", so that every value survives a round trip.
+  // Saving sends the settings version the text was made from; if the env changed since,
+  // the daemon refuses (409) and the latest is shown instead, nothing overwritten.
   const form = document.getElementById("env-form");
   const text = document.getElementById("env-text");
+  let startedFrom = "";
+
+  function renderEnv(env) {
+    return Object.keys(env)
+      .sort()
+      .map((key) => {
+        const value = env[key];
+        const quoted = /[\r\n]/.test(value) || value.startsWith('"');
+        return `${key}=${quoted ? JSON.stringify(value) : value}\n`;
+      })
+      .join("");
+  }
+
+  function showEnv(env, version) {
+    text.value = text.defaultValue = renderEnv(env);
+    startedFrom = version;
+  }
+
+  function showCurrentEnv() {
+    const status = document.getElementById("status");
+    showEnv(JSON.parse(status.dataset.env || "{}"), status.dataset.version || "");
+  }
+
+  function parseValue(value, number) {
+    if (!value.startsWith('"')) return value;
+    try {
+      return JSON.parse(value);
+    } catch (error) {
+      throw new Error(`line ${number}: a value that starts with " is a JSON string, like "one\\ntwo"`);
+    }
+  }
 
   function parseEnv(value) {
     const env = {};
@@ -287,10 +322,12 @@
       if (!trimmed || trimmed.startsWith("#")) return;
       const at = line.indexOf("=");
       if (at < 1) throw new Error(`line ${index + 1} is not KEY=VALUE: ${trimmed}`);
-      env[line.slice(0, at).trim()] = line.slice(at + 1);
+      env[line.slice(0, at).trim()] = parseValue(line.slice(at + 1), index + 1);
     });
     return env;
   }
+
+  showCurrentEnv();
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -307,16 +344,18 @@
     const save = document.getElementById("env-save");
     save.disabled = true;
     try {
-      const done = await call("PUT", "/env", {
-        env,
-        author: "dashboard",
-        message: message || `edit ${service} in ${namespace} (dashboard)`,
-      });
-      text.value = text.defaultValue = Object.entries(done.env).map(([k, v]) => `${k}=${v}\n`).join("");
+      const done = await call("PUT", "/env", { env, version: startedFrom, author: "dashboard", message });
+      showEnv(done.env, done.version);
       document.getElementById("env-message").value = "";
-      say(`Saved as settings ${done.version}; rolling out a new revision.`);
+      say(done.changed ? `Saved as settings ${done.version}; rolling out a new revision.` : "No change to the env; nothing was saved.");
     } catch (error) {
-      say(error.message, true);
+      if (error.code === "stale_version") {
+        const latest = await call("GET", "/env");
+        showEnv(latest.env, latest.version);
+        say(`${error.message}. Nothing was saved; the editor now shows the latest.`, true);
+      } else {
+        say(error.message, true);
+      }
     } finally {
       save.disabled = false;
       schedule(0);
@@ -325,10 +364,7 @@
 
   // Someone else changed the env: follow, unless a person is editing it here.
   afterRefresh.push(() => {
-    const status = document.getElementById("status");
-    if (status && text.value === text.defaultValue && document.activeElement !== text) {
-      text.value = text.defaultValue = status.dataset.env || "";
-    }
+    if (text.value === text.defaultValue && document.activeElement !== text) showCurrentEnv();
   });
 
   // live logs: the live revision's output, restarted when another revision goes live
