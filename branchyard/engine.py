@@ -383,9 +383,6 @@ class Engine:
         self.target(namespace, service)
         return self.overlays.get((namespace, service), NO_SETTINGS)
 
-    def env_of(self, namespace: str, service: str) -> dict[str, str]:
-        return dict(self.settings_of(namespace, service).env)
-
     async def set_env(
         self,
         namespace: str,

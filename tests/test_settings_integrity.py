@@ -139,14 +139,15 @@ def test_clients_that_start_again_after_a_409_get_every_edit_kept_once(
     assert sorted(commits(daemon)) == sorted((f"add E{i}", f"+  E{i}: '{i}'") for i in range(10))
 
 
-def blocking_hook(settings: Path, reached: Path, release: Path) -> None:
-    """A pre-commit hook that says it was reached, then holds the commit until released."""
+def blocking_hook(settings: Path, reached: Path, release: Path) -> Path:
+    """A pre-commit hook that says it was reached, holds the commit until released, fails it."""
     hook = settings / ".git" / "hooks" / "pre-commit"
     hook.parent.mkdir(exist_ok=True)
     hook.write_text(
         f"#!/bin/sh\ntouch '{reached}'\nwhile [ ! -e '{release}' ]; do sleep 0.05; done\nexit 1\n"
     )
     hook.chmod(0o755)
+    return hook
 
 
 def committing(marker: str) -> list[int]:
@@ -171,7 +172,7 @@ def test_a_daemon_killed_mid_write_comes_back_on_head_with_the_leftover_set_asid
             first.cli("env", "set", "app", f"KEPT{i}=yes")
         settings = first.home / "settings"
         reached, release = tmp_path / "reached", tmp_path / "release"
-        blocking_hook(settings, reached, release)
+        hook = blocking_hook(settings, reached, release)
         writers = [start_cli(first, "env", "set", "app", f"LOST{i}=no") for i in range(5)]
         wait_for(reached.exists, 30, "a commit under way")
         first.process.send_signal(signal.SIGKILL)
@@ -182,7 +183,7 @@ def test_a_daemon_killed_mid_write_comes_back_on_head_with_the_leftover_set_asid
     for writer in writers:
         _, err = writer.communicate(timeout=60)
         assert writer.returncode == 1, err  # none was acknowledged
-    (settings / ".git" / "hooks" / "pre-commit").unlink()
+    hook.unlink()
     wait_for(lambda: not committing(first.marker), 15, "the held commit ended")
     assert "LOST" in git("diff", "--cached", cwd=settings)  # one was staged, never committed
 
