@@ -28,6 +28,7 @@ from branchyard.planner import Slot
 from branchyard.rollout import last_lines
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
+from branchyard.text import shown
 from branchyard.vault import masked
 
 FOLLOW_INTERVAL = 0.2
@@ -370,8 +371,8 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
     wanted = {webhooks.normalize_url(url) for url in event.repo_urls}
     repo = next((r for r in engine.store.repos() if webhooks.normalize_url(r.url) in wanted), None)
     if repo is None:
-        shown = event.repo_urls[0] if event.repo_urls else event.repo_name
-        message = f"{name} webhook for {shown}, which is not a registered repo: ignored"
+        named = event.repo_urls[0] if event.repo_urls else event.repo_name
+        message = f"{name} webhook for {shown(named)}, which is not a registered repo: ignored"
         engine.store.event("webhook", message)
         return {"ignored": message}, 202
     secret = repo.webhook_secret or engine.webhook_secret

@@ -21,6 +21,7 @@ import click
 from branchyard.client import Client, default_home, path_of
 from branchyard.errors import BranchyardError, InvalidSettings, UsageError
 from branchyard.naming import BASELINE
+from branchyard.text import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -591,7 +592,7 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
 def _event_line(event: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
-    return f"{when}  {event['kind']:<10} {where:<24} {event['message']}"
+    return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
 
 
 @cli.command()

@@ -1,0 +1,46 @@
+"""Nothing grows without bound: webhook floods, event text, build logs, logs across
+rotation, and connections that never finish their request."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.test_api import call, github_push, token_of
+
+pytestmark = pytest.mark.integration
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x1b[H"
+
+
+def store_bytes(daemon: Daemon) -> int:
+    return sum(
+        (daemon.home / name).stat().st_size
+        for name in ("state.db", "state.db-wal")
+        if (daemon.home / name).exists()
+    )
+
+
+def test_a_flood_of_unsigned_webhooks_with_huge_fields_stores_little(daemon: Daemon) -> None:
+    before = store_bytes(daemon)
+    url = f"https://forge.example/{ESCAPES}/" + "a" * 4_900_000 + ".git"
+    payload = json.loads(github_push("https://forge.example/app.git", "main", "1" * 40))
+    payload["repository"]["clone_url"] = url
+    body = json.dumps(payload).encode()
+    assert 4_900_000 < len(body) < 5 * 1024 * 1024
+    for _ in range(3):
+        status, answer = call(daemon, "POST", "/hooks/github", body, {"X-GitHub-Event": "push"})
+        assert status == 202 and len(json.dumps(answer)) < 2000, (status, str(answer)[:200])
+
+    after = store_bytes(daemon)
+    print(f"store after the flood: {after} bytes (before: {before})")
+    assert after - before < 256 * 1024
+    good = {"Authorization": f"Bearer {token_of(daemon)}"}
+    status, events = call(daemon, "GET", "/api/events", headers=good)
+    assert status == 200 and len(json.dumps(events)) < 20_000
+    assert len([e for e in events if "not a registered repo" in e["message"]]) == 3
+    shown = daemon.cli("events").stdout
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;pwned\\x07" in shown and "more characters)" in shown
