@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +23,7 @@ from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, dashboard, webhooks
 from branchyard.engine import Engine
-from branchyard.errors import BranchyardError, NotFound, UsageError
+from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
@@ -30,6 +32,8 @@ from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
 from branchyard.text import shown
 from branchyard.vault import masked
+
+log = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL = 0.2
 MAX_EVENT_ID = 2**63 - 1  # SQLite's INTEGER
@@ -75,6 +79,14 @@ class EnvIn(BaseModel):
     env: dict[Text, Any]
     author: Text = "branchyard"
     message: Text = ""
+
+
+def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
+    """What a failed read or write under the home means, in one line."""
+    if isinstance(exc, sqlite3.Error):
+        return HomeError(f"the store {home / 'state.db'} failed: {exc}")
+    where = f": {exc.filename}" if exc.filename else ""
+    return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
 def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
@@ -142,6 +154,19 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     @app.exception_handler(BranchyardError)
     async def _error(request: Request, exc: BranchyardError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _home_fault(request: Request, exc: OSError | sqlite3.Error) -> JSONResponse:
+        error = _home_error(exc, home)
+        log.warning("%s %s: %s", request.method, request.url.path, error.message)
+        return await _error(request, error)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server: this is a bug, not a user's mistake.
+        message = f"internal error ({type(exc).__name__}); the daemon's output has the details"
+        return JSONResponse({"error": "internal_error", "message": message}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

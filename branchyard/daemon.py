@@ -65,7 +65,11 @@ class Options:
 
 @contextlib.contextmanager
 def _home_lock(home: Path) -> Iterator[IO[str]]:
-    handle = (home / "daemon.lock").open("w")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        handle = (home / "daemon.lock").open("w")
+    except OSError as exc:
+        raise UsageError(f"cannot use the home {home}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -113,7 +117,6 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(options: Options) -> None:
     home = options.home
-    home.mkdir(parents=True, exist_ok=True)
     with _home_lock(home):
         await _serve(options)
 
