@@ -90,6 +90,12 @@ pass_context = click.make_pass_decorator(Context)
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
 )
+@click.option(
+    "--api-head-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds an API client may take to send a request head, or stay idle between requests.",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -99,6 +105,7 @@ def up(
     poll_interval: float,
     drain_grace: float,
     stop_grace: float,
+    api_head_timeout: float,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
@@ -111,8 +118,17 @@ def up(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if drain_grace < 0 or stop_grace < 0:
         raise UsageError("--drain-grace and --stop-grace must not be negative")
+    if api_head_timeout <= 0:
+        raise UsageError("--api-head-timeout must be more than 0 seconds")
     options = Options(
-        ctx.home, router_port, api_port, api_host, poll_interval, drain_grace, stop_grace
+        ctx.home,
+        router_port,
+        api_port,
+        api_host,
+        poll_interval,
+        drain_grace,
+        stop_grace,
+        api_head_timeout,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 

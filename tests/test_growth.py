@@ -4,10 +4,12 @@ rotation, and connections that never finish their request."""
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, start_daemon
 from tests.test_api import call, github_push, token_of
 
 pytestmark = pytest.mark.integration
@@ -44,3 +46,47 @@ def test_a_flood_of_unsigned_webhooks_with_huge_fields_stores_little(daemon: Dae
     shown = daemon.cli("events").stdout
     assert "\x1b" not in shown and "\x07" not in shown
     assert "\\x1b]0;pwned\\x07" in shown and "more characters)" in shown
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed ``sock`` (reads EOF); waits at most 20 s."""
+    sock.settimeout(20)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def still_open(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+
+
+def test_api_clients_that_never_finish_a_request_head_are_closed(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "home", "--api-head-timeout", "1")
+    try:
+        address = ("127.0.0.1", int(daemon.info["api"].rsplit(":", 1)[1]))
+        auth = f"Authorization: Bearer {token_of(daemon)}\r\n"
+        stream = socket.create_connection(address)
+        stream.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        silent = socket.create_connection(address)
+        slow = [socket.create_connection(address) for _ in range(50)]
+        for sock in slow:
+            sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        kept_alive = socket.create_connection(address)
+        kept_alive.sendall(f"GET /api/info HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        kept_alive.settimeout(10)
+        assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        kept_alive.sendall(b"GET /api/info HTTP/1.1\r\nHost: ")
+
+        assert all(closed_by_server(sock) for sock in [silent, *slow, kept_alive])
+        assert still_open(stream), "a response in progress was cut"
+        assert daemon.cli("info").returncode == 0
+        for sock in [stream, silent, *slow, kept_alive]:
+            sock.close()
+    finally:
+        assert daemon.stop() == 0
