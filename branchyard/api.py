@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, dashboard, webhooks
@@ -28,6 +28,7 @@ from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.rollout import last_lines
+from branchyard.runtime import logs as logfiles
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
 from branchyard.text import shown
@@ -301,8 +302,12 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.get("/api/namespaces/{namespace}/services/{service}/logs", response_model=None)
     async def logs(
-        namespace: str, service: str, build: bool = False, follow: bool = False
-    ) -> PlainTextResponse | StreamingResponse:
+        namespace: str,
+        service: str,
+        build: bool = False,
+        follow: bool = False,
+        tail: Annotated[int | None, Query(ge=0)] = None,
+    ) -> StreamingResponse:
         engine.target(namespace, service)
         history = engine.store.revisions((namespace, service))
         running = engine.rollouts.live((namespace, service))
@@ -311,8 +316,9 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             raise NotFound(f"{service} in {namespace} has no revision yet")
         path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
         if not follow:
-            return PlainTextResponse(path.read_text(errors="replace") if path.exists() else "")
-        return StreamingResponse(_follow(path, stopping), media_type="text/plain")
+            return StreamingResponse(logfiles.read(path, tail), media_type="text/plain")
+        followed = logfiles.follow(path, tail, lambda: _pause(stopping))
+        return StreamingResponse(followed, media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
     async def revisions(namespace: str, service: str) -> list[dict[str, Any]]:
@@ -440,19 +446,5 @@ async def _event_stream(
         for event in engine.store.events(last, namespace):
             last = int(str(event["id"]))
             yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
-        if not await _pause(stopping):
-            return
-
-
-async def _follow(path: Path, stopping: asyncio.Event) -> AsyncIterator[bytes]:
-    position = 0
-    while True:
-        if path.exists():
-            with path.open("rb") as file:
-                file.seek(position)
-                chunk = file.read()
-            if chunk:
-                position += len(chunk)
-                yield chunk
         if not await _pause(stopping):
             return

@@ -96,6 +96,13 @@ pass_context = click.make_pass_decorator(Context)
     show_default=True,
     help="Seconds an API client may take to send a request head, or stay idle between requests.",
 )
+@click.option(
+    "--log-limit",
+    default=10 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="Bytes a service's or a build's log may reach before its older part is rotated out.",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -106,6 +113,7 @@ def up(
     drain_grace: float,
     stop_grace: float,
     api_head_timeout: float,
+    log_limit: int,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
@@ -129,6 +137,7 @@ def up(
         drain_grace,
         stop_grace,
         api_head_timeout,
+        log_limit,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 
@@ -269,16 +278,25 @@ def ns_ls(ctx: Context) -> None:
 @click.argument("service")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("--build", is_flag=True, help="The build log of the latest revision.")
+@click.option(
+    "--tail", type=click.IntRange(min=0), help="Only the last N lines (then new ones with -f)."
+)
 @namespaced
 @pass_context
-def logs(ctx: Context, service: str, follow: bool, build: bool, ns: str | None) -> None:
+def logs(
+    ctx: Context, service: str, follow: bool, build: bool, tail: int | None, ns: str | None
+) -> None:
     """Print a service's output (the live revision's, else the latest's)."""
     path = path_of(
-        "namespaces", ctx.namespace(ns), "services", service, "logs", build=build, follow=follow
+        "namespaces",
+        ctx.namespace(ns),
+        "services",
+        service,
+        "logs",
+        build=build,
+        follow=follow,
+        tail=tail,
     )
-    if not follow:
-        click.echo(ctx.client.text(path), nl=False)
-        return
     out = sys.stdout.buffer
     for chunk in ctx.client.stream(path):
         out.write(chunk)

@@ -34,6 +34,7 @@ from branchyard.git import Sources
 from branchyard.rollout import DRAIN_GRACE
 from branchyard.router import HEAD_TIMEOUT_SECONDS, Router, RouteTable
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
+from branchyard.runtime.logs import LOG_MAX
 from branchyard.settings import SettingsRepo
 from branchyard.status import StatusConfig, config_from_env
 from branchyard.store import Store
@@ -104,6 +105,7 @@ class Options:
     drain_grace: float = DRAIN_GRACE
     stop_grace: float = STOP_GRACE
     head_timeout: float = HEAD_TIMEOUT_SECONDS
+    log_limit: int = LOG_MAX
 
 
 @contextlib.contextmanager
@@ -170,7 +172,7 @@ async def _serve(options: Options) -> None:
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
-    runtime = LocalRuntime(home, sources, store, options.stop_grace)
+    runtime = LocalRuntime(home, sources, store, options.stop_grace, options.log_limit)
     engine = Engine(
         store,
         runtime,
