@@ -10,25 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, dashboard, webhooks
 from branchyard.engine import Engine
-from branchyard.errors import BranchyardError, NotFound, UsageError
+from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Overlay, Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.rollout import last_lines
+from branchyard.runtime import logs as logfiles
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
+from branchyard.text import shown
 from branchyard.vault import masked
+
+log = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL = 0.2
 MAX_EVENT_ID = 2**63 - 1  # SQLite's INTEGER
@@ -85,6 +91,14 @@ class EnvChangeIn(BaseModel):
 
 def _env_answer(settings: Overlay, changed: bool) -> dict[str, Any]:
     return {"env": dict(settings.env), "version": settings.version, "changed": changed}
+
+
+def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
+    """What a failed read or write under the home means, in one line."""
+    if isinstance(exc, sqlite3.Error):
+        return HomeError(f"the store {home / 'state.db'} failed: {exc}")
+    where = f": {exc.filename}" if exc.filename else ""
+    return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
 def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
@@ -152,6 +166,19 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     @app.exception_handler(BranchyardError)
     async def _error(request: Request, exc: BranchyardError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _home_fault(request: Request, exc: OSError | sqlite3.Error) -> JSONResponse:
+        error = _home_error(exc, home)
+        log.warning("%s %s: %s", request.method, request.url.path, error.message)
+        return await _error(request, error)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server: this is a bug, not a user's mistake.
+        message = f"internal error ({type(exc).__name__}); the daemon's output has the details"
+        return JSONResponse({"error": "internal_error", "message": message}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -295,8 +322,12 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.get("/api/namespaces/{namespace}/services/{service}/logs", response_model=None)
     async def logs(
-        namespace: str, service: str, build: bool = False, follow: bool = False
-    ) -> PlainTextResponse | StreamingResponse:
+        namespace: str,
+        service: str,
+        build: bool = False,
+        follow: bool = False,
+        tail: Annotated[int | None, Query(ge=0)] = None,
+    ) -> StreamingResponse:
         engine.target(namespace, service)
         history = engine.store.revisions((namespace, service))
         running = engine.rollouts.live((namespace, service))
@@ -305,8 +336,9 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             raise NotFound(f"{service} in {namespace} has no revision yet")
         path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
         if not follow:
-            return PlainTextResponse(path.read_text(errors="replace") if path.exists() else "")
-        return StreamingResponse(_follow(path, stopping), media_type="text/plain")
+            return StreamingResponse(logfiles.read(path, tail), media_type="text/plain")
+        followed = logfiles.follow(path, tail, lambda: _pause(stopping))
+        return StreamingResponse(followed, media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
     async def revisions(namespace: str, service: str) -> list[dict[str, Any]]:
@@ -390,8 +422,8 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
     wanted = {webhooks.normalize_url(url) for url in event.repo_urls}
     repo = next((r for r in engine.store.repos() if webhooks.normalize_url(r.url) in wanted), None)
     if repo is None:
-        shown = event.repo_urls[0] if event.repo_urls else event.repo_name
-        message = f"{name} webhook for {shown}, which is not a registered repo: ignored"
+        named = event.repo_urls[0] if event.repo_urls else event.repo_name
+        message = f"{name} webhook for {shown(named)}, which is not a registered repo: ignored"
         engine.store.event("webhook", message)
         return {"ignored": message}, 202
     secret = repo.webhook_secret or engine.webhook_secret
@@ -434,19 +466,5 @@ async def _event_stream(
         for event in engine.store.events(last, namespace):
             last = int(str(event["id"]))
             yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
-        if not await _pause(stopping):
-            return
-
-
-async def _follow(path: Path, stopping: asyncio.Event) -> AsyncIterator[bytes]:
-    position = 0
-    while True:
-        if path.exists():
-            with path.open("rb") as file:
-                file.seek(position)
-                chunk = file.read()
-            if chunk:
-                position += len(chunk)
-                yield chunk
         if not await _pause(stopping):
             return

@@ -21,6 +21,7 @@ import click
 from branchyard.client import ApiError, Client, default_home, path_of
 from branchyard.errors import BranchyardError, InvalidSettings, StaleVersion, UsageError
 from branchyard.naming import BASELINE
+from branchyard.text import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,6 +90,19 @@ pass_context = click.make_pass_decorator(Context)
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
 )
+@click.option(
+    "--api-head-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds an API client may take to send a request head, or stay idle between requests.",
+)
+@click.option(
+    "--log-limit",
+    default=10 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="Bytes a service's or a build's log may reach before its older part is rotated out.",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -98,6 +112,8 @@ def up(
     poll_interval: float,
     drain_grace: float,
     stop_grace: float,
+    api_head_timeout: float,
+    log_limit: int,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
@@ -110,8 +126,18 @@ def up(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if drain_grace < 0 or stop_grace < 0:
         raise UsageError("--drain-grace and --stop-grace must not be negative")
+    if api_head_timeout <= 0:
+        raise UsageError("--api-head-timeout must be more than 0 seconds")
     options = Options(
-        ctx.home, router_port, api_port, api_host, poll_interval, drain_grace, stop_grace
+        ctx.home,
+        router_port,
+        api_port,
+        api_host,
+        poll_interval,
+        drain_grace,
+        stop_grace,
+        api_head_timeout,
+        log_limit,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 
@@ -252,16 +278,25 @@ def ns_ls(ctx: Context) -> None:
 @click.argument("service")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("--build", is_flag=True, help="The build log of the latest revision.")
+@click.option(
+    "--tail", type=click.IntRange(min=0), help="Only the last N lines (then new ones with -f)."
+)
 @namespaced
 @pass_context
-def logs(ctx: Context, service: str, follow: bool, build: bool, ns: str | None) -> None:
+def logs(
+    ctx: Context, service: str, follow: bool, build: bool, tail: int | None, ns: str | None
+) -> None:
     """Print a service's output (the live revision's, else the latest's)."""
     path = path_of(
-        "namespaces", ctx.namespace(ns), "services", service, "logs", build=build, follow=follow
+        "namespaces",
+        ctx.namespace(ns),
+        "services",
+        service,
+        "logs",
+        build=build,
+        follow=follow,
+        tail=tail,
     )
-    if not follow:
-        click.echo(ctx.client.text(path), nl=False)
-        return
     out = sys.stdout.buffer
     for chunk in ctx.client.stream(path):
         out.write(chunk)
@@ -619,7 +654,7 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
 def _event_line(event: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
-    return f"{when}  {event['kind']:<10} {where:<24} {event['message']}"
+    return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
 
 
 @cli.command()

@@ -24,6 +24,7 @@ from typing import IO
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from branchyard import auth
 from branchyard.api import create_app
@@ -31,8 +32,9 @@ from branchyard.engine import Engine
 from branchyard.errors import UsageError
 from branchyard.git import Sources
 from branchyard.rollout import DRAIN_GRACE
-from branchyard.router import Router, RouteTable
+from branchyard.router import HEAD_TIMEOUT_SECONDS, Router, RouteTable
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
+from branchyard.runtime.logs import LOG_MAX
 from branchyard.settings import SettingsRepo
 from branchyard.status import StatusConfig, config_from_env
 from branchyard.store import Store
@@ -42,6 +44,47 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DAEMON_FILE = "daemon.json"
+
+
+class _ApiProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that takes longer than
+    :attr:`head_timeout` to send a request head, counted from its connection or its
+    previous response, as the router does: a client that trickles a header, or
+    connects and says nothing, no longer holds a connection for ever. (uvicorn's own
+    keep-alive timeout ends at the first byte of the next request.)"""
+
+    head_timeout = HEAD_TIMEOUT_SECONDS
+    _head_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def with_timeout(cls, seconds: float) -> type[_ApiProtocol]:
+        return type("_ApiProtocol", (cls,), {"head_timeout": seconds})
+
+    def _wait_for_head(self) -> None:
+        self._head_read()
+        self._head_timer = self.loop.call_later(self.head_timeout, self.transport.close)
+
+    def _head_read(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._wait_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_read()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._head_read()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._wait_for_head()
 
 
 class _ApiServer(uvicorn.Server):
@@ -61,11 +104,17 @@ class Options:
     poll_interval: float = 5.0
     drain_grace: float = DRAIN_GRACE
     stop_grace: float = STOP_GRACE
+    head_timeout: float = HEAD_TIMEOUT_SECONDS
+    log_limit: int = LOG_MAX
 
 
 @contextlib.contextmanager
 def _home_lock(home: Path) -> Iterator[IO[str]]:
-    handle = (home / "daemon.lock").open("w")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        handle = (home / "daemon.lock").open("w")
+    except OSError as exc:
+        raise UsageError(f"cannot use the home {home}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -113,7 +162,6 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(options: Options) -> None:
     home = options.home
-    home.mkdir(parents=True, exist_ok=True)
     with _home_lock(home):
         await _serve(options)
 
@@ -124,7 +172,7 @@ async def _serve(options: Options) -> None:
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
-    runtime = LocalRuntime(home, sources, store, options.stop_grace)
+    runtime = LocalRuntime(home, sources, store, options.stop_grace, options.log_limit)
     engine = Engine(
         store,
         runtime,
@@ -163,7 +211,12 @@ async def _serve(options: Options) -> None:
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
         }
         app = create_app(engine, info, home)
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            http=_ApiProtocol.with_timeout(options.head_timeout),
+        )
         server = _ApiServer(config)
         table.set_home((_reachable(options.api_host), api_socket.getsockname()[1]))
         api_task = asyncio.create_task(server.serve(sockets=[api_socket]))

@@ -57,6 +57,7 @@ from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.rollout import Running
+from branchyard.runtime import logs
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.vault import MASK
 
@@ -344,9 +345,7 @@ def _iso(at: float | None) -> str:
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
     try:
-        with path.open("rb") as file:
-            file.seek(max(0, path.stat().st_size - size))
-            return file.read().decode(errors="replace")
+        return logs.tail(path, size).decode(errors="replace")
     except OSError:
         return ""
 

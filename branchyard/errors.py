@@ -13,7 +13,8 @@ HTTP status.
     │   └── StaleVersion            settings changed since the version a change started from
     ├── DaemonNotRunning            the CLI cannot reach the daemon
     ├── ManifestError               a Procfile or branchyard.yaml that cannot be used
-    └── BuildFailed                 a revision could not be fetched, built or started
+    ├── BuildFailed                 a revision could not be fetched, built or started
+    └── HomeError                   the home cannot be written (read-only, full) (500)
 """
 
 from __future__ import annotations
@@ -63,4 +64,9 @@ class ManifestError(BranchyardError):
 
 class BuildFailed(BranchyardError):
     code = "build_failed"
+    status = 500
+
+
+class HomeError(BranchyardError):
+    code = "home_error"
     status = 500

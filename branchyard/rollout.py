@@ -27,7 +27,7 @@ from branchyard.git import Sources
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
 from branchyard.router import Router, RouteTable
-from branchyard.runtime import Build, Instance, RevisionSpec, Runtime
+from branchyard.runtime import Build, Instance, RevisionSpec, Runtime, logs
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.store import Store
 
@@ -50,9 +50,7 @@ class Running:
 def last_lines(path: Path, count: int = LAST_LINES) -> list[str]:
     """The last ``count`` lines of a log (reads at most its last 64 KiB)."""
     try:
-        with path.open("rb") as file:
-            file.seek(max(0, path.stat().st_size - 65536))
-            tail = file.read().decode(errors="replace")
+        tail = logs.tail(path, 65536).decode(errors="replace")
     except OSError:
         return []
     return [line for line in tail.splitlines() if line.strip()][-count:]

@@ -4,6 +4,13 @@ Repos, the namespace each branch was given, stable peer ports, services a
 person removed, every revision ever attempted, and an event log. One
 connection, used from the daemon's event loop only; every write commits at
 once, so a crash loses nothing that was acknowledged.
+
+The event log keeps the latest :data:`KEEP_EVENTS` events; each event's text is
+made printable and cut to :data:`EVENT_LIMIT` characters, since it may carry
+what a webhook or a git server sent.
+
+A file that is not an SQLite database, or not one of ours, is refused with a
+:class:`~branchyard.errors.UsageError` that names it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Repo, Revision, RevisionState, Target
+from branchyard.text import shown
 
 Slot = tuple[str, str]
 
@@ -56,6 +64,8 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 SCHEMA_VERSION = 2
+KEEP_EVENTS = 10_000
+EVENT_LIMIT = 2048  # characters of one event's message
 _REVISION_COLUMNS = (
     "id, namespace, service, ordinal, repo, url, branch, sha, subject, key, settings_version, "
     "env, state, reason, port, created_at, changed_at"
@@ -70,20 +80,44 @@ def _revision(row: sqlite3.Row) -> Revision:
 
 
 class Store:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        keep_events: int = KEEP_EVENTS,
+    ) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise UsageError(f"cannot open the store {path}: {exc}") from None
         self._db.row_factory = sqlite3.Row
+        try:
+            self._prepare(path)
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise UsageError(f"cannot open the store {path}: {exc}") from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise UsageError(
+                    f"{path} is not a usable store ({exc}): move it away or restore a copy"
+                ) from None
+            raise
+        self._clock = clock
+        self._keep_events = keep_events
+        self.on_revision: Callable[[Revision], None] | None = None  # told of every state change
+
+    def _prepare(self, path: Path) -> None:
+        (check,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(check)
         self._db.execute("PRAGMA journal_mode=WAL")
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version not in (0, SCHEMA_VERSION) or (
             version == 0 and self._db.execute("SELECT name FROM sqlite_master").fetchone()
         ):
-            self._db.close()
             raise UsageError(f"{path} was written by another version of branchyard; move it away")
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._clock = clock
-        self.on_revision: Callable[[Revision], None] | None = None  # told of every state change
 
     def close(self) -> None:
         self._db.close()
@@ -269,10 +303,14 @@ class Store:
     # events
 
     def event(self, kind: str, message: str, slot: Slot | None = None) -> None:
+        """Record an event, and forget those beyond the latest ``keep_events``."""
         namespace, service = slot or (None, None)
-        self._db.execute(
+        cursor = self._db.execute(
             "INSERT INTO events (at, kind, namespace, service, message) VALUES (?, ?, ?, ?, ?)",
-            (self._clock(), kind, namespace, service, message),
+            (self._clock(), kind, namespace, service, shown(message, EVENT_LIMIT)),
+        )
+        self._db.execute(
+            "DELETE FROM events WHERE id <= ?", ((cursor.lastrowid or 0) - self._keep_events,)
         )
 
     def events(

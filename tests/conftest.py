@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -216,11 +216,13 @@ class Daemon:
         return self.process.returncode
 
 
-def start_daemon(home: Path, *extra: str) -> Daemon:
+def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
+    """A daemon on ``home``; ``wrap`` is a command that execs it (``unshare --mount``)."""
     marker = f"BRANCHYARD_TEST_MARK_{uuid.uuid4().hex}"
     log = (home.parent / f"{home.name}-daemon.log").open("wb")
     process = subprocess.Popen(
         [
+            *wrap,
             sys.executable,
             "-m",
             "branchyard",

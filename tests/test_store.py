@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from branchyard.errors import Conflict, NotFound
+from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Overlay, Repo, RevisionState, Target
 from branchyard.store import Store
 
@@ -257,3 +257,57 @@ def test_state_survives_closing_and_reopening_the_store(path: Path, clock: FakeC
         assert second.new_revision(target(), RevisionState.BUILDING).ordinal == 2
     finally:
         second.close()
+
+
+# -- events -----------------------------------------------------------------------------
+
+
+def test_only_the_latest_events_are_kept(path: Path, clock: FakeClock) -> None:
+    store = Store(path, clock=clock, keep_events=3)
+    try:
+        for number in range(1, 8):
+            store.event("push", f"event {number}")
+        messages = [e["message"] for e in store.events()]
+        assert messages == ["event 5", "event 6", "event 7"]
+        assert [e["message"] for e in store.events(after=6)] == ["event 7"]
+    finally:
+        store.close()
+
+
+def test_event_text_is_printable_and_bounded(store: Store) -> None:
+    store.event("webhook", "for \x1b]0;owned\x07\x1b[2Jhttp://x/" + "a" * 10_000)
+    (event,) = store.events()
+    message = str(event["message"])
+    assert "\x1b" not in message and "\x07" not in message
+    assert message.startswith("for \\x1b]0;owned\\x07\\x1b[2Jhttp://x/aaa")
+    assert len(message) < 2100 and message.endswith("more characters)")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"this is not a database at all, just text" * 200, "is not a usable store"),
+        (b"SQLite format 3\x00" + b"\xff" * 4000, "is not a usable store"),
+    ],
+)
+def test_a_file_that_is_not_a_store_is_refused_in_one_line_naming_it(
+    path: Path, content: bytes, says: str
+) -> None:
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as refused:
+        Store(path)
+    assert str(path) in refused.value.message and says in refused.value.message
+    assert "\n" not in refused.value.message
+    assert path.read_bytes() == content
+
+
+def test_a_store_with_a_damaged_page_is_refused_at_open(path: Path, clock: FakeClock) -> None:
+    store = Store(path, clock=clock)
+    for number in range(2000):
+        store.event("push", f"event {number} " + "x" * 200)
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[4096 * 3 : 4096 * 3 + 512] = b"\xa5" * 512  # a page in the middle of the events table
+    path.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="is not a usable store"):
+        Store(path)

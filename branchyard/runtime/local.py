@@ -6,7 +6,8 @@ Layout under the home::
     builds/NAMESPACE/SERVICE/vORDINAL-SHA7.ok  written when its build succeeded
     venvs/HASH/                                shared environments (see ``venvs``)
     logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
-    logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output
+    logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output, the same
+    logs/NAMESPACE/SERVICE/vORDINAL*.log.1     the older part of a rotated log (see ``logs``)
 
 A build found on disk with its ``.ok`` mark is used as it is, so a rollback,
 or a deploy after a daemon restart, starts without building. Every process is
@@ -28,14 +29,8 @@ from pathlib import Path
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
 from branchyard.runtime import Address, Build, OnChange, RevisionSpec
-from branchyard.runtime.processes import (
-    LOOPBACK,
-    LocalProcess,
-    Ports,
-    Registry,
-    rotate,
-    uninterrupted,
-)
+from branchyard.runtime.logs import LOG_MAX, rotate
+from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, uninterrupted
 from branchyard.runtime.supervisor import (
     FirstStartFailed,
     Process,
@@ -184,6 +179,7 @@ class LocalRuntime:
         sources: Callable[[str], Source],
         registry: Registry,
         stop_grace: float = STOP_GRACE,
+        log_limit: int = LOG_MAX,
     ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
@@ -193,6 +189,8 @@ class LocalRuntime:
         self._ports = Ports()
         self._running: set[LocalInstance] = set()
         self._rotator: asyncio.Task[None] | None = None
+        self._log_limit = log_limit
+        self._building: set[Path] = set()  # build logs being written
         self.venvs = VenvCache(home / "venvs", registry)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +204,18 @@ class LocalRuntime:
     # building
 
     async def build(self, spec: RevisionSpec) -> LocalBuild:
+        """Build ``spec``; its build log is rotated like a service's, and once more at the end."""
         build_log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=True)
+        if self._rotator is None:
+            self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
+        self._building.add(build_log)
+        try:
+            return await self._build(spec, build_log)
+        finally:
+            self._building.discard(build_log)
+            rotate(build_log, self._log_limit)
+
+    async def _build(self, spec: RevisionSpec, build_log: Path) -> LocalBuild:
         build_log.parent.mkdir(parents=True, exist_ok=True)
         _prune_logs(build_log.parent, spec.ordinal - KEEP_LOGS)
         checkout = self._checkout(spec)
@@ -338,8 +347,8 @@ class LocalRuntime:
     async def _rotate_logs(self) -> None:
         while True:
             await asyncio.sleep(ROTATE_INTERVAL)
-            for instance in list(self._running):
-                rotate(instance.log)
+            for log in [*(instance.log for instance in self._running), *self._building]:
+                rotate(log, self._log_limit)
 
     async def close(self) -> None:
         if self._rotator:

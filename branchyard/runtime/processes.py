@@ -1,4 +1,4 @@
-"""Processes on this machine: spawning, stopping, ports, logs, and leftovers.
+"""Processes on this machine: spawning, stopping, ports, and leftovers (logs: see ``logs``).
 
 Every process branchyard starts runs in a session of its own, so stopping it
 signals the whole process group. Each group is reported to a
@@ -21,8 +21,6 @@ from typing import Protocol, TypeVar
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
-
-LOG_MAX = 10 * 1024 * 1024  # bytes a service's log may reach before it is rotated
 
 
 class Registry(Protocol):
@@ -141,23 +139,3 @@ def reap_leftovers(processes: Iterable[tuple[int, str, str]]) -> list[str]:
             signal_group(pgid, signal.SIGKILL)
             killed.append(what)
     return killed
-
-
-def rotate(log: Path, limit: int = LOG_MAX) -> bool:
-    """Keep ``log`` bounded: past ``limit`` bytes its tail moves to ``log.1``.
-
-    The processes keep their file open with O_APPEND, so the file is copied
-    and truncated in place (logrotate's copytruncate), never renamed.
-    """
-    try:
-        size = log.stat().st_size
-    except FileNotFoundError:
-        return False
-    if size <= limit:
-        return False
-    with log.open("rb") as source, log.with_name(log.name + ".1").open("wb") as target:
-        source.seek(max(0, size - limit))
-        while chunk := source.read(1024 * 1024):
-            target.write(chunk)
-    os.truncate(log, 0)
-    return True

@@ -397,7 +397,7 @@
     logsState.textContent = paused ? "paused" : "following its output";
     while (!mine.signal.aborted) {
       try {
-        await readStream(`${base}/logs?follow=true`, append, mine.signal);
+        await readStream(`${base}/logs?follow=true&tail=2000`, append, mine.signal);
       } catch (error) {
         if (mine.signal.aborted) return;
         logsState.textContent = "no output to follow yet; trying again";

@@ -1,0 +1,186 @@
+"""Log files on this machine: kept bounded, and read as one across a rotation.
+
+Processes write their output straight into a log file opened with O_APPEND.
+:func:`rotate` keeps it bounded: past ``limit`` bytes, its last ``limit`` bytes
+are copied to ``NAME.1`` (:func:`rotated`) and the file is truncated in place
+(logrotate's copytruncate; the processes keep writing to the same file). What a
+reader calls "the log" is therefore ``NAME.1`` followed by ``NAME``, and every
+reader here reads it so: :func:`tail` (the last bytes), :func:`read` (all of it,
+or its last lines, in blocks, never whole in memory) and :func:`follow` (new
+output as it comes, across rotations).
+
+Rotating and following both happen in the daemon, on one event loop, so
+:func:`rotate` notes where it cut each log (:data:`_cuts`) and :func:`follow`
+uses that to pick up, from the end of ``NAME.1``, exactly what it had not read
+yet when the cut came. Only bytes a process writes during the copy itself,
+between its end and the truncation, are lost (as with copytruncate anywhere).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+LOG_MAX = 10 * 1024 * 1024  # bytes a log may reach before it is rotated
+BLOCK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _Cut:
+    total: int  # bytes cut from the log's start, over every rotation
+    last: int  # bytes the log had when it was last cut
+
+
+_cuts: dict[Path, _Cut] = {}
+
+
+def rotated(log: Path) -> Path:
+    """Where :func:`rotate` keeps the older part of ``log``."""
+    return log.with_name(log.name + ".1")
+
+
+def rotate(log: Path, limit: int = LOG_MAX) -> bool:
+    """Keep ``log`` bounded: past ``limit`` bytes its tail moves to ``log.1``."""
+    try:
+        size = log.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size <= limit:
+        return False
+    with log.open("rb") as source, rotated(log).open("wb") as target:
+        source.seek(size - limit)
+        while chunk := source.read(BLOCK):
+            target.write(chunk)
+        end = source.tell()
+    os.truncate(log, 0)
+    before = _cuts.get(log, _Cut(0, 0))
+    _cuts[log] = _Cut(before.total + end, end)
+    return True
+
+
+Part = tuple[Path, BinaryIO, int]
+
+
+def _open(stack: ExitStack, log: Path) -> list[Part]:
+    """``log.1`` and ``log`` opened, each with its size now (missing ones left out)."""
+    parts: list[Part] = []
+    for path in (rotated(log), log):
+        try:
+            file = stack.enter_context(path.open("rb"))
+        except FileNotFoundError:
+            continue
+        parts.append((path, file, os.fstat(file.fileno()).st_size))
+    return parts
+
+
+def _start_of_last_lines(parts: list[Part], lines: int) -> tuple[int, int]:
+    """(part, offset) where the last ``lines`` lines begin; a final newline ends a line."""
+    if lines <= 0:
+        return len(parts), 0
+    wanted = lines
+    final = True  # the log's very last byte is not looked at: a newline there ends a line
+    for index in reversed(range(len(parts))):
+        _, file, end = parts[index]
+        while end > 0:
+            start = max(0, end - BLOCK)
+            file.seek(start)
+            block = file.read(end - start)
+            at = len(block) - 1 if final else len(block)
+            final = False
+            while (at := block.rfind(b"\n", 0, at)) != -1:
+                wanted -= 1
+                if wanted == 0:
+                    return index, start + at + 1
+            end = start
+    return 0, 0
+
+
+def _blocks(parts: list[Part], first: int, offset: int) -> Iterator[bytes]:
+    for _, file, size in parts[first:]:
+        file.seek(offset)
+        left, offset = size - offset, 0
+        while left > 0 and (block := file.read(min(BLOCK, left))):
+            left -= len(block)
+            yield block
+
+
+def read(log: Path, lines: int | None = None) -> Iterator[bytes]:
+    """The log (``log.1``, then ``log``) as it is now, in blocks; only its last
+    ``lines`` lines if given. Output written meanwhile is not included."""
+    with ExitStack() as stack:
+        parts = _open(stack, log)
+        yield from _blocks(parts, *_start(parts, lines))
+
+
+def _start(parts: list[Part], lines: int | None) -> tuple[int, int]:
+    return (0, 0) if lines is None else _start_of_last_lines(parts, lines)
+
+
+def tail(log: Path, size: int) -> bytes:
+    """The last ``size`` bytes of the log, across ``log.1`` and ``log``."""
+    with ExitStack() as stack:
+        kept = b""
+        for _, file, length in reversed(_open(stack, log)):
+            file.seek(max(0, length - (size - len(kept))))
+            kept = file.read(length - file.tell()) + kept
+            if len(kept) >= size:
+                break
+        return kept
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _missed(log: Path, seen: _Cut, now: _Cut, position: int) -> bytes:
+    """What was written to ``log`` after ``position`` and before the cuts since ``seen``:
+    the end of ``log.1``, all of it if more than one cut came (output in between is gone)."""
+    single = now.total - seen.total == now.last
+    try:
+        with rotated(log).open("rb") as file:
+            if single:
+                file.seek(max(0, os.fstat(file.fileno()).st_size - (now.last - position)))
+            return file.read()
+    except FileNotFoundError:
+        return b""
+
+
+async def follow(
+    log: Path, lines: int | None, pause: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[bytes]:
+    """The log (its last ``lines`` lines if given), then new output as it is written,
+    across rotations, until ``pause()`` (the wait between looks) says to stop.
+
+    A log cut by someone else than :func:`rotate` (it shrank) is read again from
+    its start.
+    """
+    seen = _cuts.get(log, _Cut(0, 0))
+    with ExitStack() as stack:
+        parts = _open(stack, log)
+        position = next((size for path, _, size in parts if path == log), 0)
+        for block in _blocks(parts, *_start(parts, lines)):
+            yield block
+    while await pause():
+        now = _cuts.get(log, _Cut(0, 0))
+        if now != seen:
+            missed = _missed(log, seen, now, position)
+            seen, position = now, 0
+            if missed:
+                yield missed
+        elif _size(log) < position:
+            position = 0
+        try:
+            with log.open("rb") as file:
+                file.seek(position)
+                while block := file.read(BLOCK):
+                    position += len(block)
+                    yield block
+        except FileNotFoundError:
+            continue

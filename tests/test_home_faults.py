@@ -1,0 +1,129 @@
+"""Faults on the home: a store that is not a database, a home that cannot be written.
+
+A read-only home is made for real, in a way that also stops root (the tests run
+as root here and in CI, and root writes through ``chmod a-w``): the daemon runs
+in a mount namespace of its own (``unshare --mount``), and the test mounts a
+read-only bind of the home over the home in that namespace only (``nsenter
+--mount``). Files the daemon already holds open (the SQLite store) stay
+writable, as they would after a read-only remount; every file it opens, creates
+or renames from then on fails with EROFS. Undoing it is ``umount`` in the same
+namespace, and the namespace ends with the daemon, so nothing outlives a failed
+test. Without root, the same works in a user namespace (``unshare --user
+--map-root-user``), which every current Linux allows by default.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, ServiceRepo, start_daemon, wait_for
+from tests.test_api import call, token_of
+
+pytestmark = pytest.mark.integration
+
+AS_ROOT = os.geteuid() == 0
+NAMESPACE = ["--mount"] if AS_ROOT else ["--user", "--map-root-user", "--mount"]
+
+
+def in_namespace(daemon: Daemon, *argv: str, check: bool = True) -> int:
+    enter = ["--mount"] if AS_ROOT else ["--user", "--mount", "--preserve-credentials"]
+    pid = str(daemon.info["pid"])
+    command = ["nsenter", "--target", pid, *enter, *argv]
+    return subprocess.run(command, check=check, capture_output=True).returncode
+
+
+def make_read_only(daemon: Daemon) -> None:
+    home = str(daemon.home)
+    in_namespace(daemon, "mount", "--bind", home, home)
+    in_namespace(daemon, "mount", "-o", "remount,bind,ro", home)
+    assert in_namespace(daemon, "touch", f"{home}/probe", check=False) != 0, "still writable"
+
+
+def make_writable(daemon: Daemon) -> None:
+    in_namespace(daemon, "umount", str(daemon.home))
+
+
+def test_a_read_only_home_gives_json_errors_and_loses_nothing(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon = start_daemon(tmp_path / "home", wrap=["unshare", *NAMESPACE])
+    try:
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: daemon.answer("app"), 60, "app live")
+        daemon.cli("env", "set", "app", "GREETING=before")
+        wait_for(lambda: daemon.answer("app")["env"].get("GREETING") == "before", 60, "rolled out")
+        token = token_of(daemon)
+
+        make_read_only(daemon)
+        good = {"Authorization": f"Bearer {token}"}
+        for method, path, body in [
+            ("POST", "/api/token/rotate", b""),
+            ("PUT", "/api/namespaces/main/services/app/env", b'{"env": {"GREETING": "x"}}'),
+        ]:
+            headers = {**good, "Content-Type": "application/json"}
+            status, answer = call(daemon, method, path, body, headers)
+            assert status == 500 and answer["error"] == "home_error", (path, answer)
+            assert "Read-only file system" in answer["message"], answer
+            assert str(daemon.home) in answer["message"]
+        refused = daemon.cli("env", "set", "app", "GREETING=during", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("error: Read-only file system: ")
+        assert refused.stderr.count("\n") == 1
+        assert daemon.cli("token", "rotate", check=False).returncode == 1
+        assert token_of(daemon) == token
+        assert daemon.ps_q() == ["main:app"]
+        assert daemon.cli("env", "ls", "app").stdout == "GREETING=before\n"
+
+        make_writable(daemon)
+        daemon.cli("env", "set", "app", "GREETING=after")
+        assert daemon.cli("env", "ls", "app").stdout == "GREETING=after\n"
+        assert "token rotated" in daemon.cli("token", "rotate").stdout
+    finally:
+        assert daemon.stop() == 0
+    log = (tmp_path / "home-daemon.log").read_text()
+    assert "Traceback" not in log and "Read-only file system" in log
+
+
+def up(home: Path, read_only: bool = False) -> subprocess.CompletedProcess[str]:
+    """``branchyard up`` until it exits; in a namespace where ``home`` is read-only if asked."""
+    command = [sys.executable, "-m", "branchyard", "--home", str(home), "up", "--router-port", "0"]
+    if read_only:
+        where = shlex.quote(str(home))
+        steps = f"mount --bind {where} {where} && mount -o remount,bind,ro {where} && exec "
+        command = ["unshare", *NAMESPACE, "sh", "-c", steps + shlex.join(command)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_a_read_only_home_stops_the_daemon_with_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    done = up(home, read_only=True)
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"error: cannot use the home {home}: Read-only file system\n",
+    )
+    assert list(home.iterdir()) == []
+
+
+def test_a_corrupt_store_stops_the_daemon_with_one_line_naming_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    store = home / "state.db"
+    garbage = os.urandom(8192)
+    store.write_bytes(garbage)
+    done = up(home)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"error: {store} is not a usable store (file is not a database): "
+        "move it away or restore a copy\n"
+    )
+    assert store.read_bytes() == garbage
+    assert not (home / "daemon.json").exists()
