@@ -257,7 +257,7 @@ class Engine:
         try:
             await source.ensure(target.sha)
             subject = await source.subject(target.sha)
-        except BranchyardError:
+        except Exception:  # the build meets it again, and the revision says why
             subject = ""
         revision = self._revision_for(target, subject)
         self.store.event("deploy", f"v{revision.ordinal} {reason}", slot)
@@ -268,9 +268,8 @@ class Engine:
         except asyncio.CancelledError:
             self.store.set_state(revision.id, RevisionState.SUPERSEDED, "a newer target arrived")
             raise
-        except BranchyardError as exc:
-            self.store.set_state(revision.id, RevisionState.FAILED, exc.message)
-            self.store.event("failed", f"v{revision.ordinal}: {exc.message}", slot)
+        except Exception as exc:
+            self.rollouts.failed(revision, exc)
             return
         pin = self.store.pin(slot)
         if pin is None:

@@ -224,11 +224,29 @@ class Source:
         await self._objects.close()
 
     async def checkout(self, sha: str, dest: Path) -> None:
-        """Write the tree of ``sha`` into ``dest`` (which must not exist yet)."""
+        """Write the tree of ``sha`` into ``dest`` (which must not exist yet).
+
+        Pushed code is untrusted: a link that leads out of ``dest`` (``ln -s
+        /etc/passwd leak``) refuses the checkout rather than being written.
+        """
         data = await self._git("archive", "--format=tar", sha)
-        dest.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            archive.extractall(dest, filter="data")
+        try:
+            dest.mkdir(parents=True)
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                archive.extractall(dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise BuildFailed(refused_member(exc)) from None
+        except (OSError, tarfile.TarError) as exc:
+            raise BuildFailed(f"cannot check out {sha[:7]}: {exc}") from None
+
+
+def refused_member(exc: tarfile.FilterError) -> str:
+    """Why a file of a commit was not written, in the words of a person who pushed it."""
+    member = exc.tarinfo
+    if isinstance(exc, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
+        kind = "symlink" if member.issym() else "link"
+        return f"{kind} {member.name} points outside the checkout (to {member.linkname})"
+    return f"{member.name} cannot be checked out: {exc}"
 
 
 def commit_subject(commit: bytes) -> str:

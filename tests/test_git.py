@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from branchyard.errors import BuildFailed
 from branchyard.git import Source, commit_subject
 from tests.conftest import git
 
@@ -112,3 +113,36 @@ def test_a_question_cancelled_half_way_does_not_answer_the_next_one(repo: Path) 
 
     asyncio.run(scenario())
     assert cat_files() == []
+
+
+@pytest.mark.parametrize(
+    ("target", "refused"),
+    [
+        ("/etc/passwd", "symlink leak points outside the checkout (to /etc/passwd)"),
+        ("../../outside", "symlink leak points outside the checkout (to ../../outside)"),
+        ("sub/../../x", "symlink leak points outside the checkout (to sub/../../x)"),
+        ("Procfile", None),
+        ("./sub/../Procfile", None),
+    ],
+)
+def test_a_checkout_refuses_links_that_lead_out_of_it(
+    repo: Path, tmp_path: Path, target: str, refused: str | None
+) -> None:
+    (repo / "leak").symlink_to(target)
+    sha = commit(repo, {"Procfile": "web: x\n"}, "a link")
+    dest = tmp_path / "checkout"
+
+    async def scenario() -> None:
+        source = Source(str(repo), repo / "unused")
+        try:
+            if refused is None:
+                await source.checkout(sha, dest)
+                assert os.readlink(dest / "leak") == target
+            else:
+                with pytest.raises(BuildFailed) as caught:
+                    await source.checkout(sha, dest)
+                assert caught.value.message == refused
+        finally:
+            await source.close()
+
+    asyncio.run(scenario())
