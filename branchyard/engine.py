@@ -92,17 +92,26 @@ class Engine:
         if killed:
             log.warning("stopped %d processes a previous daemon left running", len(killed))
             self.store.event("recovered", f"stopped {len(killed)} leftover processes")
+        # What served when the last daemon ended: live still if it was killed,
+        # stopped with DAEMON_STOPPED if it stopped cleanly. The pinned one, or the newest.
         was_live: dict[Slot, Revision] = {}
-        for revision in self.store.active_revisions():
+        served = self.store.active_revisions() + self.store.stopped(DAEMON_STOPPED)
+        for revision in sorted(served, key=lambda r: r.ordinal, reverse=True):
             slot = (revision.namespace, revision.service)
-            if revision.state is RevisionState.LIVE and (
+            if revision.state in (RevisionState.LIVE, RevisionState.STOPPED) and (
                 revision.ordinal == self.store.pin(slot)
                 or (slot not in was_live and self.store.pin(slot) is None)
             ):
                 was_live[slot] = revision
-            self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
+            if revision.state.active:
+                self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
         self.overlays = await self.settings_repo.open()
         await self._restore(list(was_live.values()))
+        for revision in self.store.latest_revisions():
+            if revision.state is RevisionState.FAILED:
+                # Tried and failed before: built again only when its commit, settings
+                # or peers change, as if this daemon had never stopped.
+                self._current[(revision.namespace, revision.service)] = revision.key
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
             self.watcher.watch(repo)
