@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -120,6 +121,57 @@ def test_known_namespaces_are_kept_for_branches_still_there(
     assert assign_namespaces(branches, known) == assigned
 
 
+def collisions(plain: str, other: str) -> list[Any]:
+    """The ways a branch named ``plain`` (a namespace name already) and ``other``
+    (which folds to it) can arrive: together, or either one later."""
+    first = {plain: plain, other: f"{plain}-{sha6(other)}"}
+    return [
+        pytest.param([[other, plain]], first, id=f"{other}-with-{plain}"),
+        pytest.param([[plain], [other]], first, id=f"{plain}-then-{other}"),
+        pytest.param(
+            [[other], [plain]],
+            {other: plain, plain: f"{plain}-{sha6(plain)}"},
+            id=f"{other}-then-{plain}-leaves-the-namespace-named",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "assigned"),
+    [
+        *collisions("a-b", "A_B"),
+        *collisions("feature-x", "feature/x"),
+        pytest.param(
+            [["feature/x"], ["feature-x", "Feature_X"], ["FEATURE.X"]],
+            {
+                "feature/x": "feature-x",
+                "feature-x": f"feature-x-{sha6('feature-x')}",
+                "Feature_X": f"feature-x-{sha6('Feature_X')}",
+                "FEATURE.X": f"feature-x-{sha6('FEATURE.X')}",
+            },
+            id="three-arrivals",
+        ),
+        pytest.param(
+            [["main"], ["Main"]],
+            {"main": f"main-{sha6('main')}", "Main": f"main-{sha6('Main')}"},
+            id="never-the-baseline",
+        ),
+    ],
+)
+def test_colliding_branches_keep_the_names_they_were_given(
+    arrivals: list[list[str]], assigned: dict[str, str]
+) -> None:
+    """Each list of ``arrivals`` is seen by one plan, on top of the branches before it."""
+    known: dict[str, str] = {}
+    branches: list[str] = []
+    for arrival in arrivals:
+        branches += arrival
+        named = assign_namespaces(branches, known)
+        assert {b: named[b] for b in known} == known, "a namespace changed its name"
+        known = named
+    assert known == assigned
+
+
 @pytest.mark.parametrize(
     ("branches", "known"),
     [
@@ -221,6 +273,18 @@ def test_each_repo_s_own_default_branch_goes_to_the_baseline() -> None:
 def test_a_repo_the_watcher_has_not_seen_yet_gets_nothing() -> None:
     result = run([repo("app"), repo("web")], [seen("app", {"main": OLD})])
     assert list(result.targets) == [("main", "app")]
+
+
+def test_the_namespaces_of_a_repo_not_read_yet_keep_their_names() -> None:
+    known = {"A_B": "a-b"}
+    result = run([repo("app"), repo("web")], [seen("app", {"main": OLD, "a-b": NEW})], known=known)
+    assert result.namespaces == {"A_B": "a-b", "a-b": f"a-b-{sha6('a-b')}"}
+    assert list(result.targets) == [("a-b-" + sha6("a-b"), "app"), ("main", "app")]
+
+    heads = [seen("app", {"main": OLD, "a-b": NEW}), seen("web", {"main": WEB_SHA})]
+    assert run([repo("app"), repo("web")], heads, known=result.namespaces).namespaces == {
+        "a-b": f"a-b-{sha6('a-b')}"
+    }, "once every repo is read, a branch that is gone frees its name"
 
 
 def test_heads_of_an_unregistered_repo_are_ignored() -> None:
