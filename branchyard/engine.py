@@ -169,9 +169,33 @@ class Engine:
         self._wake.set()
 
     async def _on_heads(self, heads: RepoHeads) -> None:
+        before = self.heads.get(heads.repo)
         self.heads[heads.repo] = heads
         self.store.event("push", f"{heads.repo}: {len(heads.branches)} branch heads")
+        if heads.dangling_head and (
+            before is None
+            or not before.dangling_head
+            or before.default_branch != heads.default_branch
+        ):
+            self._warn_dangling_head(heads)
         self.request_reconcile()
+
+    def _warn_dangling_head(self, heads: RepoHeads) -> None:
+        """Say once that a repo's HEAD names no branch, and what is deployed instead."""
+        repo = next((r for r in self.store.repos() if r.name == heads.repo), None)
+        if repo is None or repo.default_branch:
+            return  # its default branch was given: HEAD is not asked
+        instead = (
+            f"{heads.default_branch} deploys to the baseline"
+            if heads.default_branch
+            else "there is no main or master, so no branch deploys to the baseline"
+        )
+        message = (
+            f"{heads.repo}: HEAD names no existing branch; {instead} "
+            "(point it at one: git symbolic-ref HEAD refs/heads/BRANCH)"
+        )
+        log.warning("%s", message)
+        self.store.event("warning", message)
 
     async def _loop(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -65,14 +65,24 @@ def git_dir_of(path: Path) -> Path:
     return dot_git if dot_git.is_dir() else path
 
 
+FALLBACK_DEFAULTS = ("main", "master")  # tried in turn when HEAD names no branch
+
+
 @dataclass(frozen=True)
 class Heads:
     default_branch: str | None
     branches: dict[str, str]
+    dangling_head: bool = False  # HEAD names no branch there is: the default was guessed
 
 
 def parse_ls_remote(text: str) -> Heads:
-    """Parse ``git ls-remote --symref URL HEAD refs/heads/*`` output."""
+    """Parse ``git ls-remote --symref URL HEAD refs/heads/*`` output.
+
+    The default branch is the one HEAD names. A HEAD that names a branch that
+    does not exist (a bare repo made with another default than was pushed),
+    or no branch (detached), says nothing: then ``main``, else ``master``, is
+    the default, and ``dangling_head`` is set so that a person can be told.
+    """
     default = None
     branches: dict[str, str] = {}
     for line in text.splitlines():
@@ -81,6 +91,9 @@ def parse_ls_remote(text: str) -> Heads:
             default = left.removeprefix("ref: refs/heads/")
         elif ref.startswith("refs/heads/"):
             branches[ref.removeprefix("refs/heads/")] = left
+    if branches and default not in branches:
+        guess = next((name for name in FALLBACK_DEFAULTS if name in branches), None)
+        return Heads(guess, branches, dangling_head=True)
     return Heads(default, branches)
 
 
