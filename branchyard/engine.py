@@ -228,6 +228,8 @@ class Engine:
                 self._current[slot] = action.target.key
                 self._start_deploy(action.target, action.reason)
             else:
+                if slot not in removed:  # rm recorded its own
+                    self.store.event("removed", action.reason, slot)
                 self._current.pop(slot, None)
                 await self._cancel_deploy(slot)
                 self.rollouts.retire_slot(slot, action.reason)

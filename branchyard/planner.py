@@ -153,13 +153,35 @@ def plan(
         key = current.get(slot)
         if key != target.key:
             actions.append(Action(ActionKind.DEPLOY, *slot, _why(target, key), target))
+    branch_of = {namespace: branch for branch, namespace in known_namespaces.items()}
     for slot in sorted(current.keys() - targets.keys()):
-        actions.append(Action(ActionKind.REMOVE, *slot, _removal_reason(slot, removed)))
+        reason = _removal_reason(slot, repos, heads, removed, branch_of)
+        actions.append(Action(ActionKind.REMOVE, *slot, reason))
     slot_heads = {slot: sha for slot, (_, _, sha) in placed.items()}
     return Plan(namespaces, slot_heads, targets, tuple(actions))
 
 
-def _removal_reason(slot: Slot, removed: Mapping[Slot, str]) -> str:
+def _removal_reason(
+    slot: Slot,
+    repos: Iterable[Repo],
+    heads: Mapping[str, RepoHeads],
+    removed: Mapping[Slot, str],
+    branch_of: Mapping[str, str],
+) -> str:
+    """Why ``slot`` goes: removed by hand, its repo removed, or its branch gone."""
+    namespace, service = slot
     if slot in removed:
         return "removed by hand until the next push"
-    return "branch or repo is gone"
+    if service not in {repo.name for repo in repos}:
+        return f"repo {service} was removed"
+    seen = heads.get(service)
+    if seen is None:
+        return f"no branch heads of repo {service} are known"
+    if namespace == BASELINE:
+        return "its default branch is gone"
+    branch = branch_of.get(namespace)
+    if branch is None:
+        return "its branch is gone"
+    if branch in seen.branches:
+        return f"branch {branch} is its default branch now"
+    return f"branch {branch} was deleted"

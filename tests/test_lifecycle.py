@@ -48,6 +48,8 @@ def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
 
     git("push", "-q", "origin", "--delete", "feature/Login_Fix", cwd=app.clone)
     wait_for(lambda: "feature-login-fix" not in daemon.cli("ns", "ls").stdout, 30, "ns gone")
+    events = daemon.cli("events", "-n", "feature-login-fix").stdout.splitlines()
+    assert [e for e in events if "removed" in e and "branch feature/Login_Fix was deleted" in e]
     assert daemon.ps_q("main") == ["main:app"]
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "process stopped")
     status, body = daemon.get("app.feature-login-fix.localhost")

@@ -361,7 +361,7 @@ TWO_REPOS = [repo("app"), repo("web")]
             {("main", "app"): key(NEW, "", "web"), ("main", "web"): key(WEB_SHA, "", "app")},
             [
                 ("deploy", "main", "app", "peers changed (web -> none)"),
-                ("remove", "main", "web", "branch or repo is gone"),
+                ("remove", "main", "web", "no branch heads of repo web are known"),
             ],
             id="peer-repo-gone",
         ),
@@ -369,7 +369,7 @@ TWO_REPOS = [repo("app"), repo("web")]
             [seen("app", {"main": NEW})],
             {},
             {("main", "app"): key(NEW), ("bugfix", "app"): key(OLD)},
-            [("remove", "bugfix", "app", "branch or repo is gone")],
+            [("remove", "bugfix", "app", "its branch is gone")],
             id="branch-deleted",
         ),
         pytest.param(
@@ -380,7 +380,7 @@ TWO_REPOS = [repo("app"), repo("web")]
                 ("deploy", "alpha", "app", "new: alpha@1111111"),
                 ("deploy", "main", "app", "new: main@2222222"),
                 ("deploy", "zeta", "app", "new: zeta@1111111"),
-                ("remove", "beta", "app", "branch or repo is gone"),
+                ("remove", "beta", "app", "its branch is gone"),
             ],
             id="deploys-sorted-then-removes",
         ),
@@ -413,6 +413,58 @@ def test_a_second_plan_on_the_first_plan_s_keys_does_nothing() -> None:
     second = run(repos, heads, known=first.namespaces, current=current)
     assert second.actions == ()
     assert second.targets == first.targets
+
+
+@pytest.mark.parametrize(
+    ("repos", "heads", "known", "gone", "reason"),
+    [
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": NEW})],
+            {"feature/x": "feature-x"},
+            ("feature-x", "app"),
+            "branch feature/x was deleted",
+            id="branch-deleted",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": NEW})],
+            {},
+            ("main", "web"),
+            "repo web was removed",
+            id="repo-removed",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"dev": NEW})],
+            {"dev": "dev"},
+            ("main", "app"),
+            "its default branch is gone",
+            id="default-branch-deleted",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": OLD, "dev": NEW}, default="dev")],
+            {"dev": "dev"},
+            ("dev", "app"),
+            "branch dev is its default branch now",
+            id="head-moved-to-the-branch",
+        ),
+        pytest.param(
+            [repo("app"), repo("web")],
+            [seen("app", {"main": NEW})],
+            {},
+            ("main", "web"),
+            "no branch heads of repo web are known",
+            id="repo-not-read",
+        ),
+    ],
+)
+def test_a_removal_says_why_the_service_went(
+    repos: list[Repo], heads: list[RepoHeads], known: dict[str, str], gone: Slot, reason: str
+) -> None:
+    result = run(repos, heads, known=known, current={gone: key(OLD)})
+    assert summary(result.actions)[-1] == ("remove", *gone, reason)
 
 
 # -- plan: services removed by hand ----------------------------------------------------
