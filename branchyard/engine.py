@@ -92,20 +92,29 @@ class Engine:
         if killed:
             log.warning("stopped %d processes a previous daemon left running", len(killed))
             self.store.event("recovered", f"stopped {len(killed)} leftover processes")
+        # What served when the last daemon ended: live still if it was killed,
+        # stopped with DAEMON_STOPPED if it stopped cleanly. The pinned one, or the newest.
         was_live: dict[Slot, Revision] = {}
-        for revision in self.store.active_revisions():
+        served = self.store.active_revisions() + self.store.stopped(DAEMON_STOPPED)
+        for revision in sorted(served, key=lambda r: r.ordinal, reverse=True):
             slot = (revision.namespace, revision.service)
-            if revision.state is RevisionState.LIVE and (
+            if revision.state in (RevisionState.LIVE, RevisionState.STOPPED) and (
                 revision.ordinal == self.store.pin(slot)
                 or (slot not in was_live and self.store.pin(slot) is None)
             ):
                 was_live[slot] = revision
-            self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
+            if revision.state.active:
+                self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
         self.overlays = await self.settings_repo.open()
         if self.settings_repo.set_aside:
             log.warning("%s", self.settings_repo.set_aside)
             self.store.event("settings", self.settings_repo.set_aside)
         await self._restore(list(was_live.values()))
+        for revision in self.store.latest_revisions():
+            if revision.state is RevisionState.FAILED:
+                # Tried and failed before: built again only when its commit, settings
+                # or peers change, as if this daemon had never stopped.
+                self._current[(revision.namespace, revision.service)] = revision.key
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
         for repo in self.store.repos():
             self.watcher.watch(repo)
@@ -163,9 +172,33 @@ class Engine:
         self._wake.set()
 
     async def _on_heads(self, heads: RepoHeads) -> None:
+        before = self.heads.get(heads.repo)
         self.heads[heads.repo] = heads
         self.store.event("push", f"{heads.repo}: {len(heads.branches)} branch heads")
+        if heads.dangling_head and (
+            before is None
+            or not before.dangling_head
+            or before.default_branch != heads.default_branch
+        ):
+            self._warn_dangling_head(heads)
         self.request_reconcile()
+
+    def _warn_dangling_head(self, heads: RepoHeads) -> None:
+        """Say once that a repo's HEAD names no branch, and what is deployed instead."""
+        repo = next((r for r in self.store.repos() if r.name == heads.repo), None)
+        if repo is None or repo.default_branch:
+            return  # its default branch was given: HEAD is not asked
+        instead = (
+            f"{heads.default_branch} deploys to the baseline"
+            if heads.default_branch
+            else "there is no main or master, so no branch deploys to the baseline"
+        )
+        message = (
+            f"{heads.repo}: HEAD names no existing branch; {instead} "
+            "(point it at one: git symbolic-ref HEAD refs/heads/BRANCH)"
+        )
+        log.warning("%s", message)
+        self.store.event("warning", message)
 
     async def _loop(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -198,6 +231,8 @@ class Engine:
                 self._current[slot] = action.target.key
                 self._start_deploy(action.target, action.reason)
             else:
+                if slot not in removed:  # rm recorded its own
+                    self.store.event("removed", action.reason, slot)
                 self._current.pop(slot, None)
                 await self._cancel_deploy(slot)
                 self.rollouts.retire_slot(slot, action.reason)
@@ -260,7 +295,7 @@ class Engine:
         try:
             await source.ensure(target.sha)
             subject = await source.subject(target.sha)
-        except BranchyardError:
+        except Exception:  # the build meets it again, and the revision says why
             subject = ""
         revision = self._revision_for(target, subject)
         self.store.event("deploy", f"v{revision.ordinal} {reason}", slot)
@@ -271,9 +306,8 @@ class Engine:
         except asyncio.CancelledError:
             self.store.set_state(revision.id, RevisionState.SUPERSEDED, "a newer target arrived")
             raise
-        except BranchyardError as exc:
-            self.store.set_state(revision.id, RevisionState.FAILED, exc.message)
-            self.store.event("failed", f"v{revision.ordinal}: {exc.message}", slot)
+        except Exception as exc:
+            self.rollouts.failed(revision, exc)
             return
         pin = self.store.pin(slot)
         if pin is None:

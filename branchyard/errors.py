@@ -15,6 +15,10 @@ HTTP status.
     ├── ManifestError               a Procfile or branchyard.yaml that cannot be used
     ├── BuildFailed                 a revision could not be fetched, built or started
     └── HomeError                   the home cannot be written (read-only, full) (500)
+
+Anything else that escapes is a bug or a fault of the machine (a full or
+read-only disk); where it must still end something with a reason (a deploy),
+:func:`reason_of` says it on one line.
 """
 
 from __future__ import annotations
@@ -70,3 +74,13 @@ class BuildFailed(BranchyardError):
 class HomeError(BranchyardError):
     code = "home_error"
     status = 500
+
+
+MAX_REASON = 300  # characters of a reason kept (a revision's WHY column, an event)
+
+
+def reason_of(exc: BaseException) -> str:
+    """``exc`` as a one-line reason: our own message, or the type and text of any other."""
+    text = exc.message if isinstance(exc, BranchyardError) else f"{type(exc).__name__}: {exc}"
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"

@@ -65,14 +65,24 @@ def git_dir_of(path: Path) -> Path:
     return dot_git if dot_git.is_dir() else path
 
 
+FALLBACK_DEFAULTS = ("main", "master")  # tried in turn when HEAD names no branch
+
+
 @dataclass(frozen=True)
 class Heads:
     default_branch: str | None
     branches: dict[str, str]
+    dangling_head: bool = False  # HEAD names no branch there is: the default was guessed
 
 
 def parse_ls_remote(text: str) -> Heads:
-    """Parse ``git ls-remote --symref URL HEAD refs/heads/*`` output."""
+    """Parse ``git ls-remote --symref URL HEAD refs/heads/*`` output.
+
+    The default branch is the one HEAD names. A HEAD that names a branch that
+    does not exist (a bare repo made with another default than was pushed),
+    or no branch (detached), says nothing: then ``main``, else ``master``, is
+    the default, and ``dangling_head`` is set so that a person can be told.
+    """
     default = None
     branches: dict[str, str] = {}
     for line in text.splitlines():
@@ -81,6 +91,9 @@ def parse_ls_remote(text: str) -> Heads:
             default = left.removeprefix("ref: refs/heads/")
         elif ref.startswith("refs/heads/"):
             branches[ref.removeprefix("refs/heads/")] = left
+    if branches and default not in branches:
+        guess = next((name for name in FALLBACK_DEFAULTS if name in branches), None)
+        return Heads(guess, branches, dangling_head=True)
     return Heads(default, branches)
 
 
@@ -224,11 +237,29 @@ class Source:
         await self._objects.close()
 
     async def checkout(self, sha: str, dest: Path) -> None:
-        """Write the tree of ``sha`` into ``dest`` (which must not exist yet)."""
+        """Write the tree of ``sha`` into ``dest`` (which must not exist yet).
+
+        Pushed code is untrusted: a link that leads out of ``dest`` (``ln -s
+        /etc/passwd leak``) refuses the checkout rather than being written.
+        """
         data = await self._git("archive", "--format=tar", sha)
-        dest.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            archive.extractall(dest, filter="data")
+        try:
+            dest.mkdir(parents=True)
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                archive.extractall(dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise BuildFailed(refused_member(exc)) from None
+        except (OSError, tarfile.TarError) as exc:
+            raise BuildFailed(f"cannot check out {sha[:7]}: {exc}") from None
+
+
+def refused_member(exc: tarfile.FilterError) -> str:
+    """Why a file of a commit was not written, in the words of a person who pushed it."""
+    member = exc.tarinfo
+    if isinstance(exc, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
+        kind = "symlink" if member.issym() else "link"
+        return f"{kind} {member.name} points outside the checkout (to {member.linkname})"
+    return f"{member.name} cannot be checked out: {exc}"
 
 
 def commit_subject(commit: bytes) -> str:

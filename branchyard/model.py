@@ -20,8 +20,9 @@ class RepoHeads:
     """What the watcher saw in one repo: its default branch and every branch head."""
 
     repo: str
-    default_branch: str
+    default_branch: str  # "" if none: every branch has a namespace of its own
     branches: Mapping[str, str]  # branch name -> commit sha
+    dangling_head: bool = False  # HEAD named no branch there is; default_branch is a guess
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,16 @@ class Plan:
 def assign_namespaces(branches: Iterable[str], known: Mapping[str, str]) -> dict[str, str]:
     """Give every branch a namespace, keeping the ones handed out before.
 
-    Branches already known keep their namespace; new ones are named in sorted
-    order, so the result does not depend on the order branches were seen in.
+    A namespace, once named, keeps its name: a branch already known keeps its
+    namespace whatever arrives later. New branches are named in an order that
+    does not depend on the order they were seen in: first those whose name
+    already is a namespace name, so that ``a-b`` keeps its own name when it
+    arrives with ``A_B``, then the others, sorted.
     """
     wanted = set(branches)
     result = {branch: ns for branch, ns in known.items() if branch in wanted}
     taken = {BASELINE, *result.values()}
-    for branch in sorted(wanted - result.keys()):
+    for branch in sorted(wanted - result.keys(), key=lambda b: (namespace_for_branch(b) != b, b)):
         namespace = namespace_for_branch(branch, taken)
         result[branch] = namespace
         taken.add(namespace)
@@ -138,6 +141,10 @@ def plan(
     """
     repos = list(repos)
     branches = {branch for _, branch, _, is_default in _placements(repos, heads) if not is_default}
+    if any(repo.name not in heads for repo in repos):
+        # A repo not read yet (at start, or unreachable since) may hold any branch named
+        # before: its namespace keeps its name for when the repo is read.
+        branches |= known_namespaces.keys()
     namespaces = assign_namespaces(branches, known_namespaces)
     placed = place(repos, heads, namespaces)
     targets = desired_targets(placed, settings, removed)
@@ -146,13 +153,35 @@ def plan(
         key = current.get(slot)
         if key != target.key:
             actions.append(Action(ActionKind.DEPLOY, *slot, _why(target, key), target))
+    branch_of = {namespace: branch for branch, namespace in known_namespaces.items()}
     for slot in sorted(current.keys() - targets.keys()):
-        actions.append(Action(ActionKind.REMOVE, *slot, _removal_reason(slot, removed)))
+        reason = _removal_reason(slot, repos, heads, removed, branch_of)
+        actions.append(Action(ActionKind.REMOVE, *slot, reason))
     slot_heads = {slot: sha for slot, (_, _, sha) in placed.items()}
     return Plan(namespaces, slot_heads, targets, tuple(actions))
 
 
-def _removal_reason(slot: Slot, removed: Mapping[Slot, str]) -> str:
+def _removal_reason(
+    slot: Slot,
+    repos: Iterable[Repo],
+    heads: Mapping[str, RepoHeads],
+    removed: Mapping[Slot, str],
+    branch_of: Mapping[str, str],
+) -> str:
+    """Why ``slot`` goes: removed by hand, its repo removed, or its branch gone."""
+    namespace, service = slot
     if slot in removed:
         return "removed by hand until the next push"
-    return "branch or repo is gone"
+    if service not in {repo.name for repo in repos}:
+        return f"repo {service} was removed"
+    seen = heads.get(service)
+    if seen is None:
+        return f"no branch heads of repo {service} are known"
+    if namespace == BASELINE:
+        return "its default branch is gone"
+    branch = branch_of.get(namespace)
+    if branch is None:
+        return "its branch is gone"
+    if branch in seen.branches:
+        return f"branch {branch} is its default branch now"
+    return f"branch {branch} was deleted"

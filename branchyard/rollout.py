@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError
+from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError, reason_of
 from branchyard.git import Sources
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
@@ -156,8 +156,8 @@ class Rollouts:
             except asyncio.CancelledError:
                 self._fail(revision, RevisionState.SUPERSEDED, "a newer target arrived")
                 raise
-            except BranchyardError as exc:
-                self._fail(revision, RevisionState.FAILED, exc.message)
+            except Exception as exc:
+                self.failed(revision, exc)
                 return False
             revision = self.store.set_state(
                 revision.id, RevisionState.LIVE, port=instance.address[1]
@@ -174,6 +174,15 @@ class Rollouts:
             self.retire(rid, f"replaced by v{revision.ordinal}")
         self.prune(slot)
         return True
+
+    def failed(self, revision: Revision, exc: Exception) -> None:
+        """End ``revision`` as failed because of ``exc``, whatever it is, so that no
+        deploy stays building or starting. One outside our error tree (a bug, a
+        full or read-only disk) is logged too."""
+        reason = reason_of(exc)
+        if not isinstance(exc, BranchyardError):
+            log.error("%s:%s v%d failed: %s", *_key(revision), reason)
+        self._fail(revision, RevisionState.FAILED, reason)
 
     def _fail(self, revision: Revision, state: RevisionState, reason: str) -> None:
         self.store.set_state(revision.id, state, reason)
@@ -336,8 +345,8 @@ class Rollouts:
         try:
             build = await self.build(revision)
             instance = await self.runtime.start(build, self._on_change)
-        except BranchyardError as exc:
-            self._fail(revision, RevisionState.FAILED, exc.message)
+        except Exception as exc:
+            self.failed(revision, exc)
             return False
         revision = self.store.set_state(revision.id, RevisionState.LIVE, port=instance.address[1])
         self.running[revision.id] = Running(revision, build, instance)
@@ -370,6 +379,10 @@ class Rollouts:
         for rid in list(self.running):
             self.retire(rid, DAEMON_STOPPED)
         await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _key(revision: Revision) -> tuple[str, str, int]:
+    return (revision.namespace, revision.service, revision.ordinal)
 
 
 def _slot_of(build: Build) -> Slot:

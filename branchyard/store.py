@@ -267,6 +267,23 @@ class Store:
         )
         return [_revision(r) for r in rows]
 
+    def latest_revisions(self) -> list[Revision]:
+        """The newest revision of every slot that ever had one."""
+        rows = self._db.execute(
+            f"SELECT {_REVISION_COLUMNS} FROM revisions AS r WHERE ordinal = "
+            "(SELECT MAX(ordinal) FROM revisions WHERE namespace = r.namespace "
+            "AND service = r.service)"
+        )
+        return [_revision(r) for r in rows]
+
+    def stopped(self, reason: str) -> list[Revision]:
+        """The stopped revisions whose reason is ``reason``."""
+        rows = self._db.execute(
+            f"SELECT {_REVISION_COLUMNS} FROM revisions WHERE state = ? AND reason = ?",
+            (RevisionState.STOPPED.value, reason),
+        )
+        return [_revision(r) for r in rows]
+
     def active_revisions(self) -> list[Revision]:
         states = tuple(s.value for s in RevisionState if s.active)
         rows = self._db.execute(

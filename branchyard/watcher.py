@@ -151,7 +151,7 @@ class Watcher:
         name = watched.repo.name
         try:
             heads = await ls_remote(watched.repo.url)
-            seen = RepoHeads(name, heads.default_branch or "", heads.branches)
+            seen = RepoHeads(name, heads.default_branch or "", heads.branches, heads.dangling_head)
             if seen != watched.last:
                 await self._sources(watched.repo.url).sync()
                 await self._on_heads(seen)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from branchyard.git import Source, commit_subject
+from branchyard.errors import BuildFailed
+from branchyard.git import Heads, Source, commit_subject, parse_ls_remote
 from tests.conftest import git
 
 
@@ -47,6 +48,47 @@ def cat_files() -> list[str]:
 )
 def test_the_subject_is_the_first_paragraph_on_one_line(raw: bytes, subject: str) -> None:
     assert commit_subject(raw) == subject
+
+
+A, B = "a" * 40, "b" * 40
+
+
+@pytest.mark.parametrize(
+    ("listed", "heads"),
+    [
+        pytest.param(
+            f"ref: refs/heads/dev\tHEAD\n{A}\tHEAD\n{A}\trefs/heads/dev\n{B}\trefs/heads/main\n",
+            Heads("dev", {"dev": A, "main": B}),
+            id="head-names-the-default",
+        ),
+        pytest.param(
+            f"{A}\trefs/heads/main\n{B}\trefs/heads/master\n",
+            Heads("main", {"main": A, "master": B}, dangling_head=True),
+            id="dangling-head-main-first",
+        ),
+        pytest.param(
+            f"{B}\trefs/heads/master\n{A}\trefs/heads/x\n",
+            Heads("master", {"master": B, "x": A}, dangling_head=True),
+            id="dangling-head-then-master",
+        ),
+        pytest.param(
+            f"{A}\trefs/heads/x\n", Heads(None, {"x": A}, dangling_head=True), id="nothing-to-guess"
+        ),
+        pytest.param(
+            f"{A}\tHEAD\n{A}\trefs/heads/main\n",
+            Heads("main", {"main": A}, dangling_head=True),
+            id="detached-head",
+        ),
+        pytest.param(
+            f"ref: refs/heads/gone\tHEAD\n{A}\trefs/heads/main\n",
+            Heads("main", {"main": A}, dangling_head=True),
+            id="head-names-a-missing-branch",
+        ),
+        pytest.param("", Heads(None, {}), id="empty-repo-is-not-dangling"),
+    ],
+)
+def test_the_default_branch_is_head_s_else_main_else_master(listed: str, heads: Heads) -> None:
+    assert parse_ls_remote(listed) == heads
 
 
 def test_one_process_answers_every_question_and_sees_later_commits(repo: Path) -> None:
@@ -112,3 +154,36 @@ def test_a_question_cancelled_half_way_does_not_answer_the_next_one(repo: Path) 
 
     asyncio.run(scenario())
     assert cat_files() == []
+
+
+@pytest.mark.parametrize(
+    ("target", "refused"),
+    [
+        ("/etc/passwd", "symlink leak points outside the checkout (to /etc/passwd)"),
+        ("../../outside", "symlink leak points outside the checkout (to ../../outside)"),
+        ("sub/../../x", "symlink leak points outside the checkout (to sub/../../x)"),
+        ("Procfile", None),
+        ("./sub/../Procfile", None),
+    ],
+)
+def test_a_checkout_refuses_links_that_lead_out_of_it(
+    repo: Path, tmp_path: Path, target: str, refused: str | None
+) -> None:
+    (repo / "leak").symlink_to(target)
+    sha = commit(repo, {"Procfile": "web: x\n"}, "a link")
+    dest = tmp_path / "checkout"
+
+    async def scenario() -> None:
+        source = Source(str(repo), repo / "unused")
+        try:
+            if refused is None:
+                await source.checkout(sha, dest)
+                assert os.readlink(dest / "leak") == target
+            else:
+                with pytest.raises(BuildFailed) as caught:
+                    await source.checkout(sha, dest)
+                assert caught.value.message == refused
+        finally:
+            await source.close()
+
+    asyncio.run(scenario())

@@ -48,6 +48,8 @@ def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
 
     git("push", "-q", "origin", "--delete", "feature/Login_Fix", cwd=app.clone)
     wait_for(lambda: "feature-login-fix" not in daemon.cli("ns", "ls").stdout, 30, "ns gone")
+    events = daemon.cli("events", "-n", "feature-login-fix").stdout.splitlines()
+    assert [e for e in events if "removed" in e and "branch feature/Login_Fix was deleted" in e]
     assert daemon.ps_q("main") == ["main:app"]
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "process stopped")
     status, body = daemon.get("app.feature-login-fix.localhost")
@@ -56,6 +58,23 @@ def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
     assert not (daemon.home / "builds" / "feature-login-fix").exists()
     assert not (daemon.home / "logs" / "feature-login-fix").exists()
     assert (daemon.home / "logs" / "main" / "app").is_dir()
+
+
+def test_a_repo_whose_head_names_no_branch_deploys_main_to_the_baseline_with_a_warning(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    git("symbolic-ref", "HEAD", "refs/heads/master", cwd=app.origin)  # made by an older git
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app", "main"), 30, "app in the baseline")
+
+    sha = app.commit({"x.txt": "1"}, "second")
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", sha), 30, "the second commit in the baseline")
+    assert [(r["namespace"], r["service"]) for r in daemon.ps_json("-A")] == [("main", "app")]
+    warnings = [e for e in daemon.cli("events").stdout.splitlines() if "  warning " in e]
+    assert len(warnings) == 1, warnings  # said once, not at every push
+    assert "app: HEAD names no existing branch; main deploys to the baseline" in warnings[0]
 
 
 def test_rm_stops_a_service_until_the_next_push(

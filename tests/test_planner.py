@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -120,6 +121,57 @@ def test_known_namespaces_are_kept_for_branches_still_there(
     assert assign_namespaces(branches, known) == assigned
 
 
+def collisions(plain: str, other: str) -> list[Any]:
+    """The ways a branch named ``plain`` (a namespace name already) and ``other``
+    (which folds to it) can arrive: together, or either one later."""
+    first = {plain: plain, other: f"{plain}-{sha6(other)}"}
+    return [
+        pytest.param([[other, plain]], first, id=f"{other}-with-{plain}"),
+        pytest.param([[plain], [other]], first, id=f"{plain}-then-{other}"),
+        pytest.param(
+            [[other], [plain]],
+            {other: plain, plain: f"{plain}-{sha6(plain)}"},
+            id=f"{other}-then-{plain}-leaves-the-namespace-named",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "assigned"),
+    [
+        *collisions("a-b", "A_B"),
+        *collisions("feature-x", "feature/x"),
+        pytest.param(
+            [["feature/x"], ["feature-x", "Feature_X"], ["FEATURE.X"]],
+            {
+                "feature/x": "feature-x",
+                "feature-x": f"feature-x-{sha6('feature-x')}",
+                "Feature_X": f"feature-x-{sha6('Feature_X')}",
+                "FEATURE.X": f"feature-x-{sha6('FEATURE.X')}",
+            },
+            id="three-arrivals",
+        ),
+        pytest.param(
+            [["main"], ["Main"]],
+            {"main": f"main-{sha6('main')}", "Main": f"main-{sha6('Main')}"},
+            id="never-the-baseline",
+        ),
+    ],
+)
+def test_colliding_branches_keep_the_names_they_were_given(
+    arrivals: list[list[str]], assigned: dict[str, str]
+) -> None:
+    """Each list of ``arrivals`` is seen by one plan, on top of the branches before it."""
+    known: dict[str, str] = {}
+    branches: list[str] = []
+    for arrival in arrivals:
+        branches += arrival
+        named = assign_namespaces(branches, known)
+        assert {b: named[b] for b in known} == known, "a namespace changed its name"
+        known = named
+    assert known == assigned
+
+
 @pytest.mark.parametrize(
     ("branches", "known"),
     [
@@ -223,6 +275,18 @@ def test_a_repo_the_watcher_has_not_seen_yet_gets_nothing() -> None:
     assert list(result.targets) == [("main", "app")]
 
 
+def test_the_namespaces_of_a_repo_not_read_yet_keep_their_names() -> None:
+    known = {"A_B": "a-b"}
+    result = run([repo("app"), repo("web")], [seen("app", {"main": OLD, "a-b": NEW})], known=known)
+    assert result.namespaces == {"A_B": "a-b", "a-b": f"a-b-{sha6('a-b')}"}
+    assert list(result.targets) == [("a-b-" + sha6("a-b"), "app"), ("main", "app")]
+
+    heads = [seen("app", {"main": OLD, "a-b": NEW}), seen("web", {"main": WEB_SHA})]
+    assert run([repo("app"), repo("web")], heads, known=result.namespaces).namespaces == {
+        "a-b": f"a-b-{sha6('a-b')}"
+    }, "once every repo is read, a branch that is gone frees its name"
+
+
 def test_heads_of_an_unregistered_repo_are_ignored() -> None:
     result = run([repo("app")], [seen("app", {"main": OLD}), seen("web", {"main": WEB_SHA})])
     assert list(result.targets) == [("main", "app")]
@@ -297,7 +361,7 @@ TWO_REPOS = [repo("app"), repo("web")]
             {("main", "app"): key(NEW, "", "web"), ("main", "web"): key(WEB_SHA, "", "app")},
             [
                 ("deploy", "main", "app", "peers changed (web -> none)"),
-                ("remove", "main", "web", "branch or repo is gone"),
+                ("remove", "main", "web", "no branch heads of repo web are known"),
             ],
             id="peer-repo-gone",
         ),
@@ -305,7 +369,7 @@ TWO_REPOS = [repo("app"), repo("web")]
             [seen("app", {"main": NEW})],
             {},
             {("main", "app"): key(NEW), ("bugfix", "app"): key(OLD)},
-            [("remove", "bugfix", "app", "branch or repo is gone")],
+            [("remove", "bugfix", "app", "its branch is gone")],
             id="branch-deleted",
         ),
         pytest.param(
@@ -316,7 +380,7 @@ TWO_REPOS = [repo("app"), repo("web")]
                 ("deploy", "alpha", "app", "new: alpha@1111111"),
                 ("deploy", "main", "app", "new: main@2222222"),
                 ("deploy", "zeta", "app", "new: zeta@1111111"),
-                ("remove", "beta", "app", "branch or repo is gone"),
+                ("remove", "beta", "app", "its branch is gone"),
             ],
             id="deploys-sorted-then-removes",
         ),
@@ -349,6 +413,58 @@ def test_a_second_plan_on_the_first_plan_s_keys_does_nothing() -> None:
     second = run(repos, heads, known=first.namespaces, current=current)
     assert second.actions == ()
     assert second.targets == first.targets
+
+
+@pytest.mark.parametrize(
+    ("repos", "heads", "known", "gone", "reason"),
+    [
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": NEW})],
+            {"feature/x": "feature-x"},
+            ("feature-x", "app"),
+            "branch feature/x was deleted",
+            id="branch-deleted",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": NEW})],
+            {},
+            ("main", "web"),
+            "repo web was removed",
+            id="repo-removed",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"dev": NEW})],
+            {"dev": "dev"},
+            ("main", "app"),
+            "its default branch is gone",
+            id="default-branch-deleted",
+        ),
+        pytest.param(
+            [repo("app")],
+            [seen("app", {"main": OLD, "dev": NEW}, default="dev")],
+            {"dev": "dev"},
+            ("dev", "app"),
+            "branch dev is its default branch now",
+            id="head-moved-to-the-branch",
+        ),
+        pytest.param(
+            [repo("app"), repo("web")],
+            [seen("app", {"main": NEW})],
+            {},
+            ("main", "web"),
+            "no branch heads of repo web are known",
+            id="repo-not-read",
+        ),
+    ],
+)
+def test_a_removal_says_why_the_service_went(
+    repos: list[Repo], heads: list[RepoHeads], known: dict[str, str], gone: Slot, reason: str
+) -> None:
+    result = run(repos, heads, known=known, current={gone: key(OLD)})
+    assert summary(result.actions)[-1] == ("remove", *gone, reason)
 
 
 # -- plan: services removed by hand ----------------------------------------------------

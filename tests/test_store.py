@@ -155,6 +155,18 @@ def test_set_state_updates_state_reason_port_and_time(store: Store, clock: FakeC
     assert store.revision(created.id) == failed
 
 
+def test_the_latest_revisions_are_the_newest_of_each_slot(store: Store) -> None:
+    slots = [("main", "app"), ("main", "app"), ("main", "web"), ("bugfix", "app")]
+    made = [store.new_revision(target(*slot), RevisionState.BUILDING) for slot in slots]
+    store.set_state(made[1].id, RevisionState.FAILED, "build step `make` exited 2")
+    latest = {(r.namespace, r.service): (r.ordinal, r.state) for r in store.latest_revisions()}
+    assert latest == {
+        ("main", "app"): (2, RevisionState.FAILED),
+        ("main", "web"): (1, RevisionState.BUILDING),
+        ("bugfix", "app"): (1, RevisionState.BUILDING),
+    }
+
+
 def test_an_unknown_revision_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound, match="no revision 42"):
         store.revision(42)
