@@ -14,6 +14,7 @@ test. Without root, the same works in a user namespace (``unshare --user
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -62,11 +63,13 @@ def test_a_read_only_home_gives_json_errors_and_loses_nothing(
         wait_for(lambda: daemon.answer("app")["env"].get("GREETING") == "before", 60, "rolled out")
         token = token_of(daemon)
 
-        make_read_only(daemon)
         good = {"Authorization": f"Bearer {token}"}
+        env_path = "/api/namespaces/main/services/app/env"
+        version = call(daemon, "GET", env_path, b"", good)[1]["version"]
+        make_read_only(daemon)
         for method, path, body in [
             ("POST", "/api/token/rotate", b""),
-            ("PUT", "/api/namespaces/main/services/app/env", b'{"env": {"GREETING": "x"}}'),
+            ("PUT", env_path, json.dumps({"env": {"GREETING": "x"}, "version": version}).encode()),
         ]:
             headers = {**good, "Content-Type": "application/json"}
             status, answer = call(daemon, method, path, body, headers)
