@@ -23,7 +23,7 @@ from branchyard.git import Sources, local_path, ls_remote
 from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
-from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, Rollouts
+from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, INTERRUPTED, Rollouts
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Runtime
 from branchyard.runtime.processes import reap_leftovers
@@ -162,6 +162,7 @@ class Engine:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        self.rollouts.closing = True
         deploys = list(self._deploys.values())
         for task in deploys:
             task.cancel()
@@ -274,7 +275,8 @@ class Engine:
             latest is not None
             and latest.key == target.key
             and (
-                latest.reason in (RESTARTED, DAEMON_STOPPED) or latest.state is RevisionState.STAGED
+                latest.reason in (RESTARTED, DAEMON_STOPPED, INTERRUPTED)
+                or latest.state is RevisionState.STAGED
             )
         ):
             return self.store.set_state(latest.id, RevisionState.BUILDING)
@@ -304,7 +306,7 @@ class Engine:
             revision = self.store.revision(revision.id)
             build = await self.rollouts.build(revision)
         except asyncio.CancelledError:
-            self.store.set_state(revision.id, RevisionState.SUPERSEDED, "a newer target arrived")
+            self.rollouts.cancelled(revision)
             raise
         except Exception as exc:
             self.rollouts.failed(revision, exc)

@@ -38,6 +38,8 @@ KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollback
 DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
 LAST_LINES = 5
 DAEMON_STOPPED = "daemon stopped"
+INTERRUPTED = "the daemon stopped before it went live"
+SUPERSEDED = "a newer target arrived"
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Rollouts:
         self.traffic: dict[Slot, dict[int, int]] = {}  # slot -> revision id -> weight
         self.builds: dict[int, Build] = {}  # revision id -> build held in memory
         self._retiring: set[asyncio.Task[None]] = set()
+        self.closing = False  # the daemon is stopping: a cancelled deploy was interrupted
 
     # what runs
 
@@ -154,7 +157,7 @@ class Rollouts:
                 self.store.set_state(revision.id, RevisionState.STARTING)
                 instance = await self.runtime.start(build, self._on_change)
             except asyncio.CancelledError:
-                self._fail(revision, RevisionState.SUPERSEDED, "a newer target arrived")
+                self.cancelled(revision)
                 raise
             except Exception as exc:
                 self.failed(revision, exc)
@@ -183,6 +186,14 @@ class Rollouts:
         if not isinstance(exc, BranchyardError):
             log.error("%s:%s v%d failed: %s", *_key(revision), reason)
         self._fail(revision, RevisionState.FAILED, reason)
+
+    def cancelled(self, revision: Revision) -> None:
+        """End a revision whose deploy was cancelled: superseded by a newer target, or
+        interrupted by the daemon stopping (then the next daemon deploys it again)."""
+        if self.closing:
+            self._fail(revision, RevisionState.STOPPED, INTERRUPTED)
+        else:
+            self._fail(revision, RevisionState.SUPERSEDED, SUPERSEDED)
 
     def _fail(self, revision: Revision, state: RevisionState, reason: str) -> None:
         self.store.set_state(revision.id, state, reason)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, no_process_left, start_daemon, wait_for
+from branchyard.rollout import INTERRUPTED
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    git,
+    no_process_left,
+    start_daemon,
+    stdlib_service,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +131,21 @@ def test_a_restart_builds_again_only_what_changed(
     second.cli("env", "set", "app", "GREETING=again")
     wait_for(lambda: revisions(second, "app")[0] == (3, "failed"), 30, "v3, for the setting")
     assert revisions(second, "app")[1:] == [(2, "failed"), (1, "live")]
+
+
+def test_a_deploy_the_daemon_stopped_is_resumed_as_the_same_revision(
+    tmp_path: Path, restartable: Callable[[], Daemon], make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", stdlib_service(**{"branchyard.yaml": "build:\n  - sleep 60\n"}))
+    first = restartable()
+    first.cli("repo", "add", str(app.origin))
+    wait_for(lambda: revisions(first, "app") == [(1, "building")], 30, "v1 building")
+
+    assert first.stop() == 0  # while v1 builds
+    with contextlib.closing(sqlite3.connect(tmp_path / "home" / "state.db")) as store:
+        after_stop = store.execute("SELECT ordinal, state, reason FROM revisions").fetchall()
+    assert after_stop == [(1, "stopped", INTERRUPTED)]
+
+    second = restartable()
+    wait_for(lambda: revisions(second, "app") == [(1, "building")], 30, "v1 building again")
+    assert not events(second, "failed")
