@@ -62,6 +62,11 @@ class RepoIn(BaseModel):
     webhook_secret: Text = ""
 
 
+class RepoChangeIn(BaseModel):
+    default_branch: Text | None = None
+    webhook_secret: Text | None = None  # "": use the global one
+
+
 class SecretsIn(BaseModel):
     set: dict[Text, Text] = {}
     unset: list[Text] = []
@@ -248,6 +253,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
         return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
 
+    @app.patch("/api/repos/{name}")
+    async def change_repo(name: str, body: RepoChangeIn) -> dict[str, Any]:
+        repo = await engine.change_repo(name, body.default_branch, body.webhook_secret)
+        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+
     @app.delete("/api/repos/{name}")
     async def remove_repo(name: str) -> dict[str, Any]:
         await engine.remove_repo(name)
@@ -431,8 +441,9 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
         raise webhooks.WebhookError(
             401,
             "bad_webhook_signature",
-            f"no webhook secret is set for repo {repo.name}: add it with "
-            "`repo add --webhook-secret` or set BRANCHYARD_WEBHOOK_SECRET for the daemon",
+            f"no webhook secret is set for repo {repo.name}: set it with "
+            f"`branchyard repo set {repo.name} --webhook-secret -` (reads it from stdin) "
+            "or set BRANCHYARD_WEBHOOK_SECRET for the daemon",
         )
     webhooks.verify(
         provider,

@@ -161,7 +161,11 @@ def repo() -> None:
 @repo.command("add")
 @click.argument("url")
 @click.option("--name", help="Service name (default: the repo's name without .git).")
-@click.option("--default-branch", help="Branch for the baseline (default: the repo's HEAD).")
+@click.option(
+    "--default-branch",
+    help="Branch for the baseline (default: the repo's HEAD now, else init.defaultBranch, "
+    "else main, else master).",
+)
 @click.option(
     "--webhook-secret",
     default="",
@@ -175,16 +179,43 @@ def repo_add(
     local = Path(url).expanduser()
     if "://" not in url and not url.startswith("git@") and local.exists():
         url = str(local.resolve())
-    if webhook_secret == "-":
-        webhook_secret = sys.stdin.readline().strip()
     body = {
         "url": url,
         "name": name,
         "default_branch": default_branch,
-        "webhook_secret": webhook_secret,
+        "webhook_secret": _secret_option(webhook_secret),
     }
     added = ctx.client.call("POST", path_of("repos"), body)
-    click.echo(f"added {added['name']} ({added['url']})")
+    click.echo(f"added {added['name']} ({added['url']}); default branch {added['default_branch']}")
+
+
+def _secret_option(value: str) -> str:
+    """A --webhook-secret value; '-' reads it from stdin."""
+    return sys.stdin.readline().strip() if value == "-" else value
+
+
+@repo.command("set")
+@click.argument("name")
+@click.option("--default-branch", help="Branch that deploys to the baseline from now on.")
+@click.option(
+    "--webhook-secret",
+    help="Secret its webhooks are signed with ('-' reads it from stdin; '' uses the global one).",
+)
+@pass_context
+def repo_set(
+    ctx: Context, name: str, default_branch: str | None, webhook_secret: str | None
+) -> None:
+    """Change a registered repo's default branch or webhook secret."""
+    body: dict[str, str] = {}
+    if default_branch is not None:
+        body["default_branch"] = default_branch
+    if webhook_secret is not None:
+        body["webhook_secret"] = _secret_option(webhook_secret)
+    done = ctx.client.call("PATCH", path_of("repos", name), body)
+    what = [f"default branch {done['default_branch']}"] if default_branch is not None else []
+    if webhook_secret is not None:
+        what.append("webhook secret " + ("set" if body["webhook_secret"] else "removed"))
+    click.echo(f"{name}: {', '.join(what)}")
 
 
 @repo.command("ls")

@@ -84,6 +84,25 @@ def signed(body: bytes, secret: str, event: str = "push") -> dict[str, str]:
     }
 
 
+def test_a_webhook_for_a_repo_without_a_secret_says_how_to_set_one_and_repo_set_does(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    sha = git("rev-parse", "HEAD", cwd=app.clone)
+    body = github_push(str(app.origin), "main", sha)
+
+    status, answer = call(daemon, "POST", "/hooks/github", body, signed(body, "s3cret"))
+    assert status == 401
+    assert "`branchyard repo set app --webhook-secret -`" in answer["message"]
+
+    done = daemon.cli("repo", "set", "app", "--webhook-secret", "s3cret")
+    assert done.stdout == "app: webhook secret set\n"
+    status, answer = call(daemon, "POST", "/hooks/github", body, signed(body, "s3cret"))
+    assert (status, answer["checking"]) == (202, "app")
+    assert "main" in daemon.cli("repo", "ls").stdout  # the default branch is kept
+
+
 def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
