@@ -226,7 +226,6 @@ _NEWEST_SHOWS = (
     RevisionState.CRASHED,
 )
 _CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)  # promote
-_ROLLBACK_TO = (RevisionState.STOPPED, RevisionState.STAGED)  # what a bare rollback picks
 
 
 @dataclass(frozen=True)
@@ -552,14 +551,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             if latest
             else ""
         )
-        rollback_to = next(
-            (
-                r
-                for r in history
-                if cell.live and r.ordinal < cell.live.ordinal and r.state in _ROLLBACK_TO
-            ),
-            None,
-        )
+        _, rollback_to = engine.rollouts.going_back(slot)
         context = {
             **common(request, "service"),
             "cell": cell,

@@ -99,18 +99,30 @@ class Rollouts:
             if rid in self.running
         }
 
-    def _route(self, slot: Slot) -> None:
+    def _route(self, slot: Slot, why: str = "") -> None:
+        """Route ``slot`` to what of its traffic runs; with nothing, tell the router ``why``
+        (else that the live revision is restarting, if it is)."""
+        weights = self.traffic.get(slot, {})
+        chosen = [self.running[rid] for rid in sorted(weights) if rid in self.running]
         serving = [
-            (self.running[rid].instance.address, weight)
-            for rid, weight in sorted(self.traffic.get(slot, {}).items())
-            if rid in self.running and self.running[rid].instance.state is ProcessState.RUNNING
+            (r.instance.address, weights[r.revision.id])
+            for r in chosen
+            if r.instance.state is ProcessState.RUNNING
         ]
         if len(serving) == 1:
             self.table.set_backend(*slot, serving[0][0])
         elif serving:
             self.table.set_weights(*slot, serving)
         else:
-            self.table.set_backend(*slot, None)
+            restarting = next(
+                (
+                    f"v{r.revision.ordinal} exited with code {r.instance.exit_code}; restarting"
+                    for r in chosen
+                    if r.instance.state is not ProcessState.FAILED
+                ),
+                "",
+            )
+            self.table.set_backend(*slot, None, why or restarting)
 
     # building and switching
 
@@ -236,13 +248,14 @@ class Rollouts:
         self._route(slot)
         if instance.state is ProcessState.FAILED:
             lines = last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
-            reason = (
-                f"crashed: exit code {instance.exit_code} after {instance.restarts} "
-                f"restarts" + (f"; last output: {lines[-1]}" if lines else "")
+            reason = f"exited with code {instance.exit_code} after {instance.restarts} restarts" + (
+                f"; last output: {lines[-1]}" if lines else ""
             )
             self.store.event("crashed", f"v{running.revision.ordinal} {reason}", slot)
             self.retire(running.revision.id, reason, RevisionState.CRASHED)
-        elif instance.state is ProcessState.BACKOFF:
+            self._route(slot, f"v{running.revision.ordinal} crashed ({reason})")
+        elif instance.state is ProcessState.STARTING:
+            # Said as a restart begins, not at each exit: the last exit gives up instead.
             self.store.event(
                 "restarting",
                 f"v{running.revision.ordinal} exited with code {instance.exit_code}; restarting",
@@ -251,22 +264,35 @@ class Rollouts:
 
     # a person's choices
 
-    def find(self, slot: Slot, ordinal: int | None) -> Revision:
+    def going_back(self, slot: Slot) -> tuple[Revision | None, Revision | None]:
+        """(from, to) of a rollback with no revision named: from the live revision, else
+        from the newest one that crashed, to the newest earlier one that served."""
         history = self.store.revisions(slot)
         live = self.live(slot)
+        start = live.revision if live else None
+        if start is None:
+            start = next((r for r in history if r.state is RevisionState.CRASHED), None)
+        if start is None:
+            return None, None
+        earlier = (
+            r
+            for r in history
+            if r.ordinal < start.ordinal
+            and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
+        )
+        return start, next(earlier, None)
+
+    def find(self, slot: Slot, ordinal: int | None) -> Revision:
         if ordinal is None:
-            if live is None:
+            start, back_to = self.going_back(slot)
+            if start is None:
                 raise UsageError(f"{slot[1]} in {slot[0]} has no live revision to go back from")
-            earlier = [
-                r
-                for r in history
-                if r.ordinal < live.revision.ordinal
-                and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
-            ]
-            if not earlier:
-                raise UsageError(f"{slot[1]} in {slot[0]} has no earlier revision to go back to")
-            return earlier[0]
-        for revision in history:
+            if back_to is None:
+                raise UsageError(
+                    f"{slot[1]} in {slot[0]} has no revision before v{start.ordinal} to go back to"
+                )
+            return back_to
+        for revision in self.store.revisions(slot):
             if revision.ordinal == ordinal:
                 if revision.state in (
                     RevisionState.FAILED,

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import (
     Daemon,
     ServiceRepo,
+    git,
     no_process_left,
     processes_with,
     start_daemon,
@@ -158,6 +159,7 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
 ) -> None:
     app = make_repo("app")
+    first = git("rev-parse", "HEAD", cwd=app.clone)
     daemon.cli("repo", "add", str(app.origin))
     pid = wait_for(lambda: daemon.answer("app")["pid"], 30, "app live")
     os.kill(pid, signal.SIGKILL)
@@ -186,9 +188,19 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
         90,
         "crashed",
     )
-    assert "exit code 7" in row["reason"] and "giving up now" in row["reason"]
+    assert row["reason"] == "exited with code 7 after 5 restarts; last output: giving up now"
     assert any("giving up now" in line for line in row["last_lines"])
-    assert daemon.get("app.main.localhost")[0] == 503
+    assert "crashed: exited with code 7" in daemon.cli("ps").stdout
+    events = daemon.cli("events").stdout.splitlines()
+    assert len([e for e in events if "  restarting " in e and " v2 " in e]) == 5  # 5 restarts
+    status, body = daemon.get("app.main.localhost")
+    assert status == 503
+    assert b"app in main is not serving: v2 crashed (exited with code 7" in body
+    assert b"yet" not in body
+
+    assert 'data-action="rollback">Roll back to v1<' in daemon.page("/ns/main/app")[1]
+    assert "main:app is on v1, pinned" in daemon.cli("rollback", "app").stdout
+    assert daemon.serves("app", "main", first)
 
 
 def test_builds_are_kept_for_the_last_five_revisions_and_gc_reports(
