@@ -27,7 +27,6 @@ from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Overlay, Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
-from branchyard.rollout import last_lines
 from branchyard.runtime import logs as logfiles
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
@@ -214,6 +213,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         elif pin is not None:
             state += f" pinned v{pin}"
         failed = latest and latest.state in (RevisionState.FAILED, RevisionState.CRASHED)
+        failure = engine.rollouts.failure_log(latest) if latest else None
         return {
             "namespace": slot[0],
             "service": slot[1],
@@ -224,9 +224,10 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             "pinned": pin,
             "weights": weights,
             "restarts": running.instance.restarts if running else 0,
-            "last_lines": last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
+            "last_lines": logfiles.last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
             if latest and failed
             else [],
+            "logs_command": failure.command if failure else "",
             "url": router_url(*slot),
             "since": shown.changed_at if shown else None,
         }
@@ -275,7 +276,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.get("/api/services")
     async def list_services(namespace: str | None = None) -> list[dict[str, Any]]:
-        slots = sorted(engine.targets)
+        slots = [slot for slot, _ in sorted(engine.targets.items(), key=_baseline_first)]
         if namespace is not None:
             slots = [s for s in slots if s[0] == namespace]
             if not slots:
@@ -337,14 +338,23 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         build: bool = False,
         follow: bool = False,
         tail: Annotated[int | None, Query(ge=0)] = None,
+        revision: Annotated[int | None, Query(ge=1, le=MAX_EVENT_ID)] = None,
     ) -> StreamingResponse:
+        """The live revision's output (else the newest's); ``build``: the newest's build
+        log; ``revision``: that revision's output or build log."""
         engine.target(namespace, service)
         history = engine.store.revisions((namespace, service))
         running = engine.rollouts.live((namespace, service))
-        revision = running.revision if running and not build else next(iter(history), None)
-        if revision is None:
+        if revision is not None:
+            chosen = next((r for r in history if r.ordinal == revision), None)
+            if chosen is None:
+                raise NotFound(f"{service} in {namespace} has no revision v{revision}")
+        else:
+            chosen = running.revision if running and not build else next(iter(history), None)
+        if chosen is None:
             raise NotFound(f"{service} in {namespace} has no revision yet")
-        path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
+        ordinal = chosen.ordinal
+        path = engine.runtime.log_path(namespace, service, ordinal, build)
         if not follow:
             return StreamingResponse(logfiles.read(path, tail), media_type="text/plain")
         followed = logfiles.follow(path, tail, lambda: _pause(stopping))

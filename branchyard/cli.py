@@ -254,12 +254,35 @@ def _age(since: float | None) -> str:
     return f"{seconds}s"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(
+    header: list[str], rows: list[list[str]], width: int | None = None, squeeze: int = -1
+) -> str:
+    """Columns two spaces apart. With a ``width``, the ``squeeze`` column is cut (ending
+    in "…") so that the lines fit it, if that column alone can make them fit."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if width is not None and squeeze >= 0:
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        widths[squeeze] = max(len(header[squeeze]), widths[squeeze] - max(0, over))
+        rows = [
+            [_cut(c, widths[squeeze]) if i == squeeze else c for i, c in enumerate(r)] for r in rows
+        ]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
         for r in [header, *rows]
     )
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _terminal_width() -> int | None:
+    """The width to fit tables to: $COLUMNS, else the terminal's; None when piped."""
+    import shutil
+
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 @cli.command()
@@ -279,14 +302,22 @@ def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) ->
             click.echo(line)
     else:
         table = []
+        notes = []
         for r in rows:
             shown = r["live"] or r["latest"]
             revision = f"v{shown['ordinal']} {shown['sha7']}" if shown else "-"
             state = f"{r['state']}: {r['reason']}" if r["reason"] else r["state"]
-            table.append(
-                [f"{r['namespace']}:{r['service']}", revision, state, r["url"], _age(r["since"])]
-            )
-        click.echo(_table(["SERVICE", "REVISION", "STATE", "URL", "AGE"], table))
+            name = f"{r['namespace']}:{r['service']}"
+            table.append([name, revision, state, r["url"], _age(r["since"])])
+            if r["logs_command"]:
+                latest = r["latest"]
+                notes.append(
+                    f"{name} v{latest['ordinal']} {latest['state']}; see: {r['logs_command']}"
+                )
+        header = ["SERVICE", "REVISION", "STATE", "URL", "AGE"]
+        click.echo(_table(header, table, _terminal_width(), squeeze=2))
+        for note in notes:
+            click.echo(note)
 
 
 @cli.group("ns")
@@ -308,14 +339,21 @@ def ns_ls(ctx: Context) -> None:
 @cli.command()
 @click.argument("service")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option("--build", is_flag=True, help="The build log of the latest revision.")
+@click.option("--build", is_flag=True, help="The build log (of the latest revision by default).")
+@click.option("--revision", "rev", metavar="REV", help="That revision's (4 or v4) instead.")
 @click.option(
     "--tail", type=click.IntRange(min=0), help="Only the last N lines (then new ones with -f)."
 )
 @namespaced
 @pass_context
 def logs(
-    ctx: Context, service: str, follow: bool, build: bool, tail: int | None, ns: str | None
+    ctx: Context,
+    service: str,
+    follow: bool,
+    build: bool,
+    rev: str | None,
+    tail: int | None,
+    ns: str | None,
 ) -> None:
     """Print a service's output (the live revision's, else the latest's)."""
     path = path_of(
@@ -327,6 +365,7 @@ def logs(
         build=build,
         follow=follow,
         tail=tail,
+        revision=_ordinal(rev) if rev else None,
     )
     out = sys.stdout.buffer
     for chunk in ctx.client.stream(path):
@@ -682,8 +721,15 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
     click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
 
 
+def _event_time(at: float) -> str:
+    """Local time with its offset from UTC: ``2026-11-28 23:20:41+01:00``."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(at).astimezone().isoformat(sep=" ", timespec="seconds")
+
+
 def _event_line(event: dict[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
+    when = _event_time(float(event["at"]))
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
     return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
 

@@ -59,6 +59,7 @@ from branchyard.planner import Slot
 from branchyard.rollout import Running
 from branchyard.runtime import logs
 from branchyard.runtime.supervisor import ProcessState
+from branchyard.text import without_escapes
 from branchyard.vault import MASK
 
 CODE_SECONDS = 300.0  # a login code from `branchyard dashboard` is valid this long, once
@@ -83,7 +84,16 @@ _PAGE_HEADERS = {
 }
 # The parts of each page that change, as ``?part=live`` sends them (see templates/live.html).
 _OVERVIEW_PARTS = ("grid", "events")
-_SERVICE_PARTS = ("status", "actions", "revisions", "build", "env", "history", "events")
+_SERVICE_PARTS = (
+    "status",
+    "actions",
+    "revisions",
+    "output",
+    "build",
+    "env",
+    "history",
+    "events",
+)
 RESTART_PATH = "/api/namespaces/{namespace}/services/{service}/restart"
 
 
@@ -343,8 +353,9 @@ def _iso(at: float | None) -> str:
 
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
+    """The end of a log as a page shows it: colours and other terminal escapes left out."""
     try:
-        return logs.tail(path, size).decode(errors="replace")
+        return without_escapes(logs.tail(path, size).decode(errors="replace"))
     except OSError:
         return ""
 
@@ -546,6 +557,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         person = dict(settings.env)
         secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
         changes = await engine.settings_repo.history(slot)
+        failure = engine.rollouts.failure_log(latest) if latest else None
         build_log = (
             _tail(engine.runtime.log_path(namespace, service, latest.ordinal, True))
             if latest
@@ -567,6 +579,8 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "branchyard_env": _branchyard_env(cell.live or latest, [*person, *secret_names]),
             "changes": [(c, _diff_lines(c.diff)) for c in changes],
             "build_log": build_log,
+            "failure": failure,
+            "failed_output": _tail(failure.path) if failure and not failure.build else "",
             "can_restart": _has_route(app, RESTART_PATH, "POST"),
             "events": _recent_events(engine, namespace, service),
         }

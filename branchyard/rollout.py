@@ -26,6 +26,7 @@ from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError
 from branchyard.git import Sources
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
+from branchyard.naming import BASELINE
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Build, Instance, RevisionSpec, Runtime, logs
 from branchyard.runtime.supervisor import ProcessState
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 Slot = tuple[str, str]
 KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
 DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
-LAST_LINES = 5
 DAEMON_STOPPED = "daemon stopped"
 
 
@@ -47,13 +47,20 @@ class Running:
     instance: Instance
 
 
-def last_lines(path: Path, count: int = LAST_LINES) -> list[str]:
-    """The last ``count`` lines of a log (reads at most its last 64 KiB)."""
-    try:
-        tail = logs.tail(path, 65536).decode(errors="replace")
-    except OSError:
-        return []
-    return [line for line in tail.splitlines() if line.strip()][-count:]
+@dataclass(frozen=True)
+class FailureLog:
+    """Where the output that shows why a revision failed or crashed is, and the command
+    that prints it."""
+
+    path: Path
+    build: bool  # the build log (it failed to build), else its processes' output
+    command: str
+
+
+def logs_command(namespace: str, service: str, ordinal: int, build: bool) -> str:
+    """The exact ``branchyard logs`` command for one revision's output or build log."""
+    where = "" if namespace == BASELINE else f"-n {namespace} "
+    return f"branchyard {where}logs {service} --revision {ordinal}" + (" --build" if build else "")
 
 
 class Rollouts:
@@ -247,7 +254,7 @@ class Rollouts:
         slot = (running.revision.namespace, running.revision.service)
         self._route(slot)
         if instance.state is ProcessState.FAILED:
-            lines = last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
+            lines = logs.last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
             reason = f"exited with code {instance.exit_code} after {instance.restarts} restarts" + (
                 f"; last output: {lines[-1]}" if lines else ""
             )
@@ -261,6 +268,18 @@ class Rollouts:
                 f"v{running.revision.ordinal} exited with code {instance.exit_code}; restarting",
                 slot,
             )
+
+    def failure_log(self, revision: Revision) -> FailureLog | None:
+        """For a failed or crashed revision, the log that says why: its processes'
+        output if they wrote any, else its build log."""
+        if revision.state not in (RevisionState.FAILED, RevisionState.CRASHED):
+            return None
+        key = _key(revision)
+        path = self.runtime.log_path(*key, False)
+        build = not _has_output(path)
+        if build:
+            path = self.runtime.log_path(*key, True)
+        return FailureLog(path, build, logs_command(*key, build))
 
     # a person's choices
 
@@ -405,6 +424,13 @@ class Rollouts:
         for rid in list(self.running):
             self.retire(rid, DAEMON_STOPPED)
         await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _has_output(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _key(revision: Revision) -> tuple[str, str, int]:

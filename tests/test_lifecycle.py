@@ -139,6 +139,8 @@ def test_repo_rm_removes_its_services_from_every_namespace(
         repo.checkout("bugfix")
         repo.push("bugfix")
     wait_for(lambda: len(daemon.ps_json("-A")) == 4, 30, "four services")
+    listed = [line.split()[0] for line in daemon.cli("ps", "-A").stdout.splitlines()[1:]]
+    assert listed == ["main:app", "main:web", "bugfix:app", "bugfix:web"]  # the baseline first
     daemon.cli("repo", "rm", "app")
     wait_for(
         lambda: (

@@ -376,7 +376,24 @@
   let held = "";
   let stream = null;
 
-  function append(chunk) {
+  // Colours and other terminal escapes are left out (as the server does for the build
+  // log); one cut in two by a chunk's end waits for the rest in `partial`.
+  const ESCAPES = /\x1b(?:\[[0-?]*[ -\/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -\/]*[0-~])/g;
+  let partial = "";
+
+  function withoutEscapes(chunk) {
+    let text = (partial + chunk).replace(ESCAPES, "");
+    partial = "";
+    const cut = text.lastIndexOf("\x1b");
+    if (cut >= 0 && text.length - cut < 256) {
+      partial = text.slice(cut);
+      text = text.slice(0, cut);
+    }
+    return text;
+  }
+
+  function append(raw) {
+    const chunk = withoutEscapes(raw);
     if (paused) {
       held = (held + chunk).slice(-MAX_LOG_CHARS);
       return;
@@ -394,6 +411,7 @@
     stream = mine;
     logs.textContent = "";
     held = "";
+    partial = "";
     logsState.textContent = paused ? "paused" : "following its output";
     while (!mine.signal.aborted) {
       try {
