@@ -212,6 +212,9 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             state += " split " + " ".join(f"v{o}={w}" for o, w in sorted(weights.items()))
         elif pin is not None:
             state += f" pinned v{pin}"
+        head = engine.behind(slot)
+        if head is not None:
+            state += f", behind {head.branch} ({head.sha[:7]})"
         failed = latest and latest.state in (RevisionState.FAILED, RevisionState.CRASHED)
         failure = engine.rollouts.failure_log(latest) if latest else None
         return {
@@ -228,6 +231,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             if latest and failed
             else [],
             "logs_command": failure.command if failure else "",
+            "behind": head is not None,
             "url": router_url(*slot),
             "since": shown.changed_at if shown else None,
         }
@@ -384,8 +388,14 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
     async def unpin(namespace: str, service: str) -> dict[str, Any]:
-        revision = await engine.unpin(namespace, service)
-        return {"live": revision.ordinal if revision else None}
+        revision, building = await engine.unpin(namespace, service)
+        target = engine.target(namespace, service)
+        return {
+            "live": revision.ordinal if revision else None,
+            "building": building,
+            "branch": target.branch,
+            "head": target.sha,
+        }
 
     @app.put("/api/namespaces/{namespace}/services/{service}/weights")
     async def weights(namespace: str, service: str, body: WeightsIn) -> dict[str, Any]:

@@ -698,9 +698,14 @@ def restart(ctx: Context, service: str, ns: str | None) -> None:
 @namespaced
 @pass_context
 def unpin(ctx: Context, service: str, ns: str | None) -> None:
-    """Let traffic follow new commits again (the newest staged revision goes live)."""
+    """Let traffic follow new commits again: the branch head goes live (built if need be)."""
     done = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))
-    then = f"; v{done['live']} goes live" if done["live"] else ""
+    if done["live"]:
+        then = f"; v{done['live']} goes live"
+    elif done["building"]:
+        then = f"; building the head of {done['branch']} ({done['head'][:7]})"
+    else:
+        then = ""
     click.echo(f"{ctx.namespace(ns)}:{service} follows new commits{then}")
 
 

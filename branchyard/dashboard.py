@@ -298,6 +298,9 @@ def _cell(engine: Engine, slot: Slot) -> Cell:
         notes.append("split " + " ".join(f"v{o}={w}%" for o, w in sorted(weights.items())))
     elif pinned is not None:
         notes.append(f"pinned v{pinned}")
+    head = engine.behind(slot)
+    if head is not None:
+        notes.append(f"behind {head.branch} ({head.sha[:7]})")
     failed = shown is not None and shown.state in (RevisionState.FAILED, RevisionState.CRASHED)
     return Cell(
         slot[0],

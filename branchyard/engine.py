@@ -562,9 +562,31 @@ class Engine:
         self.target(namespace, service)
         return await self.rollouts.restart((namespace, service))
 
-    async def unpin(self, namespace: str, service: str) -> Revision | None:
-        self.target(namespace, service)
-        return await self.rollouts.unpin((namespace, service))
+    async def unpin(self, namespace: str, service: str) -> tuple[Revision | None, bool]:
+        """Follow the branch again: its head goes live, built first if it must be.
+        (the revision that went live, whether the head is being built)."""
+        target = self.target(namespace, service)
+        slot = (namespace, service)
+        revision = await self.rollouts.unpin(slot, target.key)
+        live = self.rollouts.live(slot)
+        if live is not None and live.revision.key == target.key:
+            return revision, False
+        if slot not in self._deploys:
+            self._start_deploy(target, f"unpinned: back to the head of {target.branch}")
+        return revision, True
+
+    def behind(self, slot: Slot) -> Target | None:
+        """The branch head, if what serves ``slot`` is another commit and that head is
+        not on its way (a pin, a rollback, a head that failed)."""
+        target = self.targets.get(slot)
+        live = self.rollouts.live(slot)
+        if target is None or live is None or live.revision.sha == target.sha:
+            return None
+        latest = next(iter(self.store.revisions(slot, limit=1)), None)
+        coming = (RevisionState.BUILDING, RevisionState.STARTING)
+        if latest is not None and latest.sha == target.sha and latest.state in coming:
+            return None
+        return target
 
     async def weight(self, namespace: str, service: str, percents: Mapping[int, int]) -> None:
         self.target(namespace, service)

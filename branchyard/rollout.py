@@ -271,12 +271,12 @@ class Rollouts:
 
     def failure_log(self, revision: Revision) -> FailureLog | None:
         """For a failed or crashed revision, the log that says why: its processes'
-        output if they wrote any, else its build log."""
+        output if it got as far as starting them, else its build log."""
         if revision.state not in (RevisionState.FAILED, RevisionState.CRASHED):
             return None
         key = _key(revision)
         path = self.runtime.log_path(*key, False)
-        build = not _has_output(path)
+        build = not path.exists()
         if build:
             path = self.runtime.log_path(*key, True)
         return FailureLog(path, build, logs_command(*key, build))
@@ -356,16 +356,19 @@ class Rollouts:
         task.add_done_callback(self._retiring.discard)
         return task
 
-    async def unpin(self, slot: Slot) -> Revision | None:
-        """Drop the pin; the newest revision that can serve takes all traffic."""
+    async def unpin(self, slot: Slot, head: str) -> Revision | None:
+        """Drop the pin and send all traffic to the revision of the branch head (its
+        target ``head`` key), if one was built: the one that goes live, else None (the
+        head must be built, or already has all traffic)."""
         self.store.set_pin(slot, None)
         self.store.event("unpin", "traffic follows new commits again", slot)
-        ready = (RevisionState.STAGED, RevisionState.LIVE)
-        newest = next((r for r in self.store.revisions(slot) if r.state in ready), None)
+        ready = (RevisionState.STAGED, RevisionState.LIVE, RevisionState.STOPPED)
+        newest = next(
+            (r for r in self.store.revisions(slot) if r.key == head and r.state in ready), None
+        )
         if newest is None or self.traffic.get(slot) == {newest.id: 100}:
             return None
-        await self.go_live(newest)
-        return newest
+        return newest if await self.go_live(newest) else None
 
     async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
         """Split traffic between revisions by weight (a canary); pins the slot."""
@@ -424,13 +427,6 @@ class Rollouts:
         for rid in list(self.running):
             self.retire(rid, DAEMON_STOPPED)
         await asyncio.gather(*self._retiring, return_exceptions=True)
-
-
-def _has_output(path: Path) -> bool:
-    try:
-        return path.stat().st_size > 0
-    except OSError:
-        return False
 
 
 def _key(revision: Revision) -> tuple[str, str, int]:

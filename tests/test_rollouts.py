@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    SERVICE,
     Daemon,
     ServiceRepo,
     git,
@@ -138,6 +139,39 @@ def test_rollback_pins_then_unpin_follows_new_commits(
     daemon.cli("promote", "app", "v2")
     assert daemon.serves("app", "main", second)
     assert daemon.row("main", "app")["pinned"] == 2
+
+
+def test_unpin_goes_to_the_branch_head_building_it_if_need_be_and_ps_says_when_behind(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    flag = tmp_path / "refuse"
+    refuses = f"import os, sys\nif os.path.exists({str(flag)!r}):\n    sys.exit(5)\n"
+    app = make_repo("app", stdlib_service(**{"app.py": refuses + SERVICE}))
+    first = git("rev-parse", "HEAD", cwd=app.clone)
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.serves("app", "main", first), 30, "v1 live")
+    flag.write_text("x")
+    head = app.commit({"x": "2"}, "second")
+    app.push()
+    wait_for(lambda: daemon.row("main", "app")["latest"]["state"] == "failed", 30, "v2 failed")
+    assert daemon.row("main", "app")["logs_command"] == "branchyard logs app --revision 2"
+    flag.unlink()
+
+    daemon.cli("promote", "app", "1")
+    behind = f"behind main ({head[:7]})"
+    assert behind in daemon.cli("ps").stdout and daemon.row("main", "app")["behind"]
+    assert behind in daemon.page("/ns/main/app")[1]
+    assert daemon.cli("unpin", "app").stdout == (
+        f"main:app follows new commits; building the head of main ({head[:7]})\n"
+    )
+    wait_for(lambda: daemon.serves("app", "main", head), 30, "the head built again, live")
+    assert daemon.row("main", "app")["live"]["ordinal"] == 3
+
+    daemon.cli("rollback", "app")
+    assert daemon.serves("app", "main", first) and behind in daemon.cli("ps").stdout
+    assert daemon.cli("unpin", "app").stdout == "main:app follows new commits; v3 goes live\n"
+    assert daemon.serves("app", "main", head)
+    assert "behind" not in daemon.cli("ps").stdout and not daemon.row("main", "app")["behind"]
 
 
 def test_weights_split_traffic_per_request(

@@ -252,7 +252,11 @@
   };
 
   function describe(kind, done) {
-    if (kind === "unpin") return done && done.live ? `Unpinned; v${done.live} goes live.` : "Unpinned.";
+    if (kind === "unpin") {
+      if (done.live) return `Unpinned; v${done.live} goes live.`;
+      if (done.building) return `Unpinned; building the head of ${done.branch} (${done.head.slice(0, 7)}).`;
+      return "Unpinned.";
+    }
     if (kind === "restart") return "Restarting.";
     return `${service} in ${namespace} is on v${done.live}, pinned.`;
   }
