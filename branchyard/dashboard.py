@@ -204,9 +204,10 @@ def session_token(request: Request) -> str | None:
 
 def refusal(request: Request) -> Response | None:
     """How to refuse a request that carried no valid token, when the JSON 401 won't do:
-    a page is sent to the login form; a session without its CSRF header gets a 403."""
+    a page (the dashboard's, or the API's own ``/docs``) is sent to the login form; a
+    session without its CSRF header gets a 403, which keeps ``/docs`` read-only."""
     path = request.url.path
-    page = path == "/" or path.startswith("/ns/")
+    page = path in ("/", "/docs") or path.startswith("/ns/")
     if request.method == "GET" and page and "part" not in request.query_params:
         return RedirectResponse("/login", status_code=303)
     if _session(request) is not None and request.method not in _SAFE_METHODS:

@@ -209,22 +209,26 @@ class Daemon:
         except (AssertionError, OSError, ValueError, KeyError):
             return False
 
-    def page(self, path: str) -> tuple[int, str]:
-        """A dashboard page as a logged-in browser gets it: (status, HTML)."""
+    def page(self, path: str, method: str = "GET", session: bool = True) -> tuple[int, str]:
+        """A dashboard page as a browser gets it, logged in unless not ``session``:
+        (status, body); a redirect's body is its Location."""
         api = int(self.info["api"].rsplit(":", 1)[1])
         token = (self.home / "token").read_text().strip()
         connection = http.client.HTTPConnection("127.0.0.1", api, timeout=10)
         try:
-            auth = {"Authorization": f"Bearer {token}"}
-            connection.request("POST", "/api/dashboard/login-code", headers=auth)
-            code = json.loads(connection.getresponse().read())["code"]
-            connection.request("GET", f"/login?code={code}")
-            login = connection.getresponse()
-            login.read()
-            cookie = login.getheader("set-cookie", "").split(";", 1)[0]
-            connection.request("GET", path, headers={"Cookie": cookie})
+            headers = {}
+            if session:
+                auth = {"Authorization": f"Bearer {token}"}
+                connection.request("POST", "/api/dashboard/login-code", headers=auth)
+                code = json.loads(connection.getresponse().read())["code"]
+                connection.request("GET", f"/login?code={code}")
+                login = connection.getresponse()
+                login.read()
+                headers["Cookie"] = login.getheader("set-cookie", "").split(";", 1)[0]
+            connection.request(method, path, headers=headers)
             response = connection.getresponse()
-            return response.status, response.read().decode()
+            body = response.read().decode()
+            return response.status, response.getheader("location") or body
         finally:
             connection.close()
 

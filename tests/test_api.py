@@ -57,6 +57,19 @@ def test_every_api_call_needs_the_token_and_the_cli_reads_it(daemon: Daemon) -> 
     assert daemon.cli("info").returncode == 0
 
 
+def test_docs_take_the_dashboard_session_read_only_and_send_a_browser_to_log_in(
+    daemon: Daemon,
+) -> None:
+    status, html = daemon.page("/docs")
+    assert status == 200 and "swagger-ui" in html
+    assert daemon.page("/openapi.json")[0] == 200
+    assert '<a class="api-docs" href="/docs">API docs</a>' in daemon.page("/")[1]
+    assert daemon.page("/docs", session=False) == (303, "/login")
+    status, body = daemon.page("/api/token/rotate", method="POST")  # no CSRF header
+    assert status == 403 and json.loads(body)["error"] == "csrf"
+    assert daemon.cli("info").returncode == 0  # the token was not rotated
+
+
 def test_errors_are_json_with_a_stable_code(daemon: Daemon) -> None:
     good = {"Authorization": f"Bearer {token_of(daemon)}"}
     status, body = call(daemon, "GET", "/api/services?namespace=nope", headers=good)
