@@ -567,6 +567,8 @@ class Engine:
         (the revision that went live, whether the head is being built)."""
         target = self.target(namespace, service)
         slot = (namespace, service)
+        if self.store.pin(slot) is None:
+            return None, False  # it follows its branch already (a failed head stays failed)
         revision = await self.rollouts.unpin(slot, target.key)
         live = self.rollouts.live(slot)
         if live is not None and live.revision.key == target.key:
@@ -576,14 +578,15 @@ class Engine:
         return revision, True
 
     def behind(self, slot: Slot) -> Target | None:
-        """The branch head, if what serves ``slot`` is another commit and that head is
-        not on its way (a pin, a rollback, a head that failed)."""
+        """The branch head, if what serves ``slot`` is another commit and the head's
+        revision is not on its way or staged, which ``ps`` says anyway (so: a pin, a
+        rollback, a head that failed)."""
         target = self.targets.get(slot)
         live = self.rollouts.live(slot)
         if target is None or live is None or live.revision.sha == target.sha:
             return None
         latest = next(iter(self.store.revisions(slot, limit=1)), None)
-        coming = (RevisionState.BUILDING, RevisionState.STARTING)
+        coming = (RevisionState.BUILDING, RevisionState.STARTING, RevisionState.STAGED)
         if latest is not None and latest.sha == target.sha and latest.state in coming:
             return None
         return target

@@ -172,6 +172,8 @@ def test_unpin_goes_to_the_branch_head_building_it_if_need_be_and_ps_says_when_b
     assert daemon.cli("unpin", "app").stdout == "main:app follows new commits; v3 goes live\n"
     assert daemon.serves("app", "main", head)
     assert "behind" not in daemon.cli("ps").stdout and not daemon.row("main", "app")["behind"]
+    assert daemon.cli("unpin", "app").stdout == "main:app follows new commits\n"  # not pinned
+    assert daemon.row("main", "app")["latest"]["ordinal"] == 3
 
 
 def test_weights_split_traffic_per_request(
