@@ -578,16 +578,21 @@ class Engine:
         return revision, True
 
     def behind(self, slot: Slot) -> Target | None:
-        """The branch head, if what serves ``slot`` is another commit and the head's
-        revision is not on its way or staged, which ``ps`` says anyway (so: a pin, a
-        rollback, a head that failed)."""
+        """The branch head, if what serves ``slot`` is another commit, unless the newest
+        revision is the head's on its way, staged or failed, which ``ps`` says anyway
+        (so: after a rollback or a promote of an older revision)."""
         target = self.targets.get(slot)
         live = self.rollouts.live(slot)
         if target is None or live is None or live.revision.sha == target.sha:
             return None
         latest = next(iter(self.store.revisions(slot, limit=1)), None)
-        coming = (RevisionState.BUILDING, RevisionState.STARTING, RevisionState.STAGED)
-        if latest is not None and latest.sha == target.sha and latest.state in coming:
+        said = (
+            RevisionState.BUILDING,
+            RevisionState.STARTING,
+            RevisionState.STAGED,
+            RevisionState.FAILED,
+        )
+        if latest is not None and latest.sha == target.sha and latest.state in said:
             return None
         return target
 
