@@ -27,7 +27,6 @@ from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Overlay, Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
-from branchyard.rollout import last_lines
 from branchyard.runtime import logs as logfiles
 from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
@@ -60,6 +59,11 @@ class RepoIn(BaseModel):
     name: Text | None = None
     default_branch: Text | None = None
     webhook_secret: Text = ""
+
+
+class RepoChangeIn(BaseModel):
+    default_branch: Text | None = None
+    webhook_secret: Text | None = None  # "": use the global one
 
 
 class SecretsIn(BaseModel):
@@ -208,7 +212,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             state += " split " + " ".join(f"v{o}={w}" for o, w in sorted(weights.items()))
         elif pin is not None:
             state += f" pinned v{pin}"
+        head = engine.behind(slot)
+        if head is not None:
+            state += f", behind {head.branch} ({head.sha[:7]})"
         failed = latest and latest.state in (RevisionState.FAILED, RevisionState.CRASHED)
+        failure = engine.rollouts.failure_log(latest) if latest else None
         return {
             "namespace": slot[0],
             "service": slot[1],
@@ -219,9 +227,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             "pinned": pin,
             "weights": weights,
             "restarts": running.instance.restarts if running else 0,
-            "last_lines": last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
+            "last_lines": logfiles.last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
             if latest and failed
             else [],
+            "logs_command": failure.command if failure else "",
+            "behind": head is not None,
             "url": router_url(*slot),
             "since": shown.changed_at if shown else None,
         }
@@ -248,6 +258,11 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
         return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
 
+    @app.patch("/api/repos/{name}")
+    async def change_repo(name: str, body: RepoChangeIn) -> dict[str, Any]:
+        repo = await engine.change_repo(name, body.default_branch, body.webhook_secret)
+        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+
     @app.delete("/api/repos/{name}")
     async def remove_repo(name: str) -> dict[str, Any]:
         await engine.remove_repo(name)
@@ -265,7 +280,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.get("/api/services")
     async def list_services(namespace: str | None = None) -> list[dict[str, Any]]:
-        slots = sorted(engine.targets)
+        slots = [slot for slot, _ in sorted(engine.targets.items(), key=_baseline_first)]
         if namespace is not None:
             slots = [s for s in slots if s[0] == namespace]
             if not slots:
@@ -327,14 +342,23 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         build: bool = False,
         follow: bool = False,
         tail: Annotated[int | None, Query(ge=0)] = None,
+        revision: Annotated[int | None, Query(ge=1, le=MAX_EVENT_ID)] = None,
     ) -> StreamingResponse:
+        """The live revision's output (else the newest's); ``build``: the newest's build
+        log; ``revision``: that revision's output or build log."""
         engine.target(namespace, service)
         history = engine.store.revisions((namespace, service))
         running = engine.rollouts.live((namespace, service))
-        revision = running.revision if running and not build else next(iter(history), None)
-        if revision is None:
+        if revision is not None:
+            chosen = next((r for r in history if r.ordinal == revision), None)
+            if chosen is None:
+                raise NotFound(f"{service} in {namespace} has no revision v{revision}")
+        else:
+            chosen = running.revision if running and not build else next(iter(history), None)
+        if chosen is None:
             raise NotFound(f"{service} in {namespace} has no revision yet")
-        path = engine.runtime.log_path(namespace, service, revision.ordinal, build)
+        ordinal = chosen.ordinal
+        path = engine.runtime.log_path(namespace, service, ordinal, build)
         if not follow:
             return StreamingResponse(logfiles.read(path, tail), media_type="text/plain")
         followed = logfiles.follow(path, tail, lambda: _pause(stopping))
@@ -364,8 +388,14 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
 
     @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
     async def unpin(namespace: str, service: str) -> dict[str, Any]:
-        revision = await engine.unpin(namespace, service)
-        return {"live": revision.ordinal if revision else None}
+        revision, building = await engine.unpin(namespace, service)
+        target = engine.target(namespace, service)
+        return {
+            "live": revision.ordinal if revision else None,
+            "building": building,
+            "branch": target.branch,
+            "head": target.sha,
+        }
 
     @app.put("/api/namespaces/{namespace}/services/{service}/weights")
     async def weights(namespace: str, service: str, body: WeightsIn) -> dict[str, Any]:
@@ -431,8 +461,9 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
         raise webhooks.WebhookError(
             401,
             "bad_webhook_signature",
-            f"no webhook secret is set for repo {repo.name}: add it with "
-            "`repo add --webhook-secret` or set BRANCHYARD_WEBHOOK_SECRET for the daemon",
+            f"no webhook secret is set for repo {repo.name}: set it with "
+            f"`branchyard repo set {repo.name} --webhook-secret -` (reads it from stdin) "
+            "or set BRANCHYARD_WEBHOOK_SECRET for the daemon",
         )
     webhooks.verify(
         provider,

@@ -161,7 +161,11 @@ def repo() -> None:
 @repo.command("add")
 @click.argument("url")
 @click.option("--name", help="Service name (default: the repo's name without .git).")
-@click.option("--default-branch", help="Branch for the baseline (default: the repo's HEAD).")
+@click.option(
+    "--default-branch",
+    help="Branch for the baseline (default: the repo's HEAD now, else init.defaultBranch, "
+    "else main, else master).",
+)
 @click.option(
     "--webhook-secret",
     default="",
@@ -175,16 +179,43 @@ def repo_add(
     local = Path(url).expanduser()
     if "://" not in url and not url.startswith("git@") and local.exists():
         url = str(local.resolve())
-    if webhook_secret == "-":
-        webhook_secret = sys.stdin.readline().strip()
     body = {
         "url": url,
         "name": name,
         "default_branch": default_branch,
-        "webhook_secret": webhook_secret,
+        "webhook_secret": _secret_option(webhook_secret),
     }
     added = ctx.client.call("POST", path_of("repos"), body)
-    click.echo(f"added {added['name']} ({added['url']})")
+    click.echo(f"added {added['name']} ({added['url']}); default branch {added['default_branch']}")
+
+
+def _secret_option(value: str) -> str:
+    """A --webhook-secret value; '-' reads it from stdin."""
+    return sys.stdin.readline().strip() if value == "-" else value
+
+
+@repo.command("set")
+@click.argument("name")
+@click.option("--default-branch", help="Branch that deploys to the baseline from now on.")
+@click.option(
+    "--webhook-secret",
+    help="Secret its webhooks are signed with ('-' reads it from stdin; '' uses the global one).",
+)
+@pass_context
+def repo_set(
+    ctx: Context, name: str, default_branch: str | None, webhook_secret: str | None
+) -> None:
+    """Change a registered repo's default branch or webhook secret."""
+    body: dict[str, str] = {}
+    if default_branch is not None:
+        body["default_branch"] = default_branch
+    if webhook_secret is not None:
+        body["webhook_secret"] = _secret_option(webhook_secret)
+    done = ctx.client.call("PATCH", path_of("repos", name), body)
+    what = [f"default branch {done['default_branch']}"] if default_branch is not None else []
+    if webhook_secret is not None:
+        what.append("webhook secret " + ("set" if body["webhook_secret"] else "removed"))
+    click.echo(f"{name}: {', '.join(what)}")
 
 
 @repo.command("ls")
@@ -223,12 +254,35 @@ def _age(since: float | None) -> str:
     return f"{seconds}s"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(
+    header: list[str], rows: list[list[str]], width: int | None = None, squeeze: int = -1
+) -> str:
+    """Columns two spaces apart. With a ``width``, the ``squeeze`` column is cut (ending
+    in "…") so that the lines fit it, if that column alone can make them fit."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if width is not None and squeeze >= 0:
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        widths[squeeze] = max(len(header[squeeze]), widths[squeeze] - max(0, over))
+        rows = [
+            [_cut(c, widths[squeeze]) if i == squeeze else c for i, c in enumerate(r)] for r in rows
+        ]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
         for r in [header, *rows]
     )
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _terminal_width() -> int | None:
+    """The width to fit tables to: $COLUMNS, else the terminal's; None when piped."""
+    import shutil
+
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 @cli.command()
@@ -248,14 +302,22 @@ def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) ->
             click.echo(line)
     else:
         table = []
+        notes = []
         for r in rows:
             shown = r["live"] or r["latest"]
             revision = f"v{shown['ordinal']} {shown['sha7']}" if shown else "-"
             state = f"{r['state']}: {r['reason']}" if r["reason"] else r["state"]
-            table.append(
-                [f"{r['namespace']}:{r['service']}", revision, state, r["url"], _age(r["since"])]
-            )
-        click.echo(_table(["SERVICE", "REVISION", "STATE", "URL", "AGE"], table))
+            name = f"{r['namespace']}:{r['service']}"
+            table.append([name, revision, state, r["url"], _age(r["since"])])
+            if r["logs_command"]:
+                latest = r["latest"]
+                notes.append(
+                    f"{name} v{latest['ordinal']} {latest['state']}; see: {r['logs_command']}"
+                )
+        header = ["SERVICE", "REVISION", "STATE", "URL", "AGE"]
+        click.echo(_table(header, table, _terminal_width(), squeeze=2))
+        for note in notes:
+            click.echo(note)
 
 
 @cli.group("ns")
@@ -277,14 +339,21 @@ def ns_ls(ctx: Context) -> None:
 @cli.command()
 @click.argument("service")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option("--build", is_flag=True, help="The build log of the latest revision.")
+@click.option("--build", is_flag=True, help="The build log (of the latest revision by default).")
+@click.option("--revision", "rev", metavar="REV", help="That revision's (4 or v4) instead.")
 @click.option(
     "--tail", type=click.IntRange(min=0), help="Only the last N lines (then new ones with -f)."
 )
 @namespaced
 @pass_context
 def logs(
-    ctx: Context, service: str, follow: bool, build: bool, tail: int | None, ns: str | None
+    ctx: Context,
+    service: str,
+    follow: bool,
+    build: bool,
+    rev: str | None,
+    tail: int | None,
+    ns: str | None,
 ) -> None:
     """Print a service's output (the live revision's, else the latest's)."""
     path = path_of(
@@ -296,6 +365,7 @@ def logs(
         build=build,
         follow=follow,
         tail=tail,
+        revision=_ordinal(rev) if rev else None,
     )
     out = sys.stdout.buffer
     for chunk in ctx.client.stream(path):
@@ -628,9 +698,14 @@ def restart(ctx: Context, service: str, ns: str | None) -> None:
 @namespaced
 @pass_context
 def unpin(ctx: Context, service: str, ns: str | None) -> None:
-    """Let traffic follow new commits again (the newest staged revision goes live)."""
+    """Let traffic follow new commits again: the branch head goes live (built if need be)."""
     done = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))
-    then = f"; v{done['live']} goes live" if done["live"] else ""
+    if done["live"]:
+        then = f"; v{done['live']} goes live"
+    elif done["building"]:
+        then = f"; building the head of {done['branch']} ({done['head'][:7]})"
+    else:
+        then = ""
     click.echo(f"{ctx.namespace(ns)}:{service} follows new commits{then}")
 
 
@@ -651,8 +726,15 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
     click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
 
 
+def _event_time(at: float) -> str:
+    """Local time with its offset from UTC: ``2026-11-28 23:20:41+01:00``."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(at).astimezone().isoformat(sep=" ", timespec="seconds")
+
+
 def _event_line(event: dict[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
+    when = _event_time(float(event["at"]))
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
     return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
 

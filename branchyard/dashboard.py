@@ -59,6 +59,7 @@ from branchyard.planner import Slot
 from branchyard.rollout import Running
 from branchyard.runtime import logs
 from branchyard.runtime.supervisor import ProcessState
+from branchyard.text import without_escapes
 from branchyard.vault import MASK
 
 CODE_SECONDS = 300.0  # a login code from `branchyard dashboard` is valid this long, once
@@ -83,7 +84,16 @@ _PAGE_HEADERS = {
 }
 # The parts of each page that change, as ``?part=live`` sends them (see templates/live.html).
 _OVERVIEW_PARTS = ("grid", "events")
-_SERVICE_PARTS = ("status", "actions", "revisions", "build", "env", "history", "events")
+_SERVICE_PARTS = (
+    "status",
+    "actions",
+    "revisions",
+    "output",
+    "build",
+    "env",
+    "history",
+    "events",
+)
 RESTART_PATH = "/api/namespaces/{namespace}/services/{service}/restart"
 
 
@@ -194,9 +204,10 @@ def session_token(request: Request) -> str | None:
 
 def refusal(request: Request) -> Response | None:
     """How to refuse a request that carried no valid token, when the JSON 401 won't do:
-    a page is sent to the login form; a session without its CSRF header gets a 403."""
+    a page (the dashboard's, or the API's own ``/docs``) is sent to the login form; a
+    session without its CSRF header gets a 403, which keeps ``/docs`` read-only."""
     path = request.url.path
-    page = path == "/" or path.startswith("/ns/")
+    page = path in ("/", "/docs") or path.startswith("/ns/")
     if request.method == "GET" and page and "part" not in request.query_params:
         return RedirectResponse("/login", status_code=303)
     if _session(request) is not None and request.method not in _SAFE_METHODS:
@@ -226,7 +237,6 @@ _NEWEST_SHOWS = (
     RevisionState.CRASHED,
 )
 _CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)  # promote
-_ROLLBACK_TO = (RevisionState.STOPPED, RevisionState.STAGED)  # what a bare rollback picks
 
 
 @dataclass(frozen=True)
@@ -289,6 +299,9 @@ def _cell(engine: Engine, slot: Slot) -> Cell:
         notes.append("split " + " ".join(f"v{o}={w}%" for o, w in sorted(weights.items())))
     elif pinned is not None:
         notes.append(f"pinned v{pinned}")
+    head = engine.behind(slot)
+    if head is not None:
+        notes.append(f"behind {head.branch} ({head.sha[:7]})")
     failed = shown is not None and shown.state in (RevisionState.FAILED, RevisionState.CRASHED)
     return Cell(
         slot[0],
@@ -344,8 +357,9 @@ def _iso(at: float | None) -> str:
 
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
+    """The end of a log as a page shows it: colours and other terminal escapes left out."""
     try:
-        return logs.tail(path, size).decode(errors="replace")
+        return without_escapes(logs.tail(path, size).decode(errors="replace"))
     except OSError:
         return ""
 
@@ -547,19 +561,13 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         person = dict(settings.env)
         secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
         changes = await engine.settings_repo.history(slot)
+        failure = engine.rollouts.failure_log(latest) if latest else None
         build_log = (
             _tail(engine.runtime.log_path(namespace, service, latest.ordinal, True))
             if latest
             else ""
         )
-        rollback_to = next(
-            (
-                r
-                for r in history
-                if cell.live and r.ordinal < cell.live.ordinal and r.state in _ROLLBACK_TO
-            ),
-            None,
-        )
+        _, rollback_to = engine.rollouts.going_back(slot)
         context = {
             **common(request, "service"),
             "cell": cell,
@@ -575,6 +583,8 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "branchyard_env": _branchyard_env(cell.live or latest, [*person, *secret_names]),
             "changes": [(c, _diff_lines(c.diff)) for c in changes],
             "build_log": build_log,
+            "failure": failure,
+            "failed_output": _tail(failure.path) if failure and not failure.build else "",
             "can_restart": _has_route(app, RESTART_PATH, "POST"),
             "events": _recent_events(engine, namespace, service),
         }

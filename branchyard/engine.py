@@ -16,10 +16,19 @@ import logging
 import os
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from branchyard.errors import BranchyardError, Conflict, NotFound, UsageError
-from branchyard.git import Sources, local_path, ls_remote
+from branchyard.git import (
+    Heads,
+    Sources,
+    check_branch_name,
+    choose_default_branch,
+    configured_default_branch,
+    local_path,
+    ls_remote,
+)
 from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
@@ -173,30 +182,26 @@ class Engine:
         self._wake.set()
 
     async def _on_heads(self, heads: RepoHeads) -> None:
-        before = self.heads.get(heads.repo)
         self.heads[heads.repo] = heads
         self.store.event("push", f"{heads.repo}: {len(heads.branches)} branch heads")
-        if heads.dangling_head and (
-            before is None
-            or not before.dangling_head
-            or before.default_branch != heads.default_branch
-        ):
-            self._warn_dangling_head(heads)
+        repo = next((r for r in self.store.repos() if r.name == heads.repo), None)
+        if repo is not None and repo.default_branch is None:
+            # Registered before the default branch was fixed at `repo add`: fix it now.
+            seen = Heads(heads.default_branch or None, dict(heads.branches), heads.dangling_head)
+            configured = await configured_default_branch(local_path(repo.url))
+            chosen = choose_default_branch(seen, configured)
+            self.store.update_repo(replace(repo, default_branch=chosen))
+            self._say_default_branch(repo.name, chosen, heads.dangling_head)
         self.request_reconcile()
 
-    def _warn_dangling_head(self, heads: RepoHeads) -> None:
-        """Say once that a repo's HEAD names no branch, and what is deployed instead."""
-        repo = next((r for r in self.store.repos() if r.name == heads.repo), None)
-        if repo is None or repo.default_branch:
-            return  # its default branch was given: HEAD is not asked
-        instead = (
-            f"{heads.default_branch} deploys to the baseline"
-            if heads.default_branch
-            else "there is no main or master, so no branch deploys to the baseline"
-        )
+    def _say_default_branch(self, name: str, branch: str, dangling_head: bool) -> None:
+        """Record which branch deploys to the baseline, and warn if HEAD named none there is."""
+        change = f"(change it with: branchyard repo set {name} --default-branch BRANCH)"
+        if not dangling_head:
+            self.store.event("repo", f"{name}: default branch {branch} {change}")
+            return
         message = (
-            f"{heads.repo}: HEAD names no existing branch; {instead} "
-            "(point it at one: git symbolic-ref HEAD refs/heads/BRANCH)"
+            f"{name}: HEAD names no existing branch; {branch} deploys to the baseline {change}"
         )
         log.warning("%s", message)
         self.store.event("warning", message)
@@ -374,14 +379,44 @@ class Engine:
         for other in self.store.repos():
             if other.name != service and dns_label(other.name) == dns_label(service):
                 raise Conflict(f"{service} and {other.name} have the same host name; use --name")
+        if default_branch is not None:
+            await check_branch_name(default_branch)
         try:
-            await ls_remote(url)
+            heads = await ls_remote(url)
         except BranchyardError as exc:
             raise UsageError(f"{url} is not a git repository I can read: {exc.message}") from None
-        repo = Repo(service, url, default_branch, webhook_secret)
+        chosen = default_branch or choose_default_branch(
+            heads, await configured_default_branch(path)
+        )
+        repo = Repo(service, url, chosen, webhook_secret)
         self.store.add_repo(repo)
         self.store.event("repo", f"added {service} from {url}")
+        if default_branch is None:
+            self._say_default_branch(service, chosen, heads.dangling_head)
         self.watcher.watch(repo)
+        return repo
+
+    async def change_repo(
+        self, name: str, default_branch: str | None, webhook_secret: str | None
+    ) -> Repo:
+        """Change a registered repo's default branch or webhook secret (None: keep it)."""
+        repo = next((r for r in self.store.repos() if r.name == name), None)
+        if repo is None:
+            raise NotFound(f"no repo named {name!r} (see: branchyard repo ls)")
+        if default_branch is None and webhook_secret is None:
+            raise UsageError("nothing to change: give --default-branch or --webhook-secret")
+        changes = []
+        if default_branch is not None and default_branch != repo.default_branch:
+            await check_branch_name(default_branch)
+            changes.append(f"default branch {default_branch} (was {repo.default_branch})")
+            repo = replace(repo, default_branch=default_branch)
+        if webhook_secret is not None and webhook_secret != repo.webhook_secret:
+            changes.append("webhook secret " + ("set" if webhook_secret else "removed"))
+            repo = replace(repo, webhook_secret=webhook_secret)
+        if changes:
+            self.store.update_repo(repo)
+            self.store.event("repo", f"{name}: {', '.join(changes)}")
+            self.request_reconcile()
         return repo
 
     async def remove_repo(self, name: str) -> None:
@@ -529,9 +564,39 @@ class Engine:
         self.target(namespace, service)
         return await self.rollouts.restart((namespace, service))
 
-    async def unpin(self, namespace: str, service: str) -> Revision | None:
-        self.target(namespace, service)
-        return await self.rollouts.unpin((namespace, service))
+    async def unpin(self, namespace: str, service: str) -> tuple[Revision | None, bool]:
+        """Follow the branch again: its head goes live, built first if it must be.
+        (the revision that went live, whether the head is being built)."""
+        target = self.target(namespace, service)
+        slot = (namespace, service)
+        if self.store.pin(slot) is None:
+            return None, False  # it follows its branch already (a failed head stays failed)
+        revision = await self.rollouts.unpin(slot, target.key)
+        live = self.rollouts.live(slot)
+        if live is not None and live.revision.key == target.key:
+            return revision, False
+        if slot not in self._deploys:
+            self._start_deploy(target, f"unpinned: back to the head of {target.branch}")
+        return revision, True
+
+    def behind(self, slot: Slot) -> Target | None:
+        """The branch head, if what serves ``slot`` is another commit, unless the newest
+        revision is the head's on its way, staged or failed, which ``ps`` says anyway
+        (so: after a rollback or a promote of an older revision)."""
+        target = self.targets.get(slot)
+        live = self.rollouts.live(slot)
+        if target is None or live is None or live.revision.sha == target.sha:
+            return None
+        latest = next(iter(self.store.revisions(slot, limit=1)), None)
+        said = (
+            RevisionState.BUILDING,
+            RevisionState.STARTING,
+            RevisionState.STAGED,
+            RevisionState.FAILED,
+        )
+        if latest is not None and latest.sha == target.sha and latest.state in said:
+            return None
+        return target
 
     async def weight(self, namespace: str, service: str, percents: Mapping[int, int]) -> None:
         self.target(namespace, service)

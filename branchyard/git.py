@@ -97,6 +97,40 @@ def parse_ls_remote(text: str) -> Heads:
     return Heads(default, branches)
 
 
+def choose_default_branch(heads: Heads, configured: str | None) -> str:
+    """The branch a repo deploys to the baseline, fixed when it is added (a local
+    repo's HEAD moves with every checkout): the one HEAD names, else
+    ``init.defaultBranch`` (``configured``), else ``main``, else ``master``, each
+    only if the repo has it. A repo with none of them, or no branch yet, gets
+    ``init.defaultBranch``, else ``main``, for when that branch arrives."""
+    if heads.default_branch and not heads.dangling_head:
+        return heads.default_branch
+    for name in (configured, *FALLBACK_DEFAULTS):
+        if name and name in heads.branches:
+            return name
+    return configured or FALLBACK_DEFAULTS[0]
+
+
+async def configured_default_branch(path: Path | None) -> str | None:
+    """git's ``init.defaultBranch``, as seen in the local repo at ``path`` (else globally)."""
+    cwd = path if path is not None and path.is_dir() else None
+    try:
+        found = (await git("config", "--get", "init.defaultBranch", cwd=cwd)).decode().strip()
+    except GitError:
+        return None  # not set
+    return found or None
+
+
+async def check_branch_name(name: str) -> None:
+    """Refuse what git would not take as a branch name, in one line."""
+    try:
+        if name.startswith("-"):
+            raise GitError("starts with a dash")
+        await git("check-ref-format", f"refs/heads/{name}")
+    except GitError:
+        raise UsageError(f"{name!r} is not a valid branch name") from None
+
+
 async def ls_remote(url: str) -> Heads:
     return parse_ls_remote(
         (await git("ls-remote", "--symref", "--", url, "HEAD", "refs/heads/*")).decode()

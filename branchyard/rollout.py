@@ -26,6 +26,7 @@ from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError
 from branchyard.git import Sources
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
+from branchyard.naming import BASELINE
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Build, Instance, RevisionSpec, Runtime, logs
 from branchyard.runtime.supervisor import ProcessState
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 Slot = tuple[str, str]
 KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
 DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
-LAST_LINES = 5
 DAEMON_STOPPED = "daemon stopped"
 INTERRUPTED = "the daemon stopped before it went live"
 SUPERSEDED = "a newer target arrived"
@@ -49,13 +49,20 @@ class Running:
     instance: Instance
 
 
-def last_lines(path: Path, count: int = LAST_LINES) -> list[str]:
-    """The last ``count`` lines of a log (reads at most its last 64 KiB)."""
-    try:
-        tail = logs.tail(path, 65536).decode(errors="replace")
-    except OSError:
-        return []
-    return [line for line in tail.splitlines() if line.strip()][-count:]
+@dataclass(frozen=True)
+class FailureLog:
+    """Where the output that shows why a revision failed or crashed is, and the command
+    that prints it."""
+
+    path: Path
+    build: bool  # the build log (it failed to build), else its processes' output
+    command: str
+
+
+def logs_command(namespace: str, service: str, ordinal: int, build: bool) -> str:
+    """The exact ``branchyard logs`` command for one revision's output or build log."""
+    where = "" if namespace == BASELINE else f"-n {namespace} "
+    return f"branchyard {where}logs {service} --revision {ordinal}" + (" --build" if build else "")
 
 
 class Rollouts:
@@ -102,18 +109,30 @@ class Rollouts:
             if rid in self.running
         }
 
-    def _route(self, slot: Slot) -> None:
+    def _route(self, slot: Slot, why: str = "") -> None:
+        """Route ``slot`` to what of its traffic runs; with nothing, tell the router ``why``
+        (else that the live revision is restarting, if it is)."""
+        weights = self.traffic.get(slot, {})
+        chosen = [self.running[rid] for rid in sorted(weights) if rid in self.running]
         serving = [
-            (self.running[rid].instance.address, weight)
-            for rid, weight in sorted(self.traffic.get(slot, {}).items())
-            if rid in self.running and self.running[rid].instance.state is ProcessState.RUNNING
+            (r.instance.address, weights[r.revision.id])
+            for r in chosen
+            if r.instance.state is ProcessState.RUNNING
         ]
         if len(serving) == 1:
             self.table.set_backend(*slot, serving[0][0])
         elif serving:
             self.table.set_weights(*slot, serving)
         else:
-            self.table.set_backend(*slot, None)
+            restarting = next(
+                (
+                    f"v{r.revision.ordinal} exited with code {r.instance.exit_code}; restarting"
+                    for r in chosen
+                    if r.instance.state is not ProcessState.FAILED
+                ),
+                "",
+            )
+            self.table.set_backend(*slot, None, why or restarting)
 
     # building and switching
 
@@ -246,38 +265,64 @@ class Rollouts:
         slot = (running.revision.namespace, running.revision.service)
         self._route(slot)
         if instance.state is ProcessState.FAILED:
-            lines = last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
-            reason = (
-                f"crashed: exit code {instance.exit_code} after {instance.restarts} "
-                f"restarts" + (f"; last output: {lines[-1]}" if lines else "")
+            lines = logs.last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
+            reason = f"exited with code {instance.exit_code} after {instance.restarts} restarts" + (
+                f"; last output: {lines[-1]}" if lines else ""
             )
             self.store.event("crashed", f"v{running.revision.ordinal} {reason}", slot)
             self.retire(running.revision.id, reason, RevisionState.CRASHED)
-        elif instance.state is ProcessState.BACKOFF:
+            self._route(slot, f"v{running.revision.ordinal} crashed ({reason})")
+        elif instance.state is ProcessState.STARTING:
+            # Said as a restart begins, not at each exit: the last exit gives up instead.
             self.store.event(
                 "restarting",
                 f"v{running.revision.ordinal} exited with code {instance.exit_code}; restarting",
                 slot,
             )
 
+    def failure_log(self, revision: Revision) -> FailureLog | None:
+        """For a failed or crashed revision, the log that says why: its processes'
+        output if it got as far as starting them, else its build log."""
+        if revision.state not in (RevisionState.FAILED, RevisionState.CRASHED):
+            return None
+        key = _key(revision)
+        path = self.runtime.log_path(*key, False)
+        build = not path.exists()
+        if build:
+            path = self.runtime.log_path(*key, True)
+        return FailureLog(path, build, logs_command(*key, build))
+
     # a person's choices
 
-    def find(self, slot: Slot, ordinal: int | None) -> Revision:
+    def going_back(self, slot: Slot) -> tuple[Revision | None, Revision | None]:
+        """(from, to) of a rollback with no revision named: from the live revision, else
+        from the newest one that crashed, to the newest earlier one that served."""
         history = self.store.revisions(slot)
         live = self.live(slot)
+        start = live.revision if live else None
+        if start is None:
+            start = next((r for r in history if r.state is RevisionState.CRASHED), None)
+        if start is None:
+            return None, None
+        earlier = (
+            r
+            for r in history
+            if r.ordinal < start.ordinal
+            and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
+        )
+        return start, next(earlier, None)
+
+    def find(self, slot: Slot, ordinal: int | None) -> Revision:
         if ordinal is None:
-            if live is None:
+            start, back_to = self.going_back(slot)
+            if start is None:
                 raise UsageError(f"{slot[1]} in {slot[0]} has no live revision to go back from")
-            earlier = [
-                r
-                for r in history
-                if r.ordinal < live.revision.ordinal
-                and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
-            ]
-            if not earlier:
-                raise UsageError(f"{slot[1]} in {slot[0]} has no earlier revision to go back to")
-            return earlier[0]
-        for revision in history:
+            if back_to is None:
+                raise UsageError(
+                    f"{slot[1]} in {slot[0]} has no revision before v{start.ordinal} to go back to"
+                )
+            return back_to
+        for revision in self.store.revisions(slot):
             if revision.ordinal == ordinal:
                 if revision.state in (
                     RevisionState.FAILED,
@@ -322,16 +367,19 @@ class Rollouts:
         task.add_done_callback(self._retiring.discard)
         return task
 
-    async def unpin(self, slot: Slot) -> Revision | None:
-        """Drop the pin; the newest revision that can serve takes all traffic."""
+    async def unpin(self, slot: Slot, head: str) -> Revision | None:
+        """Drop the pin and send all traffic to the revision of the branch head (its
+        target ``head`` key), if one was built: the one that goes live, else None (the
+        head must be built, or already has all traffic)."""
         self.store.set_pin(slot, None)
         self.store.event("unpin", "traffic follows new commits again", slot)
-        ready = (RevisionState.STAGED, RevisionState.LIVE)
-        newest = next((r for r in self.store.revisions(slot) if r.state in ready), None)
+        ready = (RevisionState.STAGED, RevisionState.LIVE, RevisionState.STOPPED)
+        newest = next(
+            (r for r in self.store.revisions(slot) if r.key == head and r.state in ready), None
+        )
         if newest is None or self.traffic.get(slot) == {newest.id: 100}:
             return None
-        await self.go_live(newest)
-        return newest
+        return newest if await self.go_live(newest) else None
 
     async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
         """Split traffic between revisions by weight (a canary); pins the slot."""

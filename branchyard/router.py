@@ -232,13 +232,15 @@ class RouteTable:
     """Which backend serves each (namespace, service). Pure in-memory state, no I/O.
 
     An entry is one backend, or several with weights (a canary), or ``None``: the
-    service exists in the namespace but has no live revision yet; the router answers
-    503 for it rather than 404. Weights are applied per request: :meth:`resolve` makes
+    service exists in the namespace but nothing serves it (no live revision yet, or
+    one that crashed or is restarting, which :meth:`down_because` tells); the router
+    answers 503 for it rather than 404. Weights are applied per request: :meth:`resolve` makes
     a weighted random choice on every call.
     """
 
     def __init__(self) -> None:
         self._backends: dict[_Key, Address | _Weighted | None] = {}
+        self._down: dict[_Key, str] = {}  # why an entry with no backend has none
         self._host_keys: dict[_Key, _Key] = {}  # entry -> (DNS namespace, DNS service)
         self._by_host: dict[_Key, _Key] = {}  # (DNS namespace, DNS service) -> entry
         self._host_cache: dict[bytes, _Key | None] = {}  # Host header bytes -> entry
@@ -249,9 +251,18 @@ class RouteTable:
         (the dashboard); without one they get the 404 listing page."""
         self.home = backend
 
-    def set_backend(self, namespace: str, service: str, backend: Address | None) -> None:
-        """Route (namespace, service) to ``backend``; ``None`` means "no live revision"."""
+    def set_backend(
+        self, namespace: str, service: str, backend: Address | None, why: str = ""
+    ) -> None:
+        """Route (namespace, service) to ``backend``; ``None`` means "nothing serves",
+        and ``why`` says why if there is more to say than "no live revision yet"."""
         self._set((namespace, service), backend)
+        if backend is None and why:
+            self._down[(namespace, service)] = why
+
+    def down_because(self, namespace: str, service: str) -> str:
+        """Why nothing serves (namespace, service), or "" if nothing was said."""
+        return self._down.get((namespace, service), "")
 
     def set_weights(
         self, namespace: str, service: str, weights: Sequence[tuple[Address, int]]
@@ -274,6 +285,7 @@ class RouteTable:
 
     def _set(self, key: _Key, route: Address | _Weighted | None) -> None:
         self._backends[key] = route
+        self._down.pop(key, None)
         if key not in self._host_keys:
             self._host_keys[key] = host_key = (dns_label(key[0]), dns_label(key[1]))
             self._reindex(host_key)
@@ -283,6 +295,7 @@ class RouteTable:
         key = (namespace, service)
         if key in self._backends:
             del self._backends[key]
+            self._down.pop(key, None)
             self._reindex(self._host_keys.pop(key))
 
     def resolve(self, namespace: str, service: str) -> Address | None:
@@ -756,7 +769,13 @@ class _ClientConnection(asyncio.Protocol):
         request.route = key
         if backend is None:
             namespace, service = key
-            self._answer(_text_response(503, f"no live revision of {service} in {namespace} yet"))
+            why = table.down_because(namespace, service)
+            text = (
+                f"{service} in {namespace} is not serving: {why}"
+                if why
+                else (f"no live revision of {service} in {namespace} yet")
+            )
+            self._answer(_text_response(503, text))
             return
         connection = self._pool.take(backend)
         if connection is None:

@@ -146,6 +146,15 @@ class Store:
             (repo.name, repo.url, repo.default_branch, self._clock(), repo.webhook_secret),
         )
 
+    def update_repo(self, repo: Repo) -> None:
+        """Store ``repo``'s default branch and webhook secret (matched by name)."""
+        changed = self._db.execute(
+            "UPDATE repos SET default_branch = ?, webhook_secret = ? WHERE name = ?",
+            (repo.default_branch, repo.webhook_secret, repo.name),
+        ).rowcount
+        if changed == 0:
+            raise NotFound(f"no repo named {repo.name!r} (see: branchyard repo ls)")
+
     def remove_repo(self, name: str) -> None:
         if self._db.execute("DELETE FROM repos WHERE name = ?", (name,)).rowcount == 0:
             raise NotFound(f"no repo named {name!r} (see: branchyard repo ls)")

@@ -209,6 +209,29 @@ class Daemon:
         except (AssertionError, OSError, ValueError, KeyError):
             return False
 
+    def page(self, path: str, method: str = "GET", session: bool = True) -> tuple[int, str]:
+        """A dashboard page as a browser gets it, logged in unless not ``session``:
+        (status, body); a redirect's body is its Location."""
+        api = int(self.info["api"].rsplit(":", 1)[1])
+        token = (self.home / "token").read_text().strip()
+        connection = http.client.HTTPConnection("127.0.0.1", api, timeout=10)
+        try:
+            headers = {}
+            if session:
+                auth = {"Authorization": f"Bearer {token}"}
+                connection.request("POST", "/api/dashboard/login-code", headers=auth)
+                code = json.loads(connection.getresponse().read())["code"]
+                connection.request("GET", f"/login?code={code}")
+                login = connection.getresponse()
+                login.read()
+                headers["Cookie"] = login.getheader("set-cookie", "").split(";", 1)[0]
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            body = response.read().decode()
+            return response.status, response.getheader("location") or body
+        finally:
+            connection.close()
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -57,6 +57,19 @@ def test_every_api_call_needs_the_token_and_the_cli_reads_it(daemon: Daemon) -> 
     assert daemon.cli("info").returncode == 0
 
 
+def test_docs_take_the_dashboard_session_read_only_and_send_a_browser_to_log_in(
+    daemon: Daemon,
+) -> None:
+    status, html = daemon.page("/docs")
+    assert status == 200 and "swagger-ui" in html
+    assert daemon.page("/openapi.json")[0] == 200
+    assert '<a class="api-docs" href="/docs">API docs</a>' in daemon.page("/")[1]
+    assert daemon.page("/docs", session=False) == (303, "/login")
+    status, body = daemon.page("/api/token/rotate", method="POST")  # no CSRF header
+    assert status == 403 and json.loads(body)["error"] == "csrf"
+    assert daemon.cli("info").returncode == 0  # the token was not rotated
+
+
 def test_errors_are_json_with_a_stable_code(daemon: Daemon) -> None:
     good = {"Authorization": f"Bearer {token_of(daemon)}"}
     status, body = call(daemon, "GET", "/api/services?namespace=nope", headers=good)
@@ -82,6 +95,25 @@ def signed(body: bytes, secret: str, event: str = "push") -> dict[str, str]:
         "X-Hub-Signature-256": f"sha256={digest}",
         "Content-Type": "application/json",
     }
+
+
+def test_a_webhook_for_a_repo_without_a_secret_says_how_to_set_one_and_repo_set_does(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    sha = git("rev-parse", "HEAD", cwd=app.clone)
+    body = github_push(str(app.origin), "main", sha)
+
+    status, answer = call(daemon, "POST", "/hooks/github", body, signed(body, "s3cret"))
+    assert status == 401
+    assert "`branchyard repo set app --webhook-secret -`" in answer["message"]
+
+    done = daemon.cli("repo", "set", "app", "--webhook-secret", "s3cret")
+    assert done.stdout == "app: webhook secret set\n"
+    status, answer = call(daemon, "POST", "/hooks/github", body, signed(body, "s3cret"))
+    assert (status, answer["checking"]) == (202, "app")
+    assert "main" in daemon.cli("repo", "ls").stdout  # the default branch is kept
 
 
 def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(

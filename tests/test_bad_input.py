@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,23 +95,32 @@ def test_a_failing_build_keeps_the_previous_revision_serving(
     assert row["state"].startswith("live (v")
     assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
     assert "compiling the thing" in daemon.cli("logs", "--build", "app").stdout
+    command = "branchyard logs app --revision 2 --build"
+    assert row["logs_command"] == command
+    assert daemon.cli("ps").stdout.splitlines()[-1] == f"main:app v2 failed; see: {command}"
+    assert "compiling the thing" in daemon.cli(*command.split()[1:]).stdout
+    assert "compiling the thing" not in daemon.cli("logs", "app", "--revision", "v1").stdout
 
 
 @pytest.mark.parametrize(
     ("files", "words"),
     [
-        ({"app.py": "import sys\nprint('boom', flush=True)\nsys.exit(4)\n"}, "exited with code 4"),
+        (
+            {"app.py": "import sys\nprint('boom', flush=True)\nsys.exit(4)\n"},
+            r"exited with code 4 before passing its health check; last output: boom",
+        ),
         (
             {
-                "app.py": "import time\ntime.sleep(600)\n",
+                "app.py": "print('warming up', flush=True)\nimport time\ntime.sleep(600)\n",
                 "branchyard.yaml": "health:\n  path: /\n  timeout: 2\n",
             },
-            "did not pass within 2 s",
+            r"health check GET / on port \d+ did not pass within 2 s \(no answer\); "
+            r"last output: warming up",
         ),
     ],
     ids=["exits-at-once", "never-answers"],
 )
-def test_a_service_that_dies_or_never_answers_never_takes_traffic(
+def test_a_service_that_dies_or_never_answers_never_takes_traffic_and_says_why(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], files: dict[str, str], words: str
 ) -> None:
     app = make_repo("app")
@@ -119,8 +129,13 @@ def test_a_service_that_dies_or_never_answers_never_takes_traffic(
     app.commit(files, "broken")
     app.push()
     row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 30, "failure")
-    assert words in row["reason"]
+    assert re.fullmatch(words, row["reason"]), row["reason"]
     assert daemon.answer("app")["env"]["BRANCHYARD_REVISION"] == first
+    assert row["logs_command"] == "branchyard logs app --revision 2"
+    said = row["reason"].rsplit("last output: ", 1)[1]
+    assert said in daemon.cli("logs", "app", "--revision", "2").stdout
+    assert said not in daemon.cli("logs", "app").stdout  # that is the live v1's
+    assert said in daemon.page("/ns/main/app")[1]  # the service page shows why
 
 
 def test_unknown_namespaces_and_services_are_named_in_the_error(

@@ -237,7 +237,8 @@ def test_the_overview_follows_a_push_from_building_to_live_without_a_reload(
 def test_rollback_and_env_edit_from_the_service_page(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], page: Page
 ) -> None:
-    app = make_repo("app")
+    colored = "print('\\x1b[32mcolored\\x1b[0m output', flush=True)\n"
+    app = make_repo("app", stdlib_service(**{"app.py": colored + SERVICE}))
     register(daemon, app)
     wait_for(lambda: daemon.row("main", "app")["state"] == "live", 30, "v1 live")
     second = app.commit({"x": "2"}, "second commit")
@@ -251,6 +252,8 @@ def test_rollback_and_env_edit_from_the_service_page(
     expect(page.locator("#rev-2")).to_contain_text("serving")
     expect(page.locator("#rev-1")).to_contain_text("first")
     expect(page.locator("#logs")).to_contain_text("listening on")
+    expect(page.locator("#logs")).to_contain_text("colored output")  # no escapes shown
+    assert "\x1b" not in page.locator("#logs").text_content()
 
     page.get_by_role("button", name="Roll back to v1").click()
     expect(page.locator("#notice")).to_have_text("app in main is on v1, pinned.")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from branchyard.errors import BuildFailed
-from branchyard.git import Heads, Source, commit_subject, parse_ls_remote
+from branchyard.git import Heads, Source, choose_default_branch, commit_subject, parse_ls_remote
 from tests.conftest import git
 
 
@@ -89,6 +89,41 @@ A, B = "a" * 40, "b" * 40
 )
 def test_the_default_branch_is_head_s_else_main_else_master(listed: str, heads: Heads) -> None:
     assert parse_ls_remote(listed) == heads
+
+
+@pytest.mark.parametrize(
+    ("heads", "configured", "chosen"),
+    [
+        pytest.param(Heads("dev", {"dev": A, "main": B}), "trunk", "dev", id="head-first"),
+        pytest.param(
+            Heads("main", {"main": A, "trunk": B}, dangling_head=True),
+            "trunk",
+            "trunk",
+            id="dangling-head-then-init-default-branch",
+        ),
+        pytest.param(
+            Heads("main", {"main": A, "master": B}, dangling_head=True),
+            "trunk",
+            "main",
+            id="configured-branch-missing-then-main",
+        ),
+        pytest.param(
+            Heads("master", {"master": B, "x": A}, dangling_head=True),
+            None,
+            "master",
+            id="then-master",
+        ),
+        pytest.param(
+            Heads(None, {"x": A}, dangling_head=True), None, "main", id="none-of-them-main-waits"
+        ),
+        pytest.param(Heads(None, {}), "trunk", "trunk", id="empty-repo-init-default-branch"),
+        pytest.param(Heads(None, {}), None, "main", id="empty-repo-main"),
+    ],
+)
+def test_a_new_repo_s_default_branch_is_head_s_else_init_default_branch_else_main_else_master(
+    heads: Heads, configured: str | None, chosen: str
+) -> None:
+    assert choose_default_branch(heads, configured) == chosen
 
 
 def test_one_process_answers_every_question_and_sees_later_commits(repo: Path) -> None:

@@ -77,6 +77,44 @@ def test_a_repo_whose_head_names_no_branch_deploys_main_to_the_baseline_with_a_w
     assert "app: HEAD names no existing branch; main deploys to the baseline" in warnings[0]
 
 
+def test_a_local_repo_keeps_the_default_branch_it_had_when_added_whatever_is_checked_out(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    first = git("rev-parse", "HEAD", cwd=app.clone)
+    added = daemon.cli("repo", "add", str(app.clone))  # a work tree, as a person's ~/src/shop
+    assert added.stdout.endswith("; default branch main\n")
+    wait_for(lambda: daemon.serves("app", "main", first), 30, "main in the baseline")
+
+    app.checkout("topic")
+    topic = app.commit({"x.txt": "topic"}, "on topic")
+    wait_for(lambda: daemon.ps_q("topic") == ["topic:app"], 30, "topic gets a namespace")
+    wait_for(lambda: daemon.serves("app", "topic", topic), 30, "topic served in topic")
+    assert daemon.serves("app", "main", first)
+    assert daemon.cli("repo", "ls").stdout.split("\n")[1].split()[2] == "main"
+
+    assert daemon.cli("repo", "set", "app", "--default-branch", "topic").stdout == (
+        "app: default branch topic\n"
+    )
+    wait_for(lambda: daemon.serves("app", "main", topic), 30, "topic in the baseline")
+    namespaces = {row["branch"]: row["namespace"] for row in ns_rows(daemon)}
+    assert namespaces["topic"] == "main" and namespaces["main"] != "main"
+    assert daemon.cli("repo", "ls").stdout.split("\n")[1].split()[2] == "topic"
+
+    bad = daemon.cli("repo", "set", "app", "--default-branch", "a..b", check=False)
+    assert (bad.returncode, bad.stderr) == (1, "error: 'a..b' is not a valid branch name\n")
+    ghost = daemon.cli("repo", "set", "ghost", "--default-branch", "main", check=False)
+    assert ghost.returncode == 1 and "no repo named 'ghost'" in ghost.stderr
+    nothing = daemon.cli("repo", "set", "app", check=False)
+    assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
+    assert daemon.cli("repo", "ls").stdout.split("\n")[1].split()[2] == "topic"
+
+
+def ns_rows(daemon: Daemon) -> list[dict[str, str]]:
+    lines = daemon.cli("ns", "ls").stdout.splitlines()[1:]
+    return [{"namespace": line.split()[0], "branch": line.split()[1]} for line in lines]
+
+
 def test_rm_stops_a_service_until_the_next_push(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
@@ -101,6 +139,8 @@ def test_repo_rm_removes_its_services_from_every_namespace(
         repo.checkout("bugfix")
         repo.push("bugfix")
     wait_for(lambda: len(daemon.ps_json("-A")) == 4, 30, "four services")
+    listed = [line.split()[0] for line in daemon.cli("ps", "-A").stdout.splitlines()[1:]]
+    assert listed == ["main:app", "main:web", "bugfix:app", "bugfix:web"]  # the baseline first
     daemon.cli("repo", "rm", "app")
     wait_for(
         lambda: (

@@ -94,7 +94,8 @@ def test_a_start_that_fails_its_health_check_stops_its_process_and_says_why(
         runtime, build = never_healthy(tmp_path, registry)
         quick = Manifest("sleep 60", health_timeout=0.2)
         build.spec = RevisionSpec("main", "app", 1, str(tmp_path), "0" * 40, quick, {})
-        with pytest.raises(BuildFailed, match=r"health check GET / did not pass within 0.2 s"):
+        expected = r"health check GET / on port \d+ did not pass within 0.2 s"
+        with pytest.raises(BuildFailed, match=expected):
             await runtime.start(build, lambda _: None)
         assert registry.alive == {}
         await runtime.close()

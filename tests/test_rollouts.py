@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    SERVICE,
     Daemon,
     ServiceRepo,
+    git,
     no_process_left,
     processes_with,
     start_daemon,
@@ -139,6 +141,41 @@ def test_rollback_pins_then_unpin_follows_new_commits(
     assert daemon.row("main", "app")["pinned"] == 2
 
 
+def test_unpin_goes_to_the_branch_head_building_it_if_need_be_and_ps_says_when_behind(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    flag = tmp_path / "refuse"
+    refuses = f"import os, sys\nif os.path.exists({str(flag)!r}):\n    sys.exit(5)\n"
+    app = make_repo("app", stdlib_service(**{"app.py": refuses + SERVICE}))
+    first = git("rev-parse", "HEAD", cwd=app.clone)
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.serves("app", "main", first), 30, "v1 live")
+    flag.write_text("x")
+    head = app.commit({"x": "2"}, "second")
+    app.push()
+    wait_for(lambda: daemon.row("main", "app")["latest"]["state"] == "failed", 30, "v2 failed")
+    assert daemon.row("main", "app")["logs_command"] == "branchyard logs app --revision 2"
+    flag.unlink()
+
+    daemon.cli("promote", "app", "1")
+    assert "pinned v1" in daemon.cli("ps").stdout
+    assert daemon.cli("unpin", "app").stdout == (
+        f"main:app follows new commits; building the head of main ({head[:7]})\n"
+    )
+    wait_for(lambda: daemon.serves("app", "main", head), 30, "the head built again, live")
+    assert daemon.row("main", "app")["live"]["ordinal"] == 3
+
+    daemon.cli("rollback", "app")
+    behind = f"behind main ({head[:7]})"
+    assert daemon.serves("app", "main", first) and behind in daemon.cli("ps").stdout
+    assert daemon.row("main", "app")["behind"] and behind in daemon.page("/ns/main/app")[1]
+    assert daemon.cli("unpin", "app").stdout == "main:app follows new commits; v3 goes live\n"
+    assert daemon.serves("app", "main", head)
+    assert "behind" not in daemon.cli("ps").stdout and not daemon.row("main", "app")["behind"]
+    assert daemon.cli("unpin", "app").stdout == "main:app follows new commits\n"  # not pinned
+    assert daemon.row("main", "app")["latest"]["ordinal"] == 3
+
+
 def test_weights_split_traffic_per_request(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
@@ -158,6 +195,7 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
 ) -> None:
     app = make_repo("app")
+    first = git("rev-parse", "HEAD", cwd=app.clone)
     daemon.cli("repo", "add", str(app.origin))
     pid = wait_for(lambda: daemon.answer("app")["pid"], 30, "app live")
     os.kill(pid, signal.SIGKILL)
@@ -186,9 +224,19 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
         90,
         "crashed",
     )
-    assert "exit code 7" in row["reason"] and "giving up now" in row["reason"]
+    assert row["reason"] == "exited with code 7 after 5 restarts; last output: giving up now"
     assert any("giving up now" in line for line in row["last_lines"])
-    assert daemon.get("app.main.localhost")[0] == 503
+    assert "crashed: exited with code 7" in daemon.cli("ps").stdout
+    events = daemon.cli("events").stdout.splitlines()
+    assert len([e for e in events if "  restarting " in e and " v2 " in e]) == 5  # 5 restarts
+    status, body = daemon.get("app.main.localhost")
+    assert status == 503
+    assert b"app in main is not serving: v2 crashed (exited with code 7" in body
+    assert b"yet" not in body
+
+    assert 'data-action="rollback">Roll back to v1<' in daemon.page("/ns/main/app")[1]
+    assert "main:app is on v1, pinned" in daemon.cli("rollback", "app").stdout
+    assert daemon.serves("app", "main", first)
 
 
 def test_builds_are_kept_for_the_last_five_revisions_and_gc_reports(

@@ -29,7 +29,7 @@ from pathlib import Path
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
 from branchyard.runtime import Address, Build, OnChange, RevisionSpec
-from branchyard.runtime.logs import LOG_MAX, rotate
+from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
 from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, uninterrupted
 from branchyard.runtime.supervisor import (
     FirstStartFailed,
@@ -97,18 +97,25 @@ class HealthCheck:
             await asyncio.sleep(HEALTH_INTERVAL)
         answer = f"last answer {last}" if last else "no answer"
         self.failure = (
-            f"health check GET {self.path} did not pass within {self.timeout:g} s ({answer})"
+            f"health check GET {self.path} on port {self.port} did not pass "
+            f"within {self.timeout:g} s ({answer})"
         )
         return False
 
 
-def _first_start_message(web: Supervisor, health: HealthCheck, exc: FirstStartFailed) -> str:
-    if web.state is ProcessState.FAILED:
-        if health.failure.startswith("exited") or exc.exit_code is not None:
-            code = exc.exit_code if exc.exit_code is not None else web.exit_code
-            return f"exited with code {code} before passing its health check; see: branchyard logs"
-        return health.failure or exc.message
-    return f"a worker could not start: {exc.message}; see: branchyard logs"
+def _first_start_message(
+    web: Supervisor, health: HealthCheck, exc: FirstStartFailed, log: Path
+) -> str:
+    """Why a revision did not start, with the last lines it wrote."""
+    if web.state is not ProcessState.FAILED:
+        message = f"a worker could not start: {exc.message}"
+    elif health.failure.startswith("exited") or exc.exit_code is not None:
+        code = exc.exit_code if exc.exit_code is not None else web.exit_code
+        message = f"exited with code {code} before passing its health check"
+    else:
+        message = health.failure or exc.message
+    lines = last_lines(log, 3)
+    return message + (f"; last output: {' | '.join(lines)}" if lines else "")
 
 
 async def _stop_all(supervisors: list[Supervisor], grace: float = 1.0) -> None:
@@ -237,9 +244,7 @@ class LocalRuntime:
                     ["/bin/sh", "-c", step], checkout, build_log, env, self._registry
                 )
                 if code != 0:
-                    raise BuildFailed(
-                        f"build step `{step}` exited {code}; see: branchyard logs --build"
-                    )
+                    raise BuildFailed(f"build step `{step}` exited {code}")
         except BaseException:
             shutil.rmtree(checkout, ignore_errors=True)
             if venv is not None:
@@ -330,7 +335,7 @@ class LocalRuntime:
             finally:
                 self._ports.give_back(port)
             if isinstance(exc, FirstStartFailed):
-                raise BuildFailed(_first_start_message(web, health, exc)) from None
+                raise BuildFailed(_first_start_message(web, health, exc, log)) from None
             raise
 
         def give_back() -> None:

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from branchyard.text import without_escapes
+
 LOG_MAX = 10 * 1024 * 1024  # bytes a log may reach before it is rotated
 BLOCK = 64 * 1024
+LAST_LINES = 5
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,16 @@ def tail(log: Path, size: int) -> bytes:
             if len(kept) >= size:
                 break
         return kept
+
+
+def last_lines(log: Path, count: int = LAST_LINES) -> list[str]:
+    """The last ``count`` lines of a log that are not blank (read from its last 64 KiB),
+    without terminal escapes."""
+    try:
+        text = without_escapes(tail(log, BLOCK).decode(errors="replace"))
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-count:]
 
 
 def _size(path: Path) -> int:

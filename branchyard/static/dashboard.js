@@ -252,7 +252,11 @@
   };
 
   function describe(kind, done) {
-    if (kind === "unpin") return done && done.live ? `Unpinned; v${done.live} goes live.` : "Unpinned.";
+    if (kind === "unpin") {
+      if (done.live) return `Unpinned; v${done.live} goes live.`;
+      if (done.building) return `Unpinned; building the head of ${done.branch} (${done.head.slice(0, 7)}).`;
+      return "Unpinned.";
+    }
     if (kind === "restart") return "Restarting.";
     return `${service} in ${namespace} is on v${done.live}, pinned.`;
   }
@@ -376,7 +380,24 @@
   let held = "";
   let stream = null;
 
-  function append(chunk) {
+  // Colours and other terminal escapes are left out (as the server does for the build
+  // log); one cut in two by a chunk's end waits for the rest in `partial`.
+  const ESCAPES = /\x1b(?:\[[0-?]*[ -\/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -\/]*[0-~])/g;
+  let partial = "";
+
+  function withoutEscapes(chunk) {
+    let text = (partial + chunk).replace(ESCAPES, "");
+    partial = "";
+    const cut = text.lastIndexOf("\x1b");
+    if (cut >= 0 && text.length - cut < 256) {
+      partial = text.slice(cut);
+      text = text.slice(0, cut);
+    }
+    return text;
+  }
+
+  function append(raw) {
+    const chunk = withoutEscapes(raw);
     if (paused) {
       held = (held + chunk).slice(-MAX_LOG_CHARS);
       return;
@@ -394,6 +415,7 @@
     stream = mine;
     logs.textContent = "";
     held = "";
+    partial = "";
     logsState.textContent = paused ? "paused" : "following its output";
     while (!mine.signal.aborted) {
       try {
