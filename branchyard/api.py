@@ -484,7 +484,8 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
 async def _pause(stopping: asyncio.Event) -> bool:
     """Wait one follow interval; False once the daemon is stopping."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), FOLLOW_INTERVAL)
+        async with asyncio.timeout(FOLLOW_INTERVAL):
+            await stopping.wait()
     return not stopping.is_set()
 
 

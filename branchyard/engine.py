@@ -166,11 +166,10 @@ class Engine:
         await asyncio.gather(*(restore(r) for r in revisions))
 
     async def close(self) -> None:
-        await self.watcher.close()
         if self._loop_task:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.wait([self._loop_task])
+        await self.watcher.close()
         self.rollouts.closing = True
         deploys = list(self._deploys.values())
         for task in deploys:
@@ -207,9 +206,10 @@ class Engine:
         self.store.event("warning", message)
 
     async def _loop(self) -> None:
+        # Plan once with every repo's heads rather than once per repo as they come.
         with contextlib.suppress(TimeoutError):
-            # Plan once with every repo's heads rather than once per repo as they come.
-            await asyncio.wait_for(self.watcher.first_look(), FIRST_LOOK_TIMEOUT)
+            async with asyncio.timeout(FIRST_LOOK_TIMEOUT):
+                await self.watcher.first_look()
         while True:
             await self._wake.wait()
             self._wake.clear()

@@ -204,7 +204,8 @@ class _Objects:
         assert process.stdin is not None
         process.stdin.close()
         try:
-            await asyncio.wait_for(process.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()

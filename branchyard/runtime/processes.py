@@ -110,7 +110,8 @@ class LocalProcess:
         if self._process.returncode is None:
             signal_group(self.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._process.wait()), grace)
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._process.wait())
         signal_group(self.pid, signal.SIGKILL)
         await self.wait()
 
