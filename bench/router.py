@@ -589,7 +589,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         lines = [f"Ratios to the nginx proxy: {'; '.join(ratios)}."]
         for done in (d for d in deploys if d.mode == mode_name):
             lines.append(
-                f"The deploy: pushed {done.after:g} s into the run, the new nginx served "
+                f"The deploy: pushed {done.after:.1f} s into the run, the new nginx served "
                 f"{done.to_live * 1000:.0f} ms after the push returned; that run alone: "
                 f"throughput {done.run.requests_per_second / ng_rate.median:.2f}, p99 "
                 f"{done.run.p99 / ng_p99.median:.2f} of the nginx proxy's medians, "
