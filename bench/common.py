@@ -337,21 +337,37 @@ class Daemon:
         if self.process.poll() is None:
             self.stop()
 
-    def events(self, since: float) -> list[tuple[float, str, str, str, str]]:
-        """(at, kind, namespace, service, message) from the store since ``since`` (wall
-        clock), for breakdowns; empty if the store cannot be read that way."""
+    def _query(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Rows from the daemon's store, opened read-only; empty if it cannot be read so."""
         try:
             with contextlib.closing(
                 sqlite3.connect(f"file:{self.home / 'state.db'}?mode=ro", uri=True)
             ) as db:
-                rows = db.execute(
-                    "SELECT at, kind, coalesce(namespace, ''), coalesce(service, ''), message "
-                    "FROM events WHERE at >= ? ORDER BY at",
-                    (since,),
-                ).fetchall()
+                return [tuple(row) for row in db.execute(sql, parameters).fetchall()]
         except sqlite3.Error:
             return []
-        return [tuple(row) for row in rows]
+
+    def events(self, since: float) -> list[tuple[float, str, str, str, str]]:
+        """(at, kind, namespace, service, message) from the store since ``since`` (wall
+        clock), for breakdowns; empty if the store cannot be read that way."""
+        rows = self._query(
+            "SELECT at, kind, coalesce(namespace, ''), coalesce(service, ''), message "
+            "FROM events WHERE at >= ? ORDER BY at",
+            (since,),
+        )
+        return [
+            (float(at), str(kind), str(ns), str(service), str(message))
+            for at, kind, ns, service, message in rows
+        ]
+
+    def live_port(self, namespace: str, service: str) -> int | None:
+        """The port of the service's live revision (the router's backend), if one is live."""
+        rows = self._query(
+            "SELECT port FROM revisions WHERE namespace = ? AND service = ? AND state = 'live' "
+            "ORDER BY ordinal DESC LIMIT 1",
+            (namespace, service),
+        )
+        return int(rows[0][0]) if rows and rows[0][0] else None
 
 
 # -- statistics --------------------------------------------------------------------

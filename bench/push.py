@@ -17,7 +17,11 @@ against, measured in the same run:
   git HTTP server's own request log: a poll is a burst of requests;
 - **dependencies**: a service with ``tinydep`` in requirements.txt: code-only
   commits (the build log must show the cached environment reused and nothing
-  installed) and commits that change the dependency (a new environment).
+  installed) and commits that change the dependency (a new environment);
+- **frameworks**: a Flask app from PyPI, served by Flask's own server and by
+  gunicorn, each with its own cold start measured the same way (its own
+  environment with the same packages, filled as ``pip install`` fills one:
+  bytecode compiled).
 
 The poller asks the router with a fresh connection (``Connection: close``) every
 ``--poll-ms`` milliseconds, so that a router that routes per connection is not
@@ -36,7 +40,15 @@ from pathlib import Path
 
 from bench.common import Daemon, ServiceRepo, Summary, git, revision_at, wait_until
 from bench.results import LATENCY_HEADER, Section, latency_row, ms, spread
-from bench.services import cold_starts, dependency_service, make_venv, stdlib_service, wheel
+from bench.services import (
+    FRAMEWORKS,
+    Framework,
+    cold_starts,
+    dependency_service,
+    make_venv,
+    stdlib_service,
+    wheel,
+)
 from tests.githttp import GitHttpServer
 
 LIVE_TIMEOUT = 120.0
@@ -207,6 +219,45 @@ def _overheads(values: list[float], baseline: float) -> list[float]:
     return [value - baseline for value in values]
 
 
+@dataclass(frozen=True)
+class FrameworkRun:
+    framework: Framework
+    first: float  # repo add → first answer (creates and fills the environment)
+    cold: Summary  # its cold start with no branchyard, one sample before each push
+    to_live: Summary
+    overhead: Summary
+    phases: list[list[float]] | None
+
+
+def _framework(
+    daemon: Daemon, framework: Framework, workdir: Path, commits: int, poll: float
+) -> FrameworkRun:
+    """Pushes of a framework service, each after one sample of its own cold start."""
+    repo = ServiceRepo.create(workdir / "local", framework.name.lower(), framework.files())
+    checkout = repo.export(workdir / f"run-{repo.name}")
+    venv = make_venv(workdir / f"venv-{repo.name}", repo.clone / "requirements.txt")
+    first = _first_deploy(daemon, repo, str(repo.origin), poll)
+    cold: list[float] = []
+    samples = _time_pushes(
+        daemon,
+        repo,
+        commits,
+        framework.files,
+        poll,
+        before_push=lambda: cold.extend(cold_starts(checkout, venv, 1, poll, framework.procfile)),
+    )
+    baseline = Summary.of(cold)
+    to_live = [x.to_live for x in samples]
+    return FrameworkRun(
+        framework,
+        first,
+        baseline,
+        Summary.of(to_live),
+        Summary.of(_overheads(to_live, baseline.median)),
+        _breakdown(daemon, repo.name, samples),
+    )
+
+
 def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     section = Section("push", "1. Push-to-live", command)
     started = time.monotonic()
@@ -269,6 +320,9 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         )
         code_phases = _breakdown(daemon, deps.name, code_only)
         change_phases = _breakdown(daemon, deps.name, dep_change)
+        frameworks = [
+            _framework(daemon, framework, workdir, args.commits, poll) for framework in FRAMEWORKS
+        ]
 
     # The polling path: git http-backend on loopback, the daemon polling it.
     interval = args.poll_interval
@@ -315,6 +369,13 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         latency_row("with deps, dependency change: overhead", change_over),
         latency_row("`git push` itself (local bare repo)", Summary.of([x.push for x in local])),
     ]
+    for run in frameworks:
+        name = run.framework.name
+        rows += [
+            latency_row(f"cold start, {name} service (no branchyard)", run.cold),
+            latency_row(f"{name}: push-to-live", run.to_live),
+            latency_row(f"{name}: overhead (push-to-live - cold start p50)", run.overhead),
+        ]
 
     section.add(
         "Each commit changes the service's code and is pushed only after the previous one "
@@ -328,7 +389,12 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         "own point of the poll cycle (read from the git server's request log), the "
         "points spread evenly over the cycle and taken in shuffled order: the wait for "
         "the poll averages half the interval, as for pushes at random times, without "
-        "the noise of random delays.",
+        "the noise of random delays. The framework services are one Flask app, served "
+        "by Flask's own server (`python app.py`) and by gunicorn (`gunicorn --bind "
+        "127.0.0.1:$PORT app:app`), installed from PyPI "
+        f"({', '.join(sorted({r for f in FRAMEWORKS for r in f.requirements}))}); "
+        "each one's cold start is measured in an environment of its own with the same "
+        "packages, filled with bytecode compiled as `pip install` does.",
         "",
     )
     section.table(LATENCY_HEADER, rows)
@@ -337,6 +403,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         f"polling ({interval:g} s)": polling_phases,
         "deps, code-only": code_phases,
         "deps, dependency change": change_phases,
+        **{run.framework.name: run.phases for run in frameworks},
     }
     if all(phases is not None for phases in cases.values()):
         section.add(
@@ -370,11 +437,21 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         f"local push-to-live / cold start = {local_s.median / cold.median:.1f}x; "
         f"code-only with deps / its cold start = {code_s.median / cold_deps.median:.1f}x; "
         f"dependency change / code-only = {change_s.median / code_s.median:.1f}x; "
-        f"polling p50 - interval/2 = {ms(polling_s.median - interval / 2)}.",
+        f"polling p50 - interval/2 = {ms(polling_s.median - interval / 2)}"
+        + "".join(
+            f"; {run.framework.name} push-to-live / its cold start = "
+            f"{run.to_live.median / run.cold.median:.1f}x"
+            for run in frameworks
+        )
+        + ".",
         "",
         f"First deploys (repo add → first answer): stdlib service {ms(first_plain)}, with "
         f"tinydep (creates and fills the environment) {ms(first_deps)}, over HTTP "
-        f"{ms(first_polled)}. The git HTTP server saw {http_requests} requests.",
+        f"{ms(first_polled)}"
+        + "".join(
+            f", {run.framework.name} (installs from PyPI) {ms(run.first)}" for run in frameworks
+        )
+        + f". The git HTTP server saw {http_requests} requests.",
         "",
         f"Build logs (`branchyard logs --build depapp` after each commit went live): "
         f"{sum(clean)} of {len(clean)} code-only commits reused the environment and "
@@ -406,5 +483,12 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         "all",
         all(clean) and bool(clean),
     )
+    for run in frameworks:
+        section.target(
+            f"{run.framework.name}: overhead p50",
+            ms(run.overhead.median),
+            "≤ 300 ms",
+            run.overhead.median <= 0.3,
+        )
     section.seconds = time.monotonic() - started
     return section

@@ -1,25 +1,33 @@
 """Part 2, the router: wrk through branchyard's router, against nginx, in one run.
 
 The backend is nginx (Debian's package) serving a small static file on
-loopback, so it is not the bottleneck. Three paths take the same load:
+loopback, run by a real ``branchyard up`` as its service ``svc`` (a Procfile
+that starts nginx on ``$PORT``), so it is not the bottleneck and every path
+reaches the same one. Four paths take the same load:
 
 - **direct**: wrk to the nginx backend;
-- **nginx proxy**: wrk to a second nginx server block that proxies to the
-  backend with upstream keepalive on (``keepalive 64``, HTTP/1.1,
-  ``Connection ""``). It runs in a second nginx instance (its own config and
-  worker), not in the backend's: with one worker serving both blocks, the proxy
-  shared its core with the backend and lost to branchyard's router for that
-  reason alone, which says nothing about either proxy;
-- **branchyard**: wrk to ``branchyard.router.Router`` running alone in its own
-  process (``bench/router_server.py``) with one route, ``svc.main.localhost``,
-  to the nginx backend. That measures the router and nothing else: the daemon's
-  API, watcher and engine share the router's event loop, but are idle here.
+- **nginx proxy**: wrk to a second nginx that proxies to the backend with
+  upstream keepalive on (``keepalive 64``, HTTP/1.1, ``Connection ""``). It runs
+  as an instance of its own (its own config and worker), not in the backend's:
+  with one worker serving both, the proxy shared its core with the backend and
+  lost to branchyard's router for that reason alone, which says nothing about
+  either proxy;
+- **branchyard up**: wrk to the router of the daemon that runs the backend, as
+  users get it: it shares one event loop with the watcher, the engine, the API
+  and the supervisors. During its last run in each mode, a commit to ``svc`` is
+  pushed: the daemon builds and starts a new nginx, switches the route to it
+  and drains the old one while wrk goes on;
+- **router alone**: ``branchyard.router.Router`` in a process of its own
+  (``bench/router_server.py``) with one route to the backend: the router and
+  nothing else.
 
 Two modes: keep-alive connections, and a new connection per request
-(``Connection: close``). nginx runs from its own config file in a temp directory,
-not as the system service, in the foreground as a child of the bench, on
-loopback ports, and is stopped afterwards. Each nginx has ``--nginx-workers`` workers (default
-1: one core per proxy, as branchyard's router is one asyncio process).
+(``Connection: close``). nginx runs from its own config files in temp
+directories, not as the system service, in the foreground (the proxy as a child
+of the bench, the backend as the daemon's service), on loopback ports, and is
+stopped afterwards. Each nginx has ``--nginx-workers`` workers (default 1: one
+core per proxy, as branchyard's router is one asyncio process). wrk and nginx
+come from Debian's packages; as root the bench installs them if they are missing.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +52,10 @@ from bench.common import (
     LOOPBACK,
     ROOT,
     BenchError,
+    Daemon,
+    ServiceRepo,
     Summary,
+    command_name,
     cpu_seconds,
     free_port,
     get,
@@ -97,8 +110,26 @@ PROXY_BLOCK = """\
         }}
     }}"""
 
-MODES = (("keep-alive", []), ("new connection per request", ["-H", "Connection: close"]))
-PATHS = ("direct", "nginx proxy", "branchyard")
+# The backend as a service of the daemon: nginx on $PORT, from a directory of its own
+# that its workers can read (they may run as another user), in the foreground.
+SERVE = """\
+#!/bin/sh
+set -e
+dir=$(mktemp -d /tmp/bench-svc-nginx.XXXXXX)
+chmod 755 "$dir"
+mkdir "$dir/tmp"
+cp -r www "$dir/www"
+sed -e "s|@PORT@|$PORT|g" -e "s|@DIR@|$dir|g" nginx.conf > "$dir/nginx.conf"
+exec "$(command -v nginx || echo /usr/sbin/nginx)" -e "$dir/error.log" -p "$dir" \\
+    -c "$dir/nginx.conf"
+"""
+
+MODES: tuple[tuple[str, list[str]], ...] = (
+    ("keep-alive", []),
+    ("new connection per request", ["-H", "Connection: close"]),
+)
+PATHS = ("direct", "nginx proxy", "router alone", "branchyard up")  # the deploy comes last
+TARGETED = ("branchyard up", "router alone")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,11 +213,9 @@ class Nginx:
         (directory / "www").mkdir()
         (directory / "tmp").mkdir()
         (directory / "www" / PAGE).write_bytes(BODY)
-        config = directory / "nginx.conf"
-        http = block.format(port=self.port, dir=directory, backend=backend)
-        config.write_text(
-            NGINX_CONFIG.format(user=_user_directive(), workers=workers, dir=directory, http=http)
-        )
+        self._block = block
+        self._workers = workers
+        config = self._configure(backend)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.process = subprocess.Popen(
             [nginx, "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(config)],
@@ -198,6 +227,28 @@ class Nginx:
         except BenchError:
             self.stop()
             raise
+
+    def _configure(self, backend: int) -> Path:
+        config = self.directory / "nginx.conf"
+        http = self._block.format(port=self.port, dir=self.directory, backend=backend)
+        config.write_text(
+            NGINX_CONFIG.format(
+                user=_user_directive(), workers=self._workers, dir=self.directory, http=http
+            )
+        )
+        return config
+
+    def reload(self, backend: int) -> None:
+        """Proxy to ``backend`` from now on (new workers; the old ones finish and leave)."""
+        self._configure(backend)
+        old = set(self.workers())
+        self.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: self.workers() and not old & set(self.workers()),
+            15,
+            "nginx to reload its configuration",
+            0.02,
+        )
 
     def workers(self) -> list[int]:
         return _children(self.process.pid)
@@ -291,10 +342,24 @@ def _version(argv: list[str]) -> str:
     return (done.stdout + done.stderr).strip().splitlines()[0]
 
 
-def require_tools() -> None:
+def _missing_tools() -> list[str]:
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if "nginx" in missing and Path("/usr/sbin/nginx").exists():
         missing.remove("nginx")
+    return missing
+
+
+def require_tools() -> None:
+    """wrk and nginx, from Debian's packages: installed here as root, else asked for."""
+    missing = _missing_tools()
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"bench: installing {' '.join(missing)} (apt-get)", file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", *missing]
+        if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True, check=False)
+        missing = _missing_tools()
     if missing:
         raise BenchError(
             f"the router benchmark needs {' and '.join(missing)}: "
@@ -302,40 +367,149 @@ def require_tools() -> None:
         )
 
 
+def _backend_files(workers: str, version: int) -> dict[str, str]:
+    """The ``svc`` repo: nginx serving PAGE on $PORT; ``version`` makes each commit new."""
+    http = BACKEND_BLOCK.format(port="@PORT@", dir="@DIR@")
+    config = NGINX_CONFIG.format(user=_user_directive(), workers=workers, dir="@DIR@", http=http)
+    return {
+        "Procfile": "web: sh serve.sh\n",
+        "serve.sh": SERVE,
+        "nginx.conf": config,
+        f"www/{PAGE}": BODY.decode(),
+        "VERSION": f"{version}\n",
+    }
+
+
+class Backend:
+    """The nginx backend, run by a real ``branchyard up`` as its service ``svc``."""
+
+    def __init__(self, workdir: Path, workers: str) -> None:
+        self.workers_setting = workers
+        self.daemon = Daemon.start(workdir / "home")
+        try:
+            self.repo = ServiceRepo.create(workdir / "repos", "svc", _backend_files(workers, 0))
+            self.daemon.add_repo(str(self.repo.origin))
+            self.port = self._wait_for_port(None)
+        except BaseException:
+            self.stop()
+            raise
+        self.deploys = 0
+
+    def _wait_for_port(self, old: int | None) -> int:
+        def serving() -> int | None:
+            port = self.daemon.live_port("main", "svc")
+            return port if port != old and port and _answers(port) else None
+
+        return wait_until(serving, 60, "the nginx service to go live", 0.02)
+
+    def nginx_pids(self) -> list[int]:
+        """The backend's nginx processes: descendants of the daemon (nginx writes its
+        process title over its environment, so the marker cannot find them)."""
+        found, parents = [], [self.daemon.pid]
+        while parents:
+            children = [child for parent in parents for child in _children(parent)]
+            found += [pid for pid in children if command_name(pid) == "nginx"]
+            parents = children
+        return found
+
+    def deploy(self) -> float:
+        """Push a new commit of ``svc``; seconds from the push returning to its route."""
+        self.deploys += 1
+        self.repo.commit(_backend_files(self.workers_setting, self.deploys), "deploy")
+        old = self.port
+        self.repo.push()
+        pushed = time.monotonic()
+        self.port = self._wait_for_port(old)
+        return time.monotonic() - pushed
+
+    def stop(self) -> None:
+        try:
+            self.daemon.stop()
+        finally:
+            for left in Path(tempfile.gettempdir()).glob("bench-svc-nginx.*"):
+                shutil.rmtree(left, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class DeployRun:
+    mode: str
+    run: WrkRun
+    after: float  # seconds into the run the push was made
+    to_live: float  # from the push to the new revision serving
+
+
+def _measure(
+    args: argparse.Namespace,
+    port: int,
+    mode: list[str],
+    pids: list[int],
+    during: Callable[[], None] | None = None,
+) -> WrkRun:
+    """One wrk run; ``during`` runs in a thread a third of the way into it."""
+    cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+    timer = threading.Timer(args.duration / 3, during) if during is not None else None
+    if timer is not None:
+        timer.start()
+    began = time.monotonic()
+    output = _wrk(args, port, mode, args.duration)
+    took = time.monotonic() - began
+    if timer is not None:
+        timer.join()
+    cpu = sum(cpu_seconds(pid) - before for pid, before in cpu_before.items())
+    rate, p50, p99, errors = parse_wrk(output)
+    return WrkRun(rate, p50, p99, errors, cpu / took)
+
+
 def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     require_tools()
     section = Section("router", "2. Router", command)
     started = time.monotonic()
-    backend = Nginx(BACKEND_BLOCK, args.nginx_workers)
+    backend = Backend(workdir, args.nginx_workers)
     proxy: Nginx | None = None
     router: StandaloneRouter | None = None
+    deploys: list[DeployRun] = []
     try:
         proxy = Nginx(PROXY_BLOCK, args.nginx_workers, backend.port)
         router = StandaloneRouter(backend.port)
-        ports = {"direct": backend.port, "nginx proxy": proxy.port, "branchyard": router.port}
-        for name, port in ports.items():
-            if not _answers(port):
-                raise BenchError(f"the {name} path does not serve the page on port {port}")
         results: dict[tuple[str, str], list[WrkRun]] = {}
         for mode_name, mode in MODES:
+            if mode_name != MODES[0][0]:  # the deploy moved the backend: follow it
+                proxy.reload(backend.port)
+                router.stop()
+                router = StandaloneRouter(backend.port)
+            ports = {
+                "direct": backend.port,
+                "nginx proxy": proxy.port,
+                "branchyard up": backend.daemon.router_port,
+                "router alone": router.port,
+            }
+            cpus = {
+                "direct": backend.nginx_pids(),
+                "nginx proxy": proxy.workers(),
+                "branchyard up": [backend.daemon.pid],
+                "router alone": [router.process.pid],
+            }
+            for name, port in ports.items():
+                if not _answers(port):
+                    raise BenchError(f"the {name} path does not serve the page on port {port}")
             for name in PATHS:  # warm up: connections, caches, the interpreter
                 _wrk(args, ports[name], mode, min(1.0, args.duration))
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 for name in PATHS:  # interleaved, so drift hits every path alike
-                    pids = {
-                        "direct": backend.workers(),
-                        "nginx proxy": proxy.workers(),
-                        "branchyard": [router.process.pid],
-                    }[name]
-                    cpu_before = sum(cpu_seconds(pid) for pid in pids)
-                    began = time.monotonic()
-                    output = _wrk(args, ports[name], mode, args.duration)
-                    took = time.monotonic() - began
-                    cpu = (sum(cpu_seconds(pid) for pid in pids) - cpu_before) / took
-                    rate, p50, p99, errors = parse_wrk(output)
-                    results.setdefault((mode_name, name), []).append(
-                        WrkRun(rate, p50, p99, errors, cpu)
+                    pushed: list[float] = []
+
+                    def deploy(into: list[float] = pushed) -> None:
+                        into.append(backend.deploy())
+
+                    last = repeat == args.repeats - 1 and name == "branchyard up"
+                    measured = _measure(
+                        args, ports[name], mode, cpus[name], deploy if last else None
                     )
+                    results.setdefault((mode_name, name), []).append(measured)
+                    if last and not pushed:
+                        raise BenchError(f"the deploy during {mode_name} did not go live")
+                    if pushed:
+                        deploys.append(DeployRun(mode_name, measured, args.duration / 3, pushed[0]))
     finally:
         if router is not None:
             router.stop()
@@ -345,17 +519,22 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
 
     section.add(
         f"{_version(['nginx', '-v'])}; {_version(['wrk', '-v']).split(' Copyright')[0]}. "
-        f"Backend: nginx serving a {len(BODY)}-byte static file. nginx proxy: a second "
-        "nginx instance (its own config and workers) whose server block proxies to the "
-        "backend with upstream `keepalive 64`. Both run in the foreground from configs in "
-        f"temp directories with `worker_processes {args.nginx_workers}`. branchyard: "
-        "`branchyard.router.Router` alone in its own process (`bench/router_server.py`), "
-        "one route to the nginx backend; like the daemon's, it is one asyncio process "
-        "(at most one core). Each figure is the median (min … max) of "
+        f"Backend: nginx serving a {len(BODY)}-byte static file, run by a real "
+        "`branchyard up` as its service `svc` (a Procfile that starts nginx on `$PORT`); "
+        "every path reaches that one backend. *nginx proxy*: a second nginx instance "
+        "(its own config and workers) proxying to it with upstream `keepalive 64`. "
+        f"Both run with `worker_processes {args.nginx_workers}`. *branchyard up*: the "
+        "router of that daemon, as users get it, on the one event loop it shares with "
+        "the watcher, the engine, the API and the supervisors. *router alone*: "
+        "`branchyard.router.Router` in a process of its own (`bench/router_server.py`) "
+        "with one route to the backend. Each figure is the median (min … max) of "
         f"{args.repeats} wrk runs of {args.duration:g} s after a warm-up, the paths "
-        "interleaved. *CPU* is the proxy's own CPU use, in cores, during the run (the "
-        "router process; the proxy nginx's workers; for *direct*, the backend's workers). "
-        f"The machine has {os.cpu_count()} cores for wrk, the backend and the proxy.",
+        "interleaved; during the last *branchyard up* run of each mode a commit to `svc` "
+        "is pushed, so the daemon builds and starts a new nginx, moves the route to it and "
+        "drains the old one under load (the other paths then follow the new backend). "
+        "*CPU* is the proxy's own CPU use, in cores, during the run (the daemon, all of "
+        "it; the router process; the proxy nginx's workers; for *direct*, the backend's "
+        f"nginx). The machine has {os.cpu_count()} cores for wrk, the backend and the proxy.",
         "",
     )
     for mode_name, mode in MODES:
@@ -368,7 +547,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             p50 = Summary.of([r.p50 for r in runs])
             p99 = Summary.of([r.p99 for r in runs])
             cpu = Summary.of([r.cpu for r in runs])
-            summaries[name] = (rate, p50, p99)
+            summaries[name] = (rate, p99)
             rows.append(
                 [
                     name,
@@ -379,26 +558,43 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
                     str(sum(r.errors for r in runs)),
                 ]
             )
+        for done in (d for d in deploys if d.mode == mode_name):
+            rows.append(
+                [
+                    "branchyard up, the run with a deploy",
+                    f"{done.run.requests_per_second:,.0f}",
+                    f"{done.run.p50 * 1000:.3f}",
+                    f"{done.run.p99 * 1000:.3f}",
+                    f"{done.run.cpu:.2f}",
+                    str(done.run.errors),
+                ]
+            )
         section.table(["path", "requests/s", "p50 ms", "p99 ms", "CPU", "errors"], rows)
-        by_rate, _, by_p99 = summaries["branchyard"]
-        ng_rate, _, ng_p99 = summaries["nginx proxy"]
-        direct_rate, _, direct_p99 = summaries["direct"]
-        throughput = by_rate.median / ng_rate.median
-        tail = by_p99.median / ng_p99.median
-        section.add(
-            f"Ratios branchyard / nginx proxy: throughput {throughput:.2f}, p99 {tail:.2f}. "
-            f"branchyard / direct: throughput {by_rate.median / direct_rate.median:.2f}, "
-            f"p99 {by_p99.median / direct_p99.median:.2f}.",
-            "",
-        )
-        section.target(
-            f"router, {mode_name}: throughput / nginx proxy",
-            f"{throughput:.2f}",
-            "≥ 0.5",
-            throughput >= 0.5,
-        )
-        section.target(
-            f"router, {mode_name}: p99 / nginx proxy", f"{tail:.2f}", "≤ 2.0", tail <= 2.0
-        )
+        ng_rate, ng_p99 = summaries["nginx proxy"]
+        ratios = []
+        for name in TARGETED:
+            rate, p99 = summaries[name]
+            throughput = rate.median / ng_rate.median
+            tail = p99.median / ng_p99.median
+            ratios.append(f"{name} throughput {throughput:.2f}, p99 {tail:.2f}")
+            section.target(
+                f"{name}, {mode_name}: throughput / nginx proxy",
+                f"{throughput:.2f}",
+                "≥ 0.5",
+                throughput >= 0.5,
+            )
+            section.target(
+                f"{name}, {mode_name}: p99 / nginx proxy", f"{tail:.2f}", "≤ 2.0", tail <= 2.0
+            )
+        lines = [f"Ratios to the nginx proxy: {'; '.join(ratios)}."]
+        for done in (d for d in deploys if d.mode == mode_name):
+            lines.append(
+                f"The deploy: pushed {done.after:.1f} s into the run, the new nginx served "
+                f"{done.to_live * 1000:.0f} ms after the push returned; that run alone: "
+                f"throughput {done.run.requests_per_second / ng_rate.median:.2f}, p99 "
+                f"{done.run.p99 / ng_p99.median:.2f} of the nginx proxy's medians, "
+                f"{done.run.errors} errors."
+            )
+        section.add(" ".join(lines), "")
     section.seconds = time.monotonic() - started
     return section

@@ -3,7 +3,9 @@
 The sample is a standard-library HTTP server that answers every GET with the
 revision it runs (``BRANCHYARD_REVISION``), so a poller can tell the moment the
 router reaches a new revision. The dependency variant imports ``tinydep``, a
-minimal wheel written on the spot (no index or network needed).
+minimal wheel written on the spot (no index or network needed). The framework
+samples answer the same way from a Flask app, served by Flask's own server
+(``python app.py``) or by gunicorn, both installed from PyPI.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import uv
@@ -48,6 +51,50 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 """
 
 PROCFILE = "web: python app.py\n"
+
+FLASK_APP = """\
+import os
+from flask import Flask
+
+app = Flask(__name__)
+VERSION = {version}
+
+@app.get("/")
+def index():
+    return {{
+        "revision": os.environ.get("BRANCHYARD_REVISION", "none"),
+        "version": VERSION,
+    }}
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
+"""
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A sample service on a web framework from PyPI: its Procfile and requirements."""
+
+    name: str
+    procfile: str
+    requirements: tuple[str, ...]
+
+    def files(self, version: int = 0) -> dict[str, str]:
+        return {
+            "Procfile": self.procfile,
+            "app.py": FLASK_APP.format(version=version),
+            "requirements.txt": "".join(f"{line}\n" for line in self.requirements),
+        }
+
+
+FRAMEWORKS = (
+    Framework("Flask", PROCFILE, ("flask==3.1.3",)),
+    Framework(
+        "gunicorn",
+        "web: gunicorn --bind 127.0.0.1:$PORT app:app\n",
+        ("flask==3.1.3", "gunicorn==27.0.1"),
+    ),
+)
 
 
 def stdlib_service(version: int = 0) -> dict[str, str]:
@@ -94,7 +141,8 @@ def wheel(directory: Path, version: str) -> Path:
 
 
 def make_venv(path: Path, requirements: Path | None = None) -> Path:
-    """An environment made the way the local runtime makes one (``uv venv``, ``uv pip``)."""
+    """An environment made the way the local runtime makes one (``uv venv``, ``uv pip``),
+    with its bytecode compiled as ``pip install`` would."""
     uv_bin = uv.find_uv_bin()
     subprocess.run(
         [uv_bin, "venv", "--quiet", "--python", sys.executable, str(path)],
@@ -104,14 +152,19 @@ def make_venv(path: Path, requirements: Path | None = None) -> Path:
     if requirements is not None:
         python = str(path / "bin" / "python")
         subprocess.run(
-            [uv_bin, "pip", "install", "--quiet", "--python", python, "-r", str(requirements)],
+            [
+                *(uv_bin, "pip", "install", "--quiet", "--compile-bytecode"),
+                *("--python", python, "-r", str(requirements)),
+            ],
             check=True,
             capture_output=True,
         )
     return path
 
 
-def cold_starts(checkout: Path, venv: Path, samples: int, poll: float) -> list[float]:
+def cold_starts(
+    checkout: Path, venv: Path, samples: int, poll: float, procfile: str = PROCFILE
+) -> list[float]:
     """Seconds from process start to the first 200, ``samples`` times, no branchyard.
 
     The service starts exactly as the local runtime starts it: ``/bin/sh -c`` on
@@ -124,7 +177,7 @@ def cold_starts(checkout: Path, venv: Path, samples: int, poll: float) -> list[f
         "VIRTUAL_ENV": str(venv),
         "PYTHONUNBUFFERED": "1",
     }
-    command = PROCFILE.removeprefix("web:").strip()
+    command = procfile.removeprefix("web:").strip()
     results = []
     for _ in range(samples):
         port = free_port()

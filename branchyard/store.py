@@ -111,6 +111,9 @@ class Store:
         if check != "ok":
             raise sqlite3.DatabaseError(check)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # No fsync per commit (each took up to a few ms, on the loop the router shares):
+        # a crash of the daemon loses nothing, a power cut at most the last writes.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version not in (0, SCHEMA_VERSION) or (
             version == 0 and self._db.execute("SELECT name FROM sqlite_master").fetchone()

@@ -1,7 +1,7 @@
 """The benchmarks still run: push-to-live and capacity at tiny sizes, results in a temp file.
 
 The router part needs wrk and nginx and is left to ``python -m bench``; these two
-need only git and Python.
+need only git and Python (and PyPI, for the Flask services of push-to-live).
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def test_the_push_and_capacity_benchmarks_run_at_tiny_sizes_and_report_every_fig
         "polling path (0.5 s): push-to-live",
         "with deps, code-only commit: push-to-live",
         "with deps, dependency change: push-to-live",
+        "cold start, Flask service (no branchyard)",
+        "Flask: push-to-live",
+        "cold start, gunicorn service (no branchyard)",
+        "gunicorn: push-to-live",
     ):
         n, p50, p95, low, high = _row(text, figure)
         assert n in ("1", "2"), (figure, n)
@@ -76,7 +80,7 @@ def test_the_push_and_capacity_benchmarks_run_at_tiny_sizes_and_report_every_fig
     assert _row(text, "daemon CPU while idle (1 s)")[0].endswith(" %")
 
     verdicts = re.findall(r"^\| .+ \| \*\*(PASS|MISS)\*\* \|$", text, flags=re.MULTILINE)
-    assert len(verdicts) == 2 * 7, verdicts  # each target in its section and at the top
+    assert len(verdicts) == 2 * 9, verdicts  # each target in its section and at the top
     assert _row(text, "with deps, code-only commit installs nothing")[:3] == [
         "2 of 2",
         "all",

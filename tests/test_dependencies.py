@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from importlib.util import cache_from_source
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,30 @@ def test_a_dependency_that_cannot_be_installed_fails_the_build_with_a_reason(
     row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 60, "failure")
     assert "installing requirements.txt failed" in row["reason"]
     assert "missing.whl" in daemon.cli("logs", "--build", "app").stdout
+
+
+@pytest.fixture(autouse=True)
+def no_bytecode_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on many CI machines and container images (and the daemon inherits it)."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+
+
+def test_an_environment_holds_the_bytecode_of_what_it_installs_so_services_start_from_it(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    requirement = wheel(tmp_path / "wheels", "1.0")
+    app = make_repo(
+        "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{requirement}\n"})
+    )
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep")
+
+    (venv,) = (daemon.home / "venvs").iterdir()
+    imported = subprocess.run(
+        [str(venv / "bin" / "python"), "-v", "-c", "import tinydep"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (source,) = venv.glob("lib/python3*/site-packages/tinydep/__init__.py")
+    assert f"code object from '{cache_from_source(str(source))}'" in imported.stderr

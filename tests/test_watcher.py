@@ -1,13 +1,19 @@
-"""The watcher's pure parts: when a remote repo is polled next, and the fingerprint of refs."""
+"""The watcher: when a remote repo is polled next, the fingerprint of refs, and inotify
+waking it for a local repo's pushes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
-from branchyard.watcher import next_poll, refs_fingerprint
+from branchyard import watcher
+from branchyard.git import Sources
+from branchyard.model import Repo, RepoHeads
+from branchyard.watcher import Watcher, next_poll, ref_events, refs_fingerprint
 from tests.conftest import git
 
 
@@ -47,3 +53,71 @@ def test_the_fingerprint_changes_with_every_ref_update_even_within_one_clock_tic
     names = [entry[0] for entry in refs_fingerprint(git_dir)]
     assert str(git_dir / "refs" / "heads" / "feature" / "x") in names
     assert "HEAD" in names
+
+
+def _event(name: bytes, mask: int) -> bytes:
+    padded = name + b"\0" * (16 - len(name) % 16) if name else b""
+    return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
+
+
+IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE, IN_ISDIR = 0x8, 0x80, 0x100, 0x200, 0x40000000
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([], (False, False)),
+        ([(b"main.lock", IN_CREATE), (b"main.lock", IN_CLOSE_WRITE)], (False, False)),
+        ([(b"main.lock", IN_CREATE), (b"main", IN_MOVED_TO)], (True, False)),
+        ([(b"packed-refs", IN_MOVED_TO)], (True, False)),
+        ([(b"topic", IN_DELETE)], (True, False)),
+        ([(b"feature", IN_CREATE | IN_ISDIR)], (True, True)),
+        ([(b"HEAD.lock", IN_CREATE), (b"HEAD", IN_MOVED_TO)], (True, False)),
+    ],
+)
+def test_inotify_events_say_whether_a_ref_moved_and_whether_a_directory_appeared(
+    events: list[tuple[bytes, int]], expected: tuple[bool, bool]
+) -> None:
+    assert ref_events(b"".join(_event(name, mask) for name, mask in events)) == expected
+
+
+def test_a_push_to_a_local_repo_wakes_the_watcher_without_waiting_for_its_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watcher, "LOCAL_INTERVAL", 3600.0)  # only inotify can wake it
+    origin = tmp_path / "app.git"
+    git("init", "-q", "--bare", "-b", "main", str(origin))
+    work = tmp_path / "work"
+    git("clone", "-q", str(origin), str(work))
+
+    def push(branch: str, subject: str) -> str:
+        git("commit", "-q", "--allow-empty", "-m", subject, cwd=work)
+        git("push", "-q", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
+        return git("rev-parse", "HEAD", cwd=work)
+
+    async def scenario() -> None:
+        seen: asyncio.Queue[RepoHeads] = asyncio.Queue()
+
+        async def on_heads(heads: RepoHeads) -> None:
+            await seen.put(heads)
+
+        async def pushed(branch: str, subject: str) -> None:
+            await asyncio.sleep(0.2)  # the watcher is asleep, until its tick in an hour
+            sha = await asyncio.to_thread(push, branch, subject)
+            async with asyncio.timeout(10):
+                while (await seen.get()).branches.get(branch) != sha:
+                    pass
+
+        first = push("main", "first")
+        watching = Watcher(Sources(tmp_path / "mirrors"), on_heads, poll_interval=3600)
+        watching.watch(Repo("app", str(origin)))
+        try:
+            async with asyncio.timeout(10):
+                assert (await seen.get()).branches == {"main": first}
+            await pushed("main", "second")
+            await pushed("feature/x", "a branch in a new directory")
+            await pushed("feature/x", "and a push to it")
+        finally:
+            await watching.close()
+
+    asyncio.run(scenario())

@@ -3,6 +3,12 @@
 A commit that changes only code finds its environment ready and installs
 nothing. Environments are made with ``uv`` (an order of magnitude faster than
 pip) and kept up to :data:`KEEP` of them, least recently used first out.
+
+What is installed is compiled to bytecode there and then, as pip does and uv
+does not by default: a service only reads bytecode (its environment may say
+``PYTHONDONTWRITEBYTECODE``, and it should not write into a shared environment
+anyway), so without it every start compiles its imports again, which made a
+Flask service's cold start two to three times slower.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 DEPENDENCY_FILES = ("requirements.txt", "pyproject.toml")
 KEEP = 20
 _READY = ".branchyard-ready"
+_LAYOUT = b"compiled"  # environments made before they held bytecode hash differently
 
 
 def dependency_hash(checkout: Path) -> str:
-    digest = hashlib.sha256(sys.version.encode())
+    digest = hashlib.sha256(sys.version.encode() + _LAYOUT)
     for name in DEPENDENCY_FILES:
         file = checkout / name
         if file.is_file():
@@ -69,7 +76,9 @@ class VenvCache:
         python = str(venv / "bin" / "python")
         for name in DEPENDENCY_FILES:
             if (checkout / name).is_file():
-                steps.append([uv_bin, "pip", "install", "--python", python, "-r", name])
+                steps.append(
+                    [uv_bin, "pip", "install", "--compile-bytecode", "--python", python, "-r", name]
+                )
         for argv in steps:
             code = await run_logged(argv, checkout, log, dict(os.environ), self._registry)
             if code != 0:
