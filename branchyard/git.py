@@ -36,23 +36,30 @@ class GitError(UsageError):
 async def git(*args: str, cwd: Path | None = None) -> bytes:
     """Run git with ``args`` (never through a shell); its first stderr line on failure.
 
-    It runs from a worker thread: the event loop's own spawn (uvloop's) forks the
-    whole daemon and holds the loop, and with it the router, for about 10 ms per
-    process; ``subprocess`` uses vfork, a fraction of a millisecond.
+    It is spawned and waited for from worker threads: the event loop's own spawn
+    (uvloop's) forks the whole daemon and holds the loop, and with it the router, for
+    about 10 ms per process; ``subprocess`` uses vfork, a fraction of a millisecond.
+    Cancelling kills it, so a fetch that hangs never holds a thread (or a stopping
+    daemon) for long.
     """
-    done = await asyncio.to_thread(
-        subprocess.run,
+    process = await asyncio.to_thread(
+        subprocess.Popen,
         ["git", *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, **_GIT_ENV},
-        check=False,
     )
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
+    try:
+        out, err = await asyncio.to_thread(process.communicate)
+    except BaseException:
+        process.kill()
+        raise
+    if process.returncode != 0:
+        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
         raise GitError(lines[0] if lines else f"git {args[0]} failed")
-    return done.stdout
+    return out
 
 
 def local_path(url: str) -> Path | None:

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from branchyard.errors import BuildFailed
-from branchyard.git import Heads, Source, choose_default_branch, commit_subject, parse_ls_remote
+from branchyard.git import (
+    Heads,
+    Source,
+    choose_default_branch,
+    commit_subject,
+    ls_remote,
+    parse_ls_remote,
+)
 from tests.conftest import git
 
 
@@ -222,3 +229,37 @@ def test_a_checkout_refuses_links_that_lead_out_of_it(
             await source.close()
 
     asyncio.run(scenario())
+
+
+def test_a_git_command_that_hangs_is_killed_when_it_is_cancelled() -> None:
+    """A remote that accepts and never answers: cancelling the ls-remote ends git at once."""
+
+    async def scenario() -> None:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}/never.git"
+        asking = asyncio.create_task(ls_remote(url))
+        async with asyncio.timeout(10):
+            while not processes_with(url):
+                await asyncio.sleep(0.02)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        async with asyncio.timeout(5):
+            while processes_with(url):
+                await asyncio.sleep(0.02)
+        silent.close()
+
+    asyncio.run(scenario())
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids of live processes whose command line holds ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
