@@ -11,9 +11,11 @@ not a process per question: a deploy asks half a dozen of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ async def git(*args: str, cwd: Path | None = None) -> bytes:
     It is spawned and waited for from worker threads: the event loop's own spawn
     (uvloop's) forks the whole daemon and holds the loop, and with it the router, for
     about 10 ms per process; ``subprocess`` uses vfork, a fraction of a millisecond.
-    Cancelling kills it, so a fetch that hangs never holds a thread (or a stopping
+    Cancelling kills it and its helpers, so a fetch that hangs never holds a thread (or a stopping
     daemon) for long.
     """
     process = await asyncio.to_thread(
@@ -50,11 +52,13 @@ async def git(*args: str, cwd: Path | None = None) -> bytes:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **_GIT_ENV},
+        start_new_session=True,  # its helpers (git-remote-http) in its group, killed with it
     )
     try:
         out, err = await asyncio.to_thread(process.communicate)
     except BaseException:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         raise
     if process.returncode != 0:
         lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]

@@ -235,13 +235,14 @@ def test_a_git_command_that_hangs_is_killed_when_it_is_cancelled() -> None:
     """A remote that accepts and never answers: cancelling the ls-remote ends git at once."""
 
     async def scenario() -> None:
-        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        asked = asyncio.Event()
+        silent = await asyncio.start_server(lambda r, w: asked.set(), "127.0.0.1", 0)
         port = silent.sockets[0].getsockname()[1]
         url = f"http://127.0.0.1:{port}/never.git"
         asking = asyncio.create_task(ls_remote(url))
         async with asyncio.timeout(10):
-            while not processes_with(url):
-                await asyncio.sleep(0.02)
+            await asked.wait()  # git's http helper is connected, waiting for an answer
+        assert len(processes_with(url)) >= 2  # git and its helper
         asking.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asking
