@@ -142,6 +142,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     # Set by the daemon when it stops: streams that never end on their own (events, logs -f)
     # end then; uvicorn would otherwise wait for them (an open dashboard tab: forever).
     app.state.stopping = stopping = asyncio.Event()
+    app.state.sandbox = info.get("sandbox")  # None: pushed code runs unsandboxed
     token = [auth.load_or_create(home)]
 
     @app.middleware("http")

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import click
 
-from branchyard.client import ApiError, Client, default_home, path_of
+from branchyard.client import UNSANDBOXED, ApiError, Client, default_home, path_of
 from branchyard.errors import BranchyardError, InvalidSettings, StaleVersion, UsageError
 from branchyard.naming import BASELINE
 from branchyard.text import printable
@@ -103,6 +103,11 @@ pass_context = click.make_pass_decorator(Context)
     type=click.IntRange(min=1024),
     help="Bytes a service's or a build's log may reach before its older part is rotated out.",
 )
+@click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Run pushed code without bubblewrap, with the daemon's rights (see docs/security.md).",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -114,13 +119,15 @@ def up(
     stop_grace: float,
     api_head_timeout: float,
     log_limit: int,
+    no_sandbox: bool,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
     import logging
 
-    from branchyard.daemon import Options, serve
+    from branchyard.daemon import Options, hide_secrets, serve
 
+    hide_secrets()
     if not 0.1 <= poll_interval <= 3600:
         raise UsageError("--poll-interval must be between 0.1 and 3600 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -138,6 +145,7 @@ def up(
         stop_grace,
         api_head_timeout,
         log_limit,
+        not no_sandbox,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 
@@ -151,6 +159,7 @@ def info(ctx: Context) -> None:
     """Print the router's and the API's addresses."""
     data = ctx.client.call("GET", path_of("info"))
     click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
+    click.echo(f"sandbox {data.get('sandbox') or 'none: ' + UNSANDBOXED}")
 
 
 @cli.group()
@@ -295,6 +304,8 @@ def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) ->
     """List what runs in a namespace."""
     namespace = None if everything else ctx.namespace(ns)
     rows = ctx.client.call("GET", path_of("services", namespace=namespace))
+    if not ctx.client.sandboxed():
+        click.echo(f"warning: no sandbox: {UNSANDBOXED}", err=True)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     elif quiet:

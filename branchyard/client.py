@@ -36,6 +36,9 @@ def path_of(*parts: str, **query: Any) -> str:
     return f"{path}?{urlencode(params)}" if params else path
 
 
+UNSANDBOXED = "pushed code runs with the daemon's rights (branchyard up --no-sandbox)"
+
+
 class ApiError(BranchyardError):
     def __init__(self, code: str, message: str, status: int) -> None:
         super().__init__(message)
@@ -52,12 +55,19 @@ class Client:
             f"branchyard is not running for home {self.home}; start it with: branchyard up"
         )
 
-    def _address(self) -> tuple[str, int]:
+    def _daemon_file(self) -> dict[str, Any]:
         try:
-            info = json.loads((self.home / DAEMON_FILE).read_text())
+            info: dict[str, Any] = json.loads((self.home / DAEMON_FILE).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             raise self._not_running() from None
-        address = urlsplit(info["api"])
+        return info
+
+    def sandboxed(self) -> bool:
+        """Whether the running daemon boxes pushed code (it says so in its daemon file)."""
+        return self._daemon_file().get("sandbox", "") is not None
+
+    def _address(self) -> tuple[str, int]:
+        address = urlsplit(self._daemon_file()["api"])
         return address.hostname or "", address.port or 80
 
     def _send(self, method: str, path: str, body: Any, timeout: float | None = TIMEOUT) -> _Answer:

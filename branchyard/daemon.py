@@ -4,6 +4,13 @@ Everything runs on one asyncio loop in one process. The daemon writes
 ``daemon.json`` in the home (its pid and addresses) for the CLI to find it, and
 holds ``daemon.lock`` so that two daemons never share a home. SIGINT or
 SIGTERM stops every service process and closes every port before it exits.
+
+What the daemon keeps is private: the home is 0700 and everything it writes is
+0600 (umask 077). Pushed code runs in a sandbox (``runtime.sandbox``), and
+without one only when told ``--no-sandbox``. Secrets given in the environment
+(:data:`SECRET_VARIABLES`) do not stay in the one the kernel shows in
+``/proc/PID/environ``: :func:`hide_secrets` re-executes the daemon without them
+and hands them over through a pipe.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,7 @@ from branchyard.rollout import DRAIN_GRACE
 from branchyard.router import HEAD_TIMEOUT_SECONDS, Router, RouteTable
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
+from branchyard.runtime.sandbox import Sandbox, detect
 from branchyard.settings import SettingsRepo
 from branchyard.status import StatusConfig, config_from_env
 from branchyard.store import Store
@@ -45,6 +54,8 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DAEMON_FILE = "daemon.json"
+SECRET_VARIABLES = ("BRANCHYARD_WEBHOOK_SECRET", "BRANCHYARD_STATUS_TOKEN")
+_SECRETS_FD = "BRANCHYARD_SECRETS_FD"
 
 
 class _ApiProtocol(HttpToolsProtocol):
@@ -107,6 +118,50 @@ class Options:
     stop_grace: float = STOP_GRACE
     head_timeout: float = HEAD_TIMEOUT_SECONDS
     log_limit: int = LOG_MAX
+    sandbox: bool = True
+
+
+def hide_secrets() -> None:
+    """Take :data:`SECRET_VARIABLES` out of the environment the kernel shows.
+
+    ``/proc/PID/environ`` shows the environment a process started with, whatever
+    it unsets later, and an unsandboxed child of the same user can read it. So a
+    daemon started with any of them executes itself again without them, having
+    written them to a pipe; the new image reads them back into ``os.environ``
+    (memory, which ``environ`` does not show). Services never get them either way:
+    the runtime passes on no ``BRANCHYARD_*`` variable.
+    """
+    handed = os.environ.pop(_SECRETS_FD, None)
+    if handed is not None:
+        with os.fdopen(int(handed)) as pipe:
+            os.environ.update(json.load(pipe))
+        return
+    secrets = {name: os.environ[name] for name in SECRET_VARIABLES if name in os.environ}
+    if not secrets:
+        return
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as pipe:
+        json.dump(secrets, pipe)
+    os.set_inheritable(read, True)
+    env = {k: v for k, v in os.environ.items() if k not in secrets}
+    env[_SECRETS_FD] = str(read)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _make_private(home: Path) -> None:
+    """The home 0700, what is in it 0600 or under a 0700 directory, and so what comes."""
+    os.umask(0o077)
+    home.chmod(0o700)
+    for entry in home.iterdir():
+        if not entry.is_symlink():
+            entry.chmod(0o700 if entry.is_dir() else 0o600)
+
+
+def _sandbox(wanted: bool) -> Sandbox | None:
+    if not wanted:
+        log.warning("no sandbox (--no-sandbox): pushed code runs with the daemon's rights")
+        return None
+    return detect()
 
 
 @contextlib.contextmanager
@@ -164,16 +219,17 @@ def _is_loopback(host: str) -> bool:
 async def serve(options: Options) -> None:
     home = options.home
     with _home_lock(home):
-        await _serve(options)
+        _make_private(home)
+        await _serve(options, _sandbox(options.sandbox))
 
 
-async def _serve(options: Options) -> None:
+async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     home = options.home
     store = Store(home / "state.db")
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
-    runtime = LocalRuntime(home, sources, store, options.stop_grace, options.log_limit)
+    runtime = LocalRuntime(home, sources, store, options.stop_grace, options.log_limit, sandbox)
     engine = Engine(
         store,
         runtime,
@@ -210,6 +266,7 @@ async def _serve(options: Options) -> None:
             "home": str(home),
             "router": f"http://{LOOPBACK}:{router_port}",
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
+            "sandbox": sandbox.describe() if sandbox else None,
         }
         app = create_app(engine, info, home)
         config = uvicorn.Config(

@@ -51,6 +51,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.staticfiles import StaticFiles
 
 from branchyard import auth
+from branchyard.client import UNSANDBOXED
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Revision, RevisionState
@@ -448,6 +449,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "router": f"http://localhost:{engine.router.main_port}/",
             "last_event": _last_event(engine),
             "now": time.time(),
+            "unsandboxed": UNSANDBOXED if request.app.state.sandbox is None else "",
         }
 
     def current_token() -> str:

@@ -38,6 +38,8 @@ SERVICE = """\
 import json, os, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+STARTED = os.urandom(8).hex()  # this process; its pid is 2 or so in its box
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -51,7 +53,7 @@ class Handler(BaseHTTPRequestHandler):
             env = {k: v for k, v in os.environ.items()
                    if k.startswith("BRANCHYARD_") or k.endswith("_URL")
                    or k in ("PORT", "GREETING", "VERSION")}
-            body = json.dumps({"pid": os.getpid(), "env": env}).encode()
+            body = json.dumps({"started": STARTED, "env": env}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -202,6 +204,19 @@ class Daemon:
         assert status == 200, (status, body[:200])
         result: dict[str, Any] = json.loads(body)
         return result
+
+    def host_pid(self, service: str, namespace: str = "main") -> int:
+        """The pid here of the process answering for a service (in its box it has another)."""
+        port = self.answer(service, namespace)["env"]["PORT"]
+        for pid in processes_with(self.marker):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"python") and f"PORT={port}".encode() in environ:
+                return pid
+        raise AssertionError(f"no process answers for {service} in {namespace}")
 
     def serves(self, service: str, namespace: str, sha: str) -> bool:
         try:

@@ -31,7 +31,7 @@ def test_each_new_commit_becomes_a_new_revision_without_restarting_peers(
     assert rows["app"]["live"]["sha"] == sha
     assert rows["app"]["state"] == "live"
     web_after = daemon.answer("web")
-    assert web_after["pid"] == web_before["pid"], "web restarted for app's commits"
+    assert web_after["started"] == web_before["started"], "web restarted for app's commits"
     assert web_after["env"]["APP_URL"] == app_url
     assert daemon.answer("web", path="/call/APP_URL")["env"]["BRANCHYARD_REVISION"] == sha
 
@@ -44,7 +44,7 @@ def test_a_deleted_branch_takes_its_service_and_empty_namespace_away(
     app.checkout("feature/Login_Fix")
     app.push("feature/Login_Fix")
     wait_for(lambda: daemon.ps_q("feature-login-fix") == ["feature-login-fix:app"], 30, "ns")
-    pid = wait_for(lambda: daemon.answer("app", "feature-login-fix")["pid"], 30, "answer")
+    pid = wait_for(lambda: daemon.host_pid("app", "feature-login-fix"), 30, "answer")
 
     git("push", "-q", "origin", "--delete", "feature/Login_Fix", cwd=app.clone)
     wait_for(lambda: "feature-login-fix" not in daemon.cli("ns", "ls").stdout, 30, "ns gone")

@@ -197,10 +197,9 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
     app = make_repo("app")
     first = git("rev-parse", "HEAD", cwd=app.clone)
     daemon.cli("repo", "add", str(app.origin))
-    pid = wait_for(lambda: daemon.answer("app")["pid"], 30, "app live")
-    os.kill(pid, signal.SIGKILL)
-    new_pid = wait_for(lambda: (p := daemon.answer("app")["pid"]) != pid and p, 30, "restarted")
-    assert new_pid != pid
+    started = wait_for(lambda: daemon.answer("app")["started"], 30, "app live")
+    os.kill(daemon.host_pid("app"), signal.SIGKILL)
+    wait_for(lambda: daemon.answer("app")["started"] != started, 30, "restarted")
     assert daemon.row("main", "app")["restarts"] == 1
 
     flag = tmp_path / "crash"
@@ -218,7 +217,7 @@ def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
     app.push()
     wait_for(lambda: daemon.serves("app", "main", sha), 30, "crashy live")
     flag.write_text("x")
-    os.kill(daemon.answer("app")["pid"], signal.SIGKILL)
+    os.kill(daemon.host_pid("app"), signal.SIGKILL)
     row = wait_for(
         lambda: (r := daemon.row("main", "app"))["latest"]["state"] == "crashed" and r,
         90,
@@ -265,7 +264,7 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
     running = start_daemon(tmp_path / "home", "--stop-grace", "1", "--drain-grace", "1")
     try:
         running.cli("repo", "add", str(app.origin))
-        pid = wait_for(lambda: running.answer("app")["pid"], 30, "app live")
+        pid = wait_for(lambda: running.host_pid("app"), 30, "app live")
         sha = app.commit({"n": "1"}, "next")
         app.push()
         wait_for(lambda: running.serves("app", "main", sha), 30, "next live")
@@ -275,11 +274,14 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
     no_process_left(running.marker, 15)
 
 
+@pytest.mark.parametrize("flags", [(), ("--no-sandbox",)], ids=["sandboxed", "unsandboxed"])
 def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
-    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], flags: tuple[str, ...]
 ) -> None:
+    """Boxes die with their daemon; unsandboxed processes outlive it until the next one
+    kills their process groups, which it found in the store."""
     app, web = make_repo("app"), make_repo("web")
-    first = start_daemon(tmp_path / "home")
+    first = start_daemon(tmp_path / "home", *flags)
     for repo in (app, web):
         first.cli("repo", "add", str(repo.origin))
     wait_for(lambda: first.answer("web")["env"].get("APP_URL"), 30, "wired")
@@ -288,9 +290,12 @@ def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
     old_pids = set(processes_with(first.marker))
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
-    assert old_pids & set(processes_with(first.marker)), "services outlive a SIGKILLed daemon"
+    if flags:
+        assert old_pids & set(processes_with(first.marker)), "services outlive the daemon"
+    else:
+        wait_for(lambda: not processes_with(first.marker), 15, "the boxes gone with the daemon")
 
-    second = start_daemon(tmp_path / "home")
+    second = start_daemon(tmp_path / "home", *flags)
     try:
         wait_for(lambda: second.answer("web")["env"].get("GREETING") == "survives", 60, "back")
         wait_for(lambda: not (old_pids & set(processes_with(first.marker))), 15, "old ones gone")
@@ -312,12 +317,13 @@ def test_restart_starts_new_processes_of_the_same_revision_without_a_gap(
     app = make_repo("app")
     daemon.cli("repo", "add", str(app.origin))
     before = wait_for(lambda: daemon.answer("app"), 30, "app live")
+    before_pid = daemon.host_pid("app")
     with Load(daemon.router_port, "app.main.localhost") as load:
         time.sleep(0.3)
         assert "v1 restarted" in daemon.cli("restart", "app").stdout
         time.sleep(0.5)
     assert load.errors == []
     after = daemon.answer("app")
-    assert after["pid"] != before["pid"]
+    assert after["started"] != before["started"]
     assert after["env"]["BRANCHYARD_REVISION"] == before["env"]["BRANCHYARD_REVISION"]
-    wait_for(lambda: not Path(f"/proc/{before['pid']}").exists(), 15, "old process stopped")
+    wait_for(lambda: not Path(f"/proc/{before_pid}").exists(), 15, "old process stopped")

@@ -8,6 +8,13 @@ Layout under the home::
     logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
     logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output, the same
     logs/NAMESPACE/SERVICE/vORDINAL*.log.1     the older part of a rotated log (see ``logs``)
+    scratch/NAMESPACE/SERVICE/vORDINAL/        the running revision's writable area (its HOME)
+    uv-cache/                                  the installs' own uv cache, in a sandbox
+
+In a sandbox (see ``sandbox``) a build step sees its checkout (writable) and its
+environment; a service process sees both read-only and writes only its scratch
+area, which its web and workers share, and which goes when the revision stops
+(and at the daemon's start: nothing runs then).
 
 A build found on disk with its ``.ok`` mark is used as it is, so a rollback,
 or a deploy after a daemon restart, starts without building. Every process is
@@ -31,6 +38,7 @@ from branchyard.git import Source
 from branchyard.runtime import Address, Build, OnChange, RevisionSpec
 from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
 from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, uninterrupted
+from branchyard.runtime.sandbox import Box, Sandbox
 from branchyard.runtime.supervisor import (
     FirstStartFailed,
     Process,
@@ -187,9 +195,13 @@ class LocalRuntime:
         registry: Registry,
         stop_grace: float = STOP_GRACE,
         log_limit: int = LOG_MAX,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
+        self._scratch = home / "scratch"
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._sandbox = sandbox
         self._sources = sources
         self._registry = registry
         self._stop_grace = stop_grace
@@ -198,7 +210,7 @@ class LocalRuntime:
         self._rotator: asyncio.Task[None] | None = None
         self._log_limit = log_limit
         self._building: set[Path] = set()  # build logs being written
-        self.venvs = VenvCache(home / "venvs", registry)
+        self.venvs = VenvCache(home / "venvs", registry, sandbox)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
     def log_path(self, namespace: str, service: str, ordinal: int, build: bool) -> Path:
@@ -237,11 +249,19 @@ class LocalRuntime:
             source = self._sources(spec.repo_url)
             await source.ensure(spec.sha)
             await source.checkout(spec.sha, checkout)
+            if self._sandbox is not None:
+                self._sandbox.give(checkout, recursive=True)
             venv = await self.venvs.acquire(checkout, build_log)
             env = self._env(spec, venv)
             for step in spec.manifest.build:
                 code = await run_logged(
-                    ["/bin/sh", "-c", step], checkout, build_log, env, self._registry
+                    ["/bin/sh", "-c", step],
+                    checkout,
+                    build_log,
+                    env,
+                    self._registry,
+                    self._sandbox,
+                    Box((venv,), (checkout,)),
                 )
                 if code != 0:
                     raise BuildFailed(f"build step `{step}` exited {code}")
@@ -289,6 +309,12 @@ class LocalRuntime:
         spec = build.spec
         log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=False)
         log.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self._scratch / spec.namespace / spec.service / f"v{spec.ordinal}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        if self._sandbox is not None:
+            self._sandbox.give(scratch)
+        box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
         web_env = {**build.env, "PORT": str(port)}
         instance: LocalInstance | None = None
@@ -306,6 +332,8 @@ class LocalRuntime:
                     log,
                     self._registry,
                     f"{spec.name} {what}",
+                    self._sandbox,
+                    box,
                 )
 
             return spawn
@@ -334,12 +362,14 @@ class LocalRuntime:
                 await _stop_all(supervisors)
             finally:
                 self._ports.give_back(port)
+                shutil.rmtree(scratch, ignore_errors=True)
             if isinstance(exc, FirstStartFailed):
                 raise BuildFailed(_first_start_message(web, health, exc, log)) from None
             raise
 
         def give_back() -> None:
             self._ports.give_back(port)
+            shutil.rmtree(scratch, ignore_errors=True)
             if instance is not None:
                 self._running.discard(instance)
 

@@ -1,8 +1,9 @@
 """Processes on this machine: spawning, stopping, ports, and leftovers (logs: see ``logs``).
 
 Every process branchyard starts runs in a session of its own, so stopping it
-signals the whole process group. Each group is reported to a
-:class:`Registry` (the store, in the daemon) when it starts and when it is
+signals the whole process group; a boxed one (see ``sandbox``) is the session of
+its box's init, which the PID namespace and ``--die-with-parent`` back up. Each
+group is reported to a :class:`Registry` (the store, in the daemon) when it starts and when it is
 reaped, so a daemon that was killed with -9 can find what it left running
 (:func:`reap_leftovers`) — by process group id *and* start time, so a reused
 pid is never mistaken for one of ours.
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -62,12 +66,42 @@ class Ports:
         self._held.discard(port)
 
 
-class LocalProcess:
-    """One spawned process group, as :class:`~branchyard.runtime.supervisor.Process`."""
+async def _read_to_end(fd: int) -> bytes:
+    """Everything written to the pipe ``fd`` until its writers close it, without blocking."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done: asyncio.Future[bytes] = loop.create_future()
 
-    def __init__(self, process: asyncio.subprocess.Process, registry: Registry) -> None:
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            chunks.append(chunk)
+        elif not done.done():
+            done.set_result(b"".join(chunks))
+
+    loop.add_reader(fd, readable)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(fd)
+
+
+class LocalProcess:
+    """One spawned process group, as :class:`~branchyard.runtime.supervisor.Process`.
+
+    ``group`` is the session signalled to stop it: the process's own, or in a
+    sandbox, that of the box's init (the outer bwrap stays out of it, so that it
+    waits for the service to exit and reports its code).
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, registry: Registry, group: int) -> None:
         self._process = process
         self._registry = registry
+        self._group = group
 
     @classmethod
     async def spawn(
@@ -78,9 +112,36 @@ class LocalProcess:
         log: Path,
         registry: Registry,
         what: str,
+        sandbox: Sandbox | None = None,
+        box: Box = NOTHING,
     ) -> LocalProcess:
+        if sandbox is None:
+            process = await cls._exec(argv, cwd, env, log)
+            group = process.pid
+        else:
+            info, info_fd = os.pipe()
+            try:
+                boxed = sandbox.command(argv, cwd, box, info_fd)
+                process = await cls._exec(boxed, Path("/"), env, log, info_fd)
+            finally:
+                os.close(info_fd)
+            try:
+                group = int(json.loads(await _read_to_end(info) or b"{}").get("child-pid", 0))
+            except BaseException:
+                signal_group(process.pid, signal.SIGKILL)
+                raise
+            finally:
+                os.close(info)
+            group = group or process.pid  # bwrap failed before making the box
+        registry.add_process(group, start_time(group), what)
+        return cls(process, registry, group)
+
+    @staticmethod
+    async def _exec(
+        argv: list[str], cwd: Path, env: dict[str, str], log: Path, *keep: int
+    ) -> asyncio.subprocess.Process:
         with log.open("ab") as out:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
                 env=env,
@@ -88,13 +149,13 @@ class LocalProcess:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=keep,
             )
-        registry.add_process(process.pid, start_time(process.pid), what)
-        return cls(process, registry)
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        """The process, or the box's init: killing it ends everything in the box."""
+        return self._group
 
     @property
     def returncode(self) -> int | None:
@@ -102,17 +163,17 @@ class LocalProcess:
 
     async def wait(self) -> int:
         code = await self._process.wait()
-        signal_group(self.pid, signal.SIGKILL)  # whatever it left behind in its group
-        self._registry.remove_process(self.pid)
+        signal_group(self._group, signal.SIGKILL)  # whatever it left behind in its group
+        self._registry.remove_process(self._group)
         return code
 
     async def terminate(self, grace: float) -> None:
         if self._process.returncode is None:
-            signal_group(self.pid, signal.SIGTERM)
+            signal_group(self._group, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.shield(self._process.wait())
-        signal_group(self.pid, signal.SIGKILL)
+        signal_group(self._group, signal.SIGKILL)
         await self.wait()
 
 

@@ -1,0 +1,222 @@
+"""The box each piece of pushed code runs in: bubblewrap, as a pod is boxed on Kubernetes.
+
+Whoever can push a branch runs code here (docs/security.md). Every service
+process, build step and dependency install runs under ``bwrap`` with its own PID
+and IPC namespaces, a private /tmp, a read-only view of the system (/usr, the
+parts of /etc programs need, the Python the environments link to), and of the
+home only what it is given (:class:`Box`): its checkout, its environment, its
+scratch area. Paths are bound at the place they have outside, so what a venv
+records (its interpreter, its scripts' shebangs) holds inside. The network is
+shared: services bind ``$PORT`` on loopback and reach their peers through it.
+
+As root, bwrap sets the box up (mounts need it), then ``setpriv`` drops to
+:data:`BOX_USER` (``nobody``, which every Linux has) with no capabilities and no
+way to gain one; as any other user, bwrap makes a user namespace and the box
+runs as that user. The parents of a bound path are made 0755 inside the box
+(bwrap would copy the host's modes, and /root is 0700, whatever the umask), so
+the box user reaches what it is given and nothing beside it.
+
+Nothing outlives its box. ``--new-session`` puts the box's init and what it
+runs in a session whose id is the init's pid (``--info-fd`` reports it):
+signalling that group stops the service while the outer bwrap waits for its
+exit code. ``--die-with-parent`` and the PID namespace end the box when its
+parent, the daemon, dies, even by ``kill -9``: processes that called ``setsid``
+or forked twice die with the namespace's init.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from branchyard.errors import UsageError
+
+BOX_USER = 65534  # nobody / nogroup
+# By absolute path: the box's PATH starts with the environment's bin, which pushed code fills.
+PRLIMIT = "/usr/bin/prlimit"
+SETPRIV = "/usr/bin/setpriv"
+LIMITS = (("nofile", 4096), ("nproc", 4096), ("core", 0))
+# What programs read from /etc: users and groups, name resolution, TLS roots, time, linker.
+ETC = (
+    "passwd",
+    "group",
+    "hosts",
+    "host.conf",
+    "resolv.conf",
+    "nsswitch.conf",
+    "gai.conf",
+    "services",
+    "protocols",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "localtime",
+    "timezone",
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "mime.types",
+    "os-release",
+)
+TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+INSTALL_HINT = (
+    "install bubblewrap (apt-get install bubblewrap) or run `branchyard up --no-sandbox` "
+    "to run pushed code unsandboxed"
+)
+
+
+@dataclass(frozen=True)
+class Box:
+    """What one boxed process gets of the machine beyond the system, each at its own path."""
+
+    read_only: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    home: Path = Path("/tmp")  # its HOME inside
+
+
+NOTHING = Box()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    bwrap: str
+    system: tuple[str, ...]  # bwrap arguments binding the read-only system
+    system_paths: tuple[Path, ...]  # where those mounts are
+    user: int | None  # the uid and gid to drop to (as root); None: stay the daemon's user
+
+    def command(self, argv: Sequence[str], cwd: Path, box: Box, info_fd: int) -> list[str]:
+        """The bwrap command line that runs ``argv`` in ``cwd`` inside ``box``."""
+        drop = (
+            [
+                SETPRIV,
+                f"--reuid={self.user}",
+                f"--regid={self.user}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--no-new-privs",
+                "--",
+            ]
+            if self.user is not None
+            else []
+        )
+        return [
+            self.bwrap,
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            *(["--unshare-user"] if self.user is None else []),
+            "--info-fd",
+            str(info_fd),
+            *self.system,
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--perms",
+            "1777",
+            "--tmpfs",
+            "/tmp",
+            *_reachable([*box.read_only, *box.writable], self.system_paths),
+            *(a for path in box.read_only for a in ("--ro-bind", str(path), str(path))),
+            *(a for path in box.writable for a in ("--bind", str(path), str(path))),
+            "--chdir",
+            str(cwd),
+            "--setenv",
+            "HOME",
+            str(box.home),
+            "--unsetenv",
+            "TMPDIR",
+            *(
+                ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+                if self.user is not None
+                else []
+            ),
+            "--",
+            PRLIMIT,
+            *(f"--{name}={value}" for name, value in LIMITS),
+            *drop,
+            *argv,
+        ]
+
+    def give(self, path: Path, recursive: bool = False) -> None:
+        """Make ``path`` (and with ``recursive``, all below it) the box user's, to write in."""
+        if self.user is None:
+            return
+        os.chown(path, self.user, self.user)
+        if recursive:
+            for root, dirs, files in os.walk(path):
+                for name in [*dirs, *files]:
+                    os.chown(os.path.join(root, name), self.user, self.user, follow_symlinks=False)
+
+    def describe(self) -> str:
+        who = f"uid {self.user}" if self.user is not None else "the daemon's user"
+        return f"bubblewrap: each process in its own box, as {who}"
+
+
+def _reachable(paths: Sequence[Path], system: Sequence[Path]) -> list[str]:
+    """bwrap arguments making the directories above ``paths`` 0755, outermost first."""
+    seen: dict[Path, None] = {}
+    for path in paths:
+        for parent in reversed(path.parents):
+            if parent != Path("/") and not any(parent.is_relative_to(s) for s in system):
+                seen.setdefault(parent, None)
+    parents = sorted(seen, key=lambda p: len(p.parts))
+    return [a for parent in parents for a in ("--perms", "0755", "--dir", str(parent))]
+
+
+def system_binds(root: Path, python_prefix: Path) -> tuple[list[str], list[Path]]:
+    """The bwrap arguments that show the system read-only, and where they mount.
+
+    /usr, the top-level links into it (or the directories, on a system not merged
+    into /usr), what programs need of /etc, and the Python the environments link to.
+    """
+    args = ["--ro-bind", "/usr", "/usr"]
+    paths = [Path("/usr")]
+    for name in TOP_LEVEL:
+        host = root / name
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            args += ["--ro-bind", f"/{name}", f"/{name}"]
+            paths.append(Path(f"/{name}"))
+    for name in ETC:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    if not any(python_prefix.is_relative_to(p) for p in paths):
+        args += _reachable([python_prefix], paths)
+        args += ["--ro-bind", str(python_prefix), str(python_prefix)]
+        paths.append(python_prefix)
+    return args, paths
+
+
+def detect() -> Sandbox:
+    """The sandbox of this machine, tried once; UsageError saying what to do if none runs."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise UsageError(f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
+    args, paths = system_binds(Path("/"), Path(sys.base_prefix))
+    sandbox = Sandbox(bwrap, tuple(args), tuple(paths), BOX_USER if os.geteuid() == 0 else None)
+    read, write = os.pipe()
+    try:
+        trial = subprocess.run(
+            sandbox.command(["true"], Path("/"), NOTHING, write),
+            pass_fds=(write,),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(read)
+        os.close(write)
+    if trial.returncode != 0:
+        why = " ".join(trial.stderr.split()) or f"exit {trial.returncode}"
+        raise UsageError(f"bubblewrap cannot make a sandbox here ({why}): {INSTALL_HINT}")
+    return sandbox
