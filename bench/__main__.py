@@ -1,4 +1,4 @@
-"""``python -m bench [push] [router] [capacity] [--flags]``: run the benchmarks.
+"""``python -m bench [push] [router] [capacity] [sandbox] [--flags]``: run the benchmarks.
 
 No part named means every part, and RESULTS.md is rewritten; named parts
 replace their own sections in it.
@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import capacity, push, router
+from bench import capacity, push, router, sandbox
 from bench.common import ROOT, BenchError
 from bench.results import ORDER, Section, product_revision, write
 
-PARTS = {"push": push, "router": router, "capacity": capacity}
+PARTS = {"push": push, "router": router, "capacity": capacity, "sandbox": sandbox}
 
 
 def _command() -> str:
@@ -45,9 +45,11 @@ def _wait_for_quiet(threshold: float, patience: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="branchyard benchmarks: push-to-live, the router against nginx, capacity.",
+        description=(
+            "branchyard benchmarks: push-to-live, the router against nginx, capacity, sandbox."
+        ),
     )
-    parser.add_argument("parts", nargs="*", metavar="PART", help="push, router, capacity")
+    parser.add_argument("parts", nargs="*", metavar="PART", help="push, router, capacity, sandbox")
     parser.add_argument(
         "--results",
         type=Path,

@@ -46,6 +46,7 @@ from bench.services import (
     cold_starts,
     dependency_service,
     make_venv,
+    serve_wheels,
     stdlib_service,
     wheel,
 )
@@ -270,8 +271,9 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     plain_run = plain.export(workdir / "run-plain")
     plain_venv = make_venv(workdir / "venv-plain")
     wheels = workdir / "wheels"
-    requirement = wheel(wheels, "1.0")
-    deps = ServiceRepo.create(workdir / "local", "depapp", dependency_service(str(requirement)))
+    url = serve_wheels(wheels)
+    requirement = url(wheel(wheels, "1.0"))
+    deps = ServiceRepo.create(workdir / "local", "depapp", dependency_service(requirement))
     deps_run = deps.export(workdir / "run-deps")
     deps_venv = make_venv(workdir / "venv-deps", deps.clone / "requirements.txt")
     cold_plain: list[float] = []
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             daemon,
             deps,
             args.commits,
-            lambda n: dependency_service(str(requirement), n),
+            lambda n: dependency_service(requirement, n),
             poll,
             before_push=lambda: cold_with_deps.extend(cold_starts(deps_run, deps_venv, 1, poll)),
             after_live=installed_nothing,
@@ -314,7 +316,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             daemon,
             deps,
             args.dep_commits,
-            lambda n: dependency_service(str(wheel(wheels, f"1.{n}")), args.commits + n),
+            lambda n: dependency_service(url(wheel(wheels, f"1.{n}")), args.commits + n),
             poll,
             after_live=installed,
         )

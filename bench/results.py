@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import BenchError, Summary, git, machine
 
-ORDER = ("push", "router", "capacity")
+ORDER = ("push", "router", "capacity", "sandbox")
 _TARGET_ROW = re.compile(r"^\| .+ \| \*\*(PASS|MISS)\*\* \|$")
 
 

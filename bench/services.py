@@ -3,9 +3,10 @@
 The sample is a standard-library HTTP server that answers every GET with the
 revision it runs (``BRANCHYARD_REVISION``), so a poller can tell the moment the
 router reaches a new revision. The dependency variant imports ``tinydep``, a
-minimal wheel written on the spot (no index or network needed). The framework
-samples answer the same way from a Flask app, served by Flask's own server
-(``python app.py``) or by gunicorn, both installed from PyPI.
+minimal wheel written on the spot and served on loopback (no index needed; an
+install runs in a sandbox, which sees the network but not the bench's files).
+The framework samples answer the same way from a Flask app, served by Flask's
+own server (``python app.py``) or by gunicorn, both installed from PyPI.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import uv
 
@@ -138,6 +143,23 @@ def wheel(directory: Path, version: str) -> Path:
         for path, text in files.items():
             archive.writestr(path, text)
     return directory / name
+
+
+def serve_wheels(directory: Path) -> Callable[[Path], str]:
+    """Serve ``directory`` on loopback for the rest of this process; the function it
+    returns names a wheel in it as a requirement, by URL."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    return lambda wheel: f"tinydep @ http://{LOOPBACK}:{port}/{wheel.name}"
 
 
 def make_venv(path: Path, requirements: Path | None = None) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.services import wheel
+from bench.services import serve_wheels, wheel
 from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,8 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
 ) -> None:
     wheels = tmp_path / "wheels"
-    first = wheel(wheels, "1.0")
+    url = serve_wheels(wheels)  # by URL: the install's box does not show this machine's files
+    first = url(wheel(wheels, "1.0"))
     app = make_repo("app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{first}\n"}))
     daemon.cli("repo", "add", str(app.origin))
     assert wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep") == "1.0"
@@ -48,7 +49,7 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     assert "reusing environment" in build_log
     assert "install" not in build_log
 
-    second = wheel(wheels, "2.0")
+    second = url(wheel(wheels, "2.0"))
     app.commit({"requirements.txt": f"{second}\n"}, "bump tinydep")
     app.push()
     assert wait_for(lambda: daemon.answer("app")["tinydep"] == "2.0", 60, "tinydep 2.0")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ from typing import Any
 import pytest
 
 from bench.common import processes_with
-from tests.conftest import Daemon, ServiceRepo, start_daemon, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, start_daemon, wait_for
+from tests.githttp import GitHttpServer
+from tests.test_api import call, github_push, signed
 
 WEBHOOK_SECRET = "hook-secret-of-the-daemon"
 REPO_SECRET = "hook-secret-of-the-vault-repo"
@@ -192,3 +197,65 @@ def test_the_home_and_what_the_daemon_writes_in_it_are_private(
     for name in ("token", "secrets.json", "state.db", "daemon.json"):
         assert (daemon.home / name).stat().st_mode & 0o777 == 0o600, name
     assert json.loads((daemon.home / "daemon.json").read_text())["sandbox"]
+
+
+def test_without_bubblewrap_up_refuses_in_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "branchyard", "--home", str(tmp_path / "home"), "up"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(empty)},
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "bubblewrap" in done.stderr and "--no-sandbox" in done.stderr
+
+
+def test_an_unsandboxed_daemon_says_so_in_info_above_ps_and_on_the_dashboard(
+    tmp_path: Path,
+) -> None:
+    daemon = start_daemon(tmp_path / "home", "--no-sandbox")
+    try:
+        info = daemon.cli("info").stdout
+        assert "sandbox none: pushed code runs with the daemon's rights" in info
+        listed = daemon.cli("ps", "-A")
+        assert listed.stderr.startswith("warning: no sandbox: pushed code runs")
+        assert listed.stdout.startswith("SERVICE")
+        assert daemon.cli("ps", "-A", "-q").stdout == ""
+        with urllib.request.urlopen(f"{daemon.info['api']}/login") as page:
+            assert 'id="unsandboxed"' in page.read().decode()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_sandboxed_daemon_says_which_box_and_warns_nowhere(daemon: Daemon) -> None:
+    assert "sandbox bubblewrap: each process in its own box, as uid 65534" in (
+        daemon.cli("info").stdout
+    )
+    assert daemon.cli("ps", "-A").stderr == ""
+    with urllib.request.urlopen(f"{daemon.info['api']}/login") as page:
+        assert 'id="unsandboxed"' not in page.read().decode()
+
+
+def test_the_global_webhook_secret_works_but_is_gone_from_the_daemons_proc_environ(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRANCHYARD_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    app = make_repo("app")
+    running = start_daemon(tmp_path / "home", "--poll-interval", "3600")
+    try:
+        environ = Path(f"/proc/{running.process.pid}/environ").read_bytes()
+        assert running.marker.encode() in environ
+        assert WEBHOOK_SECRET.encode() not in environ
+        with GitHttpServer(app.origin.parent) as server:
+            url = f"{server.url}/app.git"
+            running.cli("repo", "add", url)
+            body = github_push(url, "main", git("rev-parse", "HEAD", cwd=app.clone))
+            assert call(running, "POST", "/hooks/github", body, signed(body, "wrong"))[0] == 401
+            hooked = call(running, "POST", "/hooks/github", body, signed(body, WEBHOOK_SECRET))
+            assert hooked[0] == 202
+    finally:
+        assert running.stop() == 0
