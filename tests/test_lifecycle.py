@@ -154,17 +154,16 @@ def test_repo_rm_removes_its_services_from_every_namespace(
 
 
 def test_workers_run_beside_the_web_process(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    flag = tmp_path / "worker-ran"
     files = stdlib_service(
         Procfile="web: python app.py\nworker: python worker.py\n",
-        **{"worker.py": f"import time\nopen({str(flag)!r}, 'w').write('ok')\ntime.sleep(600)\n"},
+        **{"worker.py": "import time\nprint('worker ran', flush=True)\ntime.sleep(600)\n"},
     )
     app = make_repo("app", files)
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
-    wait_for(flag.exists, 10, "worker started")
+    wait_for(lambda: "worker ran" in daemon.cli("logs", "app").stdout, 10, "worker started")
 
 
 def test_stopping_the_daemon_stops_every_service_and_port(
