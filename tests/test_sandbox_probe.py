@@ -259,3 +259,21 @@ def test_the_global_webhook_secret_works_but_is_gone_from_the_daemons_proc_envir
             assert hooked[0] == 202
     finally:
         assert running.stop() == 0
+
+
+def test_the_scratch_area_lives_as_long_as_its_revision_restarts_included(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    first = daemon.home / "scratch" / "main" / "app" / "v1"
+    (first / "kept").write_text("x")
+    daemon.cli("restart", "app")
+    assert daemon.answer("app")["env"]["PORT"]
+    assert (first / "kept").exists(), "a restart keeps the revision's scratch area"
+    sha = app.commit({"n": "1"}, "next")
+    app.push()
+    wait_for(lambda: daemon.serves("app", "main", sha), 30, "next live")
+    wait_for(lambda: not first.exists(), 15, "v1's scratch area gone with v1")
+    assert (first.parent / "v2").is_dir()

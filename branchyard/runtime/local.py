@@ -201,6 +201,7 @@ class LocalRuntime:
         self._logs = home / "logs"
         self._scratch = home / "scratch"
         shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch_users: dict[Path, int] = {}
         self._sandbox = sandbox
         self._sources = sources
         self._registry = registry
@@ -309,11 +310,7 @@ class LocalRuntime:
         spec = build.spec
         log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=False)
         log.parent.mkdir(parents=True, exist_ok=True)
-        scratch = self._scratch / spec.namespace / spec.service / f"v{spec.ordinal}"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        if self._sandbox is not None:
-            self._sandbox.give(scratch)
+        scratch = self._take_scratch(spec)
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
         web_env = {**build.env, "PORT": str(port)}
@@ -362,14 +359,14 @@ class LocalRuntime:
                 await _stop_all(supervisors)
             finally:
                 self._ports.give_back(port)
-                shutil.rmtree(scratch, ignore_errors=True)
+                self._drop_scratch(scratch)
             if isinstance(exc, FirstStartFailed):
                 raise BuildFailed(_first_start_message(web, health, exc, log)) from None
             raise
 
         def give_back() -> None:
             self._ports.give_back(port)
-            shutil.rmtree(scratch, ignore_errors=True)
+            self._drop_scratch(scratch)
             if instance is not None:
                 self._running.discard(instance)
 
@@ -378,6 +375,26 @@ class LocalRuntime:
         if self._rotator is None:
             self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
         return instance
+
+    def _take_scratch(self, spec: RevisionSpec) -> Path:
+        """The revision's scratch area: made empty for its first instance, shared by a
+        restart's new one while the old one drains."""
+        scratch = self._scratch / spec.namespace / spec.service / f"v{spec.ordinal}"
+        if not self._scratch_users.get(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            if self._sandbox is not None:
+                self._sandbox.give(scratch)
+        self._scratch_users[scratch] = self._scratch_users.get(scratch, 0) + 1
+        return scratch
+
+    def _drop_scratch(self, scratch: Path) -> None:
+        """One instance less; the area goes with the revision's last."""
+        left = self._scratch_users.pop(scratch, 1) - 1
+        if left:
+            self._scratch_users[scratch] = left
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     async def _rotate_logs(self) -> None:
         while True:
