@@ -142,14 +142,15 @@ def test_rollback_pins_then_unpin_follows_new_commits(
 
 
 def test_unpin_goes_to_the_branch_head_building_it_if_need_be_and_ps_says_when_behind(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    flag = tmp_path / "refuse"
-    refuses = f"import os, sys\nif os.path.exists({str(flag)!r}):\n    sys.exit(5)\n"
-    app = make_repo("app", stdlib_service(**{"app.py": refuses + SERVICE}))
+    # The flag lies in the service's environment, which its sandbox shows (read-only).
+    refuses = "import os, sys\nif os.path.exists(os.environ['VIRTUAL_ENV'] + '/refuse'):\n"
+    app = make_repo("app", stdlib_service(**{"app.py": refuses + "    sys.exit(5)\n" + SERVICE}))
     first = git("rev-parse", "HEAD", cwd=app.clone)
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.serves("app", "main", first), 30, "v1 live")
+    (flag,) = (venv / "refuse" for venv in (daemon.home / "venvs").iterdir())
     flag.write_text("x")
     head = app.commit({"x": "2"}, "second")
     app.push()
