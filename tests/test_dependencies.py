@@ -75,7 +75,7 @@ def no_bytecode_written(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_environment_holds_the_bytecode_of_what_it_installs_so_services_start_from_it(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
 ) -> None:
-    requirement = wheel(tmp_path / "wheels", "1.0")
+    requirement = serve_wheels(tmp_path / "wheels")(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo(
         "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{requirement}\n"})
     )

@@ -47,6 +47,15 @@ def read(path):
         return None
 
 
+def write(path):
+    try:
+        with open(path, "w") as file:
+            file.write("x")
+        return True
+    except OSError:
+        return False
+
+
 def listing(path):
     try:
         return sorted(os.listdir(path))
@@ -66,6 +75,9 @@ def probe():
         "parent": read("/proc/%d/environ" % os.getppid()),
         "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
         "uid": os.geteuid(),
+        "tmp_writable": write("/tmp/mine"),
+        "scratch_writable": write(os.environ["HOME"] + "/mine"),
+        "etc_readable": read("/etc/hosts") is not None and read("/etc/passwd") is not None,
     }}
 
 
@@ -149,6 +161,7 @@ def test_a_sandboxed_probe_reads_nothing_of_the_daemon_or_its_neighbours_and_esc
     assert not [e for e in found["environs"] if DB_PASSWORD in e or WEBHOOK_SECRET in e]
     assert len(found["pids"]) <= 6, found["pids"]  # its box: bwrap's init, sh, python, sleeps
     assert found["uid"] == 65534
+    assert found["tmp_writable"] and found["scratch_writable"] and found["etc_readable"]
 
     killed(daemon)
     wait_for(lambda: not processes_with(daemon.marker), 15, "every box gone with the daemon")

@@ -65,6 +65,7 @@ ETC = (
     "os-release",
 )
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_MOUNTED = (Path("/"), Path("/tmp"))  # made by bwrap with their own modes (/tmp: 1777)
 INSTALL_HINT = (
     "install bubblewrap (apt-get install bubblewrap) or run `branchyard up --no-sandbox` "
     "to run pushed code unsandboxed"
@@ -167,7 +168,7 @@ def _reachable(paths: Sequence[Path], system: Sequence[Path]) -> list[str]:
     seen: dict[Path, None] = {}
     for path in paths:
         for parent in reversed(path.parents):
-            if parent != Path("/") and not any(parent.is_relative_to(s) for s in system):
+            if parent not in _MOUNTED and not any(parent.is_relative_to(s) for s in system):
                 seen.setdefault(parent, None)
     parents = sorted(seen, key=lambda p: len(p.parts))
     return [a for parent in parents for a in ("--perms", "0755", "--dir", str(parent))]
@@ -188,6 +189,7 @@ def system_binds(root: Path, python_prefix: Path) -> tuple[list[str], list[Path]
         elif host.is_dir():
             args += ["--ro-bind", f"/{name}", f"/{name}"]
             paths.append(Path(f"/{name}"))
+    args += ["--perms", "0755", "--dir", "/etc"]  # else as on the host, which may be 0700
     for name in ETC:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     if not any(python_prefix.is_relative_to(p) for p in paths):
