@@ -21,8 +21,8 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
-from branchyard import router as router_module
 from branchyard.router import BASELINE, Address, Router, RouteTable
+from branchyard.router import limits as router_module
 
 T = TypeVar("T")
 TIMEOUT = 5.0
