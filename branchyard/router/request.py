@@ -53,6 +53,3 @@ class _Request:
         self.reused = False  # sent on a pooled connection
         self.retried = False
         self.route: _Key = ("", "")  # (namespace, service), for messages
-
-
-# -- the client side ---------------------------------------------------------------

@@ -197,6 +197,3 @@ class RouteTable:
             return
         # Two names with one DNS form ("other_app", "other-app"): the DNS-safe one wins.
         self._by_host[host_key] = min(candidates, key=lambda k: (k != host_key, k))
-
-
-# -- answers of our own ------------------------------------------------------------
