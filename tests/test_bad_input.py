@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 from collections.abc import Callable
@@ -239,6 +240,23 @@ def test_a_url_that_looks_like_a_git_option_runs_nothing(daemon: Daemon, tmp_pat
     for url in (f"--upload-pack=touch {marker};:x", f"-u touch {marker}"):
         done = daemon.cli("repo", "add", "--", url, check=False)
         assert done.returncode == 1, done.stdout
-    body = {"url": f"x --upload-pack=touch {marker}"}
+    for url in (f"--upload-pack=touch {marker};:x", f"x --upload-pack=touch {marker}"):
+        status, body = _post(daemon, "/api/repos", {"url": url})
+        assert status == 400 and body["error"] == "bad_request", body
+        assert url in body["message"] and "\n" not in body["message"], body
     assert daemon.cli("repo", "ls").stdout.count("\n") == 1
-    assert not marker.exists(), body
+    assert not marker.exists()
+
+
+def _post(daemon: Daemon, path: str, body: object) -> tuple[int, dict[str, str]]:
+    """The API's status and JSON answer to ``body`` POSTed to ``path`` with the token."""
+    port = int(daemon.info["api"].rsplit(":", 1)[1])
+    token = (daemon.home / "token").read_text().strip()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
