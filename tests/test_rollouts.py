@@ -319,9 +319,10 @@ def test_restart_starts_new_processes_of_the_same_revision_without_a_gap(
     before = wait_for(lambda: daemon.answer("app"), 30, "app live")
     before_pid = daemon.host_pid("app")
     with Load(daemon.router_port, "app.main.localhost") as load:
-        time.sleep(0.3)
+        wait_for(lambda: len(load.answers) >= 20, 30, "answers before the restart")
         assert "v1 restarted" in daemon.cli("restart", "app").stdout
-        time.sleep(0.5)
+        restarted = len(load.answers)
+        wait_for(lambda: len(load.answers) >= restarted + 20, 30, "answers after the restart")
     assert load.errors == []
     after = daemon.answer("app")
     assert after["started"] != before["started"]
