@@ -939,10 +939,8 @@ def test_client_connections_waiting_too_long_for_a_request_are_closed(
     with connect(proxy.port) as silent, connect(proxy.port) as kept:
         kept.sendall(b"GET / HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
         recv_until(kept, b"web / ", bytearray())
-        started = time.monotonic()
-        assert silent.recv(1) == b""
+        assert silent.recv(1) == b""  # closed by the router, not timed out here
         assert kept.recv(65536) == b""  # after its answer, idle for too long
-        assert time.monotonic() - started < 2
 
 
 def test_idle_pooled_connections_are_closed_after_a_while(
@@ -1019,9 +1017,7 @@ def test_drain_closes_idle_connections_at_once_and_client_connections_move_on(
         assert proxy.idle(old) == 1
 
         proxy.set_backend("main", "web", new)
-        started = time.monotonic()
-        assert proxy.drain(old, 5.0) == 0
-        assert time.monotonic() - started < 1.0  # nothing to wait for, not the 5 s grace
+        assert proxy.drain(old, 3600) == 0  # nothing to wait for: not the grace
         assert proxy.idle(old) == 0
         wait_until(lambda: len(backends.stats(old).closed) == 1, "old to see its connection close")
 
@@ -1040,9 +1036,7 @@ def test_drain_aborts_a_request_that_outlasts_the_grace_and_counts_it(
     wait_until(lambda: len(backends.stats(old).seen) == 1, "the slow request to reach old")
     proxy.set_backend("main", "web", new)
 
-    started = time.monotonic()
-    assert proxy.drain(old, 0.2) == 1
-    assert time.monotonic() - started < 1.5  # the grace, not the 2 s request
+    assert proxy.drain(old, 0.2) == 1  # the grace, not the 2 s request: it is cut off
 
     status, _, body = slow()
     assert status == 502
