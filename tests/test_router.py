@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import select
 import socket
 import socketserver
 import threading
@@ -900,24 +901,31 @@ def test_slow_reader_makes_the_router_stop_reading_from_the_backend(
 ) -> None:
     total = 64 * 1024 * 1024
     sent = 0
+    stalled = threading.Event()  # set once the backend's send stays blocked: nobody reads
 
     class Firehose(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             nonlocal sent
             self.request.recv(65536)
             self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-            self.request.settimeout(1.0)
+            self.request.setblocking(False)
             chunk = bytes(1024 * 1024)
             try:
                 while sent < total:
-                    sent += self.request.send(chunk[: total - sent])
+                    try:
+                        sent += self.request.send(chunk[: total - sent])
+                    except BlockingIOError:
+                        if not select.select([], [self.request], [], 0.5)[1]:
+                            stalled.set()
+                            select.select([], [self.request], [], TIMEOUT)
             except OSError:
                 pass
 
     proxy.set_backend("main", "hose", backends.tcp(Firehose))
     with connect(proxy.port) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: hose.main.localhost\r\n\r\n")
-        time.sleep(0.4)  # read nothing: only socket buffers and one high-water mark fill up
+        # read nothing: only socket buffers and one high-water mark fill up
+        assert stalled.wait(TIMEOUT), "the backend never had to wait"
         stalled_at = sent
         assert stalled_at < total / 2
         buffer = bytearray()
