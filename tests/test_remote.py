@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -22,9 +21,12 @@ def test_a_repo_served_over_http_is_polled_cheaply_and_deployed(
         assert "added app" in done.stdout
         first = wait_for(lambda: daemon.answer("app")["env"]["BRANCHYARD_REVISION"], 60)
         fetches = server.fetches()
-        requests = len(server.requests)
-        time.sleep(2.5)
-        assert len(server.requests) > requests, "the repo was not polled"
+        listings = len(server.requests) - fetches
+        wait_for(
+            lambda: len(server.requests) - server.fetches() >= listings + 3,
+            30,
+            "the repo polled again (ref listings)",
+        )
         assert server.fetches() == fetches, "an unchanged repo was fetched again"
 
         sha = app.commit({"x.txt": "1"}, "second")
