@@ -118,10 +118,11 @@ def test_no_file_descriptor_leaks_across_a_hundred_deploys(
 @pytest.mark.parametrize(
     ("files", "moment"),
     [
-        ({"branchyard.yaml": "build: sleep 30\n"}, "mid-build"),
+        ({"branchyard.yaml": "build: echo mid-build && sleep 30\n"}, "mid-build"),
         (
             {
-                "app.py": "import time\ntime.sleep(30)\n" + stdlib_service()["app.py"],
+                "app.py": "import time\nprint('mid-health-check', flush=True)\ntime.sleep(30)\n"
+                + stdlib_service()["app.py"],
                 "branchyard.yaml": "health:\n  timeout: 60\n",
             },
             "mid-health-check",
@@ -138,10 +139,9 @@ def test_a_daemon_killed_mid_deploy_converges_on_restart(
     stable = wait_for(lambda: first.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
     app.commit(files, moment)
     app.push()
-    wait_for(
-        lambda: first.row("main", "app")["latest"]["state"] in ("building", "starting"), 30, moment
-    )
-    time.sleep(0.5)
+    suffix = ".build.log" if moment == "mid-build" else ".log"
+    log = first.home / "logs" / "main" / "app" / f"v2{suffix}"
+    wait_for(lambda: log.exists() and moment in log.read_text(), 30, moment)  # it says so
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
     second = start_daemon(tmp_path / "home")
