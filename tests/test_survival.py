@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,7 +110,12 @@ def test_no_file_descriptor_leaks_across_a_hundred_deploys(
             30,
             f"deploy {number}",
         )
-    time.sleep(1.5)  # let the last retirement finish
+
+    def retired() -> bool:  # marked stopped once its processes are gone
+        revisions = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
+        return all(r["state"] in ("stopped", "superseded") for r in revisions[1:])
+
+    wait_for(retired, 30, "the last retirement to finish")
     assert descriptors() <= before + 5, (before, descriptors())
 
 
