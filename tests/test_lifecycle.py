@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,17 +154,34 @@ def test_repo_rm_removes_its_services_from_every_namespace(
     assert "app" not in daemon.cli("repo", "ls").stdout.split()
 
 
-def test_workers_run_beside_the_web_process(
+WORKER = """\
+import json, os, time
+env = {k: v for k, v in os.environ.items()
+       if k.startswith("BRANCHYARD_") or k.endswith("_URL") or k in ("PORT", "GREETING")}
+print("worker env", json.dumps(env), flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_run_beside_the_web_process_with_its_env_but_no_port(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
     files = stdlib_service(
         Procfile="web: python app.py\nworker: python worker.py\n",
-        **{"worker.py": "import time\nprint('worker ran', flush=True)\ntime.sleep(600)\n"},
+        **{"worker.py": WORKER},
     )
     app = make_repo("app", files)
     daemon.cli("repo", "add", str(app.origin))
-    wait_for(lambda: daemon.answer("app"), 30, "app live")
-    wait_for(lambda: "worker ran" in daemon.cli("logs", "app").stdout, 10, "worker started")
+    web = wait_for(lambda: daemon.answer("app"), 30, "app live")["env"]
+    said = wait_for(
+        lambda: [x for x in daemon.cli("logs", "app").stdout.splitlines() if "worker env " in x],
+        10,
+        "worker started",
+    )
+    worker = json.loads(said[0].split("worker env ", 1)[1])
+    assert "PORT" in web and "PORT" not in worker  # the same env, but no PORT
+    assert worker == {k: v for k, v in web.items() if k != "PORT"}
+    assert worker["BRANCHYARD_REVISION"]
 
 
 def test_stopping_the_daemon_stops_every_service_and_port(
