@@ -159,3 +159,32 @@ def test_a_daemon_killed_mid_deploy_converges_on_restart(
     finally:
         second.stop()
     wait_for(lambda: not processes_with(second.marker), 15, "nothing left")
+
+
+def test_a_stale_git_lock_left_in_the_settings_is_removed_at_start(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """A daemon killed mid-commit leaves git's index.lock (and a ref's lock) behind;
+    the next one removes them, so settings can be changed again."""
+    app = make_repo("app")
+    first = start_daemon(tmp_path / "home")
+    try:
+        first.cli("repo", "add", str(app.origin))
+        first.cli("env", "set", "app", "GREETING=before")
+        wait_for(lambda: first.answer("app")["env"].get("GREETING") == "before", 30, "set")
+    finally:
+        assert first.stop() == 0
+    dot_git = first.home / "settings" / ".git"
+    stale = [dot_git / "index.lock", dot_git / "refs" / "heads" / "main.lock"]
+    for lock in stale:
+        lock.write_text("left by a killed daemon\n")
+
+    second = start_daemon(tmp_path / "home")
+    try:
+        wait_for(lambda: second.answer("app")["env"].get("GREETING") == "before", 30, "back")
+        assert not any(lock.exists() for lock in stale)
+        second.cli("env", "set", "app", "GREETING=after")
+        wait_for(lambda: second.answer("app")["env"].get("GREETING") == "after", 30, "changed")
+        assert "GREETING=after" in second.cli("env", "ls", "app").stdout
+    finally:
+        assert second.stop() == 0
