@@ -192,6 +192,33 @@ def test_weights_split_traffic_per_request(
     assert "split v1=50 v2=50" in daemon.cli("ps").stdout
 
 
+def test_a_daemon_restart_keeps_the_pin_of_a_split_but_not_the_split(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    first = start_daemon(tmp_path / "home")
+    try:
+        first.cli("repo", "add", str(app.origin))
+        one = wait_for(lambda: first.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
+        two = app.commit({"x": "2"}, "canary")
+        app.push()
+        wait_for(lambda: first.serves("app", "main", two), 30, "second live")
+        first.cli("weight", "app", "1=70", "2=30")
+        seen = {first.answer("app")["env"]["BRANCHYARD_REVISION"] for _ in range(100)}
+        assert seen == {one, two}
+    finally:
+        assert first.stop() == 0
+
+    second = start_daemon(tmp_path / "home")
+    try:
+        wait_for(lambda: second.serves("app", "main", one), 30, "the pinned one back")
+        assert {second.answer("app")["env"]["BRANCHYARD_REVISION"] for _ in range(100)} == {one}
+        ps = second.cli("ps").stdout
+        assert "pinned v1" in ps and "split" not in ps, ps
+    finally:
+        assert second.stop() == 0
+
+
 def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
