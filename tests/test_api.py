@@ -57,6 +57,24 @@ def test_every_api_call_needs_the_token_and_the_cli_reads_it(daemon: Daemon) -> 
     assert daemon.cli("info").returncode == 0
 
 
+def test_an_api_off_loopback_has_a_token_from_the_first_start_and_needs_it(
+    tmp_path: Path,
+) -> None:
+    """`up --api-host 0.0.0.0` on a new home: the token is made before the API listens."""
+    running = start_daemon(tmp_path / "home", "--api-host", "0.0.0.0")
+    try:
+        port = int(running.info["api"].rsplit(":", 1)[1])
+        listening = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        assert [f"00000000:{port:04X}", "0A"] in [[row[1], row[3]] for row in listening]
+        assert stat.S_IMODE(os.stat(running.home / "token").st_mode) == 0o600
+        status, body = call(running, "GET", "/api/info")
+        assert (status, body["error"]) == (401, "unauthorized")
+        good = {"Authorization": f"Bearer {token_of(running)}"}
+        assert call(running, "GET", "/api/info", headers=good)[0] == 200
+    finally:
+        assert running.stop() == 0
+
+
 def test_docs_take_the_dashboard_session_read_only_and_send_a_browser_to_log_in(
     daemon: Daemon,
 ) -> None:
