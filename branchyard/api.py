@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
-from branchyard import auth, dashboard, webhooks
+from branchyard import auth, sessions, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Overlay, Revision, RevisionState
@@ -152,12 +152,12 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         given = auth.bearer(request.headers.get("authorization"))
         if (
             request.url.path.startswith("/hooks/")
-            or dashboard.is_open(request)
+            or sessions.is_open(request)
             or auth.matches(token[0], given)
-            or auth.matches(token[0], dashboard.session_token(request))
+            or auth.matches(token[0], sessions.session_token(request))
         ):
             return await call_next(request)
-        return dashboard.refusal(request) or JSONResponse(
+        return sessions.refusal(request) or JSONResponse(
             {"error": "unauthorized", "message": f"missing or wrong API token (see {home}/token)"},
             status_code=401,
         )
@@ -425,7 +425,6 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     async def gc() -> dict[str, int]:
         return engine.gc()
 
-    dashboard.mount(app, engine, home)
     return app
 
 

@@ -34,7 +34,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from branchyard import auth
+from branchyard import auth, dashboard
 from branchyard.api import create_app
 from branchyard.engine import Engine
 from branchyard.errors import UsageError
@@ -259,6 +259,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             "sandbox": sandbox.describe() if sandbox else None,
         }
         app = create_app(engine, info, home)
+        dashboard.mount(app, engine, home)  # the pages, beside the API on its app
         config = uvicorn.Config(
             app,
             log_level="warning",

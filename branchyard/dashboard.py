@@ -28,25 +28,23 @@ so rotating the token ends every session. The cookie is HttpOnly and
 SameSite=Strict; requests that change something must also carry
 :data:`CSRF_HEADER` with the session's own value, which the page embeds.
 
-The API's token middleware asks this module through :func:`is_open`,
-:func:`session_token` and :func:`refusal`; sessions live in memory, so a
-daemon restart logs everyone out.
+Sessions and what the API's token middleware asks of them live in
+:mod:`branchyard.sessions`; they are in memory, so a daemon restart logs
+everyone out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.staticfiles import StaticFiles
 
@@ -60,19 +58,20 @@ from branchyard.planner import Slot
 from branchyard.rollout import Running
 from branchyard.runtime import logs
 from branchyard.runtime.supervisor import ProcessState
+from branchyard.sessions import (
+    CODE_SECONDS,
+    SESSION_SECONDS,
+    Sessions,
+    cookie_name,
+    session_of,
+)
 from branchyard.text import without_escapes
 from branchyard.vault import MASK
 
-CODE_SECONDS = 300.0  # a login code from `branchyard dashboard` is valid this long, once
-SESSION_SECONDS = 12 * 3600.0  # a session ends this long after login
-CSRF_HEADER = "X-Branchyard-CSRF"
-COOKIE_PREFIX = "branchyard_session_"  # + the port the browser used, so daemons don't collide
 LOG_TAIL_BYTES = 64 * 1024  # the most of a build log a page shows
 MAX_FORM_BYTES = 4096
 
 _HERE = Path(__file__).parent
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_OPEN_PATHS = frozenset({"/login", "/logout"})
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -96,127 +95,6 @@ _SERVICE_PARTS = (
     "events",
 )
 RESTART_PATH = "/api/namespaces/{namespace}/services/{service}/restart"
-
-
-# -- sessions -------------------------------------------------------------------------
-
-
-def _digest(secret: str) -> str:
-    """Sessions and codes are kept by their hash: a lookup's timing tells nothing useful."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-@dataclass
-class Session:
-    token: str  # the API token it was opened with
-    csrf: str
-    expires: float
-
-
-@dataclass
-class Sessions:
-    """One-time login codes and the sessions they open, in memory."""
-
-    clock: Callable[[], float] = time.monotonic
-    codes: dict[str, tuple[str, float]] = field(default_factory=dict)  # hash -> (token, expiry)
-    sessions: dict[str, Session] = field(default_factory=dict)  # hash of the id -> session
-
-    def _sweep(self) -> None:
-        now = self.clock()
-        self.codes = {k: v for k, v in self.codes.items() if v[1] > now}
-        self.sessions = {k: s for k, s in self.sessions.items() if s.expires > now}
-
-    def new_code(self, token: str) -> str:
-        self._sweep()
-        code = secrets.token_urlsafe(24)
-        self.codes[_digest(code)] = (token, self.clock() + CODE_SECONDS)
-        return code
-
-    def redeem(self, code: str) -> str | None:
-        """The token a code was made with, if the code is valid; it is gone either way."""
-        self._sweep()
-        found = self.codes.pop(_digest(code), None)
-        return found[0] if found else None
-
-    def open(self, token: str) -> tuple[str, Session]:
-        self._sweep()
-        session_id = secrets.token_urlsafe(32)
-        session = Session(token, secrets.token_urlsafe(24), self.clock() + SESSION_SECONDS)
-        self.sessions[_digest(session_id)] = session
-        return session_id, session
-
-    def get(self, session_id: str | None) -> Session | None:
-        if not session_id:
-            return None
-        session = self.sessions.get(_digest(session_id))
-        if session is None or session.expires <= self.clock():
-            return None
-        return session
-
-    def close(self, session_id: str | None) -> None:
-        if session_id:
-            self.sessions.pop(_digest(session_id), None)
-
-
-def _cookie_name(request: Request) -> str:
-    return f"{COOKIE_PREFIX}{request.url.port or 80}"
-
-
-def _sessions(request: Request) -> Sessions | None:
-    found = getattr(request.app.state, "dashboard_sessions", None)
-    return found if isinstance(found, Sessions) else None
-
-
-def _session(request: Request) -> Session | None:
-    sessions = _sessions(request)
-    if sessions is None:
-        return None
-    return sessions.get(request.cookies.get(_cookie_name(request)))
-
-
-def _csrf_ok(request: Request, session: Session) -> bool:
-    given = request.headers.get(CSRF_HEADER, "")
-    return hmac.compare_digest(session.csrf.encode(), given.encode())
-
-
-# -- what the API's token middleware asks -----------------------------------------------
-
-
-def is_open(request: Request) -> bool:
-    """Paths anyone may reach: the login page and form, logout, the static files."""
-    path = request.url.path
-    return path in _OPEN_PATHS or path.startswith("/static/")
-
-
-def session_token(request: Request) -> str | None:
-    """The API token behind the request's dashboard session, for the middleware to compare
-    with the current one (so a rotated token ends every session).
-
-    None without a session, and for a request that changes something (not GET, HEAD or
-    OPTIONS) but lacks the session's CSRF header.
-    """
-    session = _session(request)
-    if session is None:
-        return None
-    if request.method not in _SAFE_METHODS and not _csrf_ok(request, session):
-        return None
-    return session.token
-
-
-def refusal(request: Request) -> Response | None:
-    """How to refuse a request that carried no valid token, when the JSON 401 won't do:
-    a page (the dashboard's, or the API's own ``/docs``) is sent to the login form; a
-    session without its CSRF header gets a 403, which keeps ``/docs`` read-only."""
-    path = request.url.path
-    page = path in ("/", "/docs") or path.startswith("/ns/")
-    if request.method == "GET" and page and "part" not in request.query_params:
-        return RedirectResponse("/login", status_code=303)
-    if _session(request) is not None and request.method not in _SAFE_METHODS:
-        return JSONResponse(
-            {"error": "csrf", "message": f"missing or wrong {CSRF_HEADER} header"},
-            status_code=403,
-        )
-    return None
 
 
 # -- what a page shows ------------------------------------------------------------------
@@ -441,7 +319,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         return HTMLResponse(page, status_code=status, headers=_PAGE_HEADERS)
 
     def common(request: Request, page: str) -> dict[str, Any]:
-        session = _session(request)
+        session = session_of(request)
         return {
             "page": page,
             "csrf": session.csrf if session else "",
@@ -459,7 +337,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         session_id, _ = sessions.open(token)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
-            _cookie_name(request),
+            cookie_name(request),
             session_id,
             max_age=int(SESSION_SECONDS),
             path="/",
@@ -521,12 +399,12 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         body = await request.body()
-        session = _session(request)
+        session = session_of(request)
         given = parse_qs(body.decode(errors="replace")).get("csrf", [""])[0]
         response = RedirectResponse("/login", status_code=303)
         if session is not None and hmac.compare_digest(session.csrf.encode(), given.encode()):
-            sessions.close(request.cookies.get(_cookie_name(request)))
-            response.delete_cookie(_cookie_name(request), path="/")
+            sessions.close(request.cookies.get(cookie_name(request)))
+            response.delete_cookie(cookie_name(request), path="/")
         return response
 
     @app.get("/", include_in_schema=False)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
-from branchyard.dashboard import CODE_SECONDS, SESSION_SECONDS, Sessions
+from branchyard.sessions import CODE_SECONDS, SESSION_SECONDS, Sessions
 from tests.conftest import SERVICE, Daemon, ServiceRepo, git, stdlib_service, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
