@@ -285,7 +285,10 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     finally:
         if app is not None:
             app.state.stopping.set()
-        (home / DAEMON_FILE).unlink(missing_ok=True)
+        try:
+            (home / DAEMON_FILE).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only home: stopping what runs matters more
+            log.warning("cannot remove %s: %s", home / DAEMON_FILE, exc.strerror)
         await engine.close()
         if server is not None and api_task is not None:
             server.should_exit = True

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, start_daemon, wait_for
+from tests.conftest import Daemon, ServiceRepo, no_process_left, start_daemon, wait_for
 from tests.test_api import call, token_of
 
 pytestmark = pytest.mark.integration
@@ -130,3 +130,20 @@ def test_a_corrupt_store_stops_the_daemon_with_one_line_naming_it(tmp_path: Path
     )
     assert store.read_bytes() == garbage
     assert not (home / "daemon.json").exists()
+
+
+def test_a_daemon_stopped_while_its_home_is_read_only_still_stops_every_service(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """Unsandboxed, nothing but the daemon's own stop ends its services: a home that
+    went read-only must not cut that stop short."""
+    app = make_repo("app")
+    daemon = start_daemon(tmp_path / "home", "--no-sandbox", wrap=["unshare", *NAMESPACE])
+    daemon.cli("repo", "add", str(app.origin))
+    wait_for(lambda: daemon.answer("app"), 60, "app live")
+    make_read_only(daemon)
+    assert daemon.stop() == 0
+    log = (tmp_path / "home-daemon.log").read_text()
+    assert "Traceback" not in log, log[-2000:]
+    assert "cannot remove" in log and "daemon.json: Read-only file system" in log
+    no_process_left(daemon.marker)
