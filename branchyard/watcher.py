@@ -62,8 +62,11 @@ def refs_fingerprint(git_dir: Path) -> Fingerprint:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
-            else:
-                info = entry.stat(follow_symlinks=False)
+            elif not entry.name.endswith(".lock"):  # a push's lock: renamed away any moment
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # a ref deleted as we looked
+                    continue
                 seen.append((entry.path, info.st_mtime_ns, info.st_size, info.st_ino))
     return tuple(sorted(seen))
 
@@ -259,8 +262,8 @@ class Watcher:
             self._clear_error(name)
             if watched.git_dir is None:
                 watched.due = next_poll(watched.due, now, self._poll_interval)
-        except BranchyardError as exc:
-            self._set_error(name, exc.message)
+        except (BranchyardError, OSError) as exc:
+            self._set_error(name, exc.message if isinstance(exc, BranchyardError) else str(exc))
             watched.fingerprint = None
             remote = watched.git_dir is None
             watched.due = now + (

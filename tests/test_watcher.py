@@ -55,6 +55,41 @@ def test_the_fingerprint_changes_with_every_ref_update_even_within_one_clock_tic
     assert "HEAD" in names
 
 
+def test_the_fingerprint_skips_a_push_s_lock_and_a_ref_that_goes_as_it_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push writes ``main.lock`` and renames it over ``main``; inotify wakes the watcher
+    right then. A lock, or a ref gone between listing and stat, must not end the watcher."""
+    git("init", "-q", "-b", "main", cwd=tmp_path)
+    git("commit", "-q", "--allow-empty", "-m", "a", cwd=tmp_path)
+    git_dir = tmp_path / ".git"
+    (git_dir / "refs" / "heads" / "main.lock").write_text("0" * 40 + "\n")
+    names = [entry[0] for entry in refs_fingerprint(git_dir)]
+    assert not any(name.endswith(".lock") for name in names)
+
+    listed = os.scandir
+
+    class Gone:
+        """An entry whose file was renamed away after it was listed."""
+
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name, self.path = entry.name, entry.path
+
+        def is_dir(self, follow_symlinks: bool = True) -> bool:
+            return False
+
+        def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+            raise FileNotFoundError(self.path)
+
+    def scandir(path: Path) -> list[object]:
+        return [Gone(e) if e.name == "main" else e for e in listed(path)]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    names = [entry[0] for entry in refs_fingerprint(git_dir)]
+    assert str(git_dir / "refs" / "heads" / "main") not in names
+    assert "HEAD" in names
+
+
 def _event(name: bytes, mask: int) -> bytes:
     padded = name + b"\0" * (16 - len(name) % 16) if name else b""
     return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
