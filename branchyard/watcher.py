@@ -246,8 +246,11 @@ class Watcher:
     def _changed(self, watched: _Watched) -> bool:
         if watched.git_dir is None:
             return True
-        current = refs_fingerprint(watched.git_dir)
-        changed, watched.fingerprint = current != watched.fingerprint, current
+        try:
+            current: Fingerprint | None = refs_fingerprint(watched.git_dir)
+        except OSError:  # unreadable refs: let the check run, and say why it fails
+            current = None
+        changed, watched.fingerprint = current is None or current != watched.fingerprint, current
         return changed
 
     async def _check(self, watched: _Watched, now: float) -> None:

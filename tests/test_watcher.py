@@ -156,3 +156,40 @@ def test_a_push_to_a_local_repo_wakes_the_watcher_without_waiting_for_its_tick(
             await watching.close()
 
     asyncio.run(scenario())
+
+
+def test_refs_that_cannot_be_read_for_a_moment_do_not_end_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin = tmp_path / "app.git"
+    git("init", "-q", "--bare", "-b", "main", str(origin))
+    work = tmp_path / "work"
+    git("clone", "-q", str(origin), str(work))
+    git("commit", "-q", "--allow-empty", "-m", "first", cwd=work)
+    git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=work)
+    real = watcher.refs_fingerprint
+    calls = []
+
+    def flaky(git_dir: Path) -> watcher.Fingerprint:
+        calls.append(git_dir)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(git_dir / "refs"))
+        return real(git_dir)
+
+    monkeypatch.setattr(watcher, "refs_fingerprint", flaky)
+
+    async def scenario() -> None:
+        seen: asyncio.Queue[RepoHeads] = asyncio.Queue()
+
+        async def on_heads(heads: RepoHeads) -> None:
+            await seen.put(heads)
+
+        watching = Watcher(Sources(tmp_path / "mirrors"), on_heads, poll_interval=3600)
+        watching.watch(Repo("app", str(origin)))
+        try:
+            async with asyncio.timeout(10):
+                assert "main" in (await seen.get()).branches
+        finally:
+            await watching.close()
+
+    asyncio.run(scenario())
