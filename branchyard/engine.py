@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from branchyard.errors import BranchyardError, Conflict, NotFound, UsageError
+from branchyard.errors import BranchyardError, Conflict, NotFound, RemoteUnreachable, UsageError
 from branchyard.git import (
     Heads,
     Sources,
@@ -309,7 +309,7 @@ class Engine:
         try:
             self.store.set_env(revision.id, await self._env(target))
             revision = self.store.revision(revision.id)
-            build = await self.rollouts.build(revision)
+            build = await self.rollouts.build_retrying(revision)
         except asyncio.CancelledError:
             self.rollouts.cancelled(revision)
             raise
@@ -383,6 +383,10 @@ class Engine:
             await check_branch_name(default_branch)
         try:
             heads = await ls_remote(url)
+        except RemoteUnreachable as exc:
+            raise RemoteUnreachable(
+                f"cannot reach {url} now (temporary; try again): {exc.message}"
+            ) from None
         except BranchyardError as exc:
             raise UsageError(f"{url} is not a git repository I can read: {exc.message}") from None
         chosen = default_branch or choose_default_branch(

@@ -5,20 +5,41 @@ on one line and says what to do. Each entry point turns them into output in one
 place: the CLI into a message and exit code 1, the API into a JSON body and an
 HTTP status.
 
+An error is *temporary* (it may pass by itself: a network that is down, a git
+server that answers 503) or *permanent* (it stays until something changes: a
+new commit, new settings, other input). Temporary errors are retried with
+capped exponential backoff (:mod:`branchyard.retry`) and shown with when the
+next try is; permanent ones are shown and never retried.
+
     BranchyardError                 base; .code is a stable machine-readable name
+    │
+    │ temporary (.temporary is True): retried with backoff
+    ├── TemporaryError              may pass by itself (503)
+    │   └── RemoteUnreachable       git could not reach a remote: network, DNS, a server's 5xx
+    │
+    │ permanent: until something changes
     ├── UsageError                  bad input from the user (400)
     │   └── InvalidSettings         an edited env document that does not validate
     ├── NotFound                    unknown repo, namespace or service (404)
     ├── Conflict                    e.g. a repo added twice (409)
     │   └── StaleVersion            settings changed since the version a change started from
-    ├── DaemonNotRunning            the CLI cannot reach the daemon
-    ├── ManifestError               a Procfile or branchyard.yaml that cannot be used
-    ├── BuildFailed                 a revision could not be fetched, built or started
-    └── HomeError                   the home cannot be written (read-only, full) (500)
+    ├── DaemonNotRunning            the CLI cannot reach the daemon (503; start it)
+    ├── GitError                    git refused: not a repository, a missing object (500)
+    ├── ManifestError               a Procfile or branchyard.yaml that cannot be used (422)
+    ├── BuildFailed                 a revision could not be fetched, built or started (500)
+    │   └── runtime.supervisor.FirstStartFailed   a new process ended before it was ready
+    ├── HomeError                   the home cannot be written (read-only, full) (500)
+    ├── webhooks.WebhookError       a webhook delivery refused (its own status and code)
+    └── client.ApiError             an error the daemon answered, as the CLI meets it
+
+The last three live beside the code that raises them. Not errors, and so not
+here: ``router.request._Stop``, a signal that stops the HTTP parser in the
+middle of the data it was fed and never leaves the router.
 
 Anything else that escapes is a bug or a fault of the machine (a full or
 read-only disk); where it must still end something with a reason (a deploy),
-:func:`reason_of` says it on one line.
+:func:`reason_of` says it on one line. Of those, only a ``ConnectionError`` or
+a ``TimeoutError`` is temporary (:func:`is_temporary`).
 """
 
 from __future__ import annotations
@@ -27,10 +48,21 @@ from __future__ import annotations
 class BranchyardError(Exception):
     code = "error"
     status = 500
+    temporary = False  # True: it may pass by itself, and is retried
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class TemporaryError(BranchyardError):
+    code = "temporary"
+    status = 503
+    temporary = True
+
+
+class RemoteUnreachable(TemporaryError):
+    code = "remote_unreachable"
 
 
 class UsageError(BranchyardError):
@@ -61,6 +93,11 @@ class DaemonNotRunning(BranchyardError):
     status = 503
 
 
+class GitError(BranchyardError):
+    code = "git_error"
+    status = 500
+
+
 class ManifestError(BranchyardError):
     code = "bad_manifest"
     status = 422
@@ -84,3 +121,11 @@ def reason_of(exc: BaseException) -> str:
     text = exc.message if isinstance(exc, BranchyardError) else f"{type(exc).__name__}: {exc}"
     line = " ".join(text.split())
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether ``exc`` may pass by itself: one of ours that says so, or a connection
+    that failed or timed out in code outside the tree."""
+    if isinstance(exc, BranchyardError):
+        return exc.temporary
+    return isinstance(exc, (ConnectionError, TimeoutError))

@@ -6,6 +6,11 @@ in place; a remote one is mirrored under the home and fetched only when
 branch heads exist, what a file holds at a commit, and the tree of a commit.
 Objects are read through one long-running ``git cat-file --batch`` per repo,
 not a process per question: a deploy asks half a dozen of them.
+
+A failed git command raises :class:`~branchyard.errors.RemoteUnreachable`
+(temporary) when what git wrote says the network or the server failed, and
+:class:`~branchyard.errors.GitError` (permanent) otherwise
+(:func:`failure_of`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +27,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from branchyard.errors import BuildFailed, UsageError
+from branchyard.errors import BuildFailed, GitError, RemoteUnreachable, UsageError
 from branchyard.naming import short_hash
 
 _GIT_ENV = {
@@ -30,13 +36,28 @@ _GIT_ENV = {
     "LC_ALL": "C",
 }
 
+# What git (curl, ssh, git://) writes when the network or the server failed, not the
+# request: no name resolution, no connection, a connection cut, a server's 5xx or 429.
+# A repository that is not there, refused credentials or a 404 are permanent.
+_TEMPORARY = re.compile(
+    r"could not resolve host|temporary failure in name resolution|unable to look up"
+    r"|failed to connect|couldn't connect|connection refused|connection reset"
+    r"|timed out|network is unreachable|no route to host"
+    r"|remote end hung up unexpectedly|early eof|returned error: (?:5\d\d|429)",
+    re.IGNORECASE,
+)
 
-class GitError(UsageError):
-    code = "git_error"
+
+def failure_of(stderr: str, command: str) -> GitError | RemoteUnreachable:
+    """The error for a git ``command`` that failed with ``stderr``: its first line, as
+    a temporary error if the network or the server failed, else a permanent one."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    message = lines[0] if lines else f"git {command} failed"
+    return (RemoteUnreachable if _TEMPORARY.search(stderr) else GitError)(message)
 
 
 async def git(*args: str, cwd: Path | None = None) -> bytes:
-    """Run git with ``args`` (never through a shell); its first stderr line on failure.
+    """Run git with ``args`` (never through a shell); on failure, :func:`failure_of`.
 
     It is spawned and waited for from worker threads: the event loop's own spawn
     (uvloop's) forks the whole daemon and holds the loop, and with it the router, for
@@ -61,8 +82,7 @@ async def git(*args: str, cwd: Path | None = None) -> bytes:
             os.killpg(process.pid, signal.SIGKILL)
         raise
     if process.returncode != 0:
-        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-        raise GitError(lines[0] if lines else f"git {args[0]} failed")
+        raise failure_of(err.decode(errors="replace"), args[0])
     return out
 
 

@@ -27,6 +27,7 @@ from branchyard.git import Sources
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE
+from branchyard.retry import Retry, Sleep, retry
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import Build, Instance, RevisionSpec, Runtime, logs
 from branchyard.runtime.supervisor import ProcessState
@@ -76,6 +77,7 @@ class Rollouts:
         secrets: Callable[[Slot], Mapping[str, str]],
         drain_grace: float = DRAIN_GRACE,
         stop_grace: float = 10.0,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -85,6 +87,7 @@ class Rollouts:
         self.secrets = secrets
         self.drain_grace = drain_grace
         self.stop_grace = stop_grace
+        self.sleep = sleep
         self.running: dict[int, Running] = {}  # revision id -> started revision
         self.traffic: dict[Slot, dict[int, int]] = {}  # slot -> revision id -> weight
         self.builds: dict[int, Build] = {}  # revision id -> build held in memory
@@ -162,6 +165,21 @@ class Rollouts:
         build = await self.runtime.build(await self.spec(revision))
         self.builds[revision.id] = build
         return build
+
+    async def build_retrying(self, revision: Revision) -> Build:
+        """:meth:`build`, tried again with backoff while it fails for a temporary reason
+        (the repo cannot be fetched); the revision stays building and says when."""
+        return await retry(
+            lambda: self.build(revision), lambda p: self._retrying(revision, p), sleep=self.sleep
+        )
+
+    def _retrying(self, revision: Revision, pending: Retry) -> None:
+        note = pending.note("build")
+        self.store.set_state(revision.id, RevisionState.BUILDING, note)
+        if pending.failures == 1:
+            self.store.event(
+                "retry", f"v{revision.ordinal}: {note}", (revision.namespace, revision.service)
+            )
 
     async def go_live(self, revision: Revision, weights: Mapping[int, int] | None = None) -> bool:
         """Start ``revision`` (if it is not running) and give it all traffic, or ``weights``.

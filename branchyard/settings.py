@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from branchyard.errors import InvalidSettings, StaleVersion
-from branchyard.git import GitError, git
+from branchyard.errors import GitError, InvalidSettings, StaleVersion
+from branchyard.git import git
 from branchyard.model import Overlay
 from branchyard.naming import is_env_name
 

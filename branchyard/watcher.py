@@ -7,6 +7,12 @@ alone); only when the stat changes does it run ``git ls-remote``. A remote
 repo is asked with ``git ls-remote`` every poll interval, which transfers only
 the ref list; it is fetched only when a head moved. Either way the engine gets
 a :class:`~branchyard.model.RepoHeads` when, and only when, something changed.
+
+A repo that cannot be read is looked at again (:func:`after_error`): after a
+temporary error (a remote that cannot be reached) with capped exponential
+backoff, 2 s, 4 s, ... 60 s, and the error says when; after a permanent one
+(not a repository) every 2 s, in case it is fixed. Never sooner than a remote
+repo's poll interval.
 """
 
 from __future__ import annotations
@@ -21,14 +27,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from branchyard.errors import BranchyardError
+from branchyard.errors import BranchyardError, is_temporary
 from branchyard.git import Sources, git_dir_of, local_path, ls_remote
 from branchyard.model import Repo, RepoHeads
+from branchyard.retry import BACKOFF, Backoff, Retry
 
 log = logging.getLogger(__name__)
 
 LOCAL_INTERVAL = 0.1
-ERROR_INTERVAL = 2.0  # seconds between tries of a repo that could not be read
+ERROR_INTERVAL = 2.0  # seconds between tries of a repo with a permanent error
 OnHeads = Callable[[RepoHeads], Awaitable[None]]
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
@@ -39,6 +46,19 @@ def next_poll(due: float, started: float, interval: float) -> float:
     after ``started`` if that cadence has fallen behind (or there was none)."""
     cadence = due + interval
     return cadence if cadence > started else started + interval
+
+
+def after_error(
+    exc: BranchyardError | OSError, failures: int, floor: float, backoff: Backoff = BACKOFF
+) -> tuple[float, str]:
+    """How long until a repo that failed to be read ``failures`` times in a row is looked
+    at again, and the error to show: a temporary one after the backoff, saying so, a
+    permanent one after :data:`ERROR_INTERVAL`; never sooner than ``floor``."""
+    if is_temporary(exc):
+        pending = Retry(failures, max(backoff.delay(failures), floor), exc)
+        return pending.delay, pending.note("fetch")
+    message = exc.message if isinstance(exc, BranchyardError) else str(exc)
+    return max(ERROR_INTERVAL, floor), message
 
 
 def refs_fingerprint(git_dir: Path) -> Fingerprint:
@@ -158,6 +178,7 @@ class _Watched:
     last: RepoHeads | None = None
     fingerprint: Fingerprint | None = None
     due: float = 0.0  # loop time before which the repo is not looked at
+    failures: int = 0  # checks that failed in a row
     check: asyncio.Task[None] | None = None  # an ls-remote in flight
 
 
@@ -263,15 +284,16 @@ class Watcher:
                 await self._on_heads(seen)
                 watched.last = seen
             self._clear_error(name)
+            watched.failures = 0
             if watched.git_dir is None:
                 watched.due = next_poll(watched.due, now, self._poll_interval)
         except (BranchyardError, OSError) as exc:
-            self._set_error(name, exc.message if isinstance(exc, BranchyardError) else str(exc))
+            watched.failures += 1
+            floor = self._poll_interval if watched.git_dir is None else 0.0
+            delay, message = after_error(exc, watched.failures, floor)
+            self._set_error(name, message)
             watched.fingerprint = None
-            remote = watched.git_dir is None
-            watched.due = now + (
-                max(ERROR_INTERVAL, self._poll_interval) if remote else ERROR_INTERVAL
-            )
+            watched.due = asyncio.get_running_loop().time() + delay  # "will retry in" from now
         finally:
             watched.check = None
             self._wake.set()  # refs that moved while it ran are looked at now

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from branchyard.errors import BranchyardError
+
 MAX_BODY = 5 * 1024 * 1024
 
 Kind = Literal["push", "delete", "tag", "ping", "other"]
@@ -66,18 +68,17 @@ class Provider(enum.StrEnum):
     GITEA = "gitea"
 
 
-class WebhookError(Exception):
+class WebhookError(BranchyardError):
     """A webhook request refused: ``status`` is the HTTP answer, ``code`` a stable name.
 
-    Deliberately not a ``BranchyardError``: the webhook endpoints answer providers,
-    not the CLI, and turn this into their response in one place.
+    Permanent: the same delivery is refused again. The webhook endpoints answer
+    providers, not the CLI, and turn this into their response in one place.
     """
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

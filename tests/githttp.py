@@ -1,7 +1,9 @@
 """A loopback git smart-HTTP server: ``git http-backend`` behind http.server.
 
 Used by the tests and benchmarks of the polling path. It records every
-request, so a test can tell a cheap ref listing from a full fetch.
+request, so a test can tell a cheap ref listing from a full fetch, and while
+``refusing_fetches`` is set it answers every fetch 503, as a server that is
+overloaded or restarting does, but still lists refs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class GitHttpServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.requests: list[tuple[str, str, bytes]] = []  # method, path, body
+        self.refusing_fetches = False
+        self.refused = 0  # fetches answered 503
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,6 +37,12 @@ class GitHttpServer:
             def _cgi(self, body: bytes) -> None:
                 url = urlsplit(self.path)
                 server.requests.append((self.command, url.path, body))
+                if server.refusing_fetches and _is_fetch(body):
+                    server.refused += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 env = {
                     **os.environ,
                     "GIT_PROJECT_ROOT": str(server.root),
@@ -73,9 +83,7 @@ class GitHttpServer:
 
     def fetches(self) -> int:
         """Requests that transferred objects (not just the list of refs)."""
-        return sum(
-            1 for _, _, body in self.requests if b"command=fetch" in body or b"want " in body
-        )
+        return sum(1 for _, _, body in self.requests if _is_fetch(body))
 
     def __enter__(self) -> GitHttpServer:
         self._thread.start()
@@ -84,3 +92,8 @@ class GitHttpServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _is_fetch(body: bytes) -> bool:
+    """Whether a request body asks for objects (protocol v2's fetch, or v0's wants)."""
+    return b"command=fetch" in body or b"want " in body

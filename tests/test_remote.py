@@ -34,9 +34,3 @@ def test_a_repo_served_over_http_is_polled_cheaply_and_deployed(
         wait_for(lambda: daemon.serves("app", "main", sha), 30, "the new commit over http")
         assert sha != first
         assert server.fetches() > fetches
-
-
-def test_an_unreachable_remote_is_refused_with_a_reason(daemon: Daemon) -> None:
-    done = daemon.cli("repo", "add", "http://127.0.0.1:9/nothing.git", check=False)
-    assert done.returncode == 1
-    assert done.stderr.startswith("error: http://127.0.0.1:9/nothing.git is not a git repository")

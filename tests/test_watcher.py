@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from branchyard import watcher
+from branchyard.errors import GitError, RemoteUnreachable
 from branchyard.git import Sources
 from branchyard.model import Repo, RepoHeads
 from branchyard.watcher import Watcher, next_poll, ref_events, refs_fingerprint
@@ -32,6 +33,70 @@ def test_polls_keep_their_cadence(
     due: float, started: float, interval: float, expected: float
 ) -> None:
     assert next_poll(due, started, interval) == pytest.approx(expected)
+
+
+UNREACHABLE = "fatal: unable to access 'http://git/app.git/': Could not resolve host: git"
+NOT_A_REPO = "fatal: '/gone' does not appear to be a git repository"
+
+
+@pytest.mark.parametrize(
+    ("error", "failures", "floor", "delay", "shown"),
+    [
+        # temporary: backoff from 2 s, doubling to 60 s, and the error says when
+        (
+            RemoteUnreachable(UNREACHABLE),
+            1,
+            0.0,
+            2,
+            f"fetch failed (will retry in 2 s): {UNREACHABLE}",
+        ),
+        (
+            RemoteUnreachable(UNREACHABLE),
+            2,
+            0.0,
+            4,
+            f"fetch failed (will retry in 4 s): {UNREACHABLE}",
+        ),
+        (
+            RemoteUnreachable(UNREACHABLE),
+            9,
+            0.0,
+            60,
+            f"fetch failed (will retry in 60 s): {UNREACHABLE}",
+        ),
+        (
+            ConnectionResetError("reset"),
+            1,
+            0.0,
+            2,
+            "fetch failed (will retry in 2 s): ConnectionResetError: reset",
+        ),
+        # never sooner than a remote repo's poll interval
+        (
+            RemoteUnreachable(UNREACHABLE),
+            1,
+            5.0,
+            5,
+            f"fetch failed (will retry in 5 s): {UNREACHABLE}",
+        ),
+        (
+            RemoteUnreachable(UNREACHABLE),
+            3,
+            5.0,
+            8,
+            f"fetch failed (will retry in 8 s): {UNREACHABLE}",
+        ),
+        # permanent: looked at again every 2 s (or poll) in case it is fixed, as it is
+        (GitError(NOT_A_REPO), 1, 0.0, 2, NOT_A_REPO),
+        (GitError(NOT_A_REPO), 7, 0.0, 2, NOT_A_REPO),
+        (GitError(NOT_A_REPO), 1, 30.0, 30, NOT_A_REPO),
+        (PermissionError(13, "Permission denied"), 1, 0.0, 2, "[Errno 13] Permission denied"),
+    ],
+)
+def test_a_repo_that_cannot_be_read_is_looked_at_again_with_backoff_if_it_may_pass(
+    error: GitError | OSError, failures: int, floor: float, delay: float, shown: str
+) -> None:
+    assert watcher.after_error(error, failures, floor) == (delay, shown)
 
 
 def test_the_fingerprint_changes_with_every_ref_update_even_within_one_clock_tick(

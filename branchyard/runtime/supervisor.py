@@ -40,6 +40,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
+from branchyard.errors import BuildFailed
+
 log = logging.getLogger(__name__)
 
 
@@ -109,20 +111,13 @@ Spawn = Callable[[], Awaitable[Process]]
 Ready = Callable[[Process], Awaitable[bool]]  # False if it did not become ready (or exited)
 
 
-class FirstStartFailed(Exception):
-    """The first start of a process ended before it was ready; it is not retried."""
+class FirstStartFailed(BuildFailed):
+    """A start of a process ended before it was ready. The first start is not retried;
+    a restart that ends so counts as one more failure in a row."""
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code  # None if it did not exit by itself
-
-
-class _LaunchFailed(Exception):
-    def __init__(self, message: str, exit_code: int | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
 
 
 class Supervisor:
@@ -230,9 +225,9 @@ class Supervisor:
     async def _run(self, started: asyncio.Future[None]) -> None:
         try:
             process = await self._launch()
-        except _LaunchFailed as failure:
+        except FirstStartFailed as failure:
             self._move(Event.GIVE_UP)
-            started.set_exception(FirstStartFailed(failure.message, failure.exit_code))
+            started.set_exception(failure)
             return
         except asyncio.CancelledError:
             started.set_exception(FirstStartFailed("was stopped before it was ready"))
@@ -263,7 +258,7 @@ class Supervisor:
                 self.restarts += 1
                 try:
                     process = await self._launch()
-                except _LaunchFailed:
+                except FirstStartFailed:
                     self.failures += 1
                     self._move(Event.EXITED)
                     continue
@@ -275,7 +270,7 @@ class Supervisor:
         try:
             process = await self._spawn_tracked()
         except Exception as error:
-            raise _LaunchFailed(f"could not be started: {error}", None) from error
+            raise FirstStartFailed(f"could not be started: {error}", None) from error
         reason = "was not ready"
         try:
             ready = await self._ready(process) if self._ready is not None else True
@@ -289,8 +284,8 @@ class Supervisor:
         self._process, self.pid = None, None
         self.exit_code = process.returncode
         if code is not None:
-            raise _LaunchFailed(f"exited with code {code} before it was ready", code)
-        raise _LaunchFailed(reason, None)
+            raise FirstStartFailed(f"exited with code {code} before it was ready", code)
+        raise FirstStartFailed(reason, None)
 
     async def _spawn_tracked(self) -> Process:
         spawning = asyncio.ensure_future(self._spawn())
