@@ -122,7 +122,7 @@ class Unpinned(TypedDict):
 
 
 class Weights(TypedDict):
-    weights: dict[int, int]
+    weights: dict[int, int]  # ordinal -> weight; in JSON the ordinals are strings
 
 
 class Event(TypedDict):
