@@ -21,14 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
-from branchyard import auth, sessions, webhooks
+from branchyard import auth, readmodel, sessions, shapes, views, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
-from branchyard.model import Overlay, Revision, RevisionState
+from branchyard.model import Overlay
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
 from branchyard.runtime import logs as logfiles
-from branchyard.runtime.supervisor import ProcessState
 from branchyard.settings import validate_env
 from branchyard.text import shown
 from branchyard.vault import masked
@@ -93,7 +92,7 @@ class EnvChangeIn(BaseModel):
     author: Text = "branchyard"
 
 
-def _env_answer(settings: Overlay, changed: bool) -> dict[str, Any]:
+def _env_answer(settings: Overlay, changed: bool) -> shapes.EnvSaved:
     return {"env": dict(settings.env), "version": settings.version, "changed": changed}
 
 
@@ -105,44 +104,16 @@ def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
     return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
-def _optional_revision(revision: Revision | None) -> dict[str, Any] | None:
-    return _revision_json(revision) if revision else None
-
-
-def _revision_json(revision: Revision) -> dict[str, Any]:
-    return {
-        "ordinal": revision.ordinal,
-        "sha": revision.sha,
-        "sha7": revision.sha7,
-        "branch": revision.branch,
-        "state": revision.state.value,
-        "reason": revision.reason,
-        "subject": revision.subject,
-        "settings": revision.settings_version,
-        "created_at": revision.created_at,
-        "changed_at": revision.changed_at,
-    }
-
-
-_NOTEWORTHY = (  # states of a newer revision that ps shows beside the live one
-    RevisionState.BUILDING,
-    RevisionState.STARTING,
-    RevisionState.STAGED,
-    RevisionState.FAILED,
-    RevisionState.CRASHED,
-)
-
-
 def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
     return item[0][0] != BASELINE, item[0]
 
 
-def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
+def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
     app = FastAPI(title="branchyard", version="0.1.0")
     # Set by the daemon when it stops: streams that never end on their own (events, logs -f)
     # end then; uvicorn would otherwise wait for them (an open dashboard tab: forever).
     app.state.stopping = stopping = asyncio.Event()
-    app.state.sandbox = info.get("sandbox")  # None: pushed code runs unsandboxed
+    app.state.sandbox = info["sandbox"]  # None: pushed code runs unsandboxed
     token = [auth.load_or_create(home)]
 
     @app.middleware("http")
@@ -163,7 +134,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         )
 
     @app.post("/api/token/rotate")
-    async def rotate_token() -> dict[str, str]:
+    async def rotate_token() -> shapes.TokenFile:
         token[0] = auth.rotate(home)
         engine.store.event("token", "API token rotated")
         return {"token_file": str(home / auth.TOKEN_FILE)}
@@ -194,55 +165,24 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
     def router_url(namespace: str, service: str) -> str:
         return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
 
-    def row(slot: Slot) -> dict[str, Any]:
-        latest = next(iter(engine.store.revisions(slot, limit=1)), None)
-        running = engine.rollouts.live(slot)
-        live = engine.store.revision(running.revision.id) if running else None
-        shown = live or latest
-        weights = engine.rollouts.weights(slot)
-        pin = engine.store.pin(slot)
-        if running and running.instance.state is not ProcessState.RUNNING:
-            state = f"restarting (exit {running.instance.exit_code})"
-        elif live and latest and latest.id != live.id and latest.state in _NOTEWORTHY:
-            state = f"live (v{latest.ordinal} {latest.state.value})"
-        elif shown:
-            state = shown.state.value
-        else:
-            state = "pending"
-        if len(weights) > 1:
-            state += " split " + " ".join(f"v{o}={w}" for o, w in sorted(weights.items()))
-        elif pin is not None:
-            state += f" pinned v{pin}"
-        head = engine.behind(slot)
-        if head is not None:
-            state += f", behind {head.branch} ({head.sha[:7]})"
-        failed = latest and latest.state in (RevisionState.FAILED, RevisionState.CRASHED)
+    def row(slot: Slot) -> shapes.ServiceRow:
+        seen = views.snapshot(engine, slot)
+        latest = seen.latest
         failure = engine.rollouts.failure_log(latest) if latest else None
-        return {
-            "namespace": slot[0],
-            "service": slot[1],
-            "state": state,
-            "reason": latest.reason if latest and failed else "",
-            "live": _optional_revision(live),
-            "latest": _optional_revision(latest),
-            "pinned": pin,
-            "weights": weights,
-            "restarts": running.instance.restarts if running else 0,
-            "last_lines": logfiles.last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
-            if latest and failed
-            else [],
-            "logs_command": failure.command if failure else "",
-            "behind": head is not None,
-            "url": router_url(*slot),
-            "since": shown.changed_at if shown else None,
-        }
+        last_lines = (
+            logfiles.last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
+            if failure and latest
+            else []
+        )
+        command = failure.command if failure else ""
+        return readmodel.service_row(*slot, seen, router_url(*slot), last_lines, command)
 
     @app.get("/api/info")
-    async def get_info() -> dict[str, Any]:
+    async def get_info() -> shapes.Info:
         return info
 
     @app.get("/api/repos")
-    async def list_repos() -> list[dict[str, Any]]:
+    async def list_repos() -> list[shapes.RepoRow]:
         return [
             {
                 "name": r.name,
@@ -255,23 +195,23 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         ]
 
     @app.post("/api/repos", status_code=201)
-    async def add_repo(body: RepoIn) -> dict[str, Any]:
+    async def add_repo(body: RepoIn) -> shapes.Repo:
         repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
         return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
 
     @app.patch("/api/repos/{name}")
-    async def change_repo(name: str, body: RepoChangeIn) -> dict[str, Any]:
+    async def change_repo(name: str, body: RepoChangeIn) -> shapes.Repo:
         repo = await engine.change_repo(name, body.default_branch, body.webhook_secret)
         return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
 
     @app.delete("/api/repos/{name}")
-    async def remove_repo(name: str) -> dict[str, Any]:
+    async def remove_repo(name: str) -> shapes.Removed:
         await engine.remove_repo(name)
         return {"removed": name}
 
     @app.get("/api/namespaces")
-    async def list_namespaces() -> list[dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
+    async def list_namespaces() -> list[shapes.Namespace]:
+        found: dict[str, shapes.Namespace] = {}
         for (namespace, service), target in sorted(engine.targets.items(), key=_baseline_first):
             entry = found.setdefault(
                 namespace, {"namespace": namespace, "branch": target.branch, "services": []}
@@ -280,7 +220,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return list(found.values())
 
     @app.get("/api/services")
-    async def list_services(namespace: str | None = None) -> list[dict[str, Any]]:
+    async def list_services(namespace: str | None = None) -> list[shapes.ServiceRow]:
         slots = [slot for slot, _ in sorted(engine.targets.items(), key=_baseline_first)]
         if namespace is not None:
             slots = [s for s in slots if s[0] == namespace]
@@ -289,17 +229,17 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return [row(slot) for slot in slots]
 
     @app.get("/api/namespaces/{namespace}/services/{service}")
-    async def get_service(namespace: str, service: str) -> dict[str, Any]:
+    async def get_service(namespace: str, service: str) -> shapes.ServiceRow:
         engine.target(namespace, service)
         return row((namespace, service))
 
     @app.delete("/api/namespaces/{namespace}/services/{service}")
-    async def remove_service(namespace: str, service: str) -> dict[str, Any]:
+    async def remove_service(namespace: str, service: str) -> shapes.ServiceRemoved:
         target = engine.remove_service(namespace, service)
         return {"removed": f"{namespace}:{service}", "until_next_push_of": target.branch}
 
     @app.get("/api/namespaces/{namespace}/services/{service}/env")
-    async def get_env(namespace: str, service: str, show_secrets: bool = False) -> dict[str, Any]:
+    async def get_env(namespace: str, service: str, show_secrets: bool = False) -> shapes.Env:
         settings = engine.settings_of(namespace, service)
         secrets = engine.secrets_of(namespace, service)
         return {
@@ -309,7 +249,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         }
 
     @app.put("/api/namespaces/{namespace}/services/{service}/secrets")
-    async def put_secrets(namespace: str, service: str, body: SecretsIn) -> dict[str, Any]:
+    async def put_secrets(namespace: str, service: str, body: SecretsIn) -> shapes.SecretsSaved:
         changes: dict[str, str | None] = {**body.set, **dict.fromkeys(body.unset)}
         if not changes:
             raise UsageError("nothing to change: give secrets to set or unset")
@@ -317,7 +257,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return {"secrets": sorted(overlay.secrets), "version": overlay.version}
 
     @app.put("/api/namespaces/{namespace}/services/{service}/env")
-    async def put_env(namespace: str, service: str, body: EnvIn) -> dict[str, Any]:
+    async def put_env(namespace: str, service: str, body: EnvIn) -> shapes.EnvSaved:
         env = validate_env(body.env)
         saved = await engine.set_env(
             namespace, service, env, body.version, body.author, body.message
@@ -325,16 +265,25 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return _env_answer(*saved)
 
     @app.patch("/api/namespaces/{namespace}/services/{service}/env")
-    async def change_env(namespace: str, service: str, body: EnvChangeIn) -> dict[str, Any]:
+    async def change_env(namespace: str, service: str, body: EnvChangeIn) -> shapes.EnvSaved:
         assign = validate_env(body.set)
         saved = await engine.change_env(namespace, service, assign, body.unset, body.author)
         return _env_answer(*saved)
 
     @app.get("/api/namespaces/{namespace}/services/{service}/history")
-    async def history(namespace: str, service: str) -> list[dict[str, Any]]:
+    async def history(namespace: str, service: str) -> list[shapes.SettingsChange]:
         engine.target(namespace, service)
         changes = await engine.settings_repo.history((namespace, service))
-        return [c.__dict__ for c in changes]
+        return [
+            {
+                "commit": c.commit,
+                "author": c.author,
+                "date": c.date,
+                "message": c.message,
+                "diff": c.diff,
+            }
+            for c in changes
+        ]
 
     @app.get("/api/namespaces/{namespace}/services/{service}/logs", response_model=None)
     async def logs(
@@ -366,29 +315,29 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         return StreamingResponse(followed, media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
-    async def revisions(namespace: str, service: str) -> list[dict[str, Any]]:
+    async def revisions(namespace: str, service: str) -> list[shapes.Revision]:
         engine.target(namespace, service)
-        return [_revision_json(r) for r in engine.store.revisions((namespace, service))]
+        return [readmodel.revision_json(r) for r in engine.store.revisions((namespace, service))]
 
     @app.post("/api/namespaces/{namespace}/services/{service}/rollback")
-    async def rollback(namespace: str, service: str, body: RevisionIn) -> dict[str, Any]:
+    async def rollback(namespace: str, service: str, body: RevisionIn) -> shapes.Pinned:
         revision = await engine.rollback(namespace, service, body.ordinal)
         return {"live": revision.ordinal, "pinned": revision.ordinal}
 
     @app.post("/api/namespaces/{namespace}/services/{service}/promote")
-    async def promote(namespace: str, service: str, body: RevisionIn) -> dict[str, Any]:
+    async def promote(namespace: str, service: str, body: RevisionIn) -> shapes.Pinned:
         if body.ordinal is None:
             raise UsageError("promote needs a revision (for example: promote web 4)")
         revision = await engine.promote(namespace, service, body.ordinal)
         return {"live": revision.ordinal, "pinned": revision.ordinal}
 
     @app.post("/api/namespaces/{namespace}/services/{service}/restart")
-    async def restart(namespace: str, service: str) -> dict[str, Any]:
+    async def restart(namespace: str, service: str) -> shapes.Live:
         revision = await engine.restart(namespace, service)
         return {"live": revision.ordinal}
 
     @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
-    async def unpin(namespace: str, service: str) -> dict[str, Any]:
+    async def unpin(namespace: str, service: str) -> shapes.Unpinned:
         revision, building = await engine.unpin(namespace, service)
         target = engine.target(namespace, service)
         return {
@@ -399,7 +348,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
         }
 
     @app.put("/api/namespaces/{namespace}/services/{service}/weights")
-    async def weights(namespace: str, service: str, body: WeightsIn) -> dict[str, Any]:
+    async def weights(namespace: str, service: str, body: WeightsIn) -> shapes.Weights:
         await engine.weight(namespace, service, body.weights)
         return {"weights": engine.rollouts.weights((namespace, service))}
 
@@ -412,7 +361,7 @@ def create_app(engine: Engine, info: dict[str, Any], home: Path) -> FastAPI:
             return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
 
     @app.get("/api/events")
-    async def list_events(after: EventId = 0, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def list_events(after: EventId = 0, namespace: str | None = None) -> list[shapes.Event]:
         return engine.store.events(after, namespace)
 
     @app.get("/events", response_model=None)
@@ -496,7 +445,7 @@ async def _event_stream(
     last = after
     while True:
         for event in engine.store.events(last, namespace):
-            last = int(str(event["id"]))
+            last = event["id"]
             yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
         if not await _pause(stopping):
             return

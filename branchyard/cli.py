@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 import click
@@ -22,6 +22,9 @@ from branchyard.client import UNSANDBOXED, ApiError, Client, default_home, path_
 from branchyard.errors import BranchyardError, InvalidSettings, StaleVersion, UsageError
 from branchyard.naming import BASELINE
 from branchyard.text import printable
+
+if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~20 ms
+    from branchyard import shapes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -157,7 +160,7 @@ def up(
 @pass_context
 def info(ctx: Context) -> None:
     """Print the router's and the API's addresses."""
-    data = ctx.client.call("GET", path_of("info"))
+    data: shapes.Info = ctx.client.call("GET", path_of("info"))
     click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
     click.echo(f"sandbox {data.get('sandbox') or 'none: ' + UNSANDBOXED}")
 
@@ -194,7 +197,7 @@ def repo_add(
         "default_branch": default_branch,
         "webhook_secret": _secret_option(webhook_secret),
     }
-    added = ctx.client.call("POST", path_of("repos"), body)
+    added: shapes.Repo = ctx.client.call("POST", path_of("repos"), body)
     click.echo(f"added {added['name']} ({added['url']}); default branch {added['default_branch']}")
 
 
@@ -220,7 +223,7 @@ def repo_set(
         body["default_branch"] = default_branch
     if webhook_secret is not None:
         body["webhook_secret"] = _secret_option(webhook_secret)
-    done = ctx.client.call("PATCH", path_of("repos", name), body)
+    done: shapes.Repo = ctx.client.call("PATCH", path_of("repos", name), body)
     what = [f"default branch {done['default_branch']}"] if default_branch is not None else []
     if webhook_secret is not None:
         what.append("webhook secret " + ("set" if body["webhook_secret"] else "removed"))
@@ -231,6 +234,7 @@ def repo_set(
 @pass_context
 def repo_ls(ctx: Context) -> None:
     """List registered repos."""
+    found: list[shapes.RepoRow] = ctx.client.call("GET", path_of("repos"))
     rows = [
         [
             r["name"],
@@ -239,7 +243,7 @@ def repo_ls(ctx: Context) -> None:
             str(r["branches"]),
             r["error"] or "ok",
         ]
-        for r in ctx.client.call("GET", path_of("repos"))
+        for r in found
     ]
     click.echo(_table(["NAME", "URL", "DEFAULT", "BRANCHES", "STATUS"], rows))
 
@@ -303,7 +307,7 @@ def _terminal_width() -> int | None:
 def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) -> None:
     """List what runs in a namespace."""
     namespace = None if everything else ctx.namespace(ns)
-    rows = ctx.client.call("GET", path_of("services", namespace=namespace))
+    rows: list[shapes.ServiceRow] = ctx.client.call("GET", path_of("services", namespace=namespace))
     if not ctx.client.sandboxed():
         click.echo(f"warning: no sandbox: {UNSANDBOXED}", err=True)
     if fmt == "json":
@@ -320,8 +324,8 @@ def ps(ctx: Context, quiet: bool, everything: bool, fmt: str, ns: str | None) ->
             state = f"{r['state']}: {r['reason']}" if r["reason"] else r["state"]
             name = f"{r['namespace']}:{r['service']}"
             table.append([name, revision, state, r["url"], _age(r["since"])])
-            if r["logs_command"]:
-                latest = r["latest"]
+            latest = r["latest"]
+            if r["logs_command"] and latest:
                 notes.append(
                     f"{name} v{latest['ordinal']} {latest['state']}; see: {r['logs_command']}"
                 )
@@ -340,10 +344,8 @@ def ns_group() -> None:
 @pass_context
 def ns_ls(ctx: Context) -> None:
     """List namespaces, their branch and services."""
-    rows = [
-        [n["namespace"], n["branch"], ", ".join(n["services"])]
-        for n in ctx.client.call("GET", path_of("namespaces"))
-    ]
+    found: list[shapes.Namespace] = ctx.client.call("GET", path_of("namespaces"))
+    rows = [[n["namespace"], n["branch"], ", ".join(n["services"])] for n in found]
     click.echo(_table(["NAMESPACE", "BRANCH", "SERVICES"], rows))
 
 
@@ -390,9 +392,10 @@ def logs(
 @pass_context
 def url(ctx: Context, service: str, ns: str | None) -> None:
     """Print the router URL of a service."""
-    click.echo(
-        ctx.client.call("GET", path_of("namespaces", ctx.namespace(ns), "services", service))["url"]
+    row: shapes.ServiceRow = ctx.client.call(
+        "GET", path_of("namespaces", ctx.namespace(ns), "services", service)
     )
+    click.echo(row["url"])
 
 
 @cli.command("rm")
@@ -402,7 +405,9 @@ def url(ctx: Context, service: str, ns: str | None) -> None:
 def rm(ctx: Context, service: str, ns: str | None) -> None:
     """Stop a service in a namespace until its branch gets a new commit."""
     namespace = ctx.namespace(ns)
-    done = ctx.client.call("DELETE", path_of("namespaces", namespace, "services", service))
+    done: shapes.ServiceRemoved = ctx.client.call(
+        "DELETE", path_of("namespaces", namespace, "services", service)
+    )
     click.echo(
         f"removed {done['removed']}; the next push to {done['until_next_push_of']} brings it back"
     )
@@ -430,7 +435,7 @@ def _author() -> str:
     return f"{name} <{email}>"
 
 
-def _saved(namespace: str, service: str, done: dict[str, Any]) -> str:
+def _saved(namespace: str, service: str, done: shapes.EnvSaved) -> str:
     unchanged = "" if done["changed"] else " (unchanged)"
     return f"{namespace}:{service} settings {done['version']}{unchanged}"
 
@@ -458,7 +463,7 @@ def env_group() -> None:
 def env_ls(ctx: Context, service: str, show_secrets: bool, ns: str | None) -> None:
     """Variables a person set (branchyard's own, like PORT and *_URL, are not listed)."""
     path = _env_path(ctx.namespace(ns), service) + ("?show_secrets=true" if show_secrets else "")
-    found = ctx.client.call("GET", path)
+    found: shapes.Env = ctx.client.call("GET", path)
     for key, value in sorted(found["env"].items()):
         click.echo(f"{key}={value}")
     for key, value in sorted(found["secrets"].items()):
@@ -489,7 +494,9 @@ def env_set(
     changes = _assignments(pairs)
     if secret:
         body = {"set": changes, "author": _author()}
-        done = ctx.client.call("PUT", _service_path(ctx, ns, service, "secrets"), body)
+        done: shapes.SecretsSaved = ctx.client.call(
+            "PUT", _service_path(ctx, ns, service, "secrets"), body
+        )
         click.echo(f"{namespace}:{service} settings {done['version']} (secret values not shown)")
         return
     _change_env(ctx, namespace, service, changes, ())
@@ -503,7 +510,7 @@ def env_set(
 def env_unset(ctx: Context, service: str, keys: tuple[str, ...], ns: str | None) -> None:
     """Remove variables; rolls out a new revision."""
     namespace = ctx.namespace(ns)
-    found = ctx.client.call("GET", _env_path(namespace, service))
+    found: shapes.Env = ctx.client.call("GET", _env_path(namespace, service))
     env = found["env"]
     missing = [k for k in keys if k not in env and k not in found["secrets"]]
     if missing:
@@ -598,11 +605,11 @@ def edit(ctx: Context, service: str, ns: str | None) -> None:
     )
     note = ""
     while True:
-        current = ctx.client.call("GET", path)
+        current: shapes.Env = ctx.client.call("GET", path)
         env = _edited_env(note + header + render_document(current["env"]), current["env"])
         body = {"env": env, "version": current["version"], "author": _author()}
         try:
-            done = ctx.client.call("PUT", path, body)
+            done: shapes.EnvSaved = ctx.client.call("PUT", path, body)
         except ApiError as exc:
             if exc.code != StaleVersion.code:
                 raise
@@ -619,7 +626,8 @@ def edit(ctx: Context, service: str, ns: str | None) -> None:
 def history(ctx: Context, service: str, ns: str | None) -> None:
     """The settings changes of a service in a namespace, newest first, with diffs."""
     path = path_of("namespaces", ctx.namespace(ns), "services", service, "history")
-    for change in ctx.client.call("GET", path):
+    changes: list[shapes.SettingsChange] = ctx.client.call("GET", path)
+    for change in changes:
         click.echo(
             f"{change['commit']}  {change['date']}  {change['author']}\n    {change['message']}\n"
         )
@@ -648,7 +656,9 @@ def _ordinal(text: str) -> int:
 @pass_context
 def revisions(ctx: Context, service: str, fmt: str, ns: str | None) -> None:
     """A service's revisions in a namespace, newest first, and why each ended."""
-    found = ctx.client.call("GET", _service_path(ctx, ns, service, "revisions"))
+    found: list[shapes.Revision] = ctx.client.call(
+        "GET", _service_path(ctx, ns, service, "revisions")
+    )
     if fmt == "json":
         click.echo(json.dumps(found, indent=2))
         return
@@ -675,7 +685,7 @@ def revisions(ctx: Context, service: str, fmt: str, ns: str | None) -> None:
 def rollback(ctx: Context, service: str, revision: str | None, ns: str | None) -> None:
     """Send traffic to an earlier revision (the previous one by default) and pin it."""
     body = {"ordinal": _ordinal(revision) if revision else None}
-    done = ctx.client.call("POST", _service_path(ctx, ns, service, "rollback"), body)
+    done: shapes.Pinned = ctx.client.call("POST", _service_path(ctx, ns, service, "rollback"), body)
     click.echo(
         f"{ctx.namespace(ns)}:{service} is on v{done['live']}, pinned; new commits "
         f"stage until: branchyard unpin {service}"
@@ -690,7 +700,7 @@ def rollback(ctx: Context, service: str, revision: str | None, ns: str | None) -
 def promote(ctx: Context, service: str, revision: str, ns: str | None) -> None:
     """Send all traffic to a revision (for example a staged one) and pin it."""
     body = {"ordinal": _ordinal(revision)}
-    done = ctx.client.call("POST", _service_path(ctx, ns, service, "promote"), body)
+    done: shapes.Pinned = ctx.client.call("POST", _service_path(ctx, ns, service, "promote"), body)
     click.echo(f"{ctx.namespace(ns)}:{service} is on v{done['live']}, pinned")
 
 
@@ -700,7 +710,7 @@ def promote(ctx: Context, service: str, revision: str, ns: str | None) -> None:
 @pass_context
 def restart(ctx: Context, service: str, ns: str | None) -> None:
     """Start the live revision's processes afresh, switching without a gap."""
-    done = ctx.client.call("POST", _service_path(ctx, ns, service, "restart"))
+    done: shapes.Live = ctx.client.call("POST", _service_path(ctx, ns, service, "restart"))
     click.echo(f"{ctx.namespace(ns)}:{service} v{done['live']} restarted")
 
 
@@ -710,7 +720,7 @@ def restart(ctx: Context, service: str, ns: str | None) -> None:
 @pass_context
 def unpin(ctx: Context, service: str, ns: str | None) -> None:
     """Let traffic follow new commits again: the branch head goes live (built if need be)."""
-    done = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))
+    done: shapes.Unpinned = ctx.client.call("POST", _service_path(ctx, ns, service, "unpin"))
     if done["live"]:
         then = f"; v{done['live']} goes live"
     elif done["building"]:
@@ -732,7 +742,7 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
         body = {"weights": {rev: int(pct) for rev, pct in weights.items()}}
     except ValueError:
         raise UsageError("each share is REV=PCT with a whole number, like 5=10") from None
-    done = ctx.client.call("PUT", _service_path(ctx, ns, service, "weights"), body)
+    done: shapes.Weights = ctx.client.call("PUT", _service_path(ctx, ns, service, "weights"), body)
     shown = " ".join(f"v{rev}={pct}" for rev, pct in sorted(done["weights"].items()))
     click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
 
@@ -744,8 +754,8 @@ def _event_time(at: float) -> str:
     return datetime.fromtimestamp(at).astimezone().isoformat(sep=" ", timespec="seconds")
 
 
-def _event_line(event: dict[str, Any]) -> str:
-    when = _event_time(float(event["at"]))
+def _event_line(event: shapes.Event) -> str:
+    when = _event_time(event["at"])
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
     return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
 
@@ -757,7 +767,7 @@ def _event_line(event: dict[str, Any]) -> str:
 def events(ctx: Context, follow: bool, ns: str | None) -> None:
     """What happened: pushes, builds, revisions going live, rollbacks, edits, webhooks."""
     namespace = ns or ctx.namespace_option
-    found = ctx.client.call("GET", path_of("events", namespace=namespace))
+    found: list[shapes.Event] = ctx.client.call("GET", path_of("events", namespace=namespace))
     for event in found:
         click.echo(_event_line(event))
     if not follow:
@@ -778,7 +788,7 @@ def token() -> None:
 @pass_context
 def token_rotate(ctx: Context) -> None:
     """Replace the API token; the old one stops working at once."""
-    done = ctx.client.call("POST", path_of("token", "rotate"))
+    done: shapes.TokenFile = ctx.client.call("POST", path_of("token", "rotate"))
     click.echo(f"token rotated; the new one is in {done['token_file']}")
 
 
@@ -798,7 +808,7 @@ def gc(ctx: Context) -> None:
 @pass_context
 def dashboard(ctx: Context, open_browser: bool) -> None:
     """Print a link that logs a browser in to the dashboard (once, within 5 minutes)."""
-    done = ctx.client.call("POST", path_of("dashboard", "login-code"))
+    done: shapes.LoginCode = ctx.client.call("POST", path_of("dashboard", "login-code"))
     click.echo(done["url"])
     click.echo(f"(the link logs in once, within {done['expires_in'] // 60} minutes)", err=True)
     if open_browser:
@@ -814,7 +824,7 @@ def demo(ctx: Context, directory: Path) -> None:
     """Create three sample service repos, register them, and print what to try."""
     from branchyard.demo import create_demo, workflow_text
 
-    info_data = ctx.client.call("GET", path_of("info"))
+    info_data: shapes.Info = ctx.client.call("GET", path_of("info"))
     try:
         repos = create_demo(directory)
     except FileExistsError as exc:

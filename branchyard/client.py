@@ -14,13 +14,16 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import h11
 
 from branchyard import auth
 from branchyard.errors import BranchyardError, DaemonNotRunning
+
+if TYPE_CHECKING:  # importing the shapes costs a command ~20 ms (see branchyard.shapes)
+    from branchyard.shapes import Info
 
 DAEMON_FILE = "daemon.json"
 TIMEOUT = 60.0
@@ -55,9 +58,9 @@ class Client:
             f"branchyard is not running for home {self.home}; start it with: branchyard up"
         )
 
-    def _daemon_file(self) -> dict[str, Any]:
+    def _daemon_file(self) -> Info:
         try:
-            info: dict[str, Any] = json.loads((self.home / DAEMON_FILE).read_text())
+            info: Info = json.loads((self.home / DAEMON_FILE).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             raise self._not_running() from None
         return info

@@ -45,6 +45,7 @@ from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
 from branchyard.runtime.sandbox import Sandbox, detect
 from branchyard.settings import SettingsRepo
+from branchyard.shapes import Info
 from branchyard.status import StatusConfig, config_from_env
 from branchyard.store import Store
 from branchyard.vault import Vault
@@ -251,7 +252,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             raise UsageError(
                 f"cannot listen on {LOOPBACK}:{options.router_port}: {exc.strerror}"
             ) from None
-        info = {
+        info: Info = {
             "pid": os.getpid(),
             "home": str(home),
             "router": f"http://{LOOPBACK}:{router_port}",
@@ -302,7 +303,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _write_daemon_file(home: Path, info: dict[str, object]) -> None:
+def _write_daemon_file(home: Path, info: Info) -> None:
     temporary = home / f".{DAEMON_FILE}.tmp"
     temporary.write_text(json.dumps(info))
     temporary.replace(home / DAEMON_FILE)

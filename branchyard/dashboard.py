@@ -48,16 +48,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.staticfiles import StaticFiles
 
-from branchyard import auth
+from branchyard import auth, readmodel, views
 from branchyard.client import UNSANDBOXED
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE, dns_label
 from branchyard.planner import Slot
-from branchyard.rollout import Running
 from branchyard.runtime import logs
-from branchyard.runtime.supervisor import ProcessState
 from branchyard.sessions import (
     CODE_SECONDS,
     SESSION_SECONDS,
@@ -65,6 +63,7 @@ from branchyard.sessions import (
     cookie_name,
     session_of,
 )
+from branchyard.shapes import Event, LoginCode
 from branchyard.text import without_escapes
 from branchyard.vault import MASK
 
@@ -108,13 +107,6 @@ _TONES = {
     "failed": "bad",
     "crashed": "bad",
 }
-# A newest revision in one of these states is what a cell shows, whatever serves.
-_NEWEST_SHOWS = (
-    RevisionState.BUILDING,
-    RevisionState.STARTING,
-    RevisionState.FAILED,
-    RevisionState.CRASHED,
-)
 _CAN_SERVE = (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.CRASHED)  # promote
 
 
@@ -150,47 +142,17 @@ def router_url(engine: Engine, namespace: str, service: str) -> str:
 
 
 def _cell(engine: Engine, slot: Slot) -> Cell:
-    history = engine.store.revisions(slot)
-    latest = history[0] if history else None
-    running: Running | None = engine.rollouts.live(slot)
-    live = engine.store.revision(running.revision.id) if running else None
-    pinned = engine.store.pin(slot)
-    notes: list[str] = []
-    shown = latest
-    if latest is None:
-        state = "pending"
-    elif latest.state in _NEWEST_SHOWS:
-        state = latest.state.value
-    elif live is not None and running is not None:
-        state, shown = "live", live
-        if running.instance.state is not ProcessState.RUNNING:
-            state = "restarting"
-        if latest.id != live.id and latest.state is RevisionState.STAGED:
-            notes.append(f"v{latest.ordinal} staged")
-    else:
-        state = latest.state.value
-    if live is not None and shown is not None and shown.id != live.id:
-        notes.insert(0, f"v{live.ordinal} serves")
-    elif live is None and state in ("failed", "crashed"):
-        notes.insert(0, "nothing serves")
-    weights = engine.rollouts.weights(slot)
-    if len(weights) > 1:
-        notes.append("split " + " ".join(f"v{o}={w}%" for o, w in sorted(weights.items())))
-    elif pinned is not None:
-        notes.append(f"pinned v{pinned}")
-    head = engine.behind(slot)
-    if head is not None:
-        notes.append(f"behind {head.branch} ({head.sha[:7]})")
-    failed = shown is not None and shown.state in (RevisionState.FAILED, RevisionState.CRASHED)
+    said = readmodel.status(views.snapshot(engine, slot))
+    head = readmodel.heading(said)
     return Cell(
         slot[0],
         slot[1],
-        state,
-        shown,
-        live,
-        tuple(notes),
-        shown.reason if shown and failed else "",
-        pinned,
+        head.state,
+        head.revision,
+        said.live,
+        head.notes,
+        said.reason,
+        said.pinned,
         router_url(engine, *slot),
     )
 
@@ -260,12 +222,12 @@ def _diff_lines(diff: str) -> list[tuple[str, str]]:
 
 def _last_event(engine: Engine) -> int:
     events = engine.store.events(0, None, limit=1)
-    return int(str(events[-1]["id"])) if events else 0
+    return events[-1]["id"] if events else 0
 
 
 def _recent_events(
     engine: Engine, namespace: str | None = None, service: str | None = None, count: int = 8
-) -> list[dict[str, object]]:
+) -> list[Event]:
     found = engine.store.events(0, namespace, limit=200 if service else count)
     if service is not None:
         found = [e for e in found if e["service"] == service]
@@ -356,7 +318,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         )
 
     @app.post("/api/dashboard/login-code", tags=["dashboard"])
-    async def login_code() -> dict[str, Any]:
+    async def login_code() -> LoginCode:
         """A one-time code (valid 5 minutes) and the URL that logs a browser in with it."""
         code = sessions.new_code(current_token())
         return {

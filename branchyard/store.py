@@ -24,6 +24,7 @@ from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Repo, Revision, RevisionState, Target
+from branchyard.shapes import Event
 from branchyard.text import shown
 
 Slot = tuple[str, str]
@@ -342,9 +343,7 @@ class Store:
             "DELETE FROM events WHERE id <= ?", ((cursor.lastrowid or 0) - self._keep_events,)
         )
 
-    def events(
-        self, after: int = 0, namespace: str | None = None, limit: int = 200
-    ) -> list[dict[str, object]]:
+    def events(self, after: int = 0, namespace: str | None = None, limit: int = 200) -> list[Event]:
         """Events with an id above ``after``, oldest first (the last ``limit`` if many)."""
         where, args = "id > ?", list[object]([after])
         if namespace is not None:
@@ -355,4 +354,14 @@ class Store:
             f"WHERE {where} ORDER BY id DESC LIMIT ?) ORDER BY id",
             (*args, limit),
         )
-        return [dict(r) for r in rows]
+        return [
+            {
+                "id": r["id"],
+                "at": r["at"],
+                "kind": r["kind"],
+                "namespace": r["namespace"],
+                "service": r["service"],
+                "message": r["message"],
+            }
+            for r in rows
+        ]
