@@ -504,7 +504,7 @@ def test_a_backend_head_that_comes_without_its_body_is_acknowledged_at_once(
         for answered in range(3):
             client.sendall(b"GET / HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
             recv_until(client, b"\r\n\r\n", buffer)  # the head went through alone
-            asked = proxy.loop.call(list, quick_acks)  # once the router's read of it is over
+            asked = proxy.loop.call(quick_acks.copy)  # once the router's read of it is over
             assert asked == router_ports * (answered + 1)  # one pooled connection, asked each time
             body_may_go.release()
             recv_until(client, b"body", buffer)
@@ -860,13 +860,15 @@ class AnswersOnce(socketserver.BaseRequestHandler):
 def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(
     proxy: Proxy, backends: Backends
 ) -> None:
-    handler = type("Once", (AnswersOnce,), {"connections": 0})
-    proxy.set_backend("main", "web", backends.tcp(handler))
+    class Once(AnswersOnce):
+        connections = 0
+
+    proxy.set_backend("main", "web", backends.tcp(Once))
     conn = keep_alive(proxy.port)
     try:
         assert ask(conn) == (200, b"fresh")
         assert ask(conn) == (200, b"fresh")  # the pooled connection hung up: retried
-        assert handler.connections == 2
+        assert Once.connections == 2
     finally:
         conn.close()
 
@@ -874,14 +876,16 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(
 def test_a_post_on_a_stale_pooled_connection_is_not_retried_and_gets_a_502(
     proxy: Proxy, backends: Backends
 ) -> None:
-    handler = type("Once", (AnswersOnce,), {"connections": 0})
-    proxy.set_backend("main", "web", backends.tcp(handler))
+    class Once(AnswersOnce):
+        connections = 0
+
+    proxy.set_backend("main", "web", backends.tcp(Once))
     conn = keep_alive(proxy.port)
     try:
         assert ask(conn) == (200, b"fresh")
         status, body = ask(conn, method="POST")
         assert (status, body) == (502, b"web in main closed the connection without answering\n")
-        assert handler.connections == 1
+        assert Once.connections == 1
     finally:
         conn.close()
 
