@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from bench.common import processes_with
+from bench.common import processes_with as processes_with  # for the tests, too
 
 T = TypeVar("T")
 
@@ -88,15 +88,16 @@ def no_process_left(marker: str, timeout: float = 10.0) -> None:
 def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: object = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            result = check()
         except (AssertionError, OSError, ValueError) as exc:
             last = exc
         else:
-            if last:
-                return last
+            if result:
+                return result
+            last = result
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 

@@ -253,7 +253,7 @@ def test_rollback_and_env_edit_from_the_service_page(
     expect(page.locator("#rev-1")).to_contain_text("first")
     expect(page.locator("#logs")).to_contain_text("listening on")
     expect(page.locator("#logs")).to_contain_text("colored output")  # no escapes shown
-    assert "\x1b" not in page.locator("#logs").text_content()
+    assert "\x1b" not in (page.locator("#logs").text_content() or "")
 
     page.get_by_role("button", name="Roll back to v1").click()
     expect(page.locator("#notice")).to_have_text("app in main is on v1, pinned.")

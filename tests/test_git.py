@@ -18,7 +18,7 @@ from branchyard.git import (
     ls_remote,
     parse_ls_remote,
 )
-from tests.conftest import git
+from tests.conftest import git, wait_for
 
 
 def commit(repo: Path, files: dict[str, str], message: str) -> str:
@@ -192,10 +192,9 @@ def test_a_question_cancelled_half_way_does_not_answer_the_next_one(repo: Path) 
             await asyncio.gather(asked, return_exceptions=True)
             assert await source.read_file(sha, "branchyard.yaml") == "run: y\n", step
         await source.close()
-        await asyncio.sleep(0.1)
 
     asyncio.run(scenario())
-    assert cat_files() == []
+    wait_for(lambda: cat_files() == [], 10, "every cat-file to end (those cancelled were killed)")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_each_new_commit_becomes_a_new_revision_without_restarting_peers(
     for number in range(3):
         sha = app.commit({"version.txt": str(number)}, f"commit {number}")
         app.push()
-        wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"commit {number} live")
+        wait_for(partial(daemon.serves, "app", "main", sha), 30, f"commit {number} live")
 
     rows = {r["service"]: r for r in daemon.ps_json()}
     assert rows["app"]["live"]["sha"] == sha

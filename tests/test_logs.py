@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -74,13 +74,15 @@ def test_rotate_keeps_the_last_bytes_and_empties_the_log(tmp_path: Path) -> None
     assert (logs.rotated(log).read_bytes(), log.read_bytes()) == (b"3456789abc", b"")
 
 
-async def followed(log: Path, lines: int | None, steps: list[Callable[[], None]]) -> bytes:
+async def followed(log: Path, lines: int | None, steps: Sequence[Callable[[], object]]) -> bytes:
     """What follow yields while ``steps`` run, one before each look after the first."""
+    left = iter(steps)
 
     async def pause() -> bool:
-        if not steps:
+        step = next(left, None)
+        if step is None:
             return False
-        steps.pop(0)()
+        step()
         return True
 
     return b"".join([block async for block in logs.follow(log, lines, pause)])

@@ -4,7 +4,7 @@ a deploy's build tried again while its repo cannot be fetched."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,7 @@ class FakeSleep:
         self.delays.append(delay)
 
 
-def failing(errors: list[Exception], result: str = "done") -> Callable[[], Awaitable[str]]:
+def failing(errors: Sequence[Exception], result: str = "done") -> Callable[[], Awaitable[str]]:
     """An attempt that raises each of ``errors`` in turn, then returns ``result``."""
     remaining = list(errors)
 

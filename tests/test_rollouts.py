@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ class Load:
         for thread in self._threads:
             thread.join(30)
 
+    def answered_last_by(self, sha: str) -> bool:
+        return bool(self.answers) and self.answers[-1][1] == sha
+
     def _loop(self, keep_alive: bool) -> None:
         connection: http.client.HTTPConnection | None = None
         deadline = time.monotonic() + 120  # bounded whatever happens
@@ -91,17 +95,16 @@ def test_twenty_pushes_under_load_drop_no_request(
     app = make_repo("app")
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
-    shas = []
     with Load(daemon.router_port, "app.main.localhost") as load:
-        time.sleep(0.5)
+        wait_for(lambda: len(load.answers) >= 20, 30, "answers before the pushes")
         for number in range(20):
             sha = app.commit({"n.txt": str(number)}, f"push {number}")
             app.push()
-            wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"push {number}")
-            shas.append(sha)
-        time.sleep(0.5)
+            wait_for(partial(daemon.serves, "app", "main", sha), 30, f"push {number}")
+            wait_for(partial(load.answered_last_by, sha), 30, f"push {number} answers the load")
+        pushed = len(load.answers)
+        wait_for(lambda: len(load.answers) >= pushed + 20, 30, "answers after the pushes")
     assert load.errors == []
-    assert len(load.answers) > 100 * 2
     revisions = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
     stopped_at = {r["sha"]: r["changed_at"] for r in revisions if r["state"] == "stopped"}
     late = [(at, sha) for at, sha in load.answers if sha in stopped_at and at > stopped_at[sha]]
@@ -273,7 +276,7 @@ def test_builds_are_kept_for_the_last_five_revisions_and_gc_reports(
     for number in range(7):
         sha = app.commit({"n": str(number)}, f"c{number}")
         app.push()
-        wait_for(lambda s=sha: daemon.serves("app", "main", s), 30, f"commit {number}")
+        wait_for(partial(daemon.serves, "app", "main", sha), 30, f"commit {number}")
     builds = daemon.home / "builds" / "main" / "app"
     wait_for(lambda: len(list(builds.glob("*.ok"))) == 6, 15, "six builds (live and five)")
     assert "freed" in daemon.cli("gc").stdout

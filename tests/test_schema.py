@@ -205,7 +205,7 @@ def api_schema(live: Daemon) -> schemathesis.BaseSchema:
     return biased(schema)
 
 
-def probe_stream(case: schemathesis.Case, daemon: Daemon) -> int:
+def probe_stream(case: schemathesis.Case[Any], daemon: Daemon) -> int:
     """A never-ending response: its status, then whether it breaks at once."""
     kwargs = case.as_transport_kwargs(headers=bearer(daemon))
     kwargs["timeout"] = (REQUEST_TIMEOUT, STREAM_PROBE)
@@ -223,7 +223,9 @@ def probe_stream(case: schemathesis.Case, daemon: Daemon) -> int:
         return response.status_code
 
 
-def operations_of(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
+def operations_of(
+    schema: schemathesis.BaseSchema,
+) -> list[schemathesis.APIOperation[Any, Any, Any, Any]]:
     found = []
     for result in schema.get_all_operations():
         if not hasattr(result, "ok"):
@@ -235,7 +237,7 @@ def operations_of(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOpera
 def fuzz(
     schema: schemathesis.BaseSchema,
     subtests: pytest.Subtests,
-    send: Callable[[schemathesis.Case], int],
+    send: Callable[[schemathesis.Case[Any]], int],
     tag: str = "",
 ) -> None:
     """Up to MAX_EXAMPLES cases, valid and invalid, per operation, a subtest each."""
@@ -247,7 +249,7 @@ def fuzz(
 
         @FUZZ
         @given(case=cases)
-        def run(case: schemathesis.Case) -> None:
+        def run(case: schemathesis.Case[Any]) -> None:
             status: int | str = "failed"
             try:
                 status = send(case)
@@ -261,7 +263,7 @@ def fuzz(
 def test_no_operation_answers_a_server_error(
     api_schema: schemathesis.BaseSchema, live: Daemon, subtests: pytest.Subtests
 ) -> None:
-    def send(case: schemathesis.Case) -> int:
+    def send(case: schemathesis.Case[Any]) -> int:
         if case.operation.path == "/events":
             return probe_stream(case, live)
         if case.operation.path.endswith("/logs"):
@@ -380,7 +382,7 @@ def signed(body: bytes, headers: dict[str, str]) -> dict[str, str]:
 def test_webhooks_never_fail(
     hooks_schema: schemathesis.BaseSchema, live: Daemon, subtests: pytest.Subtests
 ) -> None:
-    def send(case: schemathesis.Case) -> int:
+    def send(case: schemathesis.Case[Any]) -> int:
         kwargs = case.as_transport_kwargs()
         if "json" in kwargs:
             kwargs["data"] = json.dumps(kwargs.pop("json")).encode()

@@ -2,32 +2,35 @@
 
 Most tests drive a Supervisor with fake processes (their exit is triggered from the test),
 a fake clock and a fake sleep that records the delays asked for, so backoff is checked
-without waiting. Two tests run real child processes to check the same rules hold for them.
+without waiting. Two tests run real children, spawned as the product's LocalProcess, to check
+the same rules hold for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.supervisor import (
     TRANSITIONS,
     Event,
     FirstStartFailed,
     Process,
     ProcessState,
+    Spawn,
     Supervisor,
     backoff_delay,
     transition,
 )
+from tests.test_processes import KEEPS_RUNNING, Registry, spawn_ready
 
 S = ProcessState
 
@@ -588,76 +591,44 @@ def test_stop_before_start_ends_exited_and_start_then_refuses() -> None:
 # --- real processes --------------------------------------------------------------------------
 
 
-class ChildProcess:
-    """The Process seam over a real child: SIGTERM, then SIGKILL after the grace."""
+def local(code: str, log: Path, registry: Registry) -> Spawn:
+    """Spawn ``code`` under Python as the product's own :class:`LocalProcess`."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    async def terminate(self, grace: float) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-        await self.process.wait()
-
-
-def python(code: str, stdout: int = asyncio.subprocess.DEVNULL) -> Callable[[], Awaitable[Process]]:
     async def spawn() -> Process:
-        child = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=stdout)
-        return ChildProcess(child)
+        argv = [sys.executable, "-c", code]
+        return await LocalProcess.spawn(argv, Path("/"), {}, log, registry, "child")
 
     return spawn
 
 
-def test_a_real_process_that_keeps_exiting_is_restarted_then_fails() -> None:
+def test_a_real_process_that_keeps_exiting_is_restarted_then_fails(tmp_path: Path) -> None:
+    registry = Registry()
+
     async def scenario() -> None:
-        supervisor = Supervisor(
-            "crasher", python("raise SystemExit(3)"), max_failures=2, base_delay=0.01
-        )
+        crasher = local("raise SystemExit(3)", tmp_path / "log", registry)
+        supervisor = Supervisor("crasher", crasher, max_failures=2, base_delay=0.01)
         await supervisor.start()
-        await asyncio.wait_for(supervisor.wait_failed(), 3)
+        await supervisor.wait_failed()
         assert supervisor.state is S.FAILED
         assert supervisor.exit_code == 3
         assert (supervisor.restarts, supervisor.failures) == (2, 3)
+        assert registry.live == set()
 
     run(scenario)
 
 
-def test_a_real_process_that_ignores_sigterm_is_killed_after_the_grace() -> None:
-    stubborn = (
-        "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(30)\n"
-    )
-
-    async def said_ready(process: Process) -> bool:
-        assert isinstance(process, ChildProcess) and process.process.stdout is not None
-        return await process.process.stdout.readline() == b"ready\n"
+def test_a_real_process_that_carries_on_after_sigterm_is_killed_once_the_grace_is_over(
+    tmp_path: Path,
+) -> None:
+    log, registry = tmp_path / "log", Registry()
 
     async def scenario() -> None:
-        supervisor = Supervisor("stubborn", python(stubborn, asyncio.subprocess.PIPE), said_ready)
-        await supervisor.start()
-        began = time.monotonic()
-        await supervisor.stop(0.1)
-        assert time.monotonic() - began >= 0.1
-        assert supervisor.state is S.EXITED
-        assert supervisor.exit_code == -signal.SIGKILL
+        stubborn = Supervisor("stubborn", lambda: spawn_ready(KEEPS_RUNNING, log, registry, None))
+        await stubborn.start()
+        await stubborn.stop(1.0)
+        assert stubborn.state is S.EXITED
+        assert stubborn.exit_code == -signal.SIGKILL
+        assert registry.live == set()
 
     run(scenario)
+    assert log.read_text() == "ready\ngot SIGTERM\n"  # it had the SIGTERM and the grace, then -9

@@ -72,9 +72,7 @@ def test_fetches_refused_for_a_while_are_retried_and_shown_then_deployed_without
         server.refusing_fetches = True
         daemon.cli("repo", "add", f"{server.url}/app.git")  # its refs are listed
 
-        shown = wait_for(
-            lambda: str(repos(daemon)[0]["error"]) or None, 30, "the fetch's error in repo ls"
-        )
+        shown = wait_for(lambda: str(repos(daemon)[0]["error"]), 30, "the fetch's error in repo ls")
         assert re.match(r"fetch failed \(will retry in \d+ s\): .*returned error: 503", shown)
         status = daemon.cli("repo", "ls").stdout
         assert "fetch failed (will retry in" in status

@@ -185,6 +185,14 @@ def test_a_push_to_a_local_repo_wakes_the_watcher_without_waiting_for_its_tick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(watcher, "LOCAL_INTERVAL", 3600.0)  # only inotify can wake it
+    real = watcher.refs_fingerprint
+    looked = asyncio.Event()  # the watcher looked at the refs since its last check
+
+    def fingerprint(git_dir: Path) -> watcher.Fingerprint:
+        looked.set()
+        return real(git_dir)
+
+    monkeypatch.setattr(watcher, "refs_fingerprint", fingerprint)
     origin = tmp_path / "app.git"
     git("init", "-q", "--bare", "-b", "main", str(origin))
     work = tmp_path / "work"
@@ -199,12 +207,15 @@ def test_a_push_to_a_local_repo_wakes_the_watcher_without_waiting_for_its_tick(
         seen: asyncio.Queue[RepoHeads] = asyncio.Queue()
 
         async def on_heads(heads: RepoHeads) -> None:
+            looked.clear()
             await seen.put(heads)
 
         async def pushed(branch: str, subject: str) -> None:
-            await asyncio.sleep(0.2)  # the watcher is asleep, until its tick in an hour
-            sha = await asyncio.to_thread(push, branch, subject)
             async with asyncio.timeout(10):
+                # A check wakes the watcher as it ends; once the watcher looked at the refs
+                # after the last one, it sleeps until its tick in an hour or inotify wakes it.
+                await looked.wait()
+                sha = await asyncio.to_thread(push, branch, subject)
                 while (await seen.get()).branches.get(branch) != sha:
                     pass
 
