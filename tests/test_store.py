@@ -155,6 +155,23 @@ def test_set_state_updates_state_reason_port_and_time(store: Store, clock: FakeC
     assert store.revision(created.id) == failed
 
 
+def test_every_listener_hears_of_each_new_revision_and_state_change_in_order(
+    store: Store,
+) -> None:
+    heard: list[tuple[str, int, RevisionState]] = []
+    for name in ("first", "second"):
+        store.listen(lambda r, name=name: heard.append((name, r.ordinal, r.state)))
+    made = store.new_revision(target(), RevisionState.BUILDING)
+    store.set_state(made.id, RevisionState.LIVE)
+    store.event("live", "not a revision change")
+    assert heard == [
+        ("first", 1, RevisionState.BUILDING),
+        ("second", 1, RevisionState.BUILDING),
+        ("first", 1, RevisionState.LIVE),
+        ("second", 1, RevisionState.LIVE),
+    ]
+
+
 def test_the_latest_revisions_are_the_newest_of_each_slot(store: Store) -> None:
     slots = [("main", "app"), ("main", "app"), ("main", "web"), ("bugfix", "app")]
     made = [store.new_revision(target(*slot), RevisionState.BUILDING) for slot in slots]
