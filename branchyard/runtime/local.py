@@ -500,7 +500,7 @@ class LocalRuntime:
             return b""
 
     async def last_lines(self, log: LogName, count: int = LAST_LINES) -> list[str]:
-        return last_lines(self._log_path(log), count)
+        return logfiles.last_lines(self._log_path(log), count)
 
     def read_log(
         self, log: LogName, lines: int | None = None, pause: Pause | None = None
