@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from branchyard.errors import Conflict, NotFound, UsageError
-from branchyard.model import Overlay, Repo, RevisionState, Target
+from branchyard.model import Overlay, Repo, Revision, RevisionState, Target
 from branchyard.store import Store
 
 SHA = "1111111" + "a" * 33
@@ -159,8 +159,12 @@ def test_every_listener_hears_of_each_new_revision_and_state_change_in_order(
     store: Store,
 ) -> None:
     heard: list[tuple[str, int, RevisionState]] = []
-    for name in ("first", "second"):
-        store.listen(lambda r, name=name: heard.append((name, r.ordinal, r.state)))
+
+    def listener(name: str) -> Callable[[Revision], None]:
+        return lambda revision: heard.append((name, revision.ordinal, revision.state))
+
+    store.listen(listener("first"))
+    store.listen(listener("second"))
     made = store.new_revision(target(), RevisionState.BUILDING)
     store.set_state(made.id, RevisionState.LIVE)
     store.event("live", "not a revision change")
