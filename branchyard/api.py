@@ -25,9 +25,9 @@ from branchyard import auth, readmodel, sessions, shapes, views, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
 from branchyard.model import Overlay
-from branchyard.naming import BASELINE, dns_label
+from branchyard.naming import BASELINE
 from branchyard.planner import Slot
-from branchyard.runtime import logs as logfiles
+from branchyard.runtime import LogName
 from branchyard.settings import validate_env
 from branchyard.text import shown
 from branchyard.vault import masked
@@ -162,20 +162,18 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
         message = problems.encode(errors="backslashreplace").decode()  # never echo the input
         return JSONResponse({"error": "invalid_request", "message": message}, status_code=422)
 
-    def router_url(namespace: str, service: str) -> str:
-        return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
-
-    def row(slot: Slot) -> shapes.ServiceRow:
+    async def row(slot: Slot) -> shapes.ServiceRow:
         seen = views.snapshot(engine, slot)
         latest = seen.latest
-        failure = engine.rollouts.failure_log(latest) if latest else None
+        failure = await engine.rollouts.failure_log(latest) if latest else None
         last_lines = (
-            logfiles.last_lines(engine.runtime.log_path(*slot, latest.ordinal, False))
+            await engine.runtime.last_lines(LogName(*slot, latest.ordinal))
             if failure and latest
             else []
         )
         command = failure.command if failure else ""
-        return readmodel.service_row(*slot, seen, router_url(*slot), last_lines, command)
+        url = engine.runtime.public_url(*slot)
+        return readmodel.service_row(*slot, seen, url, last_lines, command)
 
     @app.get("/api/info")
     async def get_info() -> shapes.Info:
@@ -226,12 +224,12 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
             slots = [s for s in slots if s[0] == namespace]
             if not slots:
                 engine.target(namespace, "")
-        return [row(slot) for slot in slots]
+        return [await row(slot) for slot in slots]
 
     @app.get("/api/namespaces/{namespace}/services/{service}")
     async def get_service(namespace: str, service: str) -> shapes.ServiceRow:
         engine.target(namespace, service)
-        return row((namespace, service))
+        return await row((namespace, service))
 
     @app.delete("/api/namespaces/{namespace}/services/{service}")
     async def remove_service(namespace: str, service: str) -> shapes.ServiceRemoved:
@@ -307,11 +305,10 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
             chosen = running.revision if running and not build else next(iter(history), None)
         if chosen is None:
             raise NotFound(f"{service} in {namespace} has no revision yet")
-        ordinal = chosen.ordinal
-        path = engine.runtime.log_path(namespace, service, ordinal, build)
+        log = LogName(namespace, service, chosen.ordinal, build)
         if not follow:
-            return StreamingResponse(logfiles.read(path, tail), media_type="text/plain")
-        followed = logfiles.follow(path, tail, lambda: _pause(stopping))
+            return StreamingResponse(engine.runtime.read_log(log, tail), media_type="text/plain")
+        followed = engine.runtime.read_log(log, tail, lambda: _pause(stopping))
         return StreamingResponse(followed, media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
@@ -372,7 +369,7 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
 
     @app.post("/api/gc")
     async def gc() -> dict[str, int]:
-        return engine.gc()
+        return await engine.gc()
 
     return app
 

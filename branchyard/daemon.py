@@ -1,5 +1,12 @@
 """``branchyard up``: wires the store, watcher, engine, runtime, router and API together.
 
+This is the one place that makes the daemon's parts and connects them: the engine
+and its rollouts receive a runtime and a traffic layer (here the local ones:
+processes on this machine and the built-in router), the store, watcher, settings,
+vault, status reporter and clock; the watcher's branch heads and the store's
+revision changes reach the engine through callbacks given here. Another runtime is
+another module and another line in :func:`_seams`.
+
 Everything runs on one asyncio loop in one process. The daemon writes
 ``daemon.json`` in the home (its pid and addresses) for the CLI to find it, and
 holds ``daemon.lock`` so that two daemons never share a home. SIGINT or
@@ -39,16 +46,19 @@ from branchyard.api import create_app
 from branchyard.engine import Engine
 from branchyard.errors import UsageError
 from branchyard.git import Sources
-from branchyard.rollout import DRAIN_GRACE
-from branchyard.router import HEAD_TIMEOUT_SECONDS, Router, RouteTable
+from branchyard.model import Clock, RepoHeads
+from branchyard.rollout import DRAIN_GRACE, Rollouts
+from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
+from branchyard.runtime import Runtime, Traffic
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
 from branchyard.runtime.sandbox import Sandbox, detect
 from branchyard.settings import SettingsRepo
 from branchyard.shapes import Info
-from branchyard.status import StatusConfig, config_from_env
+from branchyard.status import StatusConfig, StatusReporter, config_from_env
 from branchyard.store import Store
 from branchyard.vault import Vault
+from branchyard.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -216,26 +226,69 @@ async def serve(options: Options) -> None:
         await _serve(options, _sandbox(options.sandbox))
 
 
+def _seams(
+    options: Options,
+    sandbox: Sandbox | None,
+    store: Store,
+    sources: Sources,
+    table: RouteTable,
+    router: Router,
+) -> tuple[Runtime, Traffic]:
+    """The runtime and the traffic layer: processes here, and the built-in router."""
+    runtime = LocalRuntime(
+        options.home, sources, store, router, options.stop_grace, options.log_limit, sandbox
+    )
+    return runtime, LocalTraffic(table, router)
+
+
+def _engine(
+    options: Options, store: Store, sources: Sources, runtime: Runtime, traffic: Traffic
+) -> Engine:
+    """The engine and its parts, connected: the watcher's heads and the store's revision
+    changes reach it through the callbacks given here."""
+    home = options.home
+    vault = Vault(home / "secrets.json")
+    clock = Clock()
+    rollouts = Rollouts(
+        store,
+        runtime,
+        traffic,
+        sources,
+        vault.values,
+        options.drain_grace,
+        options.stop_grace,
+        clock.sleep,
+    )
+
+    async def on_heads(heads: RepoHeads) -> None:
+        await engine.on_heads(heads)
+
+    watcher = Watcher(sources, on_heads, options.poll_interval)
+    status = StatusReporter(_status_config(), on_error=lambda text: store.event("status", text))
+    engine = Engine(
+        store,
+        runtime,
+        traffic,
+        rollouts,
+        watcher,
+        sources,
+        SettingsRepo(home / "settings"),
+        vault,
+        status,
+        clock,
+    )
+    store.listen(engine.report)
+    return engine
+
+
 async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     home = options.home
     store = Store(home / "state.db")
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
-    runtime = LocalRuntime(home, sources, store, options.stop_grace, options.log_limit, sandbox)
-    engine = Engine(
-        store,
-        runtime,
-        router,
-        table,
-        sources,
-        SettingsRepo(home / "settings"),
-        options.poll_interval,
-        Vault(home / "secrets.json"),
-        _status_config(),
-        options.drain_grace,
-        options.stop_grace,
-    )
+    runtime, traffic = _seams(options, sandbox, store, sources, table, router)
+    engine = _engine(options, store, sources, runtime, traffic)
     auth.load_or_create(home)  # made at first start: an API off loopback is never open
     api_socket = _bind(options.api_host, options.api_port)
     stop = asyncio.Event()

@@ -53,9 +53,9 @@ from branchyard.client import UNSANDBOXED
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Revision, RevisionState
-from branchyard.naming import BASELINE, dns_label
+from branchyard.naming import BASELINE
 from branchyard.planner import Slot
-from branchyard.runtime import logs
+from branchyard.runtime import LogName, Runtime
 from branchyard.sessions import (
     CODE_SECONDS,
     SESSION_SECONDS,
@@ -137,10 +137,6 @@ class Cell:
         return self.revision.changed_at if self.revision else None
 
 
-def router_url(engine: Engine, namespace: str, service: str) -> str:
-    return f"http://{dns_label(service)}.{namespace}.localhost:{engine.router.main_port}/"
-
-
 def _cell(engine: Engine, slot: Slot) -> Cell:
     said = readmodel.status(views.snapshot(engine, slot))
     head = readmodel.heading(said)
@@ -153,7 +149,7 @@ def _cell(engine: Engine, slot: Slot) -> Cell:
         head.notes,
         said.reason,
         said.pinned,
-        router_url(engine, *slot),
+        engine.runtime.public_url(*slot),
     )
 
 
@@ -197,12 +193,9 @@ def _iso(at: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
-def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
+async def _tail(runtime: Runtime, log: LogName, size: int = LOG_TAIL_BYTES) -> str:
     """The end of a log as a page shows it: colours and other terminal escapes left out."""
-    try:
-        return without_escapes(logs.tail(path, size).decode(errors="replace"))
-    except OSError:
-        return ""
+    return without_escapes((await runtime.tail_log(log, size)).decode(errors="replace"))
 
 
 def _diff_lines(diff: str) -> list[tuple[str, str]]:
@@ -286,7 +279,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "page": page,
             "csrf": session.csrf if session else "",
             "logged_in": session is not None,
-            "router": f"http://localhost:{engine.router.main_port}/",
+            "router": engine.runtime.home_url(),
             "last_event": _last_event(engine),
             "now": time.time(),
             "unsandboxed": UNSANDBOXED if request.app.state.sandbox is None else "",
@@ -323,7 +316,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         code = sessions.new_code(current_token())
         return {
             "code": code,
-            "url": f"http://localhost:{engine.router.main_port}/login?code={code}",
+            "url": f"{engine.runtime.home_url()}login?code={code}",
             "expires_in": int(CODE_SECONDS),
         }
 
@@ -403,9 +396,9 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         person = dict(settings.env)
         secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
         changes = await engine.settings_repo.history(slot)
-        failure = engine.rollouts.failure_log(latest) if latest else None
+        failure = await engine.rollouts.failure_log(latest) if latest else None
         build_log = (
-            _tail(engine.runtime.log_path(namespace, service, latest.ordinal, True))
+            await _tail(engine.runtime, LogName(namespace, service, latest.ordinal, build=True))
             if latest
             else ""
         )
@@ -426,7 +419,9 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "changes": [(c, _diff_lines(c.diff)) for c in changes],
             "build_log": build_log,
             "failure": failure,
-            "failed_output": _tail(failure.path) if failure and not failure.build else "",
+            "failed_output": await _tail(engine.runtime, failure.log)
+            if failure and not failure.build
+            else "",
             "can_restart": _has_route(app, RESTART_PATH, "POST"),
             "events": _recent_events(engine, namespace, service),
         }

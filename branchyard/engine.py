@@ -1,8 +1,10 @@
 """The engine: the one place that acts on the planner's decisions.
 
 It keeps what the watcher saw and people set, asks :func:`branchyard.planner.plan`
-what to change, and carries each action out through the runtime:
-build, start, wait until healthy, route, stop the old revision. Each
+what to change, and carries each action out through the seams of ``runtime``
+(a :class:`~branchyard.runtime.Runtime` and a :class:`~branchyard.runtime.Traffic`):
+build, start, wait until healthy, route, stop the old revision. It makes none of
+its parts: ``daemon`` wires them and hands them over. Each
 (namespace, service) slot has at most one deploy in flight; a newer target
 cancels the older one. Requests to reconcile are coalesced: a burst of pushes
 plans once.
@@ -29,15 +31,13 @@ from branchyard.git import (
     local_path,
     ls_remote,
 )
-from branchyard.model import Overlay, Repo, RepoHeads, Revision, RevisionState, Target
+from branchyard.model import Clock, Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
-from branchyard.rollout import DAEMON_STOPPED, DRAIN_GRACE, INTERRUPTED, Rollouts
-from branchyard.router import Router, RouteTable
-from branchyard.runtime import Runtime
-from branchyard.runtime.processes import reap_leftovers
+from branchyard.rollout import DAEMON_STOPPED, INTERRUPTED, Rollouts
+from branchyard.runtime import Runtime, Traffic
 from branchyard.settings import SettingsRepo, check_version, describe_change, validate_env
-from branchyard.status import StatusConfig, StatusReporter
+from branchyard.status import StatusReporter
 from branchyard.store import Store
 from branchyard.vault import Vault
 from branchyard.watcher import Watcher
@@ -55,38 +55,31 @@ class Engine:
         self,
         store: Store,
         runtime: Runtime,
-        router: Router,
-        table: RouteTable,
+        traffic: Traffic,
+        rollouts: Rollouts,
+        watcher: Watcher,
         sources: Sources,
         settings: SettingsRepo,
-        poll_interval: float,
         vault: Vault,
-        status_config: StatusConfig | None = None,
-        drain_grace: float = DRAIN_GRACE,
-        stop_grace: float = 10.0,
+        status: StatusReporter,
+        clock: Clock,
     ) -> None:
         self.store = store
         self.runtime = runtime
-        self.router = router
-        self.table = table
+        self.traffic = traffic
+        self.rollouts = rollouts
+        self.watcher = watcher
         self.sources = sources
         self.settings_repo = settings
         self.vault = vault
-        self.status = StatusReporter(
-            status_config, on_error=lambda message: store.event("status", message)
-        )
+        self.status = status
+        self.clock = clock
         self._reports: set[asyncio.Task[bool]] = set()
-        store.on_revision = self._report
-        self.rollouts = Rollouts(
-            store, runtime, router, table, sources, vault.values, drain_grace, stop_grace
-        )
-        self.watcher = Watcher(sources, self._on_heads, poll_interval)
         self.webhook_secret = os.environ.get("BRANCHYARD_WEBHOOK_SECRET", "")
         self.heads: dict[str, RepoHeads] = {}
         self.overlays: dict[Slot, Overlay] = {}
         self.targets: dict[Slot, Target] = {}
         self._current: dict[Slot, str] = {}
-        self._peer_slots: set[Slot] = set()
         self._deploys: dict[Slot, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -95,12 +88,10 @@ class Engine:
 
     async def start(self) -> None:
         """Recover from whatever the last daemon left, then start watching."""
-        killed = reap_leftovers(self.store.processes())
-        for pgid, _, _ in self.store.processes():
-            self.store.remove_process(pgid)
+        killed = await self.runtime.recover()
         if killed:
-            log.warning("stopped %d processes a previous daemon left running", len(killed))
-            self.store.event("recovered", f"stopped {len(killed)} leftover processes")
+            log.warning("stopped %d processes a previous daemon left running", killed)
+            self.store.event("recovered", f"stopped {killed} leftover processes")
         # What served when the last daemon ended: live still if it was killed,
         # stopped with DAEMON_STOPPED if it stopped cleanly. The pinned one, or the newest.
         was_live: dict[Slot, Revision] = {}
@@ -128,12 +119,12 @@ class Engine:
         for repo in self.store.repos():
             self.watcher.watch(repo)
 
-    def _report(self, revision: Revision) -> None:
-        """Tell the forge (if one is configured) how a revision of its commit is doing."""
+    def report(self, revision: Revision) -> None:
+        """Tell the forge (if one is configured) how a revision of its commit is doing:
+        ``daemon`` makes this a listener of the store's revision changes."""
         if not self.status.enabled:
             return
-        url = f"http://{dns_label(revision.service)}.{revision.namespace}.localhost:"
-        url += f"{self.router.main_port}/"
+        url = self.runtime.public_url(revision.namespace, revision.service)
         description = f"{revision.service} v{revision.ordinal} {revision.state.value}"
         if revision.reason:
             description += f": {revision.reason}"
@@ -152,14 +143,10 @@ class Engine:
 
     async def _restore(self, revisions: list[Revision]) -> None:
         """Bring back what served when the last daemon ended, from the kept builds."""
-        for namespace, service, port in self.store.addresses():
-            with contextlib.suppress(OSError):
-                await self.router.open_peer_listener(namespace, service, port=port)
-                self._peer_slots.add((namespace, service))
 
         async def restore(revision: Revision) -> None:
             slot = (revision.namespace, revision.service)
-            self.table.set_backend(*slot, None)
+            self.traffic.down(*slot)
             if await self.rollouts.go_live(self.store.revision(revision.id)):
                 self._current[slot] = revision.key
 
@@ -180,7 +167,8 @@ class Engine:
     def request_reconcile(self) -> None:
         self._wake.set()
 
-    async def _on_heads(self, heads: RepoHeads) -> None:
+    async def on_heads(self, heads: RepoHeads) -> None:
+        """What the watcher saw in one repo (``daemon`` makes this its callback)."""
         self.heads[heads.repo] = heads
         self.store.event("push", f"{heads.repo}: {len(heads.branches)} branch heads")
         repo = next((r for r in self.store.repos() if r.name == heads.repo), None)
@@ -228,8 +216,8 @@ class Engine:
         self.store.forget_removed(result.heads)
         self.targets = dict(result.targets)
         for slot in self.targets:
-            if slot not in self.rollouts.traffic:
-                self.table.set_backend(*slot, None)
+            if slot not in self.rollouts.shares:
+                self.traffic.down(*slot)
         for action in result.actions:
             slot = (action.namespace, action.service)
             log.info("%s %s:%s (%s)", action.kind, *slot, action.reason)
@@ -243,15 +231,11 @@ class Engine:
                 await self._cancel_deploy(slot)
                 self.rollouts.retire_slot(slot, action.reason)
                 self.store.set_pin(slot, None)
-                self.runtime.discard(*slot)
-        await self._close_unused_peer_ports()
-
-    async def _close_unused_peer_ports(self) -> None:
-        """Close the peer ports that no wanted service can see any more."""
-        wanted = {(t.namespace, peer) for t in self.targets.values() for peer in t.peers}
-        for slot in self._peer_slots - wanted:
-            await self.router.close_peer_listener(*slot)
-        self._peer_slots &= wanted
+                await self.runtime.discard(*slot)
+        # Peer addresses only for what a wanted service can see.
+        await self.runtime.sync_peers(
+            {(t.namespace, peer) for t in self.targets.values() for peer in t.peers}
+        )
 
     # deploying
 
@@ -293,7 +277,7 @@ class Engine:
         if previous:
             await asyncio.gather(previous, return_exceptions=True)
             # A burst of pushes: let it settle, so that only its newest commit is built.
-            await asyncio.sleep(BURST_SETTLE)
+            await self.clock.sleep(BURST_SETTLE)
         slot = (target.namespace, target.service)
         live = self.rollouts.live(slot)
         if live is not None and live.revision.key == target.key:
@@ -326,14 +310,13 @@ class Engine:
         if pin == revision.ordinal:
             await self.rollouts.go_live(revision)
         else:
-            self.rollouts.stage(revision, build, pin)
+            await self.rollouts.stage(revision, build, pin)
 
     async def _env(self, target: Target) -> dict[str, str]:
         """The env a target's processes get (but PORT, which the runtime picks)."""
         env: dict[str, str] = {}
         for peer in target.peers:
-            port = await self._peer_port((target.namespace, peer))
-            env[env_var_for(peer)] = f"http://127.0.0.1:{port}"
+            env[env_var_for(peer)] = await self.runtime.peer_url(target.namespace, peer)
         env.update(target.settings.env)
         env.update(
             BRANCHYARD_NAMESPACE=target.namespace,
@@ -342,21 +325,6 @@ class Engine:
             BRANCHYARD_BRANCH=target.branch,
         )
         return env
-
-    async def _peer_port(self, slot: Slot) -> int:
-        """The stable loopback port through which peers reach ``slot``."""
-        port = self.router.peer_port(*slot)
-        if port is not None:
-            return port
-        self._peer_slots.add(slot)
-        stored = self.store.address(slot)
-        try:
-            port = await self.router.open_peer_listener(*slot, port=stored or 0)
-        except OSError:
-            port = await self.router.open_peer_listener(*slot)
-        if port != stored:
-            self.store.set_address(slot, port)
-        return port
 
     # commands
 
@@ -521,7 +489,11 @@ class Engine:
             missing = [k for k, v in changes.items() if v is None and k not in current.secrets]
             if missing:
                 raise UsageError(f"no secret {', '.join(missing)} in {namespace}:{service}")
-            now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            now = (
+                datetime.fromtimestamp(self.clock.now(), UTC)
+                .isoformat(timespec="microseconds")
+                .replace("+00:00", "Z")
+            )
             marks = {k: f"changed {now}" for k, v in changes.items() if v is not None}
             removed = {k for k, v in changes.items() if v is None}
             secrets = {k: v for k, v in {**current.secrets, **marks}.items() if k not in removed}
@@ -606,7 +578,7 @@ class Engine:
         self.target(namespace, service)
         await self.rollouts.split((namespace, service), percents)
 
-    def gc(self) -> dict[str, int]:
+    async def gc(self) -> dict[str, int]:
         """Prune every slot's builds and the environment cache; what was freed."""
-        freed = sum(self.rollouts.prune(slot) for slot in self.targets)
-        return {"builds_bytes": freed, **self.runtime.gc()}
+        freed = sum([await self.rollouts.prune(slot) for slot in list(self.targets)])
+        return {"builds_bytes": freed, **await self.runtime.gc()}

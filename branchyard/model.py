@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -105,3 +107,11 @@ class Revision:
     @property
     def sha7(self) -> str:
         return self.sha[:7]
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The time a part of the daemon reads and the waits it takes; tests give fake ones."""
+
+    now: Callable[[], float] = time.time  # seconds since the epoch
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep

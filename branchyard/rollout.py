@@ -20,7 +20,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError, reason_of
 from branchyard.git import Sources
@@ -28,9 +27,15 @@ from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE
 from branchyard.retry import Retry, Sleep, retry
-from branchyard.router import Router, RouteTable
-from branchyard.runtime import Build, Instance, RevisionSpec, Runtime, logs
-from branchyard.runtime.supervisor import ProcessState
+from branchyard.runtime import (
+    Build,
+    Instance,
+    InstanceState,
+    LogName,
+    RevisionSpec,
+    Runtime,
+    Traffic,
+)
 from branchyard.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,12 +57,15 @@ class Running:
 
 @dataclass(frozen=True)
 class FailureLog:
-    """Where the output that shows why a revision failed or crashed is, and the command
-    that prints it."""
+    """The log that shows why a revision failed or crashed, and the command that prints it."""
 
-    path: Path
-    build: bool  # the build log (it failed to build), else its processes' output
+    log: LogName
     command: str
+
+    @property
+    def build(self) -> bool:
+        """Whether it is the build log (it failed to build), else its processes' output."""
+        return self.log.build
 
 
 def logs_command(namespace: str, service: str, ordinal: int, build: bool) -> str:
@@ -71,8 +79,7 @@ class Rollouts:
         self,
         store: Store,
         runtime: Runtime,
-        router: Router,
-        table: RouteTable,
+        traffic: Traffic,
         sources: Sources,
         secrets: Callable[[Slot], Mapping[str, str]],
         drain_grace: float = DRAIN_GRACE,
@@ -81,15 +88,14 @@ class Rollouts:
     ) -> None:
         self.store = store
         self.runtime = runtime
-        self.router = router
-        self.table = table
+        self.traffic = traffic
         self.sources = sources
         self.secrets = secrets
         self.drain_grace = drain_grace
         self.stop_grace = stop_grace
         self.sleep = sleep
         self.running: dict[int, Running] = {}  # revision id -> started revision
-        self.traffic: dict[Slot, dict[int, int]] = {}  # slot -> revision id -> weight
+        self.shares: dict[Slot, dict[int, int]] = {}  # slot -> revision id -> weight
         self.builds: dict[int, Build] = {}  # revision id -> build held in memory
         self._retiring: set[asyncio.Task[None]] = set()
         self.closing = False  # the daemon is stopping: a cancelled deploy was interrupted
@@ -98,7 +104,7 @@ class Rollouts:
 
     def live(self, slot: Slot) -> Running | None:
         """The revision with the most traffic in ``slot``."""
-        weights = self.traffic.get(slot)
+        weights = self.shares.get(slot)
         if not weights:
             return None
         best = max(weights, key=lambda rid: (weights[rid], rid))
@@ -108,34 +114,32 @@ class Rollouts:
         """ordinal -> weight of the revisions that take traffic."""
         return {
             self.running[rid].revision.ordinal: w
-            for rid, w in self.traffic.get(slot, {}).items()
+            for rid, w in self.shares.get(slot, {}).items()
             if rid in self.running
         }
 
     def _route(self, slot: Slot, why: str = "") -> None:
         """Route ``slot`` to what of its traffic runs; with nothing, tell the router ``why``
         (else that the live revision is restarting, if it is)."""
-        weights = self.traffic.get(slot, {})
+        weights = self.shares.get(slot, {})
         chosen = [self.running[rid] for rid in sorted(weights) if rid in self.running]
         serving = [
             (r.instance.address, weights[r.revision.id])
             for r in chosen
-            if r.instance.state is ProcessState.RUNNING
+            if r.instance.state is InstanceState.RUNNING
         ]
-        if len(serving) == 1:
-            self.table.set_backend(*slot, serving[0][0])
-        elif serving:
-            self.table.set_weights(*slot, serving)
+        if serving:
+            self.traffic.route(*slot, serving)
         else:
             restarting = next(
                 (
                     f"v{r.revision.ordinal} exited with code {r.instance.exit_code}; restarting"
                     for r in chosen
-                    if r.instance.state is not ProcessState.FAILED
+                    if r.instance.state is not InstanceState.FAILED
                 ),
                 "",
             )
-            self.table.set_backend(*slot, None, why or restarting)
+            self.traffic.down(*slot, why or restarting)
 
     # building and switching
 
@@ -206,13 +210,13 @@ class Rollouts:
         else:
             revision = self.store.set_state(revision.id, RevisionState.LIVE)
             self.running[revision.id].revision = revision
-        before = self.traffic.get(slot, {})
-        self.traffic[slot] = dict(weights) if weights else {revision.id: 100}
+        before = self.shares.get(slot, {})
+        self.shares[slot] = dict(weights) if weights else {revision.id: 100}
         self._route(slot)
         self.store.event("live", f"v{revision.ordinal} {revision.sha7} takes traffic", slot)
-        for rid in before.keys() - self.traffic[slot].keys():
+        for rid in before.keys() - self.shares[slot].keys():
             self.retire(rid, f"replaced by v{revision.ordinal}")
-        self.prune(slot)
+        await self.prune(slot)
         return True
 
     def failed(self, revision: Revision, exc: Exception) -> None:
@@ -242,12 +246,12 @@ class Rollouts:
         if build is not None:
             self.runtime.release(build)
 
-    def stage(self, revision: Revision, build: Build, pinned: int) -> None:
+    async def stage(self, revision: Revision, build: Build, pinned: int) -> None:
         self.builds[revision.id] = build
         self.store.set_state(
             revision.id, RevisionState.STAGED, f"pinned to v{pinned}: promote or unpin to use it"
         )
-        self.prune((revision.namespace, revision.service))
+        await self.prune((revision.namespace, revision.service))
 
     def retire(
         self, revision_id: int, reason: str, state: RevisionState = RevisionState.STOPPED
@@ -262,7 +266,7 @@ class Rollouts:
         if running is None:
             return
         slot = (running.revision.namespace, running.revision.service)
-        weights = self.traffic.get(slot, {})
+        weights = self.shares.get(slot, {})
         if weights.pop(revision_id, None) is not None:
             self._route(slot)
 
@@ -270,9 +274,9 @@ class Rollouts:
         task.add_done_callback(lambda _: self.store.set_state(running.revision.id, state, reason))
 
     def retire_slot(self, slot: Slot, reason: str) -> None:
-        for rid in list(self.traffic.pop(slot, {})):
+        for rid in list(self.shares.pop(slot, {})):
             self.retire(rid, reason)
-        self.table.remove(*slot)
+        self.traffic.remove(*slot)
         for rid in [rid for rid, b in self.builds.items() if _slot_of(b) == slot]:
             self.runtime.release(self.builds.pop(rid))
 
@@ -282,15 +286,15 @@ class Rollouts:
             return
         slot = (running.revision.namespace, running.revision.service)
         self._route(slot)
-        if instance.state is ProcessState.FAILED:
-            lines = logs.last_lines(self.runtime.log_path(*slot, running.revision.ordinal, False))
+        if instance.state is InstanceState.FAILED:
+            lines = instance.last_output
             reason = f"exited with code {instance.exit_code} after {instance.restarts} restarts" + (
                 f"; last output: {lines[-1]}" if lines else ""
             )
             self.store.event("crashed", f"v{running.revision.ordinal} {reason}", slot)
             self.retire(running.revision.id, reason, RevisionState.CRASHED)
             self._route(slot, f"v{running.revision.ordinal} crashed ({reason})")
-        elif instance.state is ProcessState.STARTING:
+        elif instance.state is InstanceState.STARTING:
             # Said as a restart begins, not at each exit: the last exit gives up instead.
             self.store.event(
                 "restarting",
@@ -298,17 +302,16 @@ class Rollouts:
                 slot,
             )
 
-    def failure_log(self, revision: Revision) -> FailureLog | None:
+    async def failure_log(self, revision: Revision) -> FailureLog | None:
         """For a failed or crashed revision, the log that says why: its processes'
         output if it got as far as starting them, else its build log."""
         if revision.state not in (RevisionState.FAILED, RevisionState.CRASHED):
             return None
         key = _key(revision)
-        path = self.runtime.log_path(*key, False)
-        build = not path.exists()
-        if build:
-            path = self.runtime.log_path(*key, True)
-        return FailureLog(path, build, logs_command(*key, build))
+        log = LogName(*key)
+        if not await self.runtime.has_log(log):
+            log = LogName(*key, build=True)
+        return FailureLog(log, logs_command(*key, log.build))
 
     # a person's choices
 
@@ -377,7 +380,7 @@ class Rollouts:
 
     def _stop_later(self, instance: Instance, name: str) -> asyncio.Task[None]:
         async def drain_and_stop() -> None:
-            await self.router.drain(instance.address, self.drain_grace)
+            await self.traffic.drain(instance.address, self.drain_grace)
             await instance.stop(self.stop_grace)
 
         task = asyncio.create_task(drain_and_stop(), name=name)
@@ -395,7 +398,7 @@ class Rollouts:
         newest = next(
             (r for r in self.store.revisions(slot) if r.key == head and r.state in ready), None
         )
-        if newest is None or self.traffic.get(slot) == {newest.id: 100}:
+        if newest is None or self.shares.get(slot) == {newest.id: 100}:
             return None
         return newest if await self.go_live(newest) else None
 
@@ -431,7 +434,7 @@ class Rollouts:
 
     # retention
 
-    def prune(self, slot: Slot) -> int:
+    async def prune(self, slot: Slot) -> int:
         """Keep the builds of what runs, what is staged, and the last few; bytes freed."""
         keep: set[int] = set()
         kept = 0
@@ -447,11 +450,11 @@ class Rollouts:
                 kept += 1
             if revision.ordinal not in keep and revision.id in self.builds:
                 self.runtime.release(self.builds.pop(revision.id))
-        return self.runtime.prune(*slot, keep)
+        return await self.runtime.prune(*slot, keep)
 
     async def close(self) -> None:
-        for slot in list(self.traffic):
-            for rid in list(self.traffic[slot]):
+        for slot in list(self.shares):
+            for rid in list(self.shares[slot]):
                 self.retire(rid, DAEMON_STOPPED)
         for rid in list(self.running):
             self.retire(rid, DAEMON_STOPPED)

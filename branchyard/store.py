@@ -3,7 +3,9 @@
 Repos, the namespace each branch was given, stable peer ports, services a
 person removed, every revision ever attempted, and an event log. One
 connection, used from the daemon's event loop only; every write commits at
-once, so a crash loses nothing that was acknowledged.
+once, so a crash loses nothing that was acknowledged. Who wants to hear of
+revision changes (the forge status reports) is connected by ``daemon`` through
+:meth:`Store.listen`.
 
 The event log keeps the latest :data:`KEEP_EVENTS` events; each event's text is
 made printable and cut to :data:`EVENT_LIMIT` characters, since it may carry
@@ -105,7 +107,16 @@ class Store:
             raise
         self._clock = clock
         self._keep_events = keep_events
-        self.on_revision: Callable[[Revision], None] | None = None  # told of every state change
+        self._listeners: list[Callable[[Revision], None]] = []
+
+    def listen(self, listener: Callable[[Revision], None]) -> None:
+        """Tell ``listener`` of every new revision and every change of a revision's state."""
+        self._listeners.append(listener)
+
+    def _told(self, revision: Revision) -> Revision:
+        for listener in self._listeners:
+            listener(revision)
+        return revision
 
     def _prepare(self, path: Path) -> None:
         (check,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
@@ -239,10 +250,7 @@ class Store:
                     now,
                 ),
             )
-        revision = self.revision(int(cursor.lastrowid or 0))
-        if self.on_revision is not None:
-            self.on_revision(revision)
-        return revision
+        return self._told(self.revision(int(cursor.lastrowid or 0)))
 
     def revision(self, revision_id: int) -> Revision:
         row = self._db.execute(
@@ -260,10 +268,7 @@ class Store:
             "changed_at = ? WHERE id = ?",
             (state.value, reason, port, self._clock(), revision_id),
         )
-        revision = self.revision(revision_id)
-        if self.on_revision is not None:
-            self.on_revision(revision)
-        return revision
+        return self._told(self.revision(revision_id))
 
     def set_env(self, revision_id: int, env: Mapping[str, str]) -> None:
         """Record the env a revision runs with, so a rollback runs it the same way."""

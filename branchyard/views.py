@@ -9,7 +9,7 @@ from __future__ import annotations
 from branchyard.engine import Engine
 from branchyard.planner import Slot
 from branchyard.readmodel import Head, Snapshot
-from branchyard.runtime.supervisor import ProcessState
+from branchyard.runtime import InstanceState
 
 
 def snapshot(engine: Engine, slot: Slot) -> Snapshot:
@@ -19,7 +19,7 @@ def snapshot(engine: Engine, slot: Slot) -> Snapshot:
     return Snapshot(
         latest=latest,
         live=engine.store.revision(running.revision.id) if running else None,
-        restarting=running is not None and running.instance.state is not ProcessState.RUNNING,
+        restarting=running is not None and running.instance.state is not InstanceState.RUNNING,
         exit_code=running.instance.exit_code if running else None,
         restarts=running.instance.restarts if running else 0,
         weights=engine.rollouts.weights(slot),

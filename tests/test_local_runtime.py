@@ -16,21 +16,35 @@ import pytest
 from branchyard.errors import BuildFailed
 from branchyard.git import Sources
 from branchyard.manifest import Manifest
+from branchyard.router import Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.local import LocalBuild, LocalRuntime
 
 
 class Registry:
-    """Records the process groups the runtime reports, as the store does."""
+    """Records the process groups the runtime reports, and its peer ports, as the store does."""
 
     def __init__(self) -> None:
         self.alive: dict[int, str] = {}
+        self.ports: dict[tuple[str, str], int] = {}
 
     def add_process(self, pgid: int, started: str, what: str) -> None:
         self.alive[pgid] = what
 
     def remove_process(self, pgid: int) -> None:
         self.alive.pop(pgid, None)
+
+    def processes(self) -> list[tuple[int, str, str]]:
+        return [(pgid, "", what) for pgid, what in self.alive.items()]
+
+    def address(self, slot: tuple[str, str]) -> int | None:
+        return self.ports.get(slot)
+
+    def addresses(self) -> list[tuple[str, str, int]]:
+        return [(*slot, port) for slot, port in self.ports.items()]
+
+    def set_address(self, slot: tuple[str, str], port: int) -> None:
+        self.ports[slot] = port
 
 
 def group_alive(pgid: int) -> bool:
@@ -47,7 +61,7 @@ def group_alive(pgid: int) -> bool:
 
 def never_healthy(home: Path, registry: Registry) -> tuple[LocalRuntime, LocalBuild]:
     """A runtime and a build whose web process runs but never answers its health check."""
-    runtime = LocalRuntime(home, Sources(home / "mirrors"), registry)
+    runtime = LocalRuntime(home, Sources(home / "mirrors"), registry, Router(RouteTable()))
     spec = RevisionSpec(
         "main", "app", 1, str(home), "0" * 40, Manifest("sleep 60", health_timeout=60), {}
     )

@@ -14,7 +14,7 @@ from branchyard.git import Sources
 from branchyard.model import Overlay, Revision, RevisionState, Target
 from branchyard.retry import Backoff, Retry, retry
 from branchyard.rollout import Rollouts
-from branchyard.router import Router, RouteTable
+from branchyard.router import LocalTraffic, Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.store import Store
 from tests.conftest import ServiceRepo, git
@@ -140,8 +140,7 @@ def rollouts_with(
     return Rollouts(
         Store(tmp_path / "state.db"),
         runtime,  # type: ignore[arg-type]  # only builds
-        Router(table),
-        table,
+        LocalTraffic(table, Router(table)),
         Sources(tmp_path / "mirrors"),
         secrets=lambda slot: {},
         sleep=sleep,

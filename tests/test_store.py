@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from branchyard.errors import Conflict, NotFound, UsageError
-from branchyard.model import Overlay, Repo, RevisionState, Target
+from branchyard.model import Overlay, Repo, Revision, RevisionState, Target
 from branchyard.store import Store
 
 SHA = "1111111" + "a" * 33
@@ -153,6 +153,27 @@ def test_set_state_updates_state_reason_port_and_time(store: Store, clock: FakeC
     assert failed.port == 8123, "a state change without a port keeps the port"
     assert failed.changed_at == 1010.0
     assert store.revision(created.id) == failed
+
+
+def test_every_listener_hears_of_each_new_revision_and_state_change_in_order(
+    store: Store,
+) -> None:
+    heard: list[tuple[str, int, RevisionState]] = []
+
+    def listener(name: str) -> Callable[[Revision], None]:
+        return lambda revision: heard.append((name, revision.ordinal, revision.state))
+
+    store.listen(listener("first"))
+    store.listen(listener("second"))
+    made = store.new_revision(target(), RevisionState.BUILDING)
+    store.set_state(made.id, RevisionState.LIVE)
+    store.event("live", "not a revision change")
+    assert heard == [
+        ("first", 1, RevisionState.BUILDING),
+        ("second", 1, RevisionState.BUILDING),
+        ("first", 1, RevisionState.LIVE),
+        ("second", 1, RevisionState.LIVE),
+    ]
 
 
 def test_the_latest_revisions_are_the_newest_of_each_slot(store: Store) -> None:

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
+from branchyard.runtime import InstanceState
 from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.supervisor import (
     TRANSITIONS,
     Event,
     FirstStartFailed,
     Process,
-    ProcessState,
     Spawn,
     Supervisor,
     backoff_delay,
@@ -32,7 +32,7 @@ from branchyard.runtime.supervisor import (
 )
 from tests.test_processes import KEEPS_RUNNING, Registry, spawn_ready
 
-S = ProcessState
+S = InstanceState
 
 ALLOWED = [
     (S.STARTING, Event.READY, S.RUNNING),
@@ -53,7 +53,7 @@ ALLOWED = [
 
 @pytest.mark.parametrize(("state", "event", "after"), ALLOWED)
 def test_an_allowed_transition_leads_to_its_state(
-    state: ProcessState, event: Event, after: ProcessState
+    state: InstanceState, event: Event, after: InstanceState
 ) -> None:
     assert transition(state, event) is after
 
@@ -73,7 +73,7 @@ def test_an_allowed_transition_leads_to_its_state(
         (S.FAILED, Event.STOP),
     ],
 )
-def test_a_forbidden_transition_raises(state: ProcessState, event: Event) -> None:
+def test_a_forbidden_transition_raises(state: InstanceState, event: Event) -> None:
     with pytest.raises(ValueError, match=f"no transition from {state} on {event}"):
         transition(state, event)
 
@@ -81,7 +81,7 @@ def test_a_forbidden_transition_raises(state: ProcessState, event: Event) -> Non
 def test_the_table_holds_exactly_the_allowed_transitions_and_every_other_pair_raises() -> None:
     expected = {(state, event): after for state, event, after in ALLOWED}
     assert dict(TRANSITIONS) == expected
-    for state, event in itertools.product(ProcessState, Event):
+    for state, event in itertools.product(InstanceState, Event):
         if (state, event) not in expected:
             with pytest.raises(ValueError):
                 transition(state, event)
@@ -207,7 +207,7 @@ class Rig:
         self.ready = ready
         self.clock = FakeClock()
         self.sleep = FakeSleep()
-        self.seen: list[ProcessState] = []
+        self.seen: list[InstanceState] = []
         self.pids: list[int | None] = []  # the pid at each change
         self.supervisor = Supervisor(
             "app.main.v1",

@@ -10,8 +10,10 @@ loopback port per (namespace, service) that always leads to the namespace's live
 revision, or to the baseline's when the namespace has none. Peers get that port in
 their ``<PEER>_URL`` once and never need to be told when a new revision goes live.
 
-The engine tells the router where things are through a :class:`RouteTable`, which is
-plain in-memory state (no I/O). The :class:`Router` owns the sockets.
+Where things are is in a :class:`RouteTable`, plain in-memory state (no I/O); the
+:class:`Router` owns the sockets. The engine reaches both only through the traffic
+seam (``runtime.Traffic``), which :class:`LocalTraffic` implements here; the local
+runtime opens and closes the peer listeners.
 
 Design
 ------
@@ -103,5 +105,6 @@ behind.
 from branchyard.router.limits import BASELINE, HEAD_TIMEOUT_SECONDS, Address
 from branchyard.router.server import Router
 from branchyard.router.table import RouteTable
+from branchyard.router.traffic import LocalTraffic
 
-__all__ = ["BASELINE", "HEAD_TIMEOUT_SECONDS", "Address", "RouteTable", "Router"]
+__all__ = ["BASELINE", "HEAD_TIMEOUT_SECONDS", "Address", "LocalTraffic", "RouteTable", "Router"]

@@ -1,27 +1,62 @@
-"""The runtime seam: what builds and runs revisions.
+"""The seams the engine acts through: a runtime that builds and runs revisions, and a
+traffic layer that sends requests to them. This module is all the engine may know of
+either; ``daemon`` picks the implementations (``runtime.local`` and the router's
+``LocalTraffic`` on this machine).
 
-The engine hands a runtime a :class:`RevisionSpec` (repo URL, commit, build
-recipe, run command, health check, env) and gets back a :class:`Build`, then
-starts that build as a running, healthy :class:`Instance`; either step raises
-:class:`~branchyard.errors.BuildFailed` with a one-line reason. It never hands
-over local paths: the runtime fetches and builds in its own way. Builds are
-kept until the engine prunes them, so a rollback starts one without building.
-``local`` runs processes on this machine; a Kubernetes runtime would map the
-same calls to an image or init container (build), a Deployment (start) and
-the Service selector (the engine's switch).
+Runtime
+-------
+The engine hands a runtime a :class:`RevisionSpec` (repo URL, commit, build recipe,
+run command, health check, env) and gets back a :class:`Build`, then starts that
+build as a running, healthy :class:`Instance`; either step raises
+:class:`~branchyard.errors.BuildFailed` with a one-line reason. It never hands over
+local paths, and gets none back: the runtime fetches and builds in its own way, and
+its logs are read as streams (:class:`LogName`). Builds are kept until the engine
+prunes them, so a rollback starts one without building. The runtime also says how
+a peer reaches a service (:meth:`Runtime.peer_url`: locally a stable loopback port
+per (namespace, peer) that falls back to the baseline; on Kubernetes a Service's
+name, with an ExternalName Service for the fallback), where people reach one
+(:meth:`Runtime.public_url`), and what a daemon that ended left behind
+(:meth:`Runtime.recover`). Whatever may go over a network is ``async``.
+
+Traffic
+-------
+:class:`Traffic` sends each (namespace, service) to one instance, or several by
+weight, says why nothing serves one, drains an instance taken out of traffic, and
+forgets a service. Its setters are synchronous: they state what should be, and an
+implementation that must call out (a Service selector, a Gateway API route) applies
+them in the background, in order; :meth:`Traffic.drain` waits until what was said
+before it is applied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from branchyard.manifest import Manifest
-from branchyard.runtime.supervisor import ProcessState
 
 Address = tuple[str, int]
+"""(host, port) at which the traffic layer reaches an instance."""
+
+LAST_LINES = 5
+"""How many lines of a log say why a revision failed."""
+
+Pause = Callable[[], Awaitable[bool]]
+"""The wait between two looks at a followed log; False: stop following."""
+
+
+class InstanceState(enum.StrEnum):
+    """Where a started instance's web process is in its supervision (see
+    ``runtime.supervisor`` for the transitions)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    EXITED = "exited"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -39,6 +74,16 @@ class RevisionSpec:
         return f"{self.service}.{self.namespace}.v{self.ordinal}"
 
 
+@dataclass(frozen=True)
+class LogName:
+    """One revision's log: what its processes wrote, or its build's output (``build``)."""
+
+    namespace: str
+    service: str
+    ordinal: int
+    build: bool = False
+
+
 class Build(Protocol):
     @property
     def spec(self) -> RevisionSpec: ...
@@ -52,16 +97,18 @@ class Instance(Protocol):
     def address(self) -> Address: ...
 
     @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def state(self) -> ProcessState: ...
+    def state(self) -> InstanceState: ...
 
     @property
     def exit_code(self) -> int | None: ...
 
     @property
     def restarts(self) -> int: ...
+
+    @property
+    def last_output(self) -> Sequence[str]:
+        """The last lines it wrote before it FAILED (nothing before that)."""
+        ...
 
     async def stop(self, grace: float) -> None: ...
 
@@ -79,21 +126,82 @@ class Runtime(Protocol):
         ...
 
     def release(self, build: Build) -> None:
-        """The engine no longer holds ``build`` in memory (it stays on disk)."""
+        """The engine no longer holds ``build`` in memory (it stays kept)."""
         ...
 
-    def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
+    async def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
         """Delete the kept builds of a service except ``keep`` (ordinals); bytes freed."""
         ...
 
-    def log_path(self, namespace: str, service: str, ordinal: int, build: bool) -> Path: ...
-
-    def discard(self, namespace: str, service: str) -> None:
+    async def discard(self, namespace: str, service: str) -> None:
         """Forget what was kept for a service that left a namespace (logs, builds)."""
         ...
 
-    def gc(self) -> dict[str, int]:
+    async def gc(self) -> dict[str, int]:
         """Drop caches nothing uses (environments, images); what was removed."""
         ...
 
+    async def recover(self) -> int:
+        """After a daemon ended, before anything starts: stop what it left running and
+        bring back the peer addresses it had handed out. How many leftovers were stopped."""
+        ...
+
+    async def peer_url(self, namespace: str, peer: str) -> str:
+        """The stable URL through which services in ``namespace`` reach ``peer``: its
+        live revision there, else the baseline's."""
+        ...
+
+    async def sync_peers(self, wanted: Collection[tuple[str, str]]) -> None:
+        """Keep peer addresses only for the (namespace, peer) pairs in ``wanted``."""
+        ...
+
+    def public_url(self, namespace: str, service: str) -> str:
+        """Where people reach a service's live revision."""
+        ...
+
+    def home_url(self) -> str:
+        """Where people reach the daemon's own pages (the dashboard)."""
+        ...
+
+    async def has_log(self, log: LogName) -> bool:
+        """Whether ``log`` was ever written (a revision that failed to build has no
+        output of its processes)."""
+        ...
+
+    async def tail_log(self, log: LogName, size: int) -> bytes:
+        """The last ``size`` bytes of ``log`` (nothing if there is none)."""
+        ...
+
+    async def last_lines(self, log: LogName, count: int = LAST_LINES) -> list[str]:
+        """The last ``count`` lines of ``log`` that are not blank, without terminal escapes."""
+        ...
+
+    def read_log(
+        self, log: LogName, lines: int | None = None, pause: Pause | None = None
+    ) -> AsyncIterator[bytes]:
+        """``log`` as it is now (its last ``lines`` lines if given); with ``pause``, then
+        what is written to it next, until ``pause()`` says to stop."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class Traffic(Protocol):
+    def route(self, namespace: str, service: str, weights: Sequence[tuple[Address, int]]) -> None:
+        """Send (namespace, service) to these instances, each taking requests by weight
+        (one instance: all of them)."""
+        ...
+
+    def down(self, namespace: str, service: str, why: str = "") -> None:
+        """Nothing serves (namespace, service): requests are refused, saying ``why`` if
+        there is more to say than "no live revision yet"."""
+        ...
+
+    def remove(self, namespace: str, service: str) -> None:
+        """Forget (namespace, service): it is no longer a service there."""
+        ...
+
+    async def drain(self, backend: Address, grace: float) -> None:
+        """Once no route sends to ``backend``: let requests in flight on it finish for up
+        to ``grace`` seconds, then cut what is left."""
+        ...

@@ -16,6 +16,11 @@ environment; a service process sees both read-only and writes only its scratch
 area, which its web and workers share, and which goes when the revision stops
 (and at the daemon's start: nothing runs then).
 
+The runtime also holds what peers and people reach services through on the router:
+one peer listener per (namespace, peer), on the port the store kept for it, so a
+``<PEER>_URL`` stays the same across deploys and daemon restarts; and the router's
+main port for public URLs.
+
 A build found on disk with its ``.ok`` mark is used as it is, so a rollback,
 or a deploy after a daemon restart, starts without building. Every process is
 supervised (see ``supervisor``); the web process is health-checked before the
@@ -29,25 +34,40 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
-from branchyard.runtime import Address, Build, OnChange, RevisionSpec
-from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
-from branchyard.runtime.processes import LOOPBACK, LocalProcess, Ports, Registry, uninterrupted
-from branchyard.runtime.sandbox import Box, Sandbox
-from branchyard.runtime.supervisor import (
-    FirstStartFailed,
-    Process,
-    ProcessState,
-    Spawn,
-    Supervisor,
+from branchyard.naming import dns_label
+from branchyard.router import Router
+from branchyard.runtime import (
+    LAST_LINES,
+    Address,
+    Build,
+    InstanceState,
+    LogName,
+    OnChange,
+    Pause,
+    RevisionSpec,
 )
+from branchyard.runtime import logs as logfiles
+from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
+from branchyard.runtime.processes import (
+    LOOPBACK,
+    LocalProcess,
+    Ports,
+    Registry,
+    reap_leftovers,
+    uninterrupted,
+)
+from branchyard.runtime.sandbox import Box, Sandbox
+from branchyard.runtime.supervisor import FirstStartFailed, Process, Spawn, Supervisor
 from branchyard.runtime.venvs import VenvCache, run_logged
 
+Slot = tuple[str, str]
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
@@ -115,7 +135,7 @@ def _first_start_message(
     web: Supervisor, health: HealthCheck, exc: FirstStartFailed, log: Path
 ) -> str:
     """Why a revision did not start, with the last lines it wrote."""
-    if web.state is not ProcessState.FAILED:
+    if web.state is not InstanceState.FAILED:
         message = f"a worker could not start: {exc.message}"
     elif health.failure.startswith("exited") or exc.exit_code is not None:
         code = exc.exit_code if exc.exit_code is not None else web.exit_code
@@ -131,6 +151,19 @@ async def _stop_all(supervisors: list[Supervisor], grace: float = 1.0) -> None:
     meanwhile, so that a start cancelled twice in a row (a burst of deploys) cannot
     leave its processes running."""
     await uninterrupted(asyncio.gather(*(s.stopping(grace) for s in supervisors)))
+
+
+class Records(Registry, Protocol):
+    """What the runtime keeps in the store across daemons: the process groups it
+    started, and the port of each peer listener."""
+
+    def processes(self) -> list[tuple[int, str, str]]: ...
+
+    def address(self, slot: Slot) -> int | None: ...
+
+    def addresses(self) -> list[tuple[str, str, int]]: ...
+
+    def set_address(self, slot: Slot, port: int) -> None: ...
 
 
 @dataclass
@@ -161,6 +194,7 @@ class LocalInstance:
         self._port = port
         self.log = log
         self._give_back = give_back
+        self.last_output: tuple[str, ...] = ()
 
     @property
     def address(self) -> Address:
@@ -171,7 +205,7 @@ class LocalInstance:
         return self._web.pid
 
     @property
-    def state(self) -> ProcessState:
+    def state(self) -> InstanceState:
         return self._web.state
 
     @property
@@ -192,7 +226,8 @@ class LocalRuntime:
         self,
         home: Path,
         sources: Callable[[str], Source],
-        registry: Registry,
+        records: Records,
+        router: Router,
         stop_grace: float = STOP_GRACE,
         log_limit: int = LOG_MAX,
         sandbox: Sandbox | None = None,
@@ -204,19 +239,21 @@ class LocalRuntime:
         self._scratch_users: dict[Path, int] = {}
         self._sandbox = sandbox
         self._sources = sources
-        self._registry = registry
+        self._records = records
+        self._router = router
+        self._peers: set[Slot] = set()  # the peer listeners this runtime opened
         self._stop_grace = stop_grace
         self._ports = Ports()
         self._running: set[LocalInstance] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._log_limit = log_limit
         self._building: set[Path] = set()  # build logs being written
-        self.venvs = VenvCache(home / "venvs", registry, sandbox)
+        self.venvs = VenvCache(home / "venvs", records, sandbox)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
-    def log_path(self, namespace: str, service: str, ordinal: int, build: bool) -> Path:
-        suffix = ".build.log" if build else ".log"
-        return self._logs / namespace / service / f"v{ordinal}{suffix}"
+    def _log_path(self, log: LogName) -> Path:
+        suffix = ".build.log" if log.build else ".log"
+        return self._logs / log.namespace / log.service / f"v{log.ordinal}{suffix}"
 
     def _checkout(self, spec: RevisionSpec) -> Path:
         return self._builds / spec.namespace / spec.service / f"v{spec.ordinal}-{spec.sha[:7]}"
@@ -225,7 +262,7 @@ class LocalRuntime:
 
     async def build(self, spec: RevisionSpec) -> LocalBuild:
         """Build ``spec``; its build log is rotated like a service's, and once more at the end."""
-        build_log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=True)
+        build_log = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal, build=True))
         if self._rotator is None:
             self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
         self._building.add(build_log)
@@ -260,7 +297,7 @@ class LocalRuntime:
                     checkout,
                     build_log,
                     env,
-                    self._registry,
+                    self._records,
                     self._sandbox,
                     Box((venv,), (checkout,)),
                 )
@@ -283,10 +320,10 @@ class LocalRuntime:
     def release(self, build: Build) -> None:
         self.venvs.release(_local(build).venv)
 
-    def gc(self) -> dict[str, int]:
+    async def gc(self) -> dict[str, int]:
         return {"environments_removed": self.venvs.gc()}
 
-    def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
+    async def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
         freed = 0
         for done in (self._builds / namespace / service).glob("v*.ok"):
             ordinal = done.name[1:].split("-", 1)[0]
@@ -297,7 +334,7 @@ class LocalRuntime:
                 shutil.rmtree(checkout, ignore_errors=True)
         return freed
 
-    def discard(self, namespace: str, service: str) -> None:
+    async def discard(self, namespace: str, service: str) -> None:
         for root in (self._logs, self._builds):
             shutil.rmtree(root / namespace / service, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -308,7 +345,7 @@ class LocalRuntime:
     async def start(self, build: Build, on_change: OnChange) -> LocalInstance:
         build = _local(build)
         spec = build.spec
-        log = self.log_path(spec.namespace, spec.service, spec.ordinal, build=False)
+        log = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal))
         log.parent.mkdir(parents=True, exist_ok=True)
         scratch = self._take_scratch(spec)
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
@@ -316,8 +353,10 @@ class LocalRuntime:
         web_env = {**build.env, "PORT": str(port)}
         instance: LocalInstance | None = None
 
-        def changed(_: Supervisor) -> None:
+        def changed(web: Supervisor) -> None:
             if instance is not None:
+                if web.state is InstanceState.FAILED:
+                    instance.last_output = tuple(last_lines(log))
                 on_change(instance)
 
         def spawner(command: str, env: dict[str, str], what: str) -> Spawn:
@@ -327,7 +366,7 @@ class LocalRuntime:
                     build.checkout,
                     env,
                     log,
-                    self._registry,
+                    self._records,
                     f"{spec.name} {what}",
                     self._sandbox,
                     box,
@@ -401,6 +440,75 @@ class LocalRuntime:
             await asyncio.sleep(ROTATE_INTERVAL)
             for log in [*(instance.log for instance in self._running), *self._building]:
                 rotate(log, self._log_limit)
+
+    # after a daemon ended
+
+    async def recover(self) -> int:
+        """Kill the process groups a dead daemon left running, and listen again on the
+        peer ports it had handed out (a port taken meanwhile is given up)."""
+        leftovers = self._records.processes()
+        killed = reap_leftovers(leftovers)
+        for pgid, _, _ in leftovers:
+            self._records.remove_process(pgid)
+        for namespace, service, port in self._records.addresses():
+            with contextlib.suppress(OSError):
+                await self._router.open_peer_listener(namespace, service, port=port)
+                self._peers.add((namespace, service))
+        return len(killed)
+
+    # addresses
+
+    async def peer_url(self, namespace: str, peer: str) -> str:
+        return f"http://{LOOPBACK}:{await self._peer_port((namespace, peer))}"
+
+    async def _peer_port(self, slot: Slot) -> int:
+        """The stable loopback port through which peers reach ``slot``: the one the store
+        kept for it if it can be had again, else a new one, which the store keeps."""
+        port = self._router.peer_port(*slot)
+        if port is not None:
+            return port
+        self._peers.add(slot)
+        stored = self._records.address(slot)
+        try:
+            port = await self._router.open_peer_listener(*slot, port=stored or 0)
+        except OSError:
+            port = await self._router.open_peer_listener(*slot)
+        if port != stored:
+            self._records.set_address(slot, port)
+        return port
+
+    async def sync_peers(self, wanted: Collection[Slot]) -> None:
+        for slot in self._peers - set(wanted):
+            await self._router.close_peer_listener(*slot)
+        self._peers &= set(wanted)
+
+    def public_url(self, namespace: str, service: str) -> str:
+        return f"http://{dns_label(service)}.{namespace}.localhost:{self._router.main_port}/"
+
+    def home_url(self) -> str:
+        return f"http://localhost:{self._router.main_port}/"
+
+    # logs
+
+    async def has_log(self, log: LogName) -> bool:
+        return self._log_path(log).exists()
+
+    async def tail_log(self, log: LogName, size: int) -> bytes:
+        try:
+            return logfiles.tail(self._log_path(log), size)
+        except OSError:
+            return b""
+
+    async def last_lines(self, log: LogName, count: int = LAST_LINES) -> list[str]:
+        return logfiles.last_lines(self._log_path(log), count)
+
+    def read_log(
+        self, log: LogName, lines: int | None = None, pause: Pause | None = None
+    ) -> AsyncIterator[bytes]:
+        path = self._log_path(log)
+        if pause is None:
+            return logfiles.read_in_thread(path, lines)
+        return logfiles.follow(path, lines, pause)
 
     async def close(self) -> None:
         if self._rotator:

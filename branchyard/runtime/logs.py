@@ -18,6 +18,7 @@ between its end and the truncation, are lost (as with copytruncate anywhere).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from branchyard.runtime import LAST_LINES
 from branchyard.text import without_escapes
 
 LOG_MAX = 10 * 1024 * 1024  # bytes a log may reach before it is rotated
 BLOCK = 64 * 1024
-LAST_LINES = 5
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,13 @@ def read(log: Path, lines: int | None = None) -> Iterator[bytes]:
     with ExitStack() as stack:
         parts = _open(stack, log)
         yield from _blocks(parts, *_start(parts, lines))
+
+
+async def read_in_thread(log: Path, lines: int | None = None) -> AsyncIterator[bytes]:
+    """:func:`read`, each block read in a worker thread, off the event loop."""
+    blocks = read(log, lines)
+    while block := await asyncio.to_thread(next, blocks, b""):
+        yield block
 
 
 def _start(parts: list[Part], lines: int | None) -> tuple[int, int]:

@@ -41,17 +41,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from branchyard.errors import BuildFailed
+from branchyard.runtime import InstanceState
 
 log = logging.getLogger(__name__)
-
-
-class ProcessState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FAILED = "failed"
 
 
 class Event(enum.StrEnum):
@@ -62,23 +54,23 @@ class Event(enum.StrEnum):
     STOP = "stop"  # asked to stop
 
 
-TRANSITIONS: Mapping[tuple[ProcessState, Event], ProcessState] = {
-    (ProcessState.STARTING, Event.READY): ProcessState.RUNNING,
+TRANSITIONS: Mapping[tuple[InstanceState, Event], InstanceState] = {
+    (InstanceState.STARTING, Event.READY): InstanceState.RUNNING,
     # a restart that exited or was not ready:
-    (ProcessState.STARTING, Event.EXITED): ProcessState.BACKOFF,
+    (InstanceState.STARTING, Event.EXITED): InstanceState.BACKOFF,
     # the first start, which is never retried:
-    (ProcessState.STARTING, Event.GIVE_UP): ProcessState.FAILED,
-    (ProcessState.STARTING, Event.STOP): ProcessState.STOPPING,
-    (ProcessState.RUNNING, Event.EXITED): ProcessState.BACKOFF,
-    (ProcessState.RUNNING, Event.STOP): ProcessState.STOPPING,
-    (ProcessState.BACKOFF, Event.RETRY): ProcessState.STARTING,
-    (ProcessState.BACKOFF, Event.GIVE_UP): ProcessState.FAILED,
-    (ProcessState.BACKOFF, Event.STOP): ProcessState.STOPPING,
-    (ProcessState.STOPPING, Event.EXITED): ProcessState.EXITED,
+    (InstanceState.STARTING, Event.GIVE_UP): InstanceState.FAILED,
+    (InstanceState.STARTING, Event.STOP): InstanceState.STOPPING,
+    (InstanceState.RUNNING, Event.EXITED): InstanceState.BACKOFF,
+    (InstanceState.RUNNING, Event.STOP): InstanceState.STOPPING,
+    (InstanceState.BACKOFF, Event.RETRY): InstanceState.STARTING,
+    (InstanceState.BACKOFF, Event.GIVE_UP): InstanceState.FAILED,
+    (InstanceState.BACKOFF, Event.STOP): InstanceState.STOPPING,
+    (InstanceState.STOPPING, Event.EXITED): InstanceState.EXITED,
 }
 
 
-def transition(state: ProcessState, event: Event) -> ProcessState:
+def transition(state: InstanceState, event: Event) -> InstanceState:
     """The state that ``event`` leads to from ``state``; ValueError if the table has none."""
     try:
         return TRANSITIONS[(state, event)]
@@ -144,7 +136,7 @@ class Supervisor:
         on_change: Callable[[Supervisor], None] | None = None,
     ) -> None:
         self.name = name
-        self.state = ProcessState.STARTING
+        self.state = InstanceState.STARTING
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.restarts = 0
@@ -174,7 +166,7 @@ class Supervisor:
         Raises :class:`FirstStartFailed` (and the state is FAILED) if it exits or is not
         ready. Cancelling ``start`` does not stop the process: :meth:`stop` does.
         """
-        if self._task is not None or self.state is not ProcessState.STARTING:
+        if self._task is not None or self.state is not InstanceState.STARTING:
             raise RuntimeError(f"{self.name} was already started")
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         started.add_done_callback(_retrieve)
@@ -197,7 +189,7 @@ class Supervisor:
         written as ``await stop()`` can be lost; this begins it synchronously.
         """
         if self._stopping is None:
-            if self.state in (ProcessState.EXITED, ProcessState.FAILED):
+            if self.state in (InstanceState.EXITED, InstanceState.FAILED):
                 done = asyncio.get_running_loop().create_future()
                 done.set_result(None)
                 return done
@@ -303,7 +295,7 @@ class Supervisor:
 
     def _move(self, event: Event) -> None:
         self.state = transition(self.state, event)
-        if self.state is ProcessState.FAILED:
+        if self.state is InstanceState.FAILED:
             self._failed.set()
         if self._on_change is not None:
             self._on_change(self)
