@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from branchyard.errors import BranchyardError, Conflict, NotFound, RemoteUnreachable, UsageError
 from branchyard.git import (
     Heads,
-    Sources,
+    Repos,
     check_branch_name,
     choose_default_branch,
     configured_default_branch,
@@ -36,11 +36,11 @@ from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
 from branchyard.rollout import DAEMON_STOPPED, INTERRUPTED, Rollouts
 from branchyard.runtime import Runtime, Traffic
-from branchyard.settings import SettingsRepo, check_version, describe_change, validate_env
+from branchyard.settings import Settings, check_version, describe_change, validate_env
 from branchyard.status import StatusReporter
 from branchyard.store import Store
 from branchyard.vault import Vault
-from branchyard.watcher import Watcher
+from branchyard.watcher import Watching
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ class Engine:
         runtime: Runtime,
         traffic: Traffic,
         rollouts: Rollouts,
-        watcher: Watcher,
-        sources: Sources,
-        settings: SettingsRepo,
+        watcher: Watching,
+        sources: Repos,
+        settings: Settings,
         vault: Vault,
         status: StatusReporter,
         clock: Clock,
