@@ -488,3 +488,31 @@ def test_a_new_engine_after_a_crash_stops_leftovers_and_brings_back_what_served(
 
     world = asyncio.run(main())
     assert world.calls("stop") == ["web.main.v1:1", "web.main.v2:1", "web.main.v2:2"]
+
+
+# the fake's logs
+
+
+def test_the_fake_runtime_serves_the_logs_a_test_wrote() -> None:
+    log = LogName("main", "web", 1)
+    runtime = FakeRuntime()
+    runtime.logs[log] = b"one\n\ntwo\nthree\n"
+    pauses = [b"four\n"]
+
+    async def pause() -> bool:
+        if not pauses:
+            return False
+        runtime.logs[log] += pauses.pop()
+        return True
+
+    async def scenario() -> None:
+        assert await runtime.has_log(log)
+        assert not await runtime.has_log(LogName("main", "web", 1, build=True))
+        assert await runtime.tail_log(log, 6) == b"three\n"
+        assert await runtime.last_lines(log, 2) == ["two", "three"]
+        assert [chunk async for chunk in runtime.read_log(log, 0)] == [b""]
+        assert [chunk async for chunk in runtime.read_log(log, 2)] == [b"two\nthree\n"]
+        followed = [chunk async for chunk in runtime.read_log(log, 1, pause)]
+        assert followed == [b"three\n", b"four\n"]
+
+    asyncio.run(scenario())

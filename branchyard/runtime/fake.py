@@ -335,7 +335,8 @@ class FakeRuntime:
         self, log: LogName, lines: int | None = None, pause: Pause | None = None
     ) -> AsyncIterator[bytes]:
         text = self.logs.get(log, b"")
-        yield b"".join(text.splitlines(keepends=True)[-lines:]) if lines else text
+        chunks = text.splitlines(keepends=True)
+        yield text if lines is None else b"".join(chunks[max(len(chunks) - lines, 0) :])
         while pause is not None and await pause():
             now = self.logs.get(log, b"")
             if len(now) > len(text):
