@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from branchyard.errors import BranchyardError, Conflict, NotFound, RemoteUnreachable, UsageError
 from branchyard.git import (
     Heads,
-    Sources,
+    Repos,
     check_branch_name,
     choose_default_branch,
     configured_default_branch,
@@ -36,11 +36,11 @@ from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
 from branchyard.rollout import DAEMON_STOPPED, INTERRUPTED, Rollouts
 from branchyard.runtime import Runtime, Traffic
-from branchyard.settings import SettingsRepo, check_version, describe_change, validate_env
+from branchyard.settings import Settings, check_version, describe_change, validate_env
 from branchyard.status import StatusReporter
 from branchyard.store import Store
 from branchyard.vault import Vault
-from branchyard.watcher import Watcher
+from branchyard.watcher import Watching
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,18 @@ FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be r
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+async def _ended(deploy: asyncio.Task[None]) -> None:
+    """Wait until a cancelled deploy has ended, without cancelling it again if the
+    waiter is cancelled meanwhile (as ``gather`` would).
+
+    A cancelled deploy may be stopping what it had started; a second cancel would cut
+    that short and leave it running. In a burst of pushes the deploy that cancelled
+    it is itself cancelled a moment later, while it waits here: that cancel is its
+    own, and the first deploy still finishes its stop.
+    """
+    await asyncio.wait([deploy])
+
+
 class Engine:
     def __init__(
         self,
@@ -57,9 +69,9 @@ class Engine:
         runtime: Runtime,
         traffic: Traffic,
         rollouts: Rollouts,
-        watcher: Watcher,
-        sources: Sources,
-        settings: SettingsRepo,
+        watcher: Watching,
+        sources: Repos,
+        settings: Settings,
         vault: Vault,
         status: StatusReporter,
         clock: Clock,
@@ -161,7 +173,8 @@ class Engine:
         deploys = list(self._deploys.values())
         for task in deploys:
             task.cancel()
-        await asyncio.gather(*deploys, return_exceptions=True)
+        for task in deploys:
+            await _ended(task)
         await self.rollouts.close()
 
     def request_reconcile(self) -> None:
@@ -254,7 +267,7 @@ class Engine:
         task = self._deploys.pop(slot, None)
         if task:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await _ended(task)
 
     def _revision_for(self, target: Target, subject: str) -> Revision:
         """A new revision, or the same one again if a restart or a pin interrupted it."""
@@ -275,7 +288,7 @@ class Engine:
         self, target: Target, reason: str, previous: asyncio.Task[None] | None
     ) -> None:
         if previous:
-            await asyncio.gather(previous, return_exceptions=True)
+            await _ended(previous)
             # A burst of pushes: let it settle, so that only its newest commit is built.
             await self.clock.sleep(BURST_SETTLE)
         slot = (target.namespace, target.service)

@@ -26,6 +26,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from branchyard.errors import BuildFailed, GitError, RemoteUnreachable, UsageError
 from branchyard.naming import short_hash
@@ -342,6 +343,25 @@ def commit_subject(commit: bytes) -> str:
     _, _, message = commit.partition(b"\n\n")
     paragraph = message.decode(errors="replace").strip().split("\n\n", 1)[0]
     return " ".join(line.strip() for line in paragraph.splitlines())
+
+
+class Commits(Protocol):
+    """What the engine and the rollouts read of one repo: a commit made present, a file
+    at a commit, a commit's subject (a :class:`Source`; an in-memory one in tests)."""
+
+    async def ensure(self, sha: str) -> None: ...
+
+    async def read_file(self, sha: str, path: str) -> str | None: ...
+
+    async def subject(self, sha: str) -> str: ...
+
+
+class Repos(Protocol):
+    """The repos the engine reads, by URL (:class:`Sources`; an in-memory one in tests)."""
+
+    def __call__(self, url: str) -> Commits: ...
+
+    async def drop(self, url: str) -> None: ...
 
 
 class Sources:

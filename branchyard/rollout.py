@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError, reason_of
-from branchyard.git import Sources
+from branchyard.git import Repos
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE
@@ -80,7 +80,7 @@ class Rollouts:
         store: Store,
         runtime: Runtime,
         traffic: Traffic,
-        sources: Sources,
+        sources: Repos,
         secrets: Callable[[Slot], Mapping[str, str]],
         drain_grace: float = DRAIN_GRACE,
         stop_grace: float = 10.0,

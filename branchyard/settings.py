@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -171,6 +171,34 @@ class Change:
     date: str
     message: str
     diff: str
+
+
+class Settings(Protocol):
+    """What the engine and the pages use of the settings (:class:`SettingsRepo`; an
+    in-memory stand-in in tests of the engine)."""
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held from reading the current settings to their commit."""
+        ...
+
+    @property
+    def set_aside(self) -> str:
+        """What :meth:`open` found uncommitted and set aside, said in one line."""
+        ...
+
+    async def open(self) -> dict[Slot, Overlay]: ...
+
+    async def write(
+        self,
+        slot: Slot,
+        env: Mapping[str, str],
+        author: str,
+        message: str,
+        secrets: Mapping[str, str] | None = None,
+    ) -> Overlay: ...
+
+    async def history(self, slot: Slot) -> list[Change]: ...
 
 
 class SettingsRepo:

@@ -23,9 +23,10 @@ import ctypes
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from branchyard.errors import BranchyardError, is_temporary
 from branchyard.git import Sources, git_dir_of, local_path, ls_remote
@@ -180,6 +181,26 @@ class _Watched:
     due: float = 0.0  # loop time before which the repo is not looked at
     failures: int = 0  # checks that failed in a row
     check: asyncio.Task[None] | None = None  # an ls-remote in flight
+
+
+class Watching(Protocol):
+    """What the engine and the API use of a watcher (:class:`Watcher`; a stand-in that
+    watches nothing in tests of the engine)."""
+
+    @property
+    def errors(self) -> Mapping[str, str]:
+        """repo -> why it could not be read, while it can't."""
+        ...
+
+    def watch(self, repo: Repo) -> None: ...
+
+    def unwatch(self, name: str) -> None: ...
+
+    def poke(self, name: str) -> None: ...
+
+    async def first_look(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class Watcher:

@@ -122,7 +122,10 @@ class Runtime(Protocol):
         ...
 
     async def start(self, build: Build, on_change: OnChange) -> Instance:
-        """Start a build and return once it is healthy. Cancelling stops it."""
+        """Start a build and return once it is healthy. Cancelling stops it: the
+        engine cancels a start once and waits for it to end without cancelling it
+        again, so the stop is not cut short (a runtime may guard itself as well, as
+        ``runtime.local`` does)."""
         ...
 
     def release(self, build: Build) -> None:
