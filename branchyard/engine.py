@@ -21,7 +21,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from branchyard.errors import BranchyardError, Conflict, NotFound, RemoteUnreachable, UsageError
+from branchyard.errors import (
+    BranchyardError,
+    Conflict,
+    NotFound,
+    RemoteUnreachable,
+    UsageError,
+    reason_of,
+)
 from branchyard.git import (
     Heads,
     Repos,
@@ -259,9 +266,13 @@ class Engine:
             previous.cancel()
         task = asyncio.create_task(self._deploy(target, reason, previous), name=f"deploy {slot}")
         self._deploys[slot] = task
-        task.add_done_callback(
-            lambda t: self._deploys.pop(slot, None) if self._deploys.get(slot) is t else None
-        )
+        task.add_done_callback(lambda t: self._deploy_ended(slot, t))
+
+    def _deploy_ended(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        if self._deploys.get(slot) is task:
+            del self._deploys[slot]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("deploy of %s:%s failed: %s", *slot, reason_of(exc), exc_info=exc)
 
     async def _cancel_deploy(self, slot: Slot) -> None:
         task = self._deploys.pop(slot, None)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -327,6 +328,22 @@ def test_a_revision_that_fails_leaves_the_live_one_serving(
 
     world = run(tmp_path, scenario)
     assert world.calls("start") == starts
+
+
+def test_a_deploy_ended_by_a_bug_is_logged_with_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(world: World, engine: Engine) -> None:
+        def broken(*args: object, **kwargs: object) -> NoReturn:
+            raise RuntimeError("the store broke")
+
+        world.store.new_revision = broken  # type: ignore[method-assign]
+        await push(world, engine, C1)
+        await until(lambda: "the store broke" in caplog.text, "the bug logged")
+
+    run(tmp_path, scenario)
+    assert "deploy of main:web failed: RuntimeError: the store broke" in caplog.text
+    assert "never retrieved" not in caplog.text
 
 
 def test_a_crash_takes_the_revision_out_of_traffic_until_it_restarts(tmp_path: Path) -> None:
