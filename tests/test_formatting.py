@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from branchyard.cli import _event_time, _table
+from branchyard.cli.output import event_time, table
 from branchyard.rollout import logs_command
 from branchyard.text import without_escapes
 
@@ -50,11 +50,11 @@ ROWS = [["main:app", "live", "http://app.main.localhost:7080/"], ["main:web", LO
     ],
 )
 def test_ps_fits_a_long_reason_to_the_terminal(width: int | None, lines: list[str]) -> None:
-    assert _table(HEADER, ROWS, width, squeeze=1).split("\n") == lines
+    assert table(HEADER, ROWS, width, squeeze=1).split("\n") == lines
 
 
 def test_a_table_that_fits_is_left_as_it_is() -> None:
-    assert _table(HEADER, ROWS[:1], 200, squeeze=1) == _table(HEADER, ROWS[:1])
+    assert table(HEADER, ROWS[:1], 200, squeeze=1) == table(HEADER, ROWS[:1])
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_event_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: str, shown: str) -> None:
     monkeypatch.setenv("TZ", tz)
     time.tzset()
-    assert _event_time(1764368441.5) == shown
+    assert event_time(1764368441.5) == shown
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,179 @@
+"""Running the daemon and looking after it: ``up``, ``info``, ``token rotate``, ``gc``,
+and the ways in for a newcomer, ``dashboard`` and ``demo``.
+
+``up`` is the one command that is not a client of the API: it imports the daemon (and
+with it the runtime and the router) inside itself, so no other command pays for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from branchyard.cli.context import Context, pass_context
+from branchyard.client import UNSANDBOXED, path_of
+from branchyard.errors import UsageError
+
+if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~20 ms
+    from branchyard import shapes
+
+
+@click.command()
+@click.option("--router-port", default=7080, show_default=True, help="0 picks a free port.")
+@click.option("--api-port", default=0, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--api-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the API; anything but loopback needs the token (always made on start).",
+)
+@click.option(
+    "--poll-interval",
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks of remote repos.",
+)
+@click.option(
+    "--drain-grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight requests get to finish on a replaced revision.",
+)
+@click.option(
+    "--stop-grace",
+    default=10.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
+)
+@click.option(
+    "--api-head-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds an API client may take to send a request head, or stay idle between requests.",
+)
+@click.option(
+    "--log-limit",
+    default=10 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="Bytes a service's or a build's log may reach before its older part is rotated out.",
+)
+@click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Run pushed code without bubblewrap, with the daemon's rights (see docs/security.md).",
+)
+@pass_context
+def up(
+    ctx: Context,
+    router_port: int,
+    api_port: int,
+    api_host: str,
+    poll_interval: float,
+    drain_grace: float,
+    stop_grace: float,
+    api_head_timeout: float,
+    log_limit: int,
+    no_sandbox: bool,
+) -> None:
+    """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
+    import asyncio
+    import logging
+
+    from branchyard.daemon import Options, hide_secrets, serve
+
+    hide_secrets()
+    if not 0.1 <= poll_interval <= 3600:
+        raise UsageError("--poll-interval must be between 0.1 and 3600 seconds")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if drain_grace < 0 or stop_grace < 0:
+        raise UsageError("--drain-grace and --stop-grace must not be negative")
+    if api_head_timeout <= 0:
+        raise UsageError("--api-head-timeout must be more than 0 seconds")
+    options = Options(
+        ctx.home,
+        router_port,
+        api_port,
+        api_host,
+        poll_interval,
+        drain_grace,
+        stop_grace,
+        api_head_timeout,
+        log_limit,
+        not no_sandbox,
+    )
+    import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(options))
+
+
+@click.command()
+@pass_context
+def info(ctx: Context) -> None:
+    """Print the router's and the API's addresses."""
+    data: shapes.Info = ctx.client.call("GET", path_of("info"))
+    click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
+    click.echo(f"sandbox {data.get('sandbox') or 'none: ' + UNSANDBOXED}")
+
+
+@click.group()
+def token() -> None:
+    """The API token (HOME/token, readable only by its owner)."""
+
+
+@token.command("rotate")
+@pass_context
+def token_rotate(ctx: Context) -> None:
+    """Replace the API token; the old one stops working at once."""
+    done: shapes.TokenFile = ctx.client.call("POST", path_of("token", "rotate"))
+    click.echo(f"token rotated; the new one is in {done['token_file']}")
+
+
+@click.command()
+@pass_context
+def gc(ctx: Context) -> None:
+    """Delete builds beyond the kept ones and environments nothing uses."""
+    freed = ctx.client.call("POST", path_of("gc"))
+    click.echo(
+        f"freed {freed['builds_bytes'] / 1e6:.1f} MB of builds, removed "
+        f"{freed['environments_removed']} environments"
+    )
+
+
+@click.command()
+@click.option("--open", "open_browser", is_flag=True, help="Also open it in a web browser.")
+@pass_context
+def dashboard(ctx: Context, open_browser: bool) -> None:
+    """Print a link that logs a browser in to the dashboard (once, within 5 minutes)."""
+    done: shapes.LoginCode = ctx.client.call("POST", path_of("dashboard", "login-code"))
+    click.echo(done["url"])
+    click.echo(f"(the link logs in once, within {done['expires_in'] // 60} minutes)", err=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(done["url"])
+
+
+@click.command()
+@click.argument("directory", type=click.Path(path_type=Path), default="branchyard-demo")
+@pass_context
+def demo(ctx: Context, directory: Path) -> None:
+    """Create three sample service repos, register them, and print what to try."""
+    from branchyard.demo import create_demo, workflow_text
+
+    info_data: shapes.Info = ctx.client.call("GET", path_of("info"))
+    try:
+        repos = create_demo(directory)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    for made in repos:
+        ctx.client.call("POST", path_of("repos"), {"url": str(made.origin), "name": made.name})
+        click.echo(f"registered {made.name} ({made.origin})")
+    click.echo()
+    click.echo(workflow_text(directory.resolve(), info_data["router"]))
+
+
+COMMANDS = (up, info, token, gc, dashboard, demo)
