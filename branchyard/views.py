@@ -117,6 +117,7 @@ class Views:
         )
 
     def status(self, slot: Slot) -> Status:
+        """The slot's state, by the read model's one rule."""
         return readmodel.status(self.snapshot(slot))
 
     async def row(self, slot: Slot) -> shapes.ServiceRow:
@@ -195,6 +196,7 @@ class Views:
     # addresses and events
 
     def public_url(self, slot: Slot) -> str:
+        """Where people reach the slot's live revision."""
         return self._runtime.public_url(*slot)
 
     def home_url(self) -> str:
