@@ -21,9 +21,9 @@ from branchyard.planner import Slot
 from branchyard.readmodel import Head, Snapshot, Status
 from branchyard.rollout import FailureLog, Rollouts
 from branchyard.runtime import InstanceState, LogName, Pause, Runtime
-from branchyard.settings import Change, SettingsRepo
+from branchyard.settings import Change, Settings
 from branchyard.store import Store
-from branchyard.watcher import Watcher
+from branchyard.watcher import Watching
 
 
 class Views:
@@ -35,8 +35,8 @@ class Views:
         store: Store,
         runtime: Runtime,
         rollouts: Rollouts,
-        watcher: Watcher,
-        settings: SettingsRepo,
+        watcher: Watching,
+        settings: Settings,
     ) -> None:
         self._engine = engine
         self._store = store
