@@ -21,16 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
-from branchyard import auth, readmodel, sessions, shapes, views, webhooks
+from branchyard import auth, readmodel, sessions, shapes, webhooks
 from branchyard.engine import Engine
-from branchyard.errors import BranchyardError, HomeError, NotFound, UsageError
+from branchyard.errors import BranchyardError, HomeError, UsageError
 from branchyard.model import Overlay
-from branchyard.naming import BASELINE
-from branchyard.planner import Slot
-from branchyard.runtime import LogName
 from branchyard.settings import validate_env
 from branchyard.text import shown
 from branchyard.vault import masked
+from branchyard.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +102,8 @@ def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
     return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
-def _baseline_first(item: tuple[Slot, Any]) -> tuple[bool, Slot]:
-    return item[0][0] != BASELINE, item[0]
-
-
-def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
+def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> FastAPI:
+    """The API's app: commands go to ``engine``, reads to ``views``."""
     app = FastAPI(title="branchyard", version="0.1.0")
     # Set by the daemon when it stops: streams that never end on their own (events, logs -f)
     # end then; uvicorn would otherwise wait for them (an open dashboard tab: forever).
@@ -136,7 +131,7 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
     @app.post("/api/token/rotate")
     async def rotate_token() -> shapes.TokenFile:
         token[0] = auth.rotate(home)
-        engine.store.event("token", "API token rotated")
+        engine.note("token", "API token rotated")
         return {"token_file": str(home / auth.TOKEN_FILE)}
 
     @app.exception_handler(BranchyardError)
@@ -162,35 +157,13 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
         message = problems.encode(errors="backslashreplace").decode()  # never echo the input
         return JSONResponse({"error": "invalid_request", "message": message}, status_code=422)
 
-    async def row(slot: Slot) -> shapes.ServiceRow:
-        seen = views.snapshot(engine, slot)
-        latest = seen.latest
-        failure = await engine.rollouts.failure_log(latest) if latest else None
-        last_lines = (
-            await engine.runtime.last_lines(LogName(*slot, latest.ordinal))
-            if failure and latest
-            else []
-        )
-        command = failure.command if failure else ""
-        url = engine.runtime.public_url(*slot)
-        return readmodel.service_row(*slot, seen, url, last_lines, command)
-
     @app.get("/api/info")
     async def get_info() -> shapes.Info:
         return info
 
     @app.get("/api/repos")
     async def list_repos() -> list[shapes.RepoRow]:
-        return [
-            {
-                "name": r.name,
-                "url": r.url,
-                "default_branch": r.default_branch,
-                "branches": len(engine.heads[r.name].branches) if r.name in engine.heads else 0,
-                "error": engine.watcher.errors.get(r.name, ""),
-            }
-            for r in engine.store.repos()
-        ]
+        return views.repo_rows()
 
     @app.post("/api/repos", status_code=201)
     async def add_repo(body: RepoIn) -> shapes.Repo:
@@ -209,27 +182,16 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
 
     @app.get("/api/namespaces")
     async def list_namespaces() -> list[shapes.Namespace]:
-        found: dict[str, shapes.Namespace] = {}
-        for (namespace, service), target in sorted(engine.targets.items(), key=_baseline_first):
-            entry = found.setdefault(
-                namespace, {"namespace": namespace, "branch": target.branch, "services": []}
-            )
-            entry["services"].append(service)
-        return list(found.values())
+        return views.namespaces()
 
     @app.get("/api/services")
     async def list_services(namespace: str | None = None) -> list[shapes.ServiceRow]:
-        slots = [slot for slot, _ in sorted(engine.targets.items(), key=_baseline_first)]
-        if namespace is not None:
-            slots = [s for s in slots if s[0] == namespace]
-            if not slots:
-                engine.target(namespace, "")
-        return [await row(slot) for slot in slots]
+        return await views.rows(namespace)
 
     @app.get("/api/namespaces/{namespace}/services/{service}")
     async def get_service(namespace: str, service: str) -> shapes.ServiceRow:
-        engine.target(namespace, service)
-        return await row((namespace, service))
+        views.target(namespace, service)
+        return await views.row((namespace, service))
 
     @app.delete("/api/namespaces/{namespace}/services/{service}")
     async def remove_service(namespace: str, service: str) -> shapes.ServiceRemoved:
@@ -238,8 +200,8 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
 
     @app.get("/api/namespaces/{namespace}/services/{service}/env")
     async def get_env(namespace: str, service: str, show_secrets: bool = False) -> shapes.Env:
-        settings = engine.settings_of(namespace, service)
-        secrets = engine.secrets_of(namespace, service)
+        settings = views.settings(namespace, service)
+        secrets = views.secrets(namespace, service)
         return {
             "env": dict(settings.env),
             "secrets": secrets if show_secrets else masked(list(secrets)),
@@ -270,8 +232,8 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
 
     @app.get("/api/namespaces/{namespace}/services/{service}/history")
     async def history(namespace: str, service: str) -> list[shapes.SettingsChange]:
-        engine.target(namespace, service)
-        changes = await engine.settings_repo.history((namespace, service))
+        views.target(namespace, service)
+        changes = await views.history((namespace, service))
         return [
             {
                 "commit": c.commit,
@@ -294,27 +256,17 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
     ) -> StreamingResponse:
         """The live revision's output (else the newest's); ``build``: the newest's build
         log; ``revision``: that revision's output or build log."""
-        engine.target(namespace, service)
-        history = engine.store.revisions((namespace, service))
-        running = engine.rollouts.live((namespace, service))
-        if revision is not None:
-            chosen = next((r for r in history if r.ordinal == revision), None)
-            if chosen is None:
-                raise NotFound(f"{service} in {namespace} has no revision v{revision}")
-        else:
-            chosen = running.revision if running and not build else next(iter(history), None)
-        if chosen is None:
-            raise NotFound(f"{service} in {namespace} has no revision yet")
-        log = LogName(namespace, service, chosen.ordinal, build)
+        views.target(namespace, service)
+        log = views.log_of((namespace, service), build, revision)
         if not follow:
-            return StreamingResponse(engine.runtime.read_log(log, tail), media_type="text/plain")
-        followed = engine.runtime.read_log(log, tail, lambda: _pause(stopping))
+            return StreamingResponse(views.read_log(log, tail), media_type="text/plain")
+        followed = views.read_log(log, tail, lambda: _pause(stopping))
         return StreamingResponse(followed, media_type="text/plain")
 
     @app.get("/api/namespaces/{namespace}/services/{service}/revisions")
     async def revisions(namespace: str, service: str) -> list[shapes.Revision]:
-        engine.target(namespace, service)
-        return [readmodel.revision_json(r) for r in engine.store.revisions((namespace, service))]
+        views.target(namespace, service)
+        return [readmodel.revision_json(r) for r in views.revisions((namespace, service))]
 
     @app.post("/api/namespaces/{namespace}/services/{service}/rollback")
     async def rollback(namespace: str, service: str, body: RevisionIn) -> shapes.Pinned:
@@ -336,7 +288,7 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
     @app.post("/api/namespaces/{namespace}/services/{service}/unpin")
     async def unpin(namespace: str, service: str) -> shapes.Unpinned:
         revision, building = await engine.unpin(namespace, service)
-        target = engine.target(namespace, service)
+        target = views.target(namespace, service)
         return {
             "live": revision.ordinal if revision else None,
             "building": building,
@@ -347,24 +299,24 @@ def create_app(engine: Engine, info: shapes.Info, home: Path) -> FastAPI:
     @app.put("/api/namespaces/{namespace}/services/{service}/weights")
     async def weights(namespace: str, service: str, body: WeightsIn) -> shapes.Weights:
         await engine.weight(namespace, service, body.weights)
-        return {"weights": engine.rollouts.weights((namespace, service))}
+        return {"weights": views.weights((namespace, service))}
 
     @app.post("/hooks/{provider}", status_code=202)
     async def hook(provider: str, request: Request) -> JSONResponse:
         try:
-            return JSONResponse(*await _webhook(engine, provider, request))
+            return JSONResponse(*await _webhook(engine, views, provider, request))
         except webhooks.WebhookError as exc:
-            engine.store.event("webhook", f"{provider} webhook rejected: {exc.message}")
+            engine.note("webhook", f"{provider} webhook rejected: {exc.message}")
             return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
 
     @app.get("/api/events")
     async def list_events(after: EventId = 0, namespace: str | None = None) -> list[shapes.Event]:
-        return engine.store.events(after, namespace)
+        return views.events(after, namespace)
 
     @app.get("/events", response_model=None)
     async def stream_events(namespace: str | None = None, after: EventId = 0) -> StreamingResponse:
         return StreamingResponse(
-            _event_stream(engine, namespace, after, stopping), media_type="text/event-stream"
+            _event_stream(views, namespace, after, stopping), media_type="text/event-stream"
         )
 
     @app.post("/api/gc")
@@ -386,7 +338,9 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[str, Any], int]:
+async def _webhook(
+    engine: Engine, views: Views, name: str, request: Request
+) -> tuple[dict[str, Any], int]:
     """(answer, status) for one webhook delivery; WebhookError for the refusals."""
     try:
         provider = webhooks.Provider(name)
@@ -396,13 +350,13 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
     headers = dict(request.headers)
     event = webhooks.parse(provider, headers, body)
     wanted = {webhooks.normalize_url(url) for url in event.repo_urls}
-    repo = next((r for r in engine.store.repos() if webhooks.normalize_url(r.url) in wanted), None)
+    repo = next((r for r in views.repos() if webhooks.normalize_url(r.url) in wanted), None)
     if repo is None:
         named = event.repo_urls[0] if event.repo_urls else event.repo_name
         message = f"{name} webhook for {shown(named)}, which is not a registered repo: ignored"
-        engine.store.event("webhook", message)
+        engine.note("webhook", message)
         return {"ignored": message}, 202
-    secret = repo.webhook_secret or engine.webhook_secret
+    secret = views.webhook_secret(repo)
     if not secret:
         raise webhooks.WebhookError(
             401,
@@ -421,8 +375,8 @@ async def _webhook(engine: Engine, name: str, request: Request) -> tuple[dict[st
     if event.kind == "ping":
         return {"pong": repo.name}, 200
     if event.kind in ("push", "delete"):
-        engine.watcher.poke(repo.name)
-        engine.store.event("webhook", f"{name} {event.kind} of {event.branch} in {repo.name}")
+        engine.poke(repo.name)
+        engine.note("webhook", f"{name} {event.kind} of {event.branch} in {repo.name}")
         return {"checking": repo.name, "branch": event.branch}, 202
     return {"ignored": f"{event.kind} event"}, 200
 
@@ -436,12 +390,12 @@ async def _pause(stopping: asyncio.Event) -> bool:
 
 
 async def _event_stream(
-    engine: Engine, namespace: str | None, after: int, stopping: asyncio.Event
+    views: Views, namespace: str | None, after: int, stopping: asyncio.Event
 ) -> AsyncIterator[bytes]:
     """Server-sent events: every stored event after ``after``, then new ones as they come."""
     last = after
     while True:
-        for event in engine.store.events(last, namespace):
+        for event in views.events(last, namespace):
             last = event["id"]
             yield f"id: {last}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
         if not await _pause(stopping):

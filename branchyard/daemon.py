@@ -58,6 +58,7 @@ from branchyard.shapes import Info
 from branchyard.status import StatusConfig, StatusReporter, config_from_env
 from branchyard.store import Store
 from branchyard.vault import Vault
+from branchyard.views import Views
 from branchyard.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -243,9 +244,10 @@ def _seams(
 
 def _engine(
     options: Options, store: Store, sources: Sources, runtime: Runtime, traffic: Traffic
-) -> Engine:
+) -> tuple[Engine, Views]:
     """The engine and its parts, connected: the watcher's heads and the store's revision
-    changes reach it through the callbacks given here."""
+    changes reach it through the callbacks given here; and the read side over the same
+    parts, which the API and the dashboard read through."""
     home = options.home
     vault = Vault(home / "secrets.json")
     clock = Clock()
@@ -265,20 +267,12 @@ def _engine(
 
     watcher = Watcher(sources, on_heads, options.poll_interval)
     status = StatusReporter(_status_config(), on_error=lambda text: store.event("status", text))
+    settings = SettingsRepo(home / "settings")
     engine = Engine(
-        store,
-        runtime,
-        traffic,
-        rollouts,
-        watcher,
-        sources,
-        SettingsRepo(home / "settings"),
-        vault,
-        status,
-        clock,
+        store, runtime, traffic, rollouts, watcher, sources, settings, vault, status, clock
     )
     store.listen(engine.report)
-    return engine
+    return engine, Views(engine, store, runtime, rollouts, watcher, settings)
 
 
 async def _serve(options: Options, sandbox: Sandbox | None) -> None:
@@ -288,7 +282,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     table = RouteTable()
     router = Router(table)
     runtime, traffic = _seams(options, sandbox, store, sources, table, router)
-    engine = _engine(options, store, sources, runtime, traffic)
+    engine, views = _engine(options, store, sources, runtime, traffic)
     auth.load_or_create(home)  # made at first start: an API off loopback is never open
     api_socket = _bind(options.api_host, options.api_port)
     stop = asyncio.Event()
@@ -312,8 +306,8 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
             "sandbox": sandbox.describe() if sandbox else None,
         }
-        app = create_app(engine, info, home)
-        dashboard.mount(app, engine, home)  # the pages, beside the API on its app
+        app = create_app(engine, views, info, home)
+        dashboard.mount(app, views, home)  # the pages, beside the API on its app
         config = uvicorn.Config(
             app,
             log_level="warning",

@@ -48,14 +48,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.staticfiles import StaticFiles
 
-from branchyard import auth, readmodel, views
+from branchyard import auth, readmodel
 from branchyard.client import UNSANDBOXED
-from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Revision, RevisionState
 from branchyard.naming import BASELINE
 from branchyard.planner import Slot
-from branchyard.runtime import LogName, Runtime
+from branchyard.runtime import LogName
 from branchyard.sessions import (
     CODE_SECONDS,
     SESSION_SECONDS,
@@ -66,6 +65,7 @@ from branchyard.sessions import (
 from branchyard.shapes import Event, LoginCode
 from branchyard.text import without_escapes
 from branchyard.vault import MASK
+from branchyard.views import Views
 
 LOG_TAIL_BYTES = 64 * 1024  # the most of a build log a page shows
 MAX_FORM_BYTES = 4096
@@ -137,8 +137,8 @@ class Cell:
         return self.revision.changed_at if self.revision else None
 
 
-def _cell(engine: Engine, slot: Slot) -> Cell:
-    said = readmodel.status(views.snapshot(engine, slot))
+def _cell(views: Views, slot: Slot) -> Cell:
+    said = views.status(slot)
     head = readmodel.heading(said)
     return Cell(
         slot[0],
@@ -149,7 +149,7 @@ def _cell(engine: Engine, slot: Slot) -> Cell:
         head.notes,
         said.reason,
         said.pinned,
-        engine.runtime.public_url(*slot),
+        views.public_url(slot),
     )
 
 
@@ -164,17 +164,17 @@ class Row:
         return [service for service, cell in self.cells.items() if cell.failing]
 
 
-def overview(engine: Engine) -> tuple[list[str], list[Row]]:
+def overview(views: Views) -> tuple[list[str], list[Row]]:
     """(service columns, namespace rows with the baseline first)."""
-    slots = sorted(engine.targets, key=lambda slot: (slot[0] != BASELINE, slot))
-    services = sorted({service for _, service in slots})
-    rows: dict[str, Row] = {}
-    for namespace, service in slots:
-        row = rows.setdefault(
-            namespace, Row(namespace, engine.targets[namespace, service].branch, {})
+    rows = [
+        Row(
+            ns["namespace"],
+            ns["branch"],
+            {s: _cell(views, (ns["namespace"], s)) for s in ns["services"]},
         )
-        row.cells[service] = _cell(engine, (namespace, service))
-    return services, list(rows.values())
+        for ns in views.namespaces()
+    ]
+    return sorted({service for row in rows for service in row.cells}), rows
 
 
 def _age(since: float | None, now: float | None = None) -> str:
@@ -193,9 +193,9 @@ def _iso(at: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
-async def _tail(runtime: Runtime, log: LogName, size: int = LOG_TAIL_BYTES) -> str:
+async def _tail(views: Views, log: LogName, size: int = LOG_TAIL_BYTES) -> str:
     """The end of a log as a page shows it: colours and other terminal escapes left out."""
-    return without_escapes((await runtime.tail_log(log, size)).decode(errors="replace"))
+    return without_escapes((await views.tail_log(log, size)).decode(errors="replace"))
 
 
 def _diff_lines(diff: str) -> list[tuple[str, str]]:
@@ -213,15 +213,15 @@ def _diff_lines(diff: str) -> list[tuple[str, str]]:
     return lines
 
 
-def _last_event(engine: Engine) -> int:
-    events = engine.store.events(0, None, limit=1)
+def _last_event(views: Views) -> int:
+    events = views.events(limit=1)
     return events[-1]["id"] if events else 0
 
 
 def _recent_events(
-    engine: Engine, namespace: str | None = None, service: str | None = None, count: int = 8
+    views: Views, namespace: str | None = None, service: str | None = None, count: int = 8
 ) -> list[Event]:
-    found = engine.store.events(0, namespace, limit=200 if service else count)
+    found = views.events(0, namespace, limit=200 if service else count)
     if service is not None:
         found = [e for e in found if e["service"] == service]
     return list(reversed(found[-count:]))
@@ -262,8 +262,9 @@ def _has_route(app: FastAPI, path: str, method: str) -> bool:
     )
 
 
-def mount(app: FastAPI, engine: Engine, home: Path) -> None:
-    """Add the dashboard's pages, login and static files to the API's ``app``."""
+def mount(app: FastAPI, views: Views, home: Path) -> None:
+    """Add the dashboard's pages, login and static files to the API's ``app``. The pages
+    only read (through ``views``); what they change, they change through the API."""
     sessions = Sessions()
     app.state.dashboard_sessions = sessions
     templates = _templates()
@@ -279,8 +280,8 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "page": page,
             "csrf": session.csrf if session else "",
             "logged_in": session is not None,
-            "router": engine.runtime.home_url(),
-            "last_event": _last_event(engine),
+            "router": views.home_url(),
+            "last_event": _last_event(views),
             "now": time.time(),
             "unsandboxed": UNSANDBOXED if request.app.state.sandbox is None else "",
         }
@@ -316,7 +317,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
         code = sessions.new_code(current_token())
         return {
             "code": code,
-            "url": f"{engine.runtime.home_url()}login?code={code}",
+            "url": f"{views.home_url()}login?code={code}",
             "expires_in": int(CODE_SECONDS),
         }
 
@@ -364,12 +365,12 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
 
     @app.get("/", include_in_schema=False)
     async def overview_page(request: Request, part: str | None = None) -> HTMLResponse:
-        services, rows = overview(engine)
+        services, rows = overview(views)
         context = {
             **common(request, "overview"),
             "services": services,
             "rows": rows,
-            "events": _recent_events(engine),
+            "events": _recent_events(views),
         }
         if part:
             return render(
@@ -386,23 +387,22 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
     ) -> HTMLResponse:
         slot = (namespace, service)
         try:
-            target = engine.target(namespace, service)
+            target = views.target(namespace, service)
         except NotFound as exc:
             return render("missing.html", 404, **common(request, "missing"), problem=exc.message)
-        cell = _cell(engine, slot)
-        history = engine.store.revisions(slot)
+        cell = _cell(views, slot)
+        history = views.revisions(slot)
         latest = history[0] if history else None
-        settings = engine.settings_of(namespace, service)
+        settings = views.settings(namespace, service)
         person = dict(settings.env)
-        secret_names = sorted(engine.secrets_of(namespace, service).keys())  # never the values
-        changes = await engine.settings_repo.history(slot)
-        failure = await engine.rollouts.failure_log(latest) if latest else None
+        secret_names = sorted(views.secrets(namespace, service).keys())  # never the values
+        changes = await views.history(slot)
+        failure = await views.failure(latest) if latest else None
         build_log = (
-            await _tail(engine.runtime, LogName(namespace, service, latest.ordinal, build=True))
+            await _tail(views, LogName(namespace, service, latest.ordinal, build=True))
             if latest
             else ""
         )
-        _, rollback_to = engine.rollouts.going_back(slot)
         context = {
             **common(request, "service"),
             "cell": cell,
@@ -410,7 +410,7 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "revisions": history,
             "latest": latest,
             "can_serve": _CAN_SERVE,
-            "rollback_to": rollback_to,
+            "rollback_to": views.rollback_to(slot),
             "env": dict(sorted(person.items())),
             "settings_version": settings.version,
             "secrets": secret_names,
@@ -419,11 +419,11 @@ def mount(app: FastAPI, engine: Engine, home: Path) -> None:
             "changes": [(c, _diff_lines(c.diff)) for c in changes],
             "build_log": build_log,
             "failure": failure,
-            "failed_output": await _tail(engine.runtime, failure.log)
+            "failed_output": await _tail(views, failure.log)
             if failure and not failure.build
             else "",
             "can_restart": _has_route(app, RESTART_PATH, "POST"),
-            "events": _recent_events(engine, namespace, service),
+            "events": _recent_events(views, namespace, service),
         }
         if part:
             return render(

@@ -201,6 +201,15 @@ class Engine:
             self._say_default_branch(repo.name, chosen, heads.dangling_head)
         self.request_reconcile()
 
+    def poke(self, repo: str) -> None:
+        """Look at a repo's branch heads now, whatever its poll interval (a webhook said
+        it changed)."""
+        self.watcher.poke(repo)
+
+    def note(self, kind: str, message: str) -> None:
+        """Record an event that happened outside the engine (a token rotated, a webhook)."""
+        self.store.event(kind, message)
+
     def _say_default_branch(self, name: str, branch: str, dangling_head: bool) -> None:
         """Record which branch deploys to the baseline, and warn if HEAD named none there is."""
         change = f"(change it with: branchyard repo set {name} --default-branch BRANCH)"
