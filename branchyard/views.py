@@ -121,15 +121,12 @@ class Views:
         return readmodel.status(self.snapshot(slot))
 
     async def row(self, slot: Slot) -> shapes.ServiceRow:
-        """A line of ``ps``, with the end of a failed newest revision's output."""
+        """A line of ``ps``, with the end of the log that says why the newest revision
+        failed: its build's output if it failed to build, else its processes'."""
         seen = self.snapshot(slot)
         latest = seen.latest
         failure = await self.failure(latest) if latest else None
-        last_lines = (
-            await self._runtime.last_lines(LogName(*slot, latest.ordinal))
-            if failure and latest
-            else []
-        )
+        last_lines = await self._runtime.last_lines(failure.log) if failure else []
         command = failure.command if failure else ""
         return readmodel.service_row(*slot, seen, self.public_url(slot), last_lines, command)
 

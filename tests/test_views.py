@@ -185,3 +185,19 @@ def test_a_ps_row_of_a_failed_newest_revision_ends_with_its_output(tmp_path: Pat
         assert await views.rows() == [row]
 
     reading(tmp_path, failed_start, check)
+
+
+def test_a_ps_row_of_a_failed_build_ends_with_the_build_output(tmp_path: Path) -> None:
+    async def failed_build(world: World, engine: Engine) -> None:
+        await deployed(world, engine, C1)
+        world.runtime.fail_build(C2, "build step 1 failed (exit 1): make")
+        world.runtime.logs[LogName("main", "web", 2, build=True)] = b"make: *** [all] Error 1\n"
+        await push(world, engine, C2)
+        await settled(world, 2, FAILED)
+
+    async def check(views: Views) -> None:
+        row = await views.row(SLOT)
+        assert row["last_lines"] == ["make: *** [all] Error 1"]
+        assert row["logs_command"] == "branchyard logs web --revision 2 --build"
+
+    reading(tmp_path, failed_build, check)
