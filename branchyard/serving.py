@@ -2,8 +2,8 @@
 
 The rollouts and the engine act; this module decides for them, as the planner
 decides what should run. Each choice is a function over what is known at one
-moment: of one slot (a :class:`SlotView`: its revisions newest first, its pin,
-its traffic, what runs), or of the whole store when a daemon starts. Each state
+moment: of one slot (a :class:`SlotView`: its revisions newest first, its
+traffic, what runs), or of the whole store when a daemon starts. Each state
 change comes out as one :class:`Change`, the rows that change together (a
 revision going live and its event, a pin and its event, every revision a
 restart stops), which :meth:`branchyard.store.Store.apply` writes in one
@@ -12,6 +12,7 @@ transaction. Nothing here touches the store, processes or the clock.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -103,7 +104,6 @@ class SlotView:
 
     slot: Slot
     history: tuple[Revision, ...] = ()  # every revision, newest first
-    pin: int | None = None
     weights: Mapping[int, int] = field(default_factory=dict)  # ordinal -> weight, what runs
     running: frozenset[int] = frozenset()  # ordinals whose processes run
 
@@ -263,6 +263,22 @@ def deployment(latest: Revision | None, target: Target, subject: str, reason: st
     return Change(
         new=NewRevision(target, ordinal, subject, RevisionState.BUILDING), events=(event,)
     )
+
+
+class Landing(enum.Enum):
+    """Where a freshly built revision goes."""
+
+    LIVE = "live"  # it takes the traffic
+    STAGE = "stage"  # it waits for a promote or an unpin
+    RESTORE_THEN_STAGE = "restore then stage"  # nothing serves: the pinned one first
+
+
+def landing(pin: int | None, revision: Revision, serving: bool) -> Landing:
+    """A built ``revision`` goes live unless its slot is pinned to another one (``pin``);
+    then it is staged, after the pinned one is brought back if nothing is ``serving``."""
+    if pin is None or pin == revision.ordinal:
+        return Landing.LIVE
+    return Landing.STAGE if serving else Landing.RESTORE_THEN_STAGE
 
 
 def failure(revision: Revision, reason: str) -> Change:

@@ -350,6 +350,10 @@ class Store:
         ).fetchone()
         return int(row["ordinal"]) if row else None
 
+    def pins(self) -> dict[Slot, int]:
+        rows = self._db.execute("SELECT namespace, service, ordinal FROM pins")
+        return {(r["namespace"], r["service"]): r["ordinal"] for r in rows}
+
     def set_pin(self, slot: Slot, ordinal: int | None) -> None:
         self._set_pin(PinChange(slot, ordinal))
 

@@ -16,6 +16,7 @@ from branchyard.serving import (
     SUPERSEDED,
     Change,
     Event,
+    Landing,
     NewRevision,
     PinChange,
     SlotView,
@@ -27,6 +28,7 @@ from branchyard.serving import (
     going_back,
     heaviest,
     keep,
+    landing,
     pinning,
     recovery,
     select,
@@ -86,7 +88,6 @@ def target(sha: str = HEAD) -> Target:
 
 def view(
     *history: Revision,
-    pin: int | None = None,
     weights: Mapping[int, int] | None = None,
     running: set[int] | None = None,
 ) -> SlotView:
@@ -94,7 +95,7 @@ def view(
     weight runs unless ``running`` says otherwise."""
     weights = weights or {}
     ran = frozenset(weights) if running is None else frozenset(running)
-    return SlotView(SLOT, tuple(reversed(history)), pin, dict(weights), ran)
+    return SlotView(SLOT, tuple(reversed(history)), dict(weights), ran)
 
 
 def ordinal(revision: Revision | None) -> int | None:
@@ -346,38 +347,36 @@ def test_going_live_takes_the_traffic_and_retires_what_had_it(
 @pytest.mark.parametrize(
     ("slot", "goes_live"),
     [
-        pytest.param(view(rev(1, LIVE), weights={1: 100}, pin=1), None, id="head-never-built"),
+        pytest.param(view(rev(1, LIVE), weights={1: 100}), None, id="head-never-built"),
         pytest.param(
-            view(rev(1, LIVE, sha=HEAD), weights={1: 100}, pin=1), None, id="head-has-all-traffic"
+            view(rev(1, LIVE, sha=HEAD), weights={1: 100}), None, id="head-has-all-traffic"
         ),
         pytest.param(
-            view(rev(1, LIVE), rev(2, STAGED, sha=HEAD), weights={1: 100}, pin=1),
+            view(rev(1, LIVE), rev(2, STAGED, sha=HEAD), weights={1: 100}),
             2,
             id="staged-head",
         ),
         pytest.param(
-            view(rev(1, STOPPED, sha=HEAD), rev(2, LIVE), weights={2: 100}, pin=2),
+            view(rev(1, STOPPED, sha=HEAD), rev(2, LIVE), weights={2: 100}),
             1,
             id="promoted-older-back-to-head",
         ),
         pytest.param(
-            view(rev(1, LIVE, sha=HEAD), rev(2, LIVE), weights={1: 50, 2: 50}, pin=2),
+            view(rev(1, LIVE, sha=HEAD), rev(2, LIVE), weights={1: 50, 2: 50}),
             1,
             id="head-in-a-split",
         ),
         pytest.param(
-            view(rev(1, STOPPED, sha=HEAD), rev(2, STOPPED, sha=HEAD), rev(3, LIVE), pin=3),
+            view(rev(1, STOPPED, sha=HEAD), rev(2, STOPPED, sha=HEAD), rev(3, LIVE)),
             2,
             id="newest-of-the-head",
         ),
         pytest.param(
-            view(rev(1, LIVE), rev(2, FAILED, sha=HEAD), rev(3, CRASHED, sha=HEAD), pin=1),
+            view(rev(1, LIVE), rev(2, FAILED, sha=HEAD), rev(3, CRASHED, sha=HEAD)),
             None,
             id="head-failed-or-crashed",
         ),
-        pytest.param(
-            view(rev(1, LIVE), rev(2, BUILDING, sha=HEAD), pin=1), None, id="head-building"
-        ),
+        pytest.param(view(rev(1, LIVE), rev(2, BUILDING, sha=HEAD)), None, id="head-building"),
     ],
 )
 def test_unpin_sends_traffic_to_the_newest_ready_revision_of_the_head(
@@ -428,7 +427,6 @@ def test_unpin_sends_traffic_to_the_newest_ready_revision_of_the_head(
                 *(rev(o, STOPPED) for o in range(2, 9)),
                 rev(9, STAGED),
                 weights={1: 100},
-                pin=1,
             ),
             {1, 4, 5, 6, 7, 8, 9},
             id="pinned-old-and-staged-beside-the-last-five",
@@ -491,6 +489,23 @@ def test_a_deploy_resumes_an_interrupted_revision_of_its_target_or_makes_a_new_o
     latest: Revision | None, change: Change
 ) -> None:
     assert deployment(latest, target(), "subject", "new commit") == change
+
+
+@pytest.mark.parametrize(
+    ("pin", "serves", "where"),
+    [
+        pytest.param(None, True, Landing.LIVE, id="unpinned"),
+        pytest.param(None, False, Landing.LIVE, id="unpinned-first"),
+        pytest.param(2, True, Landing.LIVE, id="pinned-to-it"),
+        pytest.param(2, False, Landing.LIVE, id="pinned-to-it-restarted"),
+        pytest.param(1, True, Landing.STAGE, id="pinned-elsewhere"),
+        pytest.param(1, False, Landing.RESTORE_THEN_STAGE, id="pinned-elsewhere-nothing-serves"),
+    ],
+)
+def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
+    pin: int | None, serves: bool, where: Landing
+) -> None:
+    assert landing(pin, rev(2, BUILDING), serves) is where
 
 
 @pytest.mark.parametrize(

@@ -74,8 +74,10 @@ def test_a_revision_going_live_with_its_pin_and_events_is_one_change(
     assert told == [after]
     assert store.pin(SLOT) == 1
     assert [e["kind"] for e in store.events()] == ["live", "promote"]
+    store.apply(Change(pin=PinChange(("bugfix", "web"), 3)))
+    assert store.pins() == {SLOT: 1, ("bugfix", "web"): 3}
     store.apply(Change(pin=PinChange(SLOT, None)))
-    assert store.pin(SLOT) is None
+    assert store.pins() == {("bugfix", "web"): 3}
 
 
 def test_a_restart_stops_every_revision_it_found_active_in_one_change(store: Store) -> None:
