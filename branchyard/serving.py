@@ -12,7 +12,6 @@ transaction. Nothing here touches the store, processes or the clock.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -93,6 +92,9 @@ class Change:
             other.pin or self.pin,
             self.events + other.events,
         )
+
+
+NO_CHANGE = Change()
 
 
 # -- one slot at one moment -----------------------------------------------------------------
@@ -265,20 +267,23 @@ def deployment(latest: Revision | None, target: Target, subject: str, reason: st
     )
 
 
-class Landing(enum.Enum):
-    """Where a freshly built revision goes."""
+@dataclass(frozen=True)
+class Staging:
+    """A built revision that takes no traffic, since its slot is pinned to another one."""
 
-    LIVE = "live"  # it takes the traffic
-    STAGE = "stage"  # it waits for a promote or an unpin
-    RESTORE_THEN_STAGE = "restore then stage"  # nothing serves: the pinned one first
+    pin: int
+    restore: bool  # nothing serves: the pinned revision goes live again first
+    change: Change  # the revision staged
 
 
-def landing(pin: int | None, revision: Revision, serving: bool) -> Landing:
-    """A built ``revision`` goes live unless its slot is pinned to another one (``pin``);
-    then it is staged, after the pinned one is brought back if nothing is ``serving``."""
+def landing(pin: int | None, revision: Revision, serving: bool) -> Staging | None:
+    """How a built ``revision`` is staged, or None if it goes live: its slot is pinned
+    (``pin``) to none or to it. The pinned one is brought back if nothing is ``serving``."""
     if pin is None or pin == revision.ordinal:
-        return Landing.LIVE
-    return Landing.STAGE if serving else Landing.RESTORE_THEN_STAGE
+        return None
+    reason = f"pinned to v{pin}: promote or unpin to use it"
+    change = Change(states=(StateChange(revision.id, RevisionState.STAGED, reason),))
+    return Staging(pin, not serving, change)
 
 
 def failure(revision: Revision, reason: str) -> Change:
@@ -296,12 +301,6 @@ def cancellation(revision: Revision, closing: bool) -> Change:
     if closing:
         return Change(states=(StateChange(revision.id, RevisionState.STOPPED, INTERRUPTED),))
     return Change(states=(StateChange(revision.id, RevisionState.SUPERSEDED, SUPERSEDED),))
-
-
-def staging(revision: Revision, pinned: int) -> Change:
-    """A built revision that takes no traffic, since the slot is pinned to ``pinned``."""
-    reason = f"pinned to v{pinned}: promote or unpin to use it"
-    return Change(states=(StateChange(revision.id, RevisionState.STAGED, reason),))
 
 
 def behind(target: Target | None, live: Revision | None, latest: Revision | None) -> Target | None:

@@ -16,7 +16,6 @@ from branchyard.serving import (
     SUPERSEDED,
     Change,
     Event,
-    Landing,
     NewRevision,
     PinChange,
     SlotView,
@@ -34,7 +33,6 @@ from branchyard.serving import (
     select,
     serving,
     split,
-    staging,
     switch,
     unpinning,
 )
@@ -492,20 +490,27 @@ def test_a_deploy_resumes_an_interrupted_revision_of_its_target_or_makes_a_new_o
 
 
 @pytest.mark.parametrize(
-    ("pin", "serves", "where"),
+    ("pin", "serves", "staged", "restore"),
     [
-        pytest.param(None, True, Landing.LIVE, id="unpinned"),
-        pytest.param(None, False, Landing.LIVE, id="unpinned-first"),
-        pytest.param(2, True, Landing.LIVE, id="pinned-to-it"),
-        pytest.param(2, False, Landing.LIVE, id="pinned-to-it-restarted"),
-        pytest.param(1, True, Landing.STAGE, id="pinned-elsewhere"),
-        pytest.param(1, False, Landing.RESTORE_THEN_STAGE, id="pinned-elsewhere-nothing-serves"),
+        pytest.param(None, True, False, False, id="unpinned"),
+        pytest.param(None, False, False, False, id="unpinned-first"),
+        pytest.param(2, True, False, False, id="pinned-to-it"),
+        pytest.param(2, False, False, False, id="pinned-to-it-restarted"),
+        pytest.param(1, True, True, False, id="pinned-elsewhere"),
+        pytest.param(1, False, True, True, id="pinned-elsewhere-nothing-serves"),
     ],
 )
 def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
-    pin: int | None, serves: bool, where: Landing
+    pin: int | None, serves: bool, staged: bool, restore: bool
 ) -> None:
-    assert landing(pin, rev(2, BUILDING), serves) is where
+    staging = landing(pin, rev(2, BUILDING), serves)
+    if not staged:
+        assert staging is None
+        return
+    assert staging is not None
+    assert (staging.pin, staging.restore) == (1, restore)
+    reason = "pinned to v1: promote or unpin to use it"
+    assert staging.change == Change(states=(StateChange(102, STAGED, reason),))
 
 
 @pytest.mark.parametrize(
@@ -523,13 +528,6 @@ def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
         ),
         pytest.param(
             cancellation(rev(2, BUILDING), closing=True), STOPPED, INTERRUPTED, (), id="interrupted"
-        ),
-        pytest.param(
-            staging(rev(2, BUILDING), pinned=1),
-            STAGED,
-            "pinned to v1: promote or unpin to use it",
-            (),
-            id="staged",
         ),
     ],
 )
