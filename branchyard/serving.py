@@ -69,7 +69,7 @@ class PinChange:
 
 
 @dataclass(frozen=True)
-class Event:
+class NewEvent:
     kind: str
     message: str
     slot: Slot | None = None
@@ -82,7 +82,7 @@ class Change:
     new: NewRevision | None = None
     states: tuple[StateChange, ...] = ()
     pin: PinChange | None = None
-    events: tuple[Event, ...] = ()
+    events: tuple[NewEvent, ...] = ()
 
     def __add__(self, other: Change) -> Change:
         """Both changes as one; ``other``'s new revision and pin win over this one's."""
@@ -177,7 +177,7 @@ def split(view: SlotView, percents: Mapping[int, int]) -> Split:
     revisions = {ordinal: select(view, ordinal) for ordinal in percents}
     top = max(percents, key=lambda o: (percents[o], o))
     shares = ", ".join(f"v{o}={p}" for o, p in sorted(percents.items()))
-    change = Change(pin=PinChange(view.slot, top), events=(Event("weight", shares, view.slot),))
+    change = Change(pin=PinChange(view.slot, top), events=(NewEvent("weight", shares, view.slot),))
     return Split(revisions, dict(percents), revisions[top], change)
 
 
@@ -199,7 +199,7 @@ def switch(
     message = f"v{revision.ordinal} {revision.sha7} takes traffic"
     change = Change(
         states=(StateChange(revision.id, RevisionState.LIVE, port=port),),
-        events=(Event("live", message, view.slot),),
+        events=(NewEvent("live", message, view.slot),),
     )
     retire = tuple(sorted(view.weights.keys() - after.keys()))
     return Switch(after, retire, f"replaced by v{revision.ordinal}", change)
@@ -209,7 +209,7 @@ def pinning(revision: Revision, what: str) -> Change:
     """The slot pinned to ``revision`` by a rollback, promote or restore (``what``)."""
     slot = (revision.namespace, revision.service)
     message = f"v{revision.ordinal} {revision.sha7} pinned"
-    return Change(pin=PinChange(slot, revision.ordinal), events=(Event(what, message, slot),))
+    return Change(pin=PinChange(slot, revision.ordinal), events=(NewEvent(what, message, slot),))
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def unpinning(view: SlotView, head: str) -> Unpin:
     target key is ``head``), unless there is none or it has all the traffic already."""
     change = Change(
         pin=PinChange(view.slot, None),
-        events=(Event("unpin", "traffic follows new commits again", view.slot),),
+        events=(NewEvent("unpin", "traffic follows new commits again", view.slot),),
     )
     newest = next((r for r in view.history if r.key == head and r.state in READY), None)
     if newest is not None and dict(view.weights) == {newest.ordinal: 100}:
@@ -258,10 +258,10 @@ def deployment(latest: Revision | None, target: Target, subject: str, reason: st
         and latest.key == target.key
         and (latest.reason in RESUMABLE or latest.state is RevisionState.STAGED)
     ):
-        event = Event("deploy", f"v{latest.ordinal} {reason}", slot)
+        event = NewEvent("deploy", f"v{latest.ordinal} {reason}", slot)
         return Change(states=(StateChange(latest.id, RevisionState.BUILDING),), events=(event,))
     ordinal = latest.ordinal + 1 if latest is not None else 1
-    event = Event("deploy", f"v{ordinal} {reason}", slot)
+    event = NewEvent("deploy", f"v{ordinal} {reason}", slot)
     return Change(
         new=NewRevision(target, ordinal, subject, RevisionState.BUILDING), events=(event,)
     )
@@ -291,7 +291,7 @@ def failure(revision: Revision, reason: str) -> Change:
     slot = (revision.namespace, revision.service)
     return Change(
         states=(StateChange(revision.id, RevisionState.FAILED, reason),),
-        events=(Event("failed", f"v{revision.ordinal}: {reason}", slot),),
+        events=(NewEvent("failed", f"v{revision.ordinal}: {reason}", slot),),
     )
 
 

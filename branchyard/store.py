@@ -26,8 +26,7 @@ from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Repo, Revision, RevisionState, Target
-from branchyard.serving import Change, NewRevision, PinChange, Slot, StateChange
-from branchyard.serving import Event as NewEvent
+from branchyard.serving import Change, NewEvent, NewRevision, PinChange, Slot, StateChange
 from branchyard.shapes import Event
 from branchyard.text import shown
 

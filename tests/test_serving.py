@@ -15,7 +15,7 @@ from branchyard.serving import (
     RESTARTED,
     SUPERSEDED,
     Change,
-    Event,
+    NewEvent,
     NewRevision,
     PinChange,
     SlotView,
@@ -247,7 +247,7 @@ def test_a_revision_that_never_was_is_not_found() -> None:
 
 def test_a_pin_is_one_change_with_its_event() -> None:
     assert pinning(rev(4, STOPPED), "rollback") == Change(
-        pin=PinChange(SLOT, 4), events=(Event("rollback", "v4 1111111 pinned", SLOT),)
+        pin=PinChange(SLOT, 4), events=(NewEvent("rollback", "v4 1111111 pinned", SLOT),)
     )
 
 
@@ -283,7 +283,7 @@ def test_a_split_pins_the_heaviest_and_says_the_shares(
     assert chosen.heaviest.ordinal == top
     assert chosen.weights == percents
     assert chosen.change == Change(
-        pin=PinChange(SLOT, top), events=(Event("weight", shares, SLOT),)
+        pin=PinChange(SLOT, top), events=(NewEvent("weight", shares, SLOT),)
     )
 
 
@@ -338,7 +338,7 @@ def test_going_live_takes_the_traffic_and_retires_what_had_it(
     assert decided.reason == f"replaced by v{newest.ordinal}"
     assert decided.change == Change(
         states=(StateChange(newest.id, LIVE, port=4001),),
-        events=(Event("live", f"v{newest.ordinal} 1111111 takes traffic", SLOT),),
+        events=(NewEvent("live", f"v{newest.ordinal} 1111111 takes traffic", SLOT),),
     )
 
 
@@ -384,7 +384,7 @@ def test_unpin_sends_traffic_to_the_newest_ready_revision_of_the_head(
     assert ordinal(decided.to) == goes_live
     assert decided.change == Change(
         pin=PinChange(SLOT, None),
-        events=(Event("unpin", "traffic follows new commits again", SLOT),),
+        events=(NewEvent("unpin", "traffic follows new commits again", SLOT),),
     )
 
 
@@ -452,14 +452,14 @@ def test_the_number_of_builds_kept_can_be_given() -> None:
 def new(ordinal: int, reason: str = "new commit") -> Change:
     return Change(
         new=NewRevision(target(), ordinal, "subject", BUILDING),
-        events=(Event("deploy", f"v{ordinal} {reason}", SLOT),),
+        events=(NewEvent("deploy", f"v{ordinal} {reason}", SLOT),),
     )
 
 
 def again(revision: Revision, reason: str = "new commit") -> Change:
     return Change(
         states=(StateChange(revision.id, BUILDING),),
-        events=(Event("deploy", f"v{revision.ordinal} {reason}", SLOT),),
+        events=(NewEvent("deploy", f"v{revision.ordinal} {reason}", SLOT),),
     )
 
 
@@ -520,7 +520,7 @@ def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
             failure(rev(2, STARTING), "no web: line"),
             FAILED,
             "no web: line",
-            (Event("failed", "v2: no web: line", SLOT),),
+            (NewEvent("failed", "v2: no web: line", SLOT),),
             id="failed",
         ),
         pytest.param(
@@ -532,7 +532,7 @@ def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
     ],
 )
 def test_a_deploy_that_goes_no_further_says_why(
-    change: Change, state: RevisionState, reason: str, events: tuple[Event, ...]
+    change: Change, state: RevisionState, reason: str, events: tuple[NewEvent, ...]
 ) -> None:
     assert change == Change(states=(StateChange(102, state, reason),), events=events)
 

@@ -12,7 +12,7 @@ from branchyard.model import Revision, RevisionState
 from branchyard.serving import (
     RESTARTED,
     Change,
-    Event,
+    NewEvent,
     NewRevision,
     PinChange,
     StateChange,
@@ -67,7 +67,7 @@ def test_a_revision_going_live_with_its_pin_and_events_is_one_change(
     told.clear()
     live = Change(
         states=(StateChange(first.id, RevisionState.LIVE, port=9001),),
-        events=(Event("live", "v1 takes traffic", SLOT),),
+        events=(NewEvent("live", "v1 takes traffic", SLOT),),
     )
     (after,) = store.apply(live + pinning(first, "promote"))
     assert (after.state, after.port) == (RevisionState.LIVE, 9001)
@@ -115,7 +115,7 @@ def test_a_change_that_cannot_be_written_whole_writes_nothing(
             *([broken] if broken else []),
         ),
         pin=PinChange(SLOT, None),
-        events=(Event("live", "v2 takes traffic", SLOT),),
+        events=(NewEvent("live", "v2 takes traffic", SLOT),),
     )
     with pytest.raises(error):
         store.apply(change)
