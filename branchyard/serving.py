@@ -286,6 +286,14 @@ def landing(pin: int | None, revision: Revision, serving: bool) -> Staging | Non
     return Staging(pin, not serving, change)
 
 
+def retrying(revision: Revision, note: str, first: bool) -> Change:
+    """A build that failed for a temporary reason and is tried again: the revision stays
+    building and says when (``note``); the ``first`` time, with a retry event."""
+    slot = (revision.namespace, revision.service)
+    events = (NewEvent("retry", f"v{revision.ordinal}: {note}", slot),) if first else ()
+    return Change(states=(StateChange(revision.id, RevisionState.BUILDING, note),), events=events)
+
+
 def failure(revision: Revision, reason: str) -> Change:
     """``revision`` failed (to build or to start) because of ``reason``."""
     slot = (revision.namespace, revision.service)

@@ -30,6 +30,7 @@ from branchyard.serving import (
     landing,
     pinning,
     recovery,
+    retrying,
     select,
     serving,
     split,
@@ -513,28 +514,37 @@ def test_a_built_revision_goes_live_unless_the_slot_is_pinned_to_another(
     assert staging.change == Change(states=(StateChange(102, STAGED, reason),))
 
 
+def says(state: RevisionState, reason: str, *event: str) -> Change:
+    """Revision v2 (id 102) in ``state`` for ``reason``, with an event (kind, message)."""
+    events = (NewEvent(event[0], event[1], SLOT),) if event else ()
+    return Change(states=(StateChange(102, state, reason),), events=events)
+
+
+V2 = rev(2, BUILDING)
+
+
 @pytest.mark.parametrize(
-    ("change", "state", "reason", "events"),
+    ("change", "expected"),
     [
         pytest.param(
-            failure(rev(2, STARTING), "no web: line"),
-            FAILED,
-            "no web: line",
-            (NewEvent("failed", "v2: no web: line", SLOT),),
+            failure(V2, "no web: line"),
+            says(FAILED, "no web: line", "failed", "v2: no web: line"),
             id="failed",
         ),
         pytest.param(
-            cancellation(rev(2, BUILDING), closing=False), GONE, SUPERSEDED, (), id="superseded"
+            retrying(V2, "in 2s", first=True),
+            says(BUILDING, "in 2s", "retry", "v2: in 2s"),
+            id="retrying-first",
         ),
-        pytest.param(
-            cancellation(rev(2, BUILDING), closing=True), STOPPED, INTERRUPTED, (), id="interrupted"
-        ),
+        pytest.param(retrying(V2, "in 4s", first=False), says(BUILDING, "in 4s"), id="retrying"),
+        pytest.param(cancellation(V2, closing=False), says(GONE, SUPERSEDED), id="superseded"),
+        pytest.param(cancellation(V2, closing=True), says(STOPPED, INTERRUPTED), id="interrupted"),
     ],
 )
-def test_a_deploy_that_goes_no_further_says_why(
-    change: Change, state: RevisionState, reason: str, events: tuple[NewEvent, ...]
+def test_a_deploy_that_fails_waits_or_goes_no_further_says_why(
+    change: Change, expected: Change
 ) -> None:
-    assert change == Change(states=(StateChange(102, state, reason),), events=events)
+    assert change == expected
 
 
 @pytest.mark.parametrize(
