@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound, UsageError
-from branchyard.model import Repo, Revision, RevisionState, Target
+from branchyard.model import Repo, Revision, RevisionState
 from branchyard.serving import Change, NewEvent, NewRevision, PinChange, Slot, StateChange
 from branchyard.shapes import Event
 from branchyard.text import shown
@@ -220,16 +220,6 @@ class Store:
         self._db.execute("INSERT OR REPLACE INTO addresses VALUES (?, ?, ?)", (*slot, port))
 
     # revisions
-
-    def new_revision(self, target: Target, state: RevisionState, subject: str = "") -> Revision:
-        """A new revision of ``target``, numbered after the newest of its slot."""
-        (ordinal,) = self._db.execute(
-            "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM revisions "
-            "WHERE namespace = ? AND service = ?",
-            (target.namespace, target.service),
-        ).fetchone()
-        (revision,) = self.apply(Change(new=NewRevision(target, ordinal, subject, state)))
-        return revision
 
     def apply(self, change: Change) -> list[Revision]:
         """Write a decided ``change`` in one transaction: all its rows, or none (a revision

@@ -21,7 +21,7 @@ from branchyard.serving import (
     recovery,
 )
 from branchyard.store import Store
-from tests.test_store import FakeClock, target
+from tests.test_store import FakeClock, new_revision, target
 
 SLOT = ("main", "app")
 
@@ -63,7 +63,7 @@ def test_a_deploy_makes_its_revision_and_says_so_in_one_change(
 def test_a_revision_going_live_with_its_pin_and_events_is_one_change(
     store: Store, told: list[Revision]
 ) -> None:
-    first = store.new_revision(target(), RevisionState.STARTING)
+    first = new_revision(store, target(), RevisionState.STARTING)
     told.clear()
     live = Change(
         states=(StateChange(first.id, RevisionState.LIVE, port=9001),),
@@ -81,7 +81,7 @@ def test_a_revision_going_live_with_its_pin_and_events_is_one_change(
 
 
 def test_a_restart_stops_every_revision_it_found_active_in_one_change(store: Store) -> None:
-    made = [store.new_revision(target(service=s), RevisionState.LIVE) for s in ("a", "b", "c")]
+    made = [new_revision(store, target(service=s), RevisionState.LIVE) for s in ("a", "b", "c")]
     decided = recovery(made, {})
     changed = store.apply(decided.change)
     assert [(r.id, r.state, r.reason) for r in changed] == [
@@ -100,8 +100,8 @@ def test_a_restart_stops_every_revision_it_found_active_in_one_change(store: Sto
 def test_a_change_that_cannot_be_written_whole_writes_nothing(
     store: Store, told: list[Revision], broken: StateChange | None, error: type[Exception]
 ) -> None:
-    first = store.new_revision(target(), RevisionState.LIVE)
-    other = store.new_revision(target("bugfix"), RevisionState.BUILDING)
+    first = new_revision(store, target(), RevisionState.LIVE)
+    other = new_revision(store, target("bugfix"), RevisionState.BUILDING)
     store.set_pin(SLOT, 1)
     store.event("push", "app: 1 branch heads")
     told.clear()
