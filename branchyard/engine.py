@@ -17,10 +17,11 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from branchyard import serving
 from branchyard.errors import (
     BranchyardError,
     Conflict,
@@ -41,8 +42,9 @@ from branchyard.git import (
 from branchyard.model import Clock, Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
-from branchyard.rollout import DAEMON_STOPPED, INTERRUPTED, Rollouts
+from branchyard.rollout import Rollouts
 from branchyard.runtime import Runtime, Traffic
+from branchyard.serving import DAEMON_STOPPED
 from branchyard.settings import Settings, check_version, describe_change, validate_env
 from branchyard.status import StatusReporter
 from branchyard.store import Store
@@ -51,7 +53,6 @@ from branchyard.watcher import Watching
 
 log = logging.getLogger(__name__)
 
-RESTARTED = "daemon restarted"
 BURST_SETTLE = 0.3  # seconds a deploy that cancelled an older one waits before building
 FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be read
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -111,24 +112,14 @@ class Engine:
         if killed:
             log.warning("stopped %d processes a previous daemon left running", killed)
             self.store.event("recovered", f"stopped {killed} leftover processes")
-        # What served when the last daemon ended: live still if it was killed,
-        # stopped with DAEMON_STOPPED if it stopped cleanly. The pinned one, or the newest.
-        was_live: dict[Slot, Revision] = {}
         served = self.store.active_revisions() + self.store.stopped(DAEMON_STOPPED)
-        for revision in sorted(served, key=lambda r: r.ordinal, reverse=True):
-            slot = (revision.namespace, revision.service)
-            if revision.state in (RevisionState.LIVE, RevisionState.STOPPED) and (
-                revision.ordinal == self.store.pin(slot)
-                or (slot not in was_live and self.store.pin(slot) is None)
-            ):
-                was_live[slot] = revision
-            if revision.state.active:
-                self.store.set_state(revision.id, RevisionState.STOPPED, RESTARTED)
+        recovery = serving.recovery(served, self.store.pins())
+        self.store.apply(recovery.change)
         self.overlays = await self.settings_repo.open()
         if self.settings_repo.set_aside:
             log.warning("%s", self.settings_repo.set_aside)
             self.store.event("settings", self.settings_repo.set_aside)
-        await self._restore(list(was_live.values()))
+        await self._restore(recovery.restore)
         for revision in self.store.latest_revisions():
             if revision.state is RevisionState.FAILED:
                 # Tried and failed before: built again only when its commit, settings
@@ -160,13 +151,13 @@ class Engine:
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    async def _restore(self, revisions: list[Revision]) -> None:
+    async def _restore(self, revisions: Iterable[Revision]) -> None:
         """Bring back what served when the last daemon ended, from the kept builds."""
 
         async def restore(revision: Revision) -> None:
             slot = (revision.namespace, revision.service)
             self.traffic.down(*slot)
-            if await self.rollouts.go_live(self.store.revision(revision.id)):
+            if await self.rollouts.go_live(revision):
                 self._current[slot] = revision.key
 
         await asyncio.gather(*(restore(r) for r in revisions))
@@ -289,21 +280,6 @@ class Engine:
             task.cancel()
             await _ended(task)
 
-    def _revision_for(self, target: Target, subject: str) -> Revision:
-        """A new revision, or the same one again if a restart or a pin interrupted it."""
-        slot = (target.namespace, target.service)
-        latest = next(iter(self.store.revisions(slot, limit=1)), None)
-        if (
-            latest is not None
-            and latest.key == target.key
-            and (
-                latest.reason in (RESTARTED, DAEMON_STOPPED, INTERRUPTED)
-                or latest.state is RevisionState.STAGED
-            )
-        ):
-            return self.store.set_state(latest.id, RevisionState.BUILDING)
-        return self.store.new_revision(target, RevisionState.BUILDING, subject)
-
     async def _deploy(
         self, target: Target, reason: str, previous: asyncio.Task[None] | None
     ) -> None:
@@ -321,11 +297,12 @@ class Engine:
             subject = await source.subject(target.sha)
         except Exception:  # the build meets it again, and the revision says why
             subject = ""
-        revision = self._revision_for(target, subject)
-        self.store.event("deploy", f"v{revision.ordinal} {reason}", slot)
+        latest = next(iter(self.store.revisions(slot, limit=1)), None)
+        (revision,) = self.store.apply(serving.deployment(latest, target, subject, reason))
         try:
-            self.store.set_env(revision.id, await self._env(target))
-            revision = self.store.revision(revision.id)
+            env = await self._env(target)
+            self.store.set_env(revision.id, env)
+            revision = replace(revision, env=env)
             build = await self.rollouts.build_retrying(revision)
         except asyncio.CancelledError:
             self.rollouts.cancelled(revision)
@@ -334,16 +311,14 @@ class Engine:
             self.rollouts.failed(revision, exc)
             return
         pin = self.store.pin(slot)
-        if pin is None:
+        staging = serving.landing(pin, revision, self.rollouts.live(slot) is not None)
+        if staging is None:
             await self.rollouts.go_live(revision)
             return
-        if self.rollouts.live(slot) is None and pin != revision.ordinal:
+        if staging.restore:
             with contextlib.suppress(BranchyardError):
-                await self.rollouts.pin_to(slot, pin, "restore")
-        if pin == revision.ordinal:
-            await self.rollouts.go_live(revision)
-        else:
-            await self.rollouts.stage(revision, build, pin)
+                await self.rollouts.pin_to(slot, staging.pin, "restore")
+        await self.rollouts.stage(revision, build, staging)
 
     async def _env(self, target: Target) -> dict[str, str]:
         """The env a target's processes get (but PORT, which the runtime picks)."""
@@ -589,23 +564,10 @@ class Engine:
         return revision, True
 
     def behind(self, slot: Slot) -> Target | None:
-        """The branch head, if what serves ``slot`` is another commit, unless the newest
-        revision is the head's on its way, staged or failed, which ``ps`` says anyway
-        (so: after a rollback or a promote of an older revision)."""
-        target = self.targets.get(slot)
+        """The branch head, if an older commit serves ``slot`` (see :func:`serving.behind`)."""
         live = self.rollouts.live(slot)
-        if target is None or live is None or live.revision.sha == target.sha:
-            return None
         latest = next(iter(self.store.revisions(slot, limit=1)), None)
-        said = (
-            RevisionState.BUILDING,
-            RevisionState.STARTING,
-            RevisionState.STAGED,
-            RevisionState.FAILED,
-        )
-        if latest is not None and latest.sha == target.sha and latest.state in said:
-            return None
-        return target
+        return serving.behind(self.targets.get(slot), live.revision if live else None, latest)
 
     async def weight(self, namespace: str, service: str, percents: Mapping[int, int]) -> None:
         self.target(namespace, service)

@@ -9,9 +9,13 @@ Traffic of a slot is a map of revision to weight: one revision at 100 in the
 normal case, several for a canary (``weight``). A person can pin a slot
 (``rollback``, ``promote``, ``weight``): new commits still build and show as
 staged, but take no traffic until ``unpin`` or ``promote``. Builds of the last
-:data:`KEEP_BUILDS` revisions of each slot are kept, so going back is a start,
-not a build. Every running revision is supervised by the runtime; when its
-supervisor gives up, the revision is marked crashed and taken out of traffic.
+:data:`~branchyard.serving.KEEP_BUILDS` revisions of each slot are kept, so going
+back is a start, not a build. Every running revision is supervised by the
+runtime; when its supervisor gives up, the revision is marked crashed and taken
+out of traffic.
+
+What to do is decided by :mod:`branchyard.serving`, over a :class:`SlotView` read
+once; each change it decides is written with one :meth:`Store.apply`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from branchyard.errors import BranchyardError, BuildFailed, NotFound, UsageError, reason_of
+from branchyard import serving
+from branchyard.errors import BranchyardError, BuildFailed, UsageError, reason_of
 from branchyard.git import Repos
 from branchyard.manifest import CONFIG_FILE, PROCFILE, parse_manifest
 from branchyard.model import Revision, RevisionState
@@ -36,16 +41,13 @@ from branchyard.runtime import (
     Runtime,
     Traffic,
 )
+from branchyard.serving import DAEMON_STOPPED, NO_CHANGE, Change, SlotView, Staging
 from branchyard.store import Store
 
 log = logging.getLogger(__name__)
 
 Slot = tuple[str, str]
-KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
 DRAIN_GRACE = 30.0  # seconds in-flight requests get to finish on a retired revision
-DAEMON_STOPPED = "daemon stopped"
-INTERRUPTED = "the daemon stopped before it went live"
-SUPERSEDED = "a newer target arrived"
 
 
 @dataclass
@@ -104,11 +106,8 @@ class Rollouts:
 
     def live(self, slot: Slot) -> Running | None:
         """The revision with the most traffic in ``slot``."""
-        weights = self.shares.get(slot)
-        if not weights:
-            return None
-        best = max(weights, key=lambda rid: (weights[rid], rid))
-        return self.running.get(best)
+        best = serving.heaviest(self.shares.get(slot, {}))
+        return None if best is None else self.running.get(best)
 
     def weights(self, slot: Slot) -> dict[int, int]:
         """ordinal -> weight of the revisions that take traffic."""
@@ -117,6 +116,19 @@ class Rollouts:
             for rid, w in self.shares.get(slot, {}).items()
             if rid in self.running
         }
+
+    def view(self, slot: Slot) -> SlotView:
+        """``slot`` as it is now: its revisions (one read of the store), traffic, what runs."""
+        return self._view(slot, tuple(self.store.revisions(slot)))
+
+    def _view(self, slot: Slot, history: tuple[Revision, ...]) -> SlotView:
+        running = (r.revision for r in self.running.values())
+        return SlotView(
+            slot,
+            history,
+            self.weights(slot),
+            frozenset(r.ordinal for r in running if (r.namespace, r.service) == slot),
+        )
 
     def _route(self, slot: Slot, why: str = "") -> None:
         """Route ``slot`` to what of its traffic runs; with nothing, tell the router ``why``
@@ -179,19 +191,22 @@ class Rollouts:
 
     def _retrying(self, revision: Revision, pending: Retry) -> None:
         note = pending.note("build")
-        self.store.set_state(revision.id, RevisionState.BUILDING, note)
-        if pending.failures == 1:
-            self.store.event(
-                "retry", f"v{revision.ordinal}: {note}", (revision.namespace, revision.service)
-            )
+        self.store.apply(serving.retrying(revision, note, first=pending.failures == 1))
 
-    async def go_live(self, revision: Revision, weights: Mapping[int, int] | None = None) -> bool:
-        """Start ``revision`` (if it is not running) and give it all traffic, or ``weights``.
+    async def go_live(
+        self,
+        revision: Revision,
+        weights: Mapping[int, int] | None = None,
+        also: Change = NO_CHANGE,
+    ) -> bool:
+        """Start ``revision`` (if it is not running) and give it all traffic, or ``weights``
+        (ordinal -> weight); what ``also`` changes is written with it (a pin).
 
         Returns False, with the revision marked failed, if it cannot start; what
         served before keeps serving.
         """
         slot = (revision.namespace, revision.service)
+        port = None
         if revision.id not in self.running:
             try:
                 build = await self.build(revision)
@@ -203,20 +218,17 @@ class Rollouts:
             except Exception as exc:
                 self.failed(revision, exc)
                 return False
-            revision = self.store.set_state(
-                revision.id, RevisionState.LIVE, port=instance.address[1]
-            )
             self.running[revision.id] = Running(revision, build, instance)
-        else:
-            revision = self.store.set_state(revision.id, RevisionState.LIVE)
-            self.running[revision.id].revision = revision
-        before = self.shares.get(slot, {})
-        self.shares[slot] = dict(weights) if weights else {revision.id: 100}
+            port = instance.address[1]
+        before = self.view(slot)
+        switch = serving.switch(before, revision, weights, port)
+        self.running[revision.id].revision = self.store.apply(switch.change + also)[0]
+        ids = {r.ordinal: r.id for r in before.history}
+        self.shares[slot] = {ids[ordinal]: w for ordinal, w in switch.weights.items()}
         self._route(slot)
-        self.store.event("live", f"v{revision.ordinal} {revision.sha7} takes traffic", slot)
-        for rid in before.keys() - self.shares[slot].keys():
-            self.retire(rid, f"replaced by v{revision.ordinal}")
-        await self.prune(slot)
+        for ordinal in switch.retire:
+            self.retire(ids[ordinal], switch.reason)
+        await self._prune(self._view(slot, before.history))
         return True
 
     def failed(self, revision: Revision, exc: Exception) -> None:
@@ -226,31 +238,22 @@ class Rollouts:
         reason = reason_of(exc)
         if not isinstance(exc, BranchyardError):
             log.error("%s:%s v%d failed: %s", *_key(revision), reason)
-        self._fail(revision, RevisionState.FAILED, reason)
+        self._end(revision, serving.failure(revision, reason))
 
     def cancelled(self, revision: Revision) -> None:
         """End a revision whose deploy was cancelled: superseded by a newer target, or
         interrupted by the daemon stopping (then the next daemon deploys it again)."""
-        if self.closing:
-            self._fail(revision, RevisionState.STOPPED, INTERRUPTED)
-        else:
-            self._fail(revision, RevisionState.SUPERSEDED, SUPERSEDED)
+        self._end(revision, serving.cancellation(revision, self.closing))
 
-    def _fail(self, revision: Revision, state: RevisionState, reason: str) -> None:
-        self.store.set_state(revision.id, state, reason)
-        if state is RevisionState.FAILED:
-            self.store.event(
-                "failed", f"v{revision.ordinal}: {reason}", (revision.namespace, revision.service)
-            )
+    def _end(self, revision: Revision, change: Change) -> None:
+        self.store.apply(change)
         build = self.builds.pop(revision.id, None)
         if build is not None:
             self.runtime.release(build)
 
-    async def stage(self, revision: Revision, build: Build, pinned: int) -> None:
+    async def stage(self, revision: Revision, build: Build, staging: Staging) -> None:
         self.builds[revision.id] = build
-        self.store.set_state(
-            revision.id, RevisionState.STAGED, f"pinned to v{pinned}: promote or unpin to use it"
-        )
+        self.store.apply(staging.change)
         await self.prune((revision.namespace, revision.service))
 
     def retire(
@@ -316,53 +319,16 @@ class Rollouts:
     # a person's choices
 
     def going_back(self, slot: Slot) -> tuple[Revision | None, Revision | None]:
-        """(from, to) of a rollback with no revision named: from the live revision, else
-        from the newest one that crashed, to the newest earlier one that served."""
-        history = self.store.revisions(slot)
-        live = self.live(slot)
-        start = live.revision if live else None
-        if start is None:
-            start = next((r for r in history if r.state is RevisionState.CRASHED), None)
-        if start is None:
-            return None, None
-        earlier = (
-            r
-            for r in history
-            if r.ordinal < start.ordinal
-            and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
-        )
-        return start, next(earlier, None)
-
-    def find(self, slot: Slot, ordinal: int | None) -> Revision:
-        if ordinal is None:
-            start, back_to = self.going_back(slot)
-            if start is None:
-                raise UsageError(f"{slot[1]} in {slot[0]} has no live revision to go back from")
-            if back_to is None:
-                raise UsageError(
-                    f"{slot[1]} in {slot[0]} has no revision before v{start.ordinal} to go back to"
-                )
-            return back_to
-        for revision in self.store.revisions(slot):
-            if revision.ordinal == ordinal:
-                if revision.state in (
-                    RevisionState.FAILED,
-                    RevisionState.SUPERSEDED,
-                    RevisionState.BUILDING,
-                ):
-                    raise UsageError(f"v{ordinal} is {revision.state.value}; it cannot serve")
-                return revision
-        raise NotFound(f"{slot[1]} in {slot[0]} has no revision v{ordinal}")
+        """(from, to) of a rollback with no revision named (see :func:`serving.going_back`)."""
+        return serving.going_back(self.view(slot))
 
     async def pin_to(self, slot: Slot, ordinal: int | None, what: str) -> Revision:
         """Send all traffic to one revision and pin the slot there (rollback, promote)."""
-        revision = self.find(slot, ordinal)
-        if not await self.go_live(revision):
+        revision = serving.select(self.view(slot), ordinal)
+        if not await self.go_live(revision, also=serving.pinning(revision, what)):
             raise BuildFailed(
                 f"v{revision.ordinal} could not start: {self.store.revision(revision.id).reason}"
             )
-        self.store.set_pin(slot, revision.ordinal)
-        self.store.event(what, f"v{revision.ordinal} {revision.sha7} pinned", slot)
         return revision
 
     async def restart(self, slot: Slot) -> Revision:
@@ -392,34 +358,22 @@ class Rollouts:
         """Drop the pin and send all traffic to the revision of the branch head (its
         target ``head`` key), if one was built: the one that goes live, else None (the
         head must be built, or already has all traffic)."""
-        self.store.set_pin(slot, None)
-        self.store.event("unpin", "traffic follows new commits again", slot)
-        ready = (RevisionState.STAGED, RevisionState.LIVE, RevisionState.STOPPED)
-        newest = next(
-            (r for r in self.store.revisions(slot) if r.key == head and r.state in ready), None
-        )
-        if newest is None or self.shares.get(slot) == {newest.id: 100}:
+        unpin = serving.unpinning(self.view(slot), head)
+        self.store.apply(unpin.change)
+        if unpin.to is None:
             return None
-        return newest if await self.go_live(newest) else None
+        return unpin.to if await self.go_live(unpin.to) else None
 
     async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
         """Split traffic between revisions by weight (a canary); pins the slot."""
-        if not percents or any(p < 0 for p in percents.values()) or not any(percents.values()):
-            raise UsageError("weights must be REV=PCT with at least one above 0")
-        revisions = {ordinal: self.find(slot, ordinal) for ordinal in percents}
-        for revision in revisions.values():
+        split = serving.split(self.view(slot), percents)
+        for revision in split.revisions.values():
             if revision.id not in self.running and not await self._start(revision):
                 raise BuildFailed(
                     f"v{revision.ordinal} could not start: "
                     f"{self.store.revision(revision.id).reason}"
                 )
-        heaviest = max(percents, key=lambda o: (percents[o], o))
-        await self.go_live(
-            revisions[heaviest], {revisions[o].id: pct for o, pct in percents.items()}
-        )
-        self.store.set_pin(slot, heaviest)
-        shares = ", ".join(f"v{o}={p}" for o, p in sorted(percents.items()))
-        self.store.event("weight", shares, slot)
+        await self.go_live(split.heaviest, split.weights, split.change)
 
     async def _start(self, revision: Revision) -> bool:
         try:
@@ -436,21 +390,14 @@ class Rollouts:
 
     async def prune(self, slot: Slot) -> int:
         """Keep the builds of what runs, what is staged, and the last few; bytes freed."""
-        keep: set[int] = set()
-        kept = 0
-        for revision in self.store.revisions(slot):
-            running = revision.id in self.running
-            if running or revision.state is RevisionState.STAGED:
-                keep.add(revision.ordinal)
-            elif (
-                revision.state in (RevisionState.STOPPED, RevisionState.LIVE, RevisionState.CRASHED)
-                and kept < KEEP_BUILDS
-            ):
-                keep.add(revision.ordinal)
-                kept += 1
+        return await self._prune(self.view(slot))
+
+    async def _prune(self, view: SlotView) -> int:
+        keep = serving.keep(view)
+        for revision in view.history:
             if revision.ordinal not in keep and revision.id in self.builds:
                 self.runtime.release(self.builds.pop(revision.id))
-        return await self.runtime.prune(*slot, keep)
+        return await self.runtime.prune(*view.slot, set(keep))
 
     async def close(self) -> None:
         for slot in list(self.shares):

@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from branchyard.errors import Conflict, NotFound, UsageError
-from branchyard.model import Repo, Revision, RevisionState, Target
+from branchyard.model import Repo, Revision, RevisionState
+from branchyard.serving import Change, NewEvent, NewRevision, PinChange, Slot, StateChange
 from branchyard.shapes import Event
 from branchyard.text import shown
-
-Slot = tuple[str, str]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -222,14 +221,28 @@ class Store:
 
     # revisions
 
-    def new_revision(self, target: Target, state: RevisionState, subject: str = "") -> Revision:
+    def apply(self, change: Change) -> list[Revision]:
+        """Write a decided ``change`` in one transaction: all its rows, or none (a revision
+        that is not there is :class:`~branchyard.errors.NotFound`, an ordinal taken is
+        :class:`~branchyard.errors.Conflict`). The revisions it made or changed, as they
+        are now, each told to the listeners."""
         now = self._clock()
+        changed: list[int] = []
         with self._transaction():
-            (ordinal,) = self._db.execute(
-                "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM revisions "
-                "WHERE namespace = ? AND service = ?",
-                (target.namespace, target.service),
-            ).fetchone()
+            if change.new is not None:
+                changed.append(self._insert_revision(change.new, now))
+            for state in change.states:
+                self._set_state(state, now)
+                changed.append(state.revision_id)
+            if change.pin is not None:
+                self._set_pin(change.pin)
+            for event in change.events:
+                self._event(event, now)
+        return [self._told(self.revision(revision_id)) for revision_id in changed]
+
+    def _insert_revision(self, new: NewRevision, now: float) -> int:
+        target = new.target
+        try:
             cursor = self._db.execute(
                 "INSERT INTO revisions (namespace, service, ordinal, repo, url, branch, sha, "
                 "subject, key, settings_version, state, created_at, changed_at) "
@@ -237,20 +250,33 @@ class Store:
                 (
                     target.namespace,
                     target.service,
-                    ordinal,
+                    new.ordinal,
                     target.repo,
                     target.url,
                     target.branch,
                     target.sha,
-                    subject,
+                    new.subject,
                     target.key,
                     target.settings.version,
-                    state.value,
+                    new.state.value,
                     now,
                     now,
                 ),
             )
-        return self._told(self.revision(int(cursor.lastrowid or 0)))
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"{target.service} in {target.namespace} has a v{new.ordinal} already"
+            ) from None
+        return int(cursor.lastrowid or 0)
+
+    def _set_state(self, change: StateChange, now: float) -> None:
+        updated = self._db.execute(
+            "UPDATE revisions SET state = ?, reason = ?, port = COALESCE(?, port), "
+            "changed_at = ? WHERE id = ?",
+            (change.state.value, change.reason, change.port, now, change.revision_id),
+        ).rowcount
+        if updated == 0:
+            raise NotFound(f"no revision {change.revision_id}")
 
     def revision(self, revision_id: int) -> Revision:
         row = self._db.execute(
@@ -263,12 +289,8 @@ class Store:
     def set_state(
         self, revision_id: int, state: RevisionState, reason: str = "", port: int | None = None
     ) -> Revision:
-        self._db.execute(
-            "UPDATE revisions SET state = ?, reason = ?, port = COALESCE(?, port), "
-            "changed_at = ? WHERE id = ?",
-            (state.value, reason, port, self._clock(), revision_id),
-        )
-        return self._told(self.revision(revision_id))
+        (revision,) = self.apply(Change(states=(StateChange(revision_id, state, reason, port),)))
+        return revision
 
     def set_env(self, revision_id: int, env: Mapping[str, str]) -> None:
         """Record the env a revision runs with, so a rollback runs it the same way."""
@@ -317,11 +339,20 @@ class Store:
         ).fetchone()
         return int(row["ordinal"]) if row else None
 
+    def pins(self) -> dict[Slot, int]:
+        rows = self._db.execute("SELECT namespace, service, ordinal FROM pins")
+        return {(r["namespace"], r["service"]): r["ordinal"] for r in rows}
+
     def set_pin(self, slot: Slot, ordinal: int | None) -> None:
-        if ordinal is None:
-            self._db.execute("DELETE FROM pins WHERE namespace = ? AND service = ?", slot)
+        self._set_pin(PinChange(slot, ordinal))
+
+    def _set_pin(self, pin: PinChange) -> None:
+        if pin.ordinal is None:
+            self._db.execute("DELETE FROM pins WHERE namespace = ? AND service = ?", pin.slot)
         else:
-            self._db.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", (*slot, ordinal))
+            self._db.execute(
+                "INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", (*pin.slot, pin.ordinal)
+            )
 
     # process groups started, so that a daemon killed with -9 is cleaned up after
 
@@ -339,10 +370,13 @@ class Store:
 
     def event(self, kind: str, message: str, slot: Slot | None = None) -> None:
         """Record an event, and forget those beyond the latest ``keep_events``."""
-        namespace, service = slot or (None, None)
+        self._event(NewEvent(kind, message, slot), self._clock())
+
+    def _event(self, event: NewEvent, now: float) -> None:
+        namespace, service = event.slot or (None, None)
         cursor = self._db.execute(
             "INSERT INTO events (at, kind, namespace, service, message) VALUES (?, ?, ?, ?, ?)",
-            (self._clock(), kind, namespace, service, shown(message, EVENT_LIMIT)),
+            (now, event.kind, namespace, service, shown(event.message, EVENT_LIMIT)),
         )
         self._db.execute(
             "DELETE FROM events WHERE id <= ?", ((cursor.lastrowid or 0) - self._keep_events,)

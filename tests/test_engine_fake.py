@@ -337,7 +337,7 @@ def test_a_deploy_ended_by_a_bug_is_logged_with_its_reason(
         def broken(*args: object, **kwargs: object) -> NoReturn:
             raise RuntimeError("the store broke")
 
-        world.store.new_revision = broken  # type: ignore[method-assign]
+        world.store.apply = broken  # type: ignore[method-assign]
         await push(world, engine, C1)
         await until(lambda: "the store broke" in caplog.text, "the bug logged")
 

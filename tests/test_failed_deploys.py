@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from branchyard.rollout import INTERRUPTED
+from branchyard.serving import INTERRUPTED
 from tests.conftest import (
     Daemon,
     ServiceRepo,

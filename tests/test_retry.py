@@ -11,13 +11,14 @@ import pytest
 
 from branchyard.errors import BuildFailed, ManifestError, RemoteUnreachable
 from branchyard.git import Sources
-from branchyard.model import Overlay, Revision, RevisionState, Target
+from branchyard.model import Overlay, Revision, Target
 from branchyard.retry import Backoff, Retry, retry
 from branchyard.rollout import Rollouts
 from branchyard.router import LocalTraffic, Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.store import Store
 from tests.conftest import ServiceRepo, git
+from tests.test_store import new_revision
 
 UNREACHABLE = "fatal: unable to access 'http://git/app.git/': The requested URL returned error: 503"
 
@@ -151,7 +152,7 @@ def building(rollouts: Rollouts, repo: ServiceRepo) -> Revision:
     """A new revision of the head of ``repo``, building."""
     sha = git("rev-parse", "HEAD", cwd=repo.clone)
     target = Target("main", "app", "app", str(repo.origin), "main", sha, Overlay(""), ())
-    return rollouts.store.new_revision(target, RevisionState.BUILDING)
+    return new_revision(rollouts.store, target)
 
 
 def test_a_deploy_whose_repo_cannot_be_fetched_stays_building_says_when_and_then_builds(

@@ -10,6 +10,7 @@ import pytest
 
 from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Overlay, Repo, Revision, RevisionState, Target
+from branchyard.serving import Change, NewRevision, deployment
 from branchyard.store import Store
 
 SHA = "1111111" + "a" * 33
@@ -61,6 +62,16 @@ def target(
         settings=Overlay(version),
         peers=peers,
     )
+
+
+def new_revision(
+    store: Store, wanted: Target, state: RevisionState = RevisionState.BUILDING
+) -> Revision:
+    """A new revision of ``wanted`` in ``state``, numbered after the newest of its slot."""
+    newest = store.revisions((wanted.namespace, wanted.service), limit=1)
+    ordinal = newest[0].ordinal + 1 if newest else 1
+    (made,) = store.apply(Change(new=NewRevision(wanted, ordinal, "", state)))
+    return made
 
 
 # -- repos ------------------------------------------------------------------------------
@@ -118,7 +129,7 @@ def test_a_removed_repo_can_be_added_again(store: Store) -> None:
 
 def test_a_new_revision_records_its_target(store: Store, clock: FakeClock) -> None:
     wanted = target("bugfix", "app", version="abc1234", peers=("db", "web"))
-    revision = store.new_revision(wanted, RevisionState.BUILDING)
+    revision = new_revision(store, wanted, RevisionState.BUILDING)
     assert (revision.namespace, revision.service, revision.ordinal) == ("bugfix", "app", 1)
     assert (revision.repo, revision.branch, revision.sha) == ("app", "bugfix", SHA)
     assert revision.key == wanted.key == f"{SHA}:abc1234:db,web"
@@ -130,19 +141,21 @@ def test_a_new_revision_records_its_target(store: Store, clock: FakeClock) -> No
     assert store.revision(revision.id) == revision
 
 
-def test_revision_ordinals_count_up_per_slot(store: Store) -> None:
+def test_deploys_number_their_revisions_up_per_slot(store: Store) -> None:
     slots = [("main", "app"), ("main", "app"), ("main", "web"), ("bugfix", "app")]
     slots += [("main", "app"), ("bugfix", "app")]
-    ordinals = [
-        store.new_revision(target(ns, svc), RevisionState.BUILDING).ordinal for ns, svc in slots
-    ]
+    ordinals = []
+    for namespace, service in slots:
+        latest = next(iter(store.revisions((namespace, service), limit=1)), None)
+        change = deployment(latest, target(namespace, service), "", "new commit")
+        ordinals += [r.ordinal for r in store.apply(change)]
     assert ordinals == [1, 2, 1, 1, 3, 2]
     assert [r.ordinal for r in store.revisions(("main", "app"))] == [3, 2, 1]
     assert store.revisions(("nowhere", "app")) == []
 
 
 def test_set_state_updates_state_reason_port_and_time(store: Store, clock: FakeClock) -> None:
-    created = store.new_revision(target(), RevisionState.BUILDING)
+    created = new_revision(store, target(), RevisionState.BUILDING)
     clock.advance(5)
     starting = store.set_state(created.id, RevisionState.STARTING, port=8123)
     assert (starting.state, starting.reason, starting.port) == (RevisionState.STARTING, "", 8123)
@@ -165,7 +178,7 @@ def test_every_listener_hears_of_each_new_revision_and_state_change_in_order(
 
     store.listen(listener("first"))
     store.listen(listener("second"))
-    made = store.new_revision(target(), RevisionState.BUILDING)
+    made = new_revision(store, target(), RevisionState.BUILDING)
     store.set_state(made.id, RevisionState.LIVE)
     store.event("live", "not a revision change")
     assert heard == [
@@ -178,7 +191,7 @@ def test_every_listener_hears_of_each_new_revision_and_state_change_in_order(
 
 def test_the_latest_revisions_are_the_newest_of_each_slot(store: Store) -> None:
     slots = [("main", "app"), ("main", "app"), ("main", "web"), ("bugfix", "app")]
-    made = [store.new_revision(target(*slot), RevisionState.BUILDING) for slot in slots]
+    made = [new_revision(store, target(*slot), RevisionState.BUILDING) for slot in slots]
     store.set_state(made[1].id, RevisionState.FAILED, "build step `make` exited 2")
     latest = {(r.namespace, r.service): (r.ordinal, r.state) for r in store.latest_revisions()}
     assert latest == {
@@ -196,7 +209,7 @@ def test_an_unknown_revision_is_not_found(store: Store) -> None:
 def test_active_revisions_are_the_building_starting_and_live_ones(store: Store) -> None:
     by_state = {}
     for number, state in enumerate(RevisionState):
-        revision = store.new_revision(target(service=f"svc{number}"), RevisionState.BUILDING)
+        revision = new_revision(store, target(service=f"svc{number}"), RevisionState.BUILDING)
         by_state[state] = store.set_state(revision.id, state).id
     active = {r.id for r in store.active_revisions()}
     assert active == {
@@ -274,7 +287,7 @@ def test_state_survives_closing_and_reopening_the_store(path: Path, clock: FakeC
     first.set_namespaces({"bugfix": "bugfix"})
     first.set_removed(("bugfix", "app"), SHA)
     first.set_address(("main", "app"), 41001)
-    revision = first.new_revision(target(), RevisionState.BUILDING)
+    revision = new_revision(first, target(), RevisionState.BUILDING)
     first.set_state(revision.id, RevisionState.LIVE, port=9000)
     first.event("live", "v1 1111111 is live", ("main", "app"))
     first.close()
@@ -287,7 +300,7 @@ def test_state_survives_closing_and_reopening_the_store(path: Path, clock: FakeC
         assert second.address(("main", "app")) == 41001
         assert [r.id for r in second.active_revisions()] == [revision.id]
         assert second.revision(revision.id).port == 9000
-        assert second.new_revision(target(), RevisionState.BUILDING).ordinal == 2
+        assert new_revision(second, target(), RevisionState.BUILDING).ordinal == 2
     finally:
         second.close()
 
