@@ -261,7 +261,8 @@ class Rollouts:
     ) -> None:
         """Take a revision out of traffic, drain it, stop it, in the background.
 
-        It is marked stopped only once its processes are gone. The task is kept,
+        It is marked stopped only once its processes are gone, unless it was brought
+        back meanwhile (a rollback to it as it drained). The task is kept,
         so a cancelled deploy never leaves a process half-stopped and
         :meth:`close` waits for it.
         """
@@ -273,8 +274,13 @@ class Rollouts:
         if weights.pop(revision_id, None) is not None:
             self._route(slot)
 
-        task = self._stop_later(running.instance, f"retire v{running.revision.ordinal}")
-        task.add_done_callback(lambda _: self.store.set_state(running.revision.id, state, reason))
+        def stopped(_: asyncio.Task[None]) -> None:
+            if revision_id not in self.running:  # not brought back while it drained
+                self.store.set_state(revision_id, state, reason)
+
+        self._stop_later(running.instance, f"retire v{running.revision.ordinal}").add_done_callback(
+            stopped
+        )
 
     def retire_slot(self, slot: Slot, reason: str) -> None:
         for rid in list(self.shares.pop(slot, {})):

@@ -126,7 +126,8 @@ def serving(view: SlotView) -> Revision | None:
 
 def going_back(view: SlotView) -> tuple[Revision | None, Revision | None]:
     """(from, to) of a rollback with no revision named: from the live revision, else
-    from the newest one that crashed, to the newest earlier one that served."""
+    from the newest one that crashed, to the newest earlier one that served (stopped,
+    staged, or live still: taken out of traffic, it drains before it stops)."""
     start = serving(view) or next(
         (r for r in view.history if r.state is RevisionState.CRASHED), None
     )
@@ -135,7 +136,8 @@ def going_back(view: SlotView) -> tuple[Revision | None, Revision | None]:
     earlier = (
         r
         for r in view.history
-        if r.ordinal < start.ordinal and r.state in (RevisionState.STOPPED, RevisionState.STAGED)
+        if r.ordinal < start.ordinal
+        and r.state in (RevisionState.STOPPED, RevisionState.STAGED, RevisionState.LIVE)
     )
     return start, next(earlier, None)
 

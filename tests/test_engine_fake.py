@@ -382,6 +382,29 @@ def test_a_rollback_goes_to_the_previous_revision_and_pins_it(tmp_path: Path) ->
     run(tmp_path, scenario)
 
 
+def test_a_rollback_while_the_replaced_revision_still_drains_goes_back_to_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario(world: World, engine: Engine) -> None:
+        await deployed(world, engine, C1)
+        stopping = world.runtime.hold("stop", C1)  # v1 drains, and its stop waits
+        await push(world, engine, C2)
+        await stopping.reached()
+        assert world.states() == {1: LIVE, 2: LIVE}  # v1 is stopped only once it is gone
+        try:
+            back = await engine.rollback("main", "web", None)
+        finally:
+            stopping.release()
+        assert back.ordinal == 1 and world.store.pin(SLOT) == 1
+        await settled(world, 2, STOPPED)
+        await until(lambda: world.instance("web.main.v1:1").state is InstanceState.EXITED, "v1:1")
+        # the old v1 instance ended after the rollback: v1 serves on, as a new instance
+        assert world.states() == {1: LIVE, 2: STOPPED}
+        assert world.traffic.serving(*SLOT) == {"web.main.v1:2": 100}
+
+    run(tmp_path, scenario)
+
+
 def test_a_rollback_after_the_live_revision_crashed_goes_to_the_one_before(
     tmp_path: Path,
 ) -> None:

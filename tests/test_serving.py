@@ -181,6 +181,12 @@ def test_the_live_revision_is_the_heaviest_that_runs(slot: SlotView, live: int |
             1,
             id="from-the-newest-crash",
         ),
+        pytest.param(
+            view(rev(1, STOPPED), rev(2, LIVE), rev(3, LIVE), weights={3: 100}),
+            3,
+            2,
+            id="to-one-that-still-drains",
+        ),
     ],
 )
 def test_a_rollback_goes_from_what_serves_to_the_newest_earlier_one_that_served(
