@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -72,6 +73,48 @@ def test_rotate_keeps_the_last_bytes_and_empties_the_log(tmp_path: Path) -> None
     log.write_bytes(b"0123456789abc")
     assert rotate(log, 10)
     assert (logs.rotated(log).read_bytes(), log.read_bytes()) == (b"3456789abc", b"")
+
+
+BIG = bytes(range(256)) * 40  # 10,240 bytes: the cut comes at 8,192 (4 KiB blocks)
+
+
+def test_rotate_cuts_a_big_log_at_a_block_and_keeps_what_follows_the_cut(tmp_path: Path) -> None:
+    log = tmp_path / "v1.log"
+    log.write_bytes(BIG)
+    assert rotate(log, 3000)
+    assert (logs.rotated(log).read_bytes(), log.read_bytes()) == (BIG[5192:8192], BIG[8192:])
+
+
+def test_what_a_process_writes_while_a_log_is_rotated_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "v1.log"
+    log.write_bytes(BIG)
+    copy = logs._copy
+
+    def copy_while_written(source: BinaryIO, target: BinaryIO, start: int, end: int | None) -> int:
+        copied = copy(source, target, start, end)
+        with log.open("ab") as process:  # as a service does, between the copy and the cut
+            process.write(b"written during the copy\n")
+        return copied
+
+    monkeypatch.setattr(logs, "_copy", copy_while_written)
+    assert rotate(log, 3000)
+    assert logs.rotated(log).read_bytes() + log.read_bytes() == (
+        BIG[5192:] + b"written during the copy\n"
+    )
+
+
+def test_follow_goes_on_where_it_was_when_the_cut_came_before_it(tmp_path: Path) -> None:
+    log = tmp_path / "v1.log"
+    log.write_bytes(BIG)
+
+    def rotate_then_append() -> None:
+        rotate(log, 3000)
+        with log.open("ab") as file:
+            file.write(b"next\n")
+
+    assert asyncio.run(followed(log, None, [rotate_then_append])) == BIG + b"next\n"
 
 
 async def followed(log: Path, lines: int | None, steps: Sequence[Callable[[], object]]) -> bytes:

@@ -1,24 +1,30 @@
 """Log files on this machine: kept bounded, and read as one across a rotation.
 
 Processes write their output straight into a log file opened with O_APPEND.
-:func:`rotate` keeps it bounded: past ``limit`` bytes, its last ``limit`` bytes
-are copied to ``NAME.1`` (:func:`rotated`) and the file is truncated in place
-(logrotate's copytruncate; the processes keep writing to the same file). What a
-reader calls "the log" is therefore ``NAME.1`` followed by ``NAME``, and every
-reader here reads it so: :func:`tail` (the last bytes), :func:`read` (all of it,
-or its last lines, in blocks, never whole in memory) and :func:`follow` (new
-output as it comes, across rotations).
+:func:`rotate` keeps it bounded: past ``limit`` bytes, it picks a cut at a
+block boundary near the end, copies the ``limit`` bytes before the cut to
+``NAME.1`` (:func:`rotated`), and removes everything before the cut from the
+file in place with ``fallocate(FALLOC_FL_COLLAPSE_RANGE)``, which the kernel
+does under the lock appends take: what the processes write meanwhile stays,
+after the cut, and nothing is lost. Where the file system cannot collapse a
+range (tmpfs, overlayfs, btrfs; or a log under one block), it falls back to
+logrotate's copytruncate, which loses what is written between the copy's end
+and the truncation. What a reader calls "the log" is ``NAME.1`` followed by
+``NAME``, and every reader here reads it so: :func:`tail` (the last bytes),
+:func:`read` (all of it, or its last lines, in blocks, never whole in memory)
+and :func:`follow` (new output as it comes, across rotations).
 
 Rotating and following both happen in the daemon, on one event loop, so
 :func:`rotate` notes where it cut each log (:data:`_cuts`) and :func:`follow`
 uses that to pick up, from the end of ``NAME.1``, exactly what it had not read
-yet when the cut came. Only bytes a process writes during the copy itself,
-between its end and the truncation, are lost (as with copytruncate anywhere).
+yet when the cut came, and to go on in ``NAME`` where it was, less the cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -50,20 +56,49 @@ def rotated(log: Path) -> Path:
 def rotate(log: Path, limit: int = LOG_MAX) -> bool:
     """Keep ``log`` bounded: past ``limit`` bytes its tail moves to ``log.1``."""
     try:
-        size = log.stat().st_size
+        file = log.open("r+b")
     except FileNotFoundError:
         return False
-    if size <= limit:
-        return False
-    with log.open("rb") as source, rotated(log).open("wb") as target:
-        source.seek(size - limit)
-        while chunk := source.read(BLOCK):
-            target.write(chunk)
-        end = source.tell()
-    os.truncate(log, 0)
+    with file, rotated(log).open("wb") as target:
+        status = os.fstat(file.fileno())
+        if status.st_size <= limit:
+            return False
+        # The cut: a block boundary before the end (a collapse must leave a byte).
+        end = cut = (status.st_size - 1) // status.st_blksize * status.st_blksize
+        _copy(file, target, max(0, cut - limit), cut)
+        if not (cut and _collapse(file, cut)):
+            end = _copy(file, target, status.st_size - limit, None)
+            os.truncate(log, 0)
     before = _cuts.get(log, _Cut(0, 0))
     _cuts[log] = _Cut(before.total + end, end)
     return True
+
+
+def _copy(source: BinaryIO, target: BinaryIO, start: int, end: int | None) -> int:
+    """Copy ``source`` from ``start`` to ``end`` (None: to its end, as it grows) over
+    what ``target`` had; where the copy ended."""
+    target.seek(0)
+    target.truncate()
+    source.seek(start)
+    while chunk := source.read(BLOCK if end is None else min(BLOCK, end - source.tell())):
+        target.write(chunk)
+    return source.tell()
+
+
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _collapse(file: BinaryIO, length: int) -> bool:
+    """Remove the first ``length`` bytes of ``file`` in place; False if its file system
+    cannot."""
+    if _libc.fallocate(file.fileno(), FALLOC_FL_COLLAPSE_RANGE, 0, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        return False
+    raise OSError(code, os.strerror(code))
 
 
 Part = tuple[Path, BinaryIO, int]
@@ -164,6 +199,8 @@ def _missed(log: Path, seen: _Cut, now: _Cut, position: int) -> bytes:
     """What was written to ``log`` after ``position`` and before the cuts since ``seen``:
     the end of ``log.1``, all of it if more than one cut came (output in between is gone)."""
     single = now.total - seen.total == now.last
+    if single and position >= now.last:
+        return b""  # it had read past the cut already
     try:
         with rotated(log).open("rb") as file:
             if single:
@@ -192,7 +229,8 @@ async def follow(
         now = _cuts.get(log, _Cut(0, 0))
         if now != seen:
             missed = _missed(log, seen, now, position)
-            seen, position = now, 0
+            single = now.total - seen.total == now.last
+            seen, position = now, max(0, position - now.last) if single else 0
             if missed:
                 yield missed
         elif _size(log) < position:
