@@ -100,7 +100,8 @@ class Engine:
         self.overlays: dict[Slot, Overlay] = {}
         self.targets: dict[Slot, Target] = {}
         self._current: dict[Slot, str] = {}
-        self._deploys: dict[Slot, asyncio.Task[None]] = {}
+        self._deploys: dict[Slot, asyncio.Task[None]] = {}  # each slot's newest deploy
+        self._unended: set[asyncio.Task[None]] = set()  # every deploy, superseded ones too
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -168,11 +169,12 @@ class Engine:
             await asyncio.wait([self._loop_task])
         await self.watcher.close()
         self.rollouts.closing = True
-        deploys = list(self._deploys.values())
-        for task in deploys:
+        for task in self._deploys.values():
             task.cancel()
-        for task in deploys:
-            await _ended(task)
+        # A superseded deploy may still be stopping what it started, after the deploy
+        # that waited for it was cancelled here: wait for every one to end.
+        while self._unended:
+            await asyncio.wait(list(self._unended))
         await self.rollouts.close()
 
     def request_reconcile(self) -> None:
@@ -266,9 +268,11 @@ class Engine:
             previous.cancel()
         task = asyncio.create_task(self._deploy(target, reason, previous), name=f"deploy {slot}")
         self._deploys[slot] = task
+        self._unended.add(task)
         task.add_done_callback(lambda t: self._deploy_ended(slot, t))
 
     def _deploy_ended(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        self._unended.discard(task)
         if self._deploys.get(slot) is task:
             del self._deploys[slot]
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -299,6 +299,37 @@ def test_a_start_cancelled_twice_in_a_burst_still_stops_its_instance(tmp_path: P
     assert [i.state for i in world.runtime.instances] == [InstanceState.EXITED] * 2
 
 
+def test_closing_waits_for_a_superseded_deploy_still_stopping_what_it_started(
+    tmp_path: Path,
+) -> None:
+    """The deploy that superseded C1's is cancelled by the close and ends at once; the
+    close still waits for C1's, which is stopping its instance and then records it."""
+
+    async def scenario(world: World, engine: Engine) -> None:
+        starting = world.runtime.hold("start", C1)
+        stopping = world.runtime.hold("stop", C1)
+        await push(world, engine, C1)
+        await starting.reached()
+        await push(world, engine, C2)  # cancels C1's start, which stops its instance
+        await stopping.reached()
+        closing = asyncio.create_task(engine.close())
+        await until(lambda: not engine._deploys, "C2's deploy cancelled")
+        for _ in range(TURNS):
+            await asyncio.sleep(0)
+        assert not closing.done()  # C1's deploy has not ended yet
+        stopping.release()
+        await closing
+        assert world.states() == {1: STOPPED}  # interrupted: C2 had not begun
+        assert world.runtime.running() == []
+
+    world = World(tmp_path)
+
+    async def main() -> None:
+        await scenario(world, await world.engine())
+
+    asyncio.run(main())
+
+
 # failures
 
 
