@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -68,6 +69,8 @@ from branchyard.runtime.supervisor import FirstStartFailed, Process, Spawn, Supe
 from branchyard.runtime.venvs import VenvCache, run_logged
 
 Slot = tuple[str, str]
+logger = logging.getLogger(__name__)
+
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
@@ -439,7 +442,10 @@ class LocalRuntime:
         while True:
             await asyncio.sleep(ROTATE_INTERVAL)
             for log in [*(instance.log for instance in self._running), *self._building]:
-                rotate(log, self._log_limit)
+                try:
+                    rotate(log, self._log_limit)
+                except OSError as exc:  # a home made read-only or full: tried again later
+                    logger.warning("cannot rotate %s: %s", log, exc.strerror)
 
     # after a daemon ended
 

@@ -56,13 +56,13 @@ def rotated(log: Path) -> Path:
 def rotate(log: Path, limit: int = LOG_MAX) -> bool:
     """Keep ``log`` bounded: past ``limit`` bytes its tail moves to ``log.1``."""
     try:
+        if log.stat().st_size <= limit:
+            return False
         file = log.open("r+b")
     except FileNotFoundError:
         return False
     with file, rotated(log).open("wb") as target:
         status = os.fstat(file.fileno())
-        if status.st_size <= limit:
-            return False
         # The cut: a block boundary before the end (a collapse must leave a byte).
         end = cut = (status.st_size - 1) // status.st_blksize * status.st_blksize
         _copy(file, target, max(0, cut - limit), cut)
