@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from branchyard.cli.output import event_time, table
+from branchyard.cli.output import event_time, shares, table
 from branchyard.rollout import logs_command
 from branchyard.text import without_escapes
 
@@ -107,3 +107,15 @@ def test_event_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: str, 
 )
 def test_output_is_shown_without_terminal_escapes(raw: str, plain: str) -> None:
     assert without_escapes(raw) == plain
+
+
+@pytest.mark.parametrize(
+    ("weights", "shown"),
+    [
+        ({"1": 50, "2": 50}, "v1=50 v2=50"),
+        ({"10": 10, "9": 90}, "v9=90 v10=10"),
+        ({"12": 1, "3": 1, "100": 98}, "v3=1 v12=1 v100=98"),
+    ],
+)
+def test_traffic_shares_are_shown_in_revision_order(weights: dict[str, int], shown: str) -> None:
+    assert shares(weights) == shown

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from branchyard.text import printable
@@ -68,3 +69,13 @@ def event_line(event: shapes.Event) -> str:
     when = event_time(event["at"])
     where = f"{event['namespace']}:{event['service']}" if event["namespace"] else "-"
     return printable(f"{when}  {event['kind']:<10} {where:<24} {event['message']}")
+
+
+def shares(weights: Mapping[str, int]) -> str:
+    """Traffic shares by revision, in revision order: ``v9=90 v10=10`` (JSON gives the
+    ordinals as strings)."""
+    return " ".join(f"v{rev}={pct}" for rev, pct in sorted(weights.items(), key=_ordinal))
+
+
+def _ordinal(share: tuple[str, int]) -> int:
+    return int(share[0])

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from branchyard.cli import output
 from branchyard.cli.context import Context, assignments, namespaced, ordinal, pass_context
 from branchyard.errors import UsageError
 
@@ -80,7 +81,7 @@ def weight(ctx: Context, service: str, shares: tuple[str, ...], ns: str | None) 
     except ValueError:
         raise UsageError("each share is REV=PCT with a whole number, like 5=10") from None
     done: shapes.Weights = ctx.client.call("PUT", ctx.service_path(ns, service, "weights"), body)
-    shown = " ".join(f"v{rev}={pct}" for rev, pct in sorted(done["weights"].items()))
+    shown = output.shares({str(rev): pct for rev, pct in done["weights"].items()})
     click.echo(f"{ctx.namespace(ns)}:{service} traffic: {shown} (pinned)")
 
 
