@@ -13,7 +13,9 @@ gate (:data:`GATE`) that waits for a line on its stdin, which the daemon writes
 once the group is in the registry. A daemon killed before that closes the pipe
 unwritten, and the gate exits. ``--die-with-parent`` alone does not cover that
 moment: bwrap's init asks for its parent-death signal only once the box is set
-up, so a daemon killed meanwhile left a box that ran on, recorded nowhere.
+up, so a daemon killed meanwhile left a box that ran on, recorded nowhere. A
+box can also be left waiting in its set-up forever (see ``sandbox``): those are
+found by the mark in bwrap's environment (:func:`reap_boxes`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
+from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -157,7 +159,9 @@ class LocalProcess:
         info, info_fd = os.pipe()
         try:
             boxed = sandbox.command(argv, cwd, box, info_fd)
-            process = await cls._exec(boxed, Path("/"), env, log, stdin, info_fd)
+            process = await cls._exec(
+                boxed, Path("/"), sandbox.environment(env), log, stdin, info_fd
+            )
         finally:
             os.close(info_fd)
         try:
@@ -234,3 +238,27 @@ def reap_leftovers(processes: Iterable[tuple[int, str, str]]) -> list[str]:
             signal_group(pgid, signal.SIGKILL)
             killed.append(what)
     return killed
+
+
+def reap_boxes(owner: str) -> list[int]:
+    """Kill every bwrap started for ``owner`` that still runs, recorded or not (by the
+    mark in its environment); the pids of the boxes' inits among them, one a box."""
+    mark = f"{MARK}={owner}".encode()
+    inits = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.name), signal.SIGKILL)
+        nspid = next(
+            (line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), []
+        )
+        if nspid[1:] and nspid[-1] == "1":  # pid 1 of its namespace: the box's init
+            inits.append(int(entry.name))
+    return inits
