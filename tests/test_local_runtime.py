@@ -1,14 +1,20 @@
-"""The local runtime's start under cancellation, with real child processes.
+"""The local runtime's start under cancellation, and its recovery, with real child processes.
 
 A burst of deploys cancels a start, then cancels it again while it is cleaning up
 (the deploy that cancelled it is itself superseded). Wherever the second cancel
-lands, the start must end with every process it spawned gone.
+lands, the start must end with every process it spawned gone. And whatever a
+killed daemon left running, the next one's recovery stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import signal
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,8 @@ from branchyard.manifest import Manifest
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.local import LocalBuild, LocalRuntime
+from branchyard.runtime.sandbox import NOTHING, detect
+from tests.conftest import wait_for
 
 
 class Registry:
@@ -115,3 +123,39 @@ def test_a_start_that_fails_its_health_check_stops_its_process_and_says_why(
         await runtime.close()
 
     asyncio.run(scenario())
+
+
+def test_a_box_whose_daemon_died_while_setting_it_up_is_stopped_by_the_next_recovery(
+    tmp_path: Path,
+) -> None:
+    """bwrap's init waits in its set-up for the outer bwrap's go-ahead, before it leads a
+    session of its own and before the daemon has recorded it. A daemon killed then takes
+    the outer bwrap with it (``--die-with-parent``), and the init waits forever."""
+    home = tmp_path / "home"
+    home.mkdir()
+    sandbox = detect()
+    runtime = LocalRuntime(
+        home, Sources(home / "mirrors"), Registry(), Router(RouteTable()), sandbox=sandbox
+    )
+    boxed = replace(sandbox, owner=str(home.resolve()))  # as the runtime starts its boxes
+    info, info_fd = os.pipe()
+    go_ahead, never_written = os.pipe()
+    command = boxed.command(["sleep", "60"], Path("/"), NOTHING, info_fd)
+    command[1:1] = ["--block-fd", str(go_ahead)]  # the set-up waits on it, as on the go-ahead
+    env = boxed.environment({"PATH": os.environ["PATH"]})
+    with subprocess.Popen(
+        command, env=env, pass_fds=(info_fd, go_ahead), start_new_session=True
+    ) as outer:
+        os.close(info_fd)
+        os.close(go_ahead)
+        with os.fdopen(info, "rb") as report:
+            init = int(json.loads(report.read())["child-pid"])
+        outer.kill()  # as its parent-death signal does
+    try:
+        assert group_alive(outer.pid)  # the init, in the outer bwrap's group, left waiting
+        assert asyncio.run(runtime.recover()) == 1
+        wait_for(lambda: not group_alive(outer.pid), 10, "the box stopped")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)
+        os.close(never_written)

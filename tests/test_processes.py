@@ -1,16 +1,21 @@
-"""LocalProcess.terminate over real children, boxed and not: SIGTERM first, SIGKILL only
-for a child still there when the grace is over, and the group reported reaped."""
+"""LocalProcess over real children, boxed and not: SIGTERM first, SIGKILL only for a
+child still there when the grace is over, and the group reported reaped; a daemon killed
+before it recorded a child leaves nothing running."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.sandbox import Sandbox, detect
+from tests.conftest import processes_with, wait_for
 
 # The child says when its SIGTERM handler is in place, and says it got the signal.
 HANDLER = (
@@ -25,6 +30,30 @@ HANDLER = (
 )
 KEEPS_RUNNING = HANDLER.format(then="pass")
 EXITS = HANDLER.format(then="sys.exit(3)")
+
+
+# A daemon as far as spawning goes, killed (-9) at the worst moment: its child is spawned
+# and not yet recorded. argv: sandboxed|unsandboxed, the log, the marker for the child's env.
+KILLED_BEFORE_RECORDING = """\
+import asyncio, os, signal, sys
+from pathlib import Path
+from branchyard.runtime.processes import LocalProcess
+from branchyard.runtime.sandbox import detect
+
+class KilledWhileRecording:
+    def add_process(self, pgid, started, what):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def remove_process(self, pgid):
+        pass
+
+mode, log, marker = sys.argv[1:]
+argv = ["/bin/sh", "-c", "echo ran; exec sleep 60"]
+env = {"PATH": "/usr/bin:/bin", "MARK": marker}
+sandbox = detect() if mode == "sandboxed" else None
+spawn = LocalProcess.spawn(argv, Path("/"), env, Path(log), KilledWhileRecording(), "x", sandbox)
+asyncio.run(spawn)
+"""
 
 
 class Registry:
@@ -89,3 +118,16 @@ def test_a_child_that_exits_on_sigterm_within_the_grace_is_not_killed(
 
     asyncio.run(scenario())
     assert log.read_text() == "ready\ngot SIGTERM\n"
+
+
+def test_a_daemon_killed_before_it_recorded_a_child_leaves_nothing_running(
+    tmp_path: Path, sandbox: Sandbox | None
+) -> None:
+    """The child waits until it is recorded, so a restarted daemon can always reap it:
+    one whose daemon died first never runs its command and exits by itself."""
+    log, marker = tmp_path / "log", f"MARK_{uuid.uuid4().hex}"
+    mode = "unsandboxed" if sandbox is None else "sandboxed"
+    daemon = [sys.executable, "-c", KILLED_BEFORE_RECORDING, mode, str(log), marker]
+    assert subprocess.run(daemon, check=False).returncode == -signal.SIGKILL
+    wait_for(lambda: not processes_with(marker), 10, "the unrecorded child gone")
+    assert log.read_text() == ""

@@ -4,12 +4,14 @@ test_sandbox_probe.py shows what the box holds for real)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from branchyard.runtime.sandbox import (
     BOX_USER,
+    MARK,
     NOTHING,
     PRLIMIT,
     SETPRIV,
@@ -81,7 +83,13 @@ def test_the_checkout_and_environment_are_read_only_and_only_the_scratch_area_wr
         ("/srv/home/scratch/main/app/v1", "/srv/home/scratch/main/app/v1")
     ]
     assert after(built, "--setenv", 2) == [("HOME", "/srv/home/scratch/main/app/v1")]
-    assert after(built, "--unsetenv") == [("TMPDIR",)]
+    assert after(built, "--unsetenv") == [("TMPDIR",), (MARK,)]
+
+
+def test_bwrap_carries_the_mark_of_its_home_and_the_box_does_not() -> None:
+    boxed = replace(AS_ROOT, owner="/srv/home")
+    assert boxed.environment({"PATH": "/usr/bin"}) == {"PATH": "/usr/bin", MARK: "/srv/home"}
+    assert (MARK,) in after(command(boxed), "--unsetenv")
 
 
 def test_the_parents_of_what_is_bound_are_made_reachable_outermost_first() -> None:

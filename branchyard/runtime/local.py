@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -61,6 +61,7 @@ from branchyard.runtime.processes import (
     LocalProcess,
     Ports,
     Registry,
+    reap_boxes,
     reap_leftovers,
     uninterrupted,
 )
@@ -240,7 +241,8 @@ class LocalRuntime:
         self._scratch = home / "scratch"
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._scratch_users: dict[Path, int] = {}
-        self._sandbox = sandbox
+        self._owner = str(home.resolve())  # marks the boxes this home's daemons start
+        self._sandbox = replace(sandbox, owner=self._owner) if sandbox else None
         self._sources = sources
         self._records = records
         self._router = router
@@ -251,7 +253,7 @@ class LocalRuntime:
         self._rotator: asyncio.Task[None] | None = None
         self._log_limit = log_limit
         self._building: set[Path] = set()  # build logs being written
-        self.venvs = VenvCache(home / "venvs", records, sandbox)
+        self.venvs = VenvCache(home / "venvs", records, self._sandbox)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
     def _log_path(self, log: LogName) -> Path:
@@ -450,17 +452,18 @@ class LocalRuntime:
     # after a daemon ended
 
     async def recover(self) -> int:
-        """Kill the process groups a dead daemon left running, and listen again on the
-        peer ports it had handed out (a port taken meanwhile is given up)."""
+        """Kill the boxes and process groups a dead daemon left running (how many), and
+        listen again on the peer ports it had handed out (a port taken meanwhile is given up)."""
         leftovers = self._records.processes()
-        killed = reap_leftovers(leftovers)
+        boxes = reap_boxes(self._owner)
+        killed = reap_leftovers(left for left in leftovers if left[0] not in boxes)
         for pgid, _, _ in leftovers:
             self._records.remove_process(pgid)
         for namespace, service, port in self._records.addresses():
             with contextlib.suppress(OSError):
                 await self._router.open_peer_listener(namespace, service, port=port)
                 self._peers.add((namespace, service))
-        return len(killed)
+        return len(boxes) + len(killed)
 
     # addresses
 

@@ -7,6 +7,15 @@ group is reported to a :class:`Registry` (the store, in the daemon) when it star
 reaped, so a daemon that was killed with -9 can find what it left running
 (:func:`reap_leftovers`) — by process group id *and* start time, so a reused
 pid is never mistaken for one of ours.
+
+A process is recorded before it runs anything of its own: it starts behind a
+gate (:data:`GATE`) that waits for a line on its stdin, which the daemon writes
+once the group is in the registry. A daemon killed before that closes the pipe
+unwritten, and the gate exits. ``--die-with-parent`` alone does not cover that
+moment: bwrap's init asks for its parent-death signal only once the box is set
+up, so a daemon killed meanwhile left a box that ran on, recorded nowhere. A
+box can also be left waiting in its set-up forever (see ``sandbox``): those are
+found by the mark in bwrap's environment (:func:`reap_boxes`).
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
+from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
+# Runs the command once a line comes on stdin; exits if the pipe closes first. Fixed text:
+# the command is its arguments, never part of the script.
+GATE = ["/bin/sh", "-c", 'read -r _ || exit 1; exec "$@" </dev/null', "branchyard-gate"]
 
 
 class Registry(Protocol):
@@ -115,37 +127,62 @@ class LocalProcess:
         sandbox: Sandbox | None = None,
         box: Box = NOTHING,
     ) -> LocalProcess:
-        if sandbox is None:
-            process = await cls._exec(argv, cwd, env, log)
-            group = process.pid
-        else:
-            info, info_fd = os.pipe()
+        """``argv`` started, recorded in ``registry``, then let through its gate."""
+        gate, opener = os.pipe()
+        try:
             try:
-                boxed = sandbox.command(argv, cwd, box, info_fd)
-                process = await cls._exec(boxed, Path("/"), env, log, info_fd)
+                process, group = await cls._start([*GATE, *argv], cwd, env, log, gate, sandbox, box)
             finally:
-                os.close(info_fd)
-            try:
-                group = int(json.loads(await _read_to_end(info) or b"{}").get("child-pid", 0))
-            except BaseException:
-                signal_group(process.pid, signal.SIGKILL)
-                raise
-            finally:
-                os.close(info)
-            group = group or process.pid  # bwrap failed before making the box
-        registry.add_process(group, start_time(group), what)
+                os.close(gate)
+            registry.add_process(group, start_time(group), what)
+            with contextlib.suppress(BrokenPipeError):  # it ended already: wait() says how
+                os.write(opener, b"\n")
+        finally:
+            os.close(opener)
         return cls(process, registry, group)
+
+    @classmethod
+    async def _start(
+        cls,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        stdin: int,
+        sandbox: Sandbox | None,
+        box: Box,
+    ) -> tuple[asyncio.subprocess.Process, int]:
+        """The process running ``argv`` (in a box if sandboxed), and its group."""
+        if sandbox is None:
+            process = await cls._exec(argv, cwd, env, log, stdin)
+            return process, process.pid
+        info, info_fd = os.pipe()
+        try:
+            boxed = sandbox.command(argv, cwd, box, info_fd)
+            process = await cls._exec(
+                boxed, Path("/"), sandbox.environment(env), log, stdin, info_fd
+            )
+        finally:
+            os.close(info_fd)
+        try:
+            group = int(json.loads(await _read_to_end(info) or b"{}").get("child-pid", 0))
+        except BaseException:
+            signal_group(process.pid, signal.SIGKILL)
+            raise
+        finally:
+            os.close(info)
+        return process, group or process.pid  # no group: bwrap failed before making the box
 
     @staticmethod
     async def _exec(
-        argv: list[str], cwd: Path, env: dict[str, str], log: Path, *keep: int
+        argv: list[str], cwd: Path, env: dict[str, str], log: Path, stdin: int, *keep: int
     ) -> asyncio.subprocess.Process:
         with log.open("ab") as out:
             return await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
@@ -201,3 +238,27 @@ def reap_leftovers(processes: Iterable[tuple[int, str, str]]) -> list[str]:
             signal_group(pgid, signal.SIGKILL)
             killed.append(what)
     return killed
+
+
+def reap_boxes(owner: str) -> list[int]:
+    """Kill every bwrap started for ``owner`` that still runs, recorded or not (by the
+    mark in its environment); the pids of the boxes' inits among them, one a box."""
+    mark = f"{MARK}={owner}".encode()
+    inits = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.name), signal.SIGKILL)
+        nspid = next(
+            (line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), []
+        )
+        if nspid[1:] and nspid[-1] == "1":  # pid 1 of its namespace: the box's init
+            inits.append(int(entry.name))
+    return inits

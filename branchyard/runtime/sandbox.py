@@ -22,6 +22,13 @@ signalling that group stops the service while the outer bwrap waits for its
 exit code. ``--die-with-parent`` and the PID namespace end the box when its
 parent, the daemon, dies, even by ``kill -9``: processes that called ``setsid``
 or forked twice die with the namespace's init.
+
+Not while the box is being set up, though: its init asks for its parent-death
+signal only at the end of the set-up, and waits in the middle of it for the
+outer bwrap's go-ahead, which never comes if the outer bwrap died with the
+daemon meanwhile. So each bwrap carries :data:`MARK` in its own environment (not
+the box's), naming the home it was started for (``Sandbox.owner``), and the next
+daemon kills whatever still carries it (``processes.reap_boxes``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pathlib import Path
 from branchyard.errors import UsageError
 
 BOX_USER = 65534  # nobody / nogroup
+MARK = "BRANCHYARD_BOX_OF"  # in bwrap's environment, not the box's: the home it was started for
 # By absolute path: the box's PATH starts with the environment's bin, which pushed code fills.
 PRLIMIT = "/usr/bin/prlimit"
 SETPRIV = "/usr/bin/setpriv"
@@ -90,6 +98,11 @@ class Sandbox:
     system: tuple[str, ...]  # bwrap arguments binding the read-only system
     system_paths: tuple[Path, ...]  # where those mounts are
     user: int | None  # the uid and gid to drop to (as root); None: stay the daemon's user
+    owner: str = ""  # the home (its absolute path) whose daemon starts these boxes
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        """bwrap's environment: ``env``, which the box gets, and the mark, which it does not."""
+        return {**env, MARK: self.owner}
 
     def command(self, argv: Sequence[str], cwd: Path, box: Box, info_fd: int) -> list[str]:
         """The bwrap command line that runs ``argv`` in ``cwd`` inside ``box``."""
@@ -136,6 +149,8 @@ class Sandbox:
             str(box.home),
             "--unsetenv",
             "TMPDIR",
+            "--unsetenv",
+            MARK,
             *(
                 ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
                 if self.user is not None
