@@ -25,6 +25,7 @@ from branchyard.manifest import Manifest
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.local import LocalBuild, LocalRuntime
+from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.sandbox import NOTHING, detect
 from tests.conftest import wait_for
 
@@ -159,3 +160,43 @@ def test_a_box_whose_daemon_died_while_setting_it_up_is_stopped_by_the_next_reco
         with contextlib.suppress(ProcessLookupError):
             os.kill(init, signal.SIGKILL)
         os.close(never_written)
+
+
+def test_a_box_stopped_while_it_sets_itself_up_is_stopped_at_once(tmp_path: Path) -> None:
+    """A daemon that stops (or a deploy cancelled) right after a box was started: its
+    init has no group of its own yet (it is still in the outer bwrap's), so signalling
+    the init's group reached nothing, and the stop waited for as long as the box ran."""
+    sandbox = detect()
+    info, info_fd = os.pipe()
+    go_ahead, never_written = os.pipe()
+    command = sandbox.command(["sleep", "60"], Path("/"), NOTHING, info_fd)
+    command[1:1] = ["--block-fd", str(go_ahead)]  # its set-up waits on it, never released
+    env = sandbox.environment({"PATH": os.environ["PATH"]})
+
+    async def start_then_stop() -> int:
+        outer = await asyncio.create_subprocess_exec(
+            *command, env=env, pass_fds=(info_fd, go_ahead), start_new_session=True
+        )
+        os.close(info_fd)
+        os.close(go_ahead)
+        with os.fdopen(info, "rb") as report:
+            init = int(json.loads(report.read())["child-pid"])
+        assert not group_alive(init) and group_alive(outer.pid)  # the init makes none yet
+        process = LocalProcess(outer, Registry(), init)
+        async with asyncio.timeout(20):
+            await process.terminate(0.5)
+        return init
+
+    try:
+        init = asyncio.run(start_then_stop())
+        wait_for(lambda: not group_alive(init) and not alive(init), 10, "the init gone")
+    finally:
+        os.close(never_written)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

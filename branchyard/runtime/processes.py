@@ -206,12 +206,23 @@ class LocalProcess:
 
     async def terminate(self, grace: float) -> None:
         if self._process.returncode is None:
-            signal_group(self._group, signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.shield(self._process.wait())
-        signal_group(self._group, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         await self.wait()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        """Signal the process's group. A box's init that is still setting itself up has
+        no group of its own yet: it is still in the outer bwrap's, which is signalled then
+        (a group id is not handed out again while a process of the group lives)."""
+        try:
+            os.killpg(self._group, sig)
+        except ProcessLookupError:
+            signal_group(self._process.pid, sig)
+        except PermissionError:
+            pass
 
 
 async def uninterrupted(future: asyncio.Future[T]) -> T:
