@@ -310,13 +310,21 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One test control plane for the session's tests marked ``k8s``, stopped at the end
-    with no process left. Skipped only where Go, which builds it, is missing."""
+def k8s_binaries() -> Path:
+    """The test control plane's binaries (scripts/setup builds them). Skipped only where
+    Go, which builds them, is missing."""
     if k8s_cluster.go() is None:
         pytest.skip("go is not on the PATH: it builds the test Kubernetes control plane")
-    if k8s_cluster.built() is None:
+    binaries = k8s_cluster.built()
+    if binaries is None:
         pytest.fail("the test control plane is not built: run scripts/k8s-test-cluster build")
+    return binaries
+
+
+@pytest.fixture(scope="session")
+def k8s(k8s_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One test control plane for the session's tests marked ``k8s``, stopped at the end
+    with no process left."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "k8s-test-cluster"
     directory = tmp_path_factory.mktemp("k8s") / "cluster"
     done = subprocess.run([script, "start", directory], capture_output=True, text=True)

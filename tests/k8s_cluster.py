@@ -63,6 +63,7 @@ RUNNING_CONTROLLERS = (
 )
 START_TIMEOUT = 180.0  # seconds for the whole start, on a busy 2-core machine
 STOP_TIMEOUT = 20.0  # seconds each process has to end on SIGTERM before SIGKILL
+STOP_ORDER = ({KWOK, SCHEDULER, CONTROLLERS}, {APISERVER}, {ETCD})
 
 
 class ClusterError(Exception):
@@ -90,9 +91,26 @@ def pinned_release() -> str:
     raise ClusterError(f"{MODULE / 'go.mod'} requires no k8s.io/kubernetes")
 
 
-def sources_hash() -> str:
-    """A hash of what the binaries are built from: go.mod, go.sum and the main.go files."""
-    digest = hashlib.sha256()
+def build_flags(release: str) -> list[str]:
+    """go build's flags: small binaries that report the pinned release as their version
+    (which Kubernetes' release scripts stamp, and a plain go build leaves as v0.0.0)."""
+    major, minor = release.removeprefix("v").split(".")[:2]
+    stamp = " ".join(
+        f"-X k8s.io/component-base/version.{name}={value}"
+        for name, value in (
+            ("gitVersion", release),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        )
+    )
+    return ["-trimpath", "-buildvcs=false", f"-ldflags=-s -w {stamp}"]
+
+
+def build_hash(release: str) -> str:
+    """A hash of what the binaries are built from: go.mod, go.sum, the main.go files and
+    the build's flags."""
+    digest = hashlib.sha256(" ".join(build_flags(release)).encode() + b"\0")
     for pattern in SOURCES:
         for path in sorted(MODULE.glob(pattern)):
             digest.update(str(path.relative_to(MODULE)).encode() + b"\0")
@@ -103,7 +121,8 @@ def sources_hash() -> str:
 def bin_dir() -> Path:
     """Where ``build`` puts the binaries: outside the checkout, as CI clones afresh."""
     cache = os.environ.get("BRANCHYARD_K8S_CACHE") or Path.home() / ".cache" / "branchyard-k8s"
-    return Path(cache) / f"{pinned_release()}-{sources_hash()}" / "bin"
+    release = pinned_release()
+    return Path(cache) / f"{release}-{build_hash(release)}" / "bin"
 
 
 def built() -> Path | None:
@@ -123,8 +142,8 @@ def build() -> Path:
     partial = binaries.with_name(f"bin.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    command = ["nice", "-n", "10", compiler, "build", "-trimpath", "-buildvcs=false"]
-    command += ["-ldflags=-s -w", "-o", f"{partial}/", "./cmd/..."]
+    flags = build_flags(pinned_release())
+    command = ["nice", "-n", "10", compiler, "build", *flags, "-o", f"{partial}/", "./cmd/..."]
     environment = {**os.environ, "GOFLAGS": "-mod=readonly"}
     try:
         subprocess.run(command, cwd=MODULE, env=environment, check=True)
@@ -173,7 +192,7 @@ def openssl(*args: str) -> None:
 
 def make_pki(pki: Path) -> None:
     """A CA, a serving certificate for the loopback servers (and the in-cluster name of the
-    API), and the key that signs service account tokens."""
+    API), and the key pair that signs and checks service account tokens."""
     pki.mkdir(parents=True)
     names = "IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc"
     # fmt: off
@@ -188,6 +207,8 @@ def make_pki(pki: Path) -> None:
             "-keyout", f"{pki}/serving.key", "-out", f"{pki}/serving.crt")
     openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-out", f"{pki}/service-accounts.key")
+    openssl("pkey", "-in", f"{pki}/service-accounts.key", "-pubout",
+            "-out", f"{pki}/service-accounts.pub")
     # fmt: on
 
 
@@ -283,7 +304,7 @@ def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[st
             f"--token-auth-file={directory / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'service-accounts.key'}",
+            f"--service-account-key-file={pki / 'service-accounts.pub'}",
             f"--service-account-signing-key-file={pki / 'service-accounts.key'}",
             f"--service-cluster-ip-range={SERVICE_RANGE}",
             # The Endpoints of Service "kubernetes" may not hold a loopback address.
@@ -489,21 +510,26 @@ def running(directory: Path) -> list[str]:
 
 
 def stop(directory: Path) -> list[str]:
-    """End every component started in ``directory`` (SIGTERM, then SIGKILL); return their
-    names."""
-    found = list(recorded(directory))
-    for _, pid in reversed(found):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while running(directory) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for _, pid in recorded(directory):
-        os.kill(pid, signal.SIGKILL)
-    while running(directory):
-        time.sleep(0.05)
-    for name, _ in found:
+    """End every component started in ``directory``, the API server's clients first, etcd
+    last (an API server whose etcd is gone waits for it instead of ending); each gets
+    SIGTERM, then SIGKILL. Return the names of those that ran."""
+    stopped = []
+    for group in STOP_ORDER:
+        found = [(name, pid) for name, pid in recorded(directory) if name in group]
+        for _, pid in found:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while set(running(directory)) & group and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name, pid in recorded(directory):
+            if name in group:
+                os.kill(pid, signal.SIGKILL)
+        while set(running(directory)) & group:
+            time.sleep(0.05)
+        stopped += [name for name, _ in found]
+    for name in BINARIES:
         pid_file(directory, name).unlink(missing_ok=True)
-    return [name for name, _ in found]
+    return sorted(stopped, key=BINARIES.index)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ with kwok's node passing a readiness probe only where the test marked the contai
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Namespace, Pod, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 
+from tests import k8s_cluster
 from tests.conftest import Cluster, wait_for
-from tests.k8s_cluster import NODE
+from tests.k8s_cluster import NODE, ClusterError
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]  # the first test starts the cluster
 
@@ -181,3 +183,30 @@ def test_the_control_plane_listens_on_loopback_only(k8s: Cluster) -> None:
         "kube-scheduler",
     }
     assert {address for _, address in listening} <= loopback, listening
+
+
+def test_a_start_that_fails_stops_what_it_started(
+    k8s_binaries: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands, launch = k8s_cluster.commands, k8s_cluster.launch
+    launched: dict[str, subprocess.Popen[bytes]] = {}
+
+    def with_a_bad_flag(
+        binaries: Path, directory: Path, ports: k8s_cluster.Ports
+    ) -> dict[str, list[str]]:
+        lines = commands(binaries, directory, ports)
+        lines["kube-apiserver"].append("--no-such-flag")
+        return lines
+
+    def recorded(directory: Path, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        launched[name] = launch(directory, name, command)
+        return launched[name]
+
+    monkeypatch.setattr(k8s_cluster, "commands", with_a_bad_flag)
+    monkeypatch.setattr(k8s_cluster, "launch", recorded)
+    with pytest.raises(
+        ClusterError, match=r"kube-apiserver exited .* unknown flag: --no-such-flag"
+    ):
+        k8s_cluster.start(tmp_path / "cluster")
+    assert list(launched) == ["etcd", "kube-apiserver"]
+    assert [process.poll() is None for process in launched.values()] == [False, False]
