@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
+from tests import k8s_cluster
 
 T = TypeVar("T")
 
@@ -298,3 +299,39 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         assert code == 0, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
         no_process_left(running.marker)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running test control plane (scripts/k8s-test-cluster): its folder and kubeconfig."""
+
+    directory: Path
+    kubeconfig: Path
+
+
+@pytest.fixture(scope="session")
+def k8s_binaries() -> Path:
+    """The test control plane's binaries (scripts/setup builds them). Skipped only where
+    Go, which builds them, is missing."""
+    if k8s_cluster.go() is None:
+        pytest.skip("go is not on the PATH: it builds the test Kubernetes control plane")
+    binaries = k8s_cluster.built()
+    if binaries is None:
+        pytest.fail("the test control plane is not built: run scripts/k8s-test-cluster build")
+    return binaries
+
+
+@pytest.fixture(scope="session")
+def k8s(k8s_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One test control plane for the session's tests marked ``k8s``, stopped at the end
+    with no process left."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "k8s-test-cluster"
+    directory = tmp_path_factory.mktemp("k8s") / "cluster"
+    done = subprocess.run([script, "start", directory], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    try:
+        yield Cluster(directory, Path(done.stdout.strip()))
+    finally:
+        stopped = subprocess.run([script, "stop", directory], capture_output=True, text=True)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not k8s_cluster.running(directory)

@@ -1,0 +1,560 @@
+"""The test control plane: a real Kubernetes API server, its controllers and scheduler on
+loopback, with kwok playing the node (run as scripts/k8s-test-cluster; docs/kubernetes.md).
+
+No container runtime runs here, so no pod really runs; everything else is real: etcd,
+kube-apiserver, kube-controller-manager and kube-scheduler are built from the releases that
+tests/k8s/go.mod pins, and kwok moves the pods bound to its node through the stages of
+tests/k8s/kwok.yaml (Running at once; Ready only when the test marks them good).
+
+``build`` compiles the binaries once into a cache outside the checkout, keyed by the pinned
+release and a hash of the Go sources. ``start DIR`` runs one cluster with all its state, logs
+and pids under DIR and writes DIR/kubeconfig; ``stop DIR`` ends every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightkube import ApiError, Client, KubeConfig
+from lightkube.models.core_v1 import NodeSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Node, ServiceAccount
+
+MODULE = Path(__file__).resolve().parent / "k8s"
+SOURCES = ("go.mod", "go.sum", "cmd/*/main.go")
+ETCD, APISERVER, CONTROLLERS, SCHEDULER, KWOK = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+)
+BINARIES = (ETCD, APISERVER, CONTROLLERS, SCHEDULER, KWOK)  # also the order they start in
+NODE = "kwok-node-0"
+SERVICE_RANGE = "10.96.0.0/16"  # Service cluster IPs: handed out, never routed
+POD_RANGE = "10.244.0.0/16"  # the simulated node's pod IPs: in status only
+RUNNING_CONTROLLERS = (
+    "deployment-controller",
+    "replicaset-controller",
+    "namespace-controller",
+    "endpointslice-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "garbage-collector-controller",
+    "root-ca-certificate-publisher-controller",
+    "clusterrole-aggregation-controller",
+)
+START_TIMEOUT = 180.0  # seconds for the whole start, on a busy 2-core machine
+STOP_TIMEOUT = 20.0  # seconds each process has to end on SIGTERM before SIGKILL
+STOP_ORDER = ({KWOK, SCHEDULER, CONTROLLERS}, {APISERVER}, {ETCD})
+
+
+class ClusterError(Exception):
+    """Why the test control plane cannot be built, started or stopped, in one line."""
+
+
+class NoGo(ClusterError):
+    """Go, which builds the control plane, is missing (the script exits 3: scripts/setup
+    goes on, and the tests marked k8s skip)."""
+
+
+def go() -> str | None:
+    """The go command: on the PATH, or where Go's own archive installs it (a PATH that a
+    login shell extends may lack it)."""
+    found = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
+    return found
+
+
+def pinned_release() -> str:
+    """The k8s.io/kubernetes version that tests/k8s/go.mod requires."""
+    for line in (MODULE / "go.mod").read_text().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "k8s.io/kubernetes":
+            return words[1]
+    raise ClusterError(f"{MODULE / 'go.mod'} requires no k8s.io/kubernetes")
+
+
+def build_flags(release: str) -> list[str]:
+    """go build's flags: small binaries that report the pinned release as their version
+    (which Kubernetes' release scripts stamp, and a plain go build leaves as v0.0.0)."""
+    major, minor = release.removeprefix("v").split(".")[:2]
+    stamp = " ".join(
+        f"-X k8s.io/component-base/version.{name}={value}"
+        for name, value in (
+            ("gitVersion", release),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        )
+    )
+    return ["-trimpath", "-buildvcs=false", f"-ldflags=-s -w {stamp}"]
+
+
+def build_hash(release: str) -> str:
+    """A hash of what the binaries are built from: go.mod, go.sum, the main.go files and
+    the build's flags."""
+    digest = hashlib.sha256(" ".join(build_flags(release)).encode() + b"\0")
+    for pattern in SOURCES:
+        for path in sorted(MODULE.glob(pattern)):
+            digest.update(str(path.relative_to(MODULE)).encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def bin_dir() -> Path:
+    """Where ``build`` puts the binaries: outside the checkout, as CI clones afresh."""
+    cache = os.environ.get("BRANCHYARD_K8S_CACHE") or Path.home() / ".cache" / "branchyard-k8s"
+    release = pinned_release()
+    return Path(cache) / f"{release}-{build_hash(release)}" / "bin"
+
+
+def built() -> Path | None:
+    """The binaries' folder when all of them are built, else None."""
+    binaries = bin_dir()
+    return binaries if all((binaries / name).is_file() for name in BINARIES) else None
+
+
+def build() -> Path:
+    """Build the binaries unless the cache has them; return their folder."""
+    if (binaries := built()) is not None:
+        return binaries
+    compiler = go()
+    if compiler is None:
+        raise NoGo("go is not on the PATH: it builds the test control plane")
+    binaries = bin_dir()
+    partial = binaries.with_name(f"bin.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    flags = build_flags(pinned_release())
+    command = ["nice", "-n", "10", compiler, "build", *flags, "-o", f"{partial}/", "./cmd/..."]
+    environment = {**os.environ, "GOFLAGS": "-mod=readonly"}
+    try:
+        subprocess.run(command, cwd=MODULE, env=environment, check=True)
+    except subprocess.CalledProcessError as failed:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ClusterError(f"go build failed (exit {failed.returncode}): see above") from None
+    shutil.rmtree(binaries, ignore_errors=True)
+    partial.rename(binaries)
+    return binaries
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The loopback ports of one cluster."""
+
+    etcd: int
+    etcd_peer: int
+    apiserver: int
+    controllers: int
+    scheduler: int
+
+
+def free_ports() -> Ports:
+    """Free loopback ports outside the kernel's ephemeral range, where outgoing connections
+    take theirs, so that none is taken between this pick and the component's bind."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [port for port in range(10000, 65536) if not low <= port <= high]
+    chosen: list[int] = []
+    for port in random.sample(candidates, 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == 5:
+            return Ports(*chosen)
+    raise ClusterError("found no 5 free loopback ports")
+
+
+def openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+
+def make_pki(pki: Path) -> None:
+    """A CA, a serving certificate for the loopback servers (and the in-cluster name of the
+    API), and the key pair that signs and checks service account tokens."""
+    pki.mkdir(parents=True)
+    names = "IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc"
+    # fmt: off
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+               "-days", "3650"]
+    openssl("req", "-x509", *new_key, "-subj", "/CN=branchyard-test-ca",
+            "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt")
+    openssl("req", "-x509", *new_key, "-subj", "/CN=kube-apiserver",
+            "-CA", f"{pki}/ca.crt", "-CAkey", f"{pki}/ca.key",
+            "-addext", "basicConstraints=critical,CA:FALSE",
+            "-addext", f"subjectAltName={names}", "-addext", "extendedKeyUsage=serverAuth",
+            "-keyout", f"{pki}/serving.key", "-out", f"{pki}/serving.crt")
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-out", f"{pki}/service-accounts.key")
+    openssl("pkey", "-in", f"{pki}/service-accounts.key", "-pubout",
+            "-out", f"{pki}/service-accounts.pub")
+    # fmt: on
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a component is to the API server: a static token's user and groups."""
+
+    name: str  # also its kubeconfig's name: DIR/NAME.kubeconfig
+    user: str
+    groups: tuple[str, ...] = ()
+
+
+IDENTITIES = (
+    Identity("admin", "branchyard-test-admin", ("system:masters",)),
+    Identity(CONTROLLERS, "system:kube-controller-manager"),
+    Identity(SCHEDULER, "system:kube-scheduler"),
+    Identity(KWOK, "kwok", ("system:masters",)),  # it plays every node's kubelet
+)
+
+
+def write_credentials(directory: Path, server: str) -> str:
+    """The static token file and one kubeconfig per identity (DIR/kubeconfig for tests);
+    return the admin's token."""
+    authority = base64.b64encode((directory / "pki" / "ca.crt").read_bytes()).decode()
+    rows = []
+    tokens = {}
+    for identity in IDENTITIES:
+        tokens[identity.name] = token = secrets.token_hex(24)
+        groups = [f'"{",".join(identity.groups)}"'] if identity.groups else []
+        rows.append(",".join([token, identity.user, identity.user, *groups]))
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "branchyard-test",
+                    "cluster": {"server": server, "certificate-authority-data": authority},
+                }
+            ],
+            "users": [{"name": identity.user, "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "branchyard-test",
+                    "context": {"cluster": "branchyard-test", "user": identity.user},
+                }
+            ],
+            "current-context": "branchyard-test",
+        }
+        name = "kubeconfig" if identity.name == "admin" else f"{identity.name}.kubeconfig"
+        (directory / name).write_text(json.dumps(kubeconfig, indent=2) + "\n")
+        (directory / name).chmod(0o600)
+    (directory / "tokens.csv").write_text("\n".join(rows) + "\n")
+    (directory / "tokens.csv").chmod(0o600)
+    return tokens["admin"]
+
+
+def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[str]]:
+    """Each component's command line: all on 127.0.0.1, all state under DIR."""
+    pki = directory / "pki"
+    serving = [f"--tls-cert-file={pki / 'serving.crt'}"]
+    serving += [f"--tls-private-key-file={pki / 'serving.key'}"]
+
+    def client_of(name: str) -> list[str]:
+        kubeconfig = directory / f"{name}.kubeconfig"
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+        ]
+
+    peer = f"http://127.0.0.1:{ports.etcd_peer}"
+    client = f"http://127.0.0.1:{ports.etcd}"
+    return {
+        ETCD: [
+            str(binaries / ETCD),
+            f"--data-dir={directory / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+            "--unsafe-no-fsync",  # a test cluster: its data dies with DIR
+            "--log-level=warn",
+        ],
+        APISERVER: [
+            str(binaries / APISERVER),
+            f"--etcd-servers={client}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports.apiserver}",
+            *serving,
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={directory / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'service-accounts.pub'}",
+            f"--service-account-signing-key-file={pki / 'service-accounts.key'}",
+            f"--service-cluster-ip-range={SERVICE_RANGE}",
+            # The Endpoints of Service "kubernetes" may not hold a loopback address.
+            "--endpoint-reconciler-type=none",
+            # A new node is tainted not-ready until the node lifecycle controller sees its
+            # heartbeats; kwok's node is Ready at once and sends none.
+            "--disable-admission-plugins=TaintNodesByCondition",
+            f"--cert-dir={directory / 'apiserver'}",
+            "--profiling=false",
+        ],
+        CONTROLLERS: [
+            str(binaries / CONTROLLERS),
+            *client_of(CONTROLLERS),
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports.controllers}",
+            *serving,
+            f"--controllers={','.join(RUNNING_CONTROLLERS)}",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki / 'service-accounts.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--leader-elect=false",
+            "--profiling=false",
+        ],
+        SCHEDULER: [
+            str(binaries / SCHEDULER),
+            *client_of(SCHEDULER),
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports.scheduler}",
+            *serving,
+            "--leader-elect=false",
+            "--profiling=false",
+        ],
+        KWOK: [
+            str(binaries / KWOK),
+            f"--kubeconfig={directory / f'{KWOK}.kubeconfig'}",
+            f"--config={MODULE / 'kwok.yaml'}",
+            "--manage-all-nodes=true",
+            "--node-ip=127.0.0.1",
+            f"--cidr={POD_RANGE}",
+        ],
+    }
+
+
+def pid_file(directory: Path, name: str) -> Path:
+    return directory / "pids" / f"{name}.pid"
+
+
+def launch(directory: Path, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    """Start one component in a session of its own, its output in DIR/logs/NAME.log."""
+    environment = dict(os.environ)
+    if name == KWOK:  # kwok would also read ~/.kwok/kwok.yaml
+        environment["HOME"] = str(directory / "kwok-home")
+    with (directory / "logs" / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=environment,
+            start_new_session=True,
+        )
+    pid_file(directory, name).write_text(f"{process.pid}\n")
+    return process
+
+
+def log_tail(directory: Path, name: str, lines: int = 5) -> str:
+    try:
+        text = (directory / "logs" / f"{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], bool],
+    deadline: float,
+    watched: dict[str, subprocess.Popen[bytes]],
+) -> None:
+    """Poll ``check`` until it holds; fail if a component died or the deadline passed."""
+    while True:
+        for name, process in watched.items():
+            if process.poll() is not None:
+                raise ClusterError(f"{name} exited ({process.returncode}) while waiting for {what}")
+        try:
+            if check():
+                return
+        except (OSError, ApiError):
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def healthy(url: str, authority: Path, token: str | None = None) -> bool:
+    """Whether a component's health endpoint answers ok."""
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=str(authority))
+    with urllib.request.urlopen(request, timeout=5, context=context) as answer:
+        return bool(answer.status == 200 and answer.read().strip() == b"ok")
+
+
+def admin_client(directory: Path) -> Client:
+    return Client(config=KubeConfig.from_file(directory / "kubeconfig"))
+
+
+def node_ready(client: Client) -> bool:
+    node = client.get(Node, NODE)
+    conditions = node.status.conditions if node.status else None
+    return any(c.type == "Ready" and c.status == "True" for c in conditions or ())
+
+
+def register_node(client: Client) -> None:
+    """The node kwok plays: pods bound to it run (as far as the API can tell)."""
+    metadata = ObjectMeta(
+        name=NODE,
+        labels={"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux", "type": "kwok"},
+        annotations={"kwok.x-k8s.io/node": "fake"},
+    )
+    client.create(Node(metadata=metadata, spec=NodeSpec(podCIDR=POD_RANGE, podCIDRs=[POD_RANGE])))
+
+
+def start(directory: Path) -> Path:
+    """Start a cluster with its state under ``directory``; return its kubeconfig's path."""
+    binaries = built()
+    if binaries is None:
+        raise ClusterError("not built for this go.mod: run scripts/k8s-test-cluster build")
+    if running(directory):
+        raise ClusterError(f"a cluster already runs in {directory}: stop it first")
+    directory = directory.resolve()
+    if directory.exists() and any(directory.iterdir()):
+        raise ClusterError(f"{directory} is not empty: start a cluster in a new folder")
+    for sub in ("logs", "pids", "kwok-home"):
+        (directory / sub).mkdir(parents=True)
+    try:
+        return start_components(binaries, directory)
+    except BaseException:
+        stop(directory)
+        raise
+
+
+def start_components(binaries: Path, directory: Path) -> Path:
+    """Start the components in order, each once the one before answers."""
+    deadline = time.monotonic() + START_TIMEOUT
+    ports = free_ports()
+    make_pki(directory / "pki")
+    server = f"https://127.0.0.1:{ports.apiserver}"
+    admin_token = write_credentials(directory, server)
+    lines = commands(binaries, directory, ports)
+    authority = directory / "pki" / "ca.crt"
+    watched: dict[str, subprocess.Popen[bytes]] = {}
+
+    def up(name: str, what: str, check: Callable[[], bool]) -> None:
+        watched[name] = launch(directory, name, lines[name])
+        try:
+            wait_until(what, check, deadline, watched)
+        except ClusterError as error:
+            raise ClusterError(f"{error}; {name}'s log ends: {log_tail(directory, name)}") from None
+
+    etcd = f"http://127.0.0.1:{ports.etcd}/health"
+    up(ETCD, "etcd's /health", lambda: json_health(etcd))
+    up(
+        APISERVER,
+        "the API server's /readyz",
+        lambda: healthy(f"{server}/readyz", authority, admin_token),
+    )
+    client = admin_client(directory)
+    up(
+        CONTROLLERS,
+        "the controllers (the default ServiceAccount)",
+        lambda: bool(client.get(ServiceAccount, "default", namespace="default")),
+    )
+    scheduler = f"https://127.0.0.1:{ports.scheduler}/healthz"
+    up(SCHEDULER, "the scheduler's /healthz", lambda: healthy(scheduler, authority))
+    register_node(client)
+    up(KWOK, f"node {NODE} Ready", lambda: node_ready(client))
+    return directory / "kubeconfig"
+
+
+def json_health(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return bool(json.load(answer).get("health") == "true")
+
+
+def recorded(directory: Path) -> Iterator[tuple[str, int]]:
+    """The components DIR/pids names whose process still runs that component."""
+    for name in BINARIES:
+        try:
+            pid = int(pid_file(directory, name).read_text())
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if os.path.basename(argv0.decode(errors="replace")) == name and state != "Z":
+            yield name, pid
+
+
+def running(directory: Path) -> list[str]:
+    return [name for name, _ in recorded(directory)]
+
+
+def stop(directory: Path) -> list[str]:
+    """End every component started in ``directory``, the API server's clients first, etcd
+    last (an API server whose etcd is gone waits for it instead of ending); each gets
+    SIGTERM, then SIGKILL. Return the names of those that ran."""
+    stopped = []
+    for group in STOP_ORDER:
+        found = [(name, pid) for name, pid in recorded(directory) if name in group]
+        for _, pid in found:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while set(running(directory)) & group and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name, pid in recorded(directory):
+            if name in group:
+                os.kill(pid, signal.SIGKILL)
+        while set(running(directory)) & group:
+            time.sleep(0.05)
+        stopped += [name for name, _ in found]
+    for name in BINARIES:
+        pid_file(directory, name).unlink(missing_ok=True)
+    return sorted(stopped, key=BINARIES.index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="k8s-test-cluster",
+        description="Build, start and stop the test Kubernetes control plane (on loopback).",
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("build", help="build the binaries into the cache (skipped when there)")
+    for action, what in (("start", "start a cluster in DIR"), ("stop", "stop DIR's cluster")):
+        actions.add_parser(action, help=what).add_argument("directory", type=Path, metavar="DIR")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.action == "build":
+            print(build())
+        elif arguments.action == "start":
+            print(start(arguments.directory))
+        else:
+            stopped = stop(arguments.directory)
+            print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    except ClusterError as error:
+        print(f"k8s-test-cluster: {error}", file=sys.stderr)
+        return 3 if isinstance(error, NoGo) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
