@@ -1,11 +1,13 @@
 """LocalProcess over real children, boxed and not: SIGTERM first, SIGKILL only for a
 child still there when the grace is over, and the group reported reaped; a daemon killed
-before it recorded a child leaves nothing running."""
+before it recorded a child leaves nothing running. Ports for services: free, and outside
+the ephemeral range."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from branchyard.runtime.processes import LocalProcess
+from branchyard.errors import TemporaryError
+from branchyard.runtime.processes import LocalProcess, Ports, ephemeral_range, service_ports
 from branchyard.runtime.sandbox import Sandbox, detect
 from tests.conftest import processes_with, wait_for
 
@@ -37,7 +40,8 @@ EXITS = HANDLER.format(then="sys.exit(3)")
 KILLED_BEFORE_RECORDING = """\
 import asyncio, os, signal, sys
 from pathlib import Path
-from branchyard.runtime.processes import LocalProcess
+from branchyard.errors import TemporaryError
+from branchyard.runtime.processes import LocalProcess, Ports, ephemeral_range, service_ports
 from branchyard.runtime.sandbox import detect
 
 class KilledWhileRecording:
@@ -131,3 +135,34 @@ def test_a_daemon_killed_before_it_recorded_a_child_leaves_nothing_running(
     assert subprocess.run(daemon, check=False).returncode == -signal.SIGKILL
     wait_for(lambda: not processes_with(marker), 10, "the unrecorded child gone")
     assert log.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("ephemeral", "first", "last", "count"),
+    [
+        ((32768, 60999), 10000, 65535, 22768 + 4536),  # Linux's default range
+        ((1024, 65535), None, None, 0),  # everything ephemeral: no port is safe
+        ((10000, 20000), 20001, 65535, 45535),  # below LOWEST_PORT is never offered
+        ((60000, 65535), 10000, 59999, 50000),
+    ],
+)
+def test_services_get_ports_outside_the_ephemeral_range(
+    ephemeral: tuple[int, int], first: int | None, last: int | None, count: int
+) -> None:
+    ports = service_ports(ephemeral)
+    assert len(ports) == count
+    assert (ports[0] if ports else None, ports[-1] if ports else None) == (first, last)
+    assert not [port for port in ports if ephemeral[0] <= port <= ephemeral[1]]
+
+
+def test_a_port_held_by_anyone_or_handed_out_is_not_handed_out() -> None:
+    low = service_ports(ephemeral_range())[0]
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", low))  # another program holds the first candidate
+        ports = Ports([low, low + 1, low + 2])
+        taken = {ports.take(), ports.take()}
+        assert taken == {low + 1, low + 2}
+        with pytest.raises(TemporaryError, match="no free loopback port"):
+            ports.take()
+        ports.give_back(low + 2)
+        assert ports.take() == low + 2

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from branchyard.errors import TemporaryError
 from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
@@ -59,23 +62,58 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-class Ports:
-    """Hands out free loopback ports, never one it handed out and did not get back."""
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10000
+"""Service ports are picked from here up, above the ports well-known servers use."""
 
-    def __init__(self) -> None:
+
+def service_ports(ephemeral: tuple[int, int]) -> list[int]:
+    """The ports services may be given: from :data:`LOWEST_PORT` up, outside the kernel's
+    ephemeral range ``(low, high)``. The kernel takes ports from that range for outgoing
+    connections and for every ``bind(port 0)`` on the machine: a port picked there may be
+    taken between the pick and the service's own bind (its bind then fails, while the
+    health check reaches whatever holds the port, or itself: a connection from an
+    ephemeral port to the same port on loopback connects to itself)."""
+    low, high = ephemeral
+    return [port for port in range(LOWEST_PORT, 65536) if not low <= port <= high]
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux's default where it cannot be read)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+class Ports:
+    """Hands out free loopback ports outside the ephemeral range (see
+    :func:`service_ports`), never one it handed out and did not get back."""
+
+    def __init__(self, candidates: Sequence[int] | None = None) -> None:
+        self._candidates = list(candidates or service_ports(ephemeral_range()))
         self._held: set[int] = set()
 
     def take(self) -> int:
-        while True:
-            with socket.socket() as sock:
-                sock.bind((LOOPBACK, 0))
-                port = int(sock.getsockname()[1])
-            if port not in self._held:
+        start = random.randrange(len(self._candidates))  # daemons side by side start apart
+        for port in itertools.chain(self._candidates[start:], self._candidates[:start]):
+            if port not in self._held and _free(port):
                 self._held.add(port)
                 return port
+        raise TemporaryError("no free loopback port is left for a service")
 
     def give_back(self, port: int) -> None:
         self._held.discard(port)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
 
 
 async def _read_to_end(fd: int) -> bytes:
