@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, readmodel, sessions, shapes, webhooks
@@ -267,6 +267,12 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     async def revisions(namespace: str, service: str) -> list[shapes.Revision]:
         views.target(namespace, service)
         return [readmodel.revision_json(r) for r in views.revisions((namespace, service))]
+
+    @app.get("/api/namespaces/{namespace}/services/{service}/kubernetes")
+    async def kubernetes(namespace: str, service: str) -> PlainTextResponse:
+        """The Kubernetes objects of the newest revision, as YAML (``k8s render``)."""
+        text = await views.kubernetes((namespace, service))
+        return PlainTextResponse(text, media_type="text/yaml")
 
     @app.post("/api/namespaces/{namespace}/services/{service}/rollback")
     async def rollback(namespace: str, service: str, body: RevisionIn) -> shapes.Pinned:

@@ -105,6 +105,10 @@ class Client:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         return json.loads(self._send(method, path, body).read())
 
+    def text(self, path: str) -> str:
+        """A GET's answer that is text, not JSON (YAML, a log)."""
+        return self._send("GET", path, None).read().decode()
+
     def lines(self, path: str) -> Iterator[str]:
         """The lines of a streamed answer (server-sent events), as they come."""
         rest = b""

@@ -33,7 +33,8 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -49,7 +50,8 @@ from branchyard.git import Sources
 from branchyard.model import Clock, RepoHeads
 from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
-from branchyard.runtime import Runtime, Traffic
+from branchyard.runtime import RevisionSpec, Runtime, Traffic
+from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
 from branchyard.runtime.sandbox import Sandbox, detect
@@ -130,6 +132,9 @@ class Options:
     head_timeout: float = HEAD_TIMEOUT_SECONDS
     log_limit: int = LOG_MAX
     sandbox: bool = True
+    kube: KubeOptions = field(default_factory=KubeOptions)
+    """How revisions map to Kubernetes objects (``k8s render`` reads them with the
+    local runtime too)."""
 
 
 def hide_secrets() -> None:
@@ -272,7 +277,17 @@ def _engine(
         store, runtime, traffic, rollouts, watcher, sources, settings, vault, status, clock
     )
     store.listen(engine.report)
-    return engine, Views(engine, store, runtime, rollouts, watcher, settings)
+    return engine, Views(
+        engine, store, runtime, rollouts, watcher, settings, partial(_review, options.kube)
+    )
+
+
+def _review(options: KubeOptions, spec: RevisionSpec) -> str:
+    """``k8s render``'s YAML; the renderer (and lightkube) imported at its first use, not
+    at every daemon's start."""
+    from branchyard.runtime.kube.render import review
+
+    return review(options, spec)
 
 
 async def _serve(options: Options, sandbox: Sandbox | None) -> None:

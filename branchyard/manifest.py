@@ -13,6 +13,8 @@ and a route, every other entry runs as a worker. ``branchyard.yaml`` may add::
       timeout: 30          # seconds until the first passing check
     env:                   # default env; a person's settings override it
       GREETING: hello
+    image: python:3.12-slim  # on Kubernetes, the image the service runs in (the local
+                             # runtime ignores it)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from branchyard.naming import is_env_name
 PROCFILE = "Procfile"
 CONFIG_FILE = "branchyard.yaml"
 _PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+)\s*:\s*(.+)$")
+_IMAGE = re.compile(r"[a-z0-9][A-Za-z0-9._/:@-]{0,254}")  # a registry/name:tag@digest
 DEFAULT_HEALTH_TIMEOUT = 30.0
 
 
@@ -41,6 +44,7 @@ class Manifest:
     health_path: str = "/"
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT
     env: Mapping[str, str] = field(default_factory=dict)
+    image: str | None = None  # None: the runtime's default image
 
 
 def parse_procfile(text: str) -> dict[str, str]:
@@ -66,7 +70,7 @@ def _load_config(text: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ManifestError(f"{CONFIG_FILE} must be a mapping, not {type(data).__name__}")
-    unknown = set(data) - {"build", "run", "health", "env"}
+    unknown = set(data) - {"build", "run", "health", "env", "image"}
     if unknown:
         names = ", ".join(sorted(map(str, unknown)))
         raise ManifestError(f"{CONFIG_FILE} has unknown keys: {names}")
@@ -122,6 +126,14 @@ def _env(value: Any) -> dict[str, str]:
     return env
 
 
+def _image(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _IMAGE.fullmatch(value):
+        raise ManifestError(f"{CONFIG_FILE}: image must be an image reference, like python:3.12")
+    return value
+
+
 def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
     """Combine the Procfile and ``branchyard.yaml`` (either may be missing)."""
     processes = parse_procfile(procfile) if procfile is not None else {}
@@ -141,4 +153,5 @@ def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
         health_path=health_path,
         health_timeout=health_timeout,
         env=_env(settings.get("env")),
+        image=_image(settings.get("image")),
     )

@@ -171,6 +171,7 @@ class Rollouts:
             revision.sha,
             manifest,
             env,
+            frozenset(secrets),
         )
 
     async def build(self, revision: Revision) -> Build:

@@ -3,9 +3,12 @@
 ``daemon`` builds one :class:`Views` over the parts a page or an answer reads: the
 store (repos, revisions, pins, events), the rollouts (what runs, its weights), the
 runtime (logs, URLs), the watcher (why a repo cannot be read), the settings repo
-(its history) and the engine (what it plans: targets, branch heads, a person's
-settings). The API and the dashboard read through it alone, and ask the engine
-only to act. :mod:`branchyard.readmodel` works out what a slot's snapshot means.
+(its history), the engine (what it plans: targets, branch heads, a person's
+settings), and a :data:`~branchyard.runtime.Review` of the Kubernetes objects of a
+revision (``k8s render``: ``daemon`` renders them with its Kubernetes options, which
+it has also while the local runtime runs). The API and the dashboard read through it
+alone, and ask the engine only to act. :mod:`branchyard.readmodel` works out what a
+slot's snapshot means.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from branchyard.naming import BASELINE
 from branchyard.planner import Slot
 from branchyard.readmodel import Head, Snapshot, Status
 from branchyard.rollout import FailureLog, Rollouts
-from branchyard.runtime import InstanceState, LogName, Pause, Runtime
+from branchyard.runtime import InstanceState, LogName, Pause, Review, Runtime
 from branchyard.settings import Change, Settings
 from branchyard.store import Store
 from branchyard.watcher import Watching
@@ -37,6 +40,7 @@ class Views:
         rollouts: Rollouts,
         watcher: Watching,
         settings: Settings,
+        review: Review,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -44,6 +48,7 @@ class Views:
         self._rollouts = rollouts
         self._watcher = watcher
         self._settings = settings
+        self._review = review
 
     # what is planned
 
@@ -161,6 +166,16 @@ class Views:
     async def history(self, slot: Slot) -> list[Change]:
         """The commits that changed the slot's settings, newest first."""
         return await self._settings.history(slot)
+
+    async def kubernetes(self, slot: Slot) -> str:
+        """The Kubernetes objects the slot's newest revision would be applied as (YAML,
+        secrets redacted); NotFound before its first revision."""
+        namespace, service = slot
+        self.target(namespace, service)
+        latest = next(iter(self._store.revisions(slot, limit=1)), None)
+        if latest is None:
+            raise NotFound(f"{service} in {namespace} has no revision yet")
+        return self._review(await self._rollouts.spec(latest))
 
     # logs
 

@@ -519,6 +519,18 @@ def test_weights_split_traffic_between_revisions_and_pin_the_heaviest(tmp_path: 
     run(tmp_path, scenario)
 
 
+def test_a_revision_spec_says_which_of_its_env_are_secrets(tmp_path: Path) -> None:
+    async def scenario(world: World, engine: Engine) -> None:
+        await deployed(world, engine, C1)
+        await engine.set_secrets("main", "web", {"API_TOKEN": "t0ken"}, "tess")
+        await live(world, 2)
+        first, second = (i.spec for i in world.runtime.instances)
+        assert (first.secret_keys, second.secret_keys) == (frozenset(), frozenset({"API_TOKEN"}))
+        assert second.env["API_TOKEN"] == "t0ken"
+
+    run(tmp_path, scenario)
+
+
 def test_a_restart_routes_the_new_instance_before_the_old_one_stops(tmp_path: Path) -> None:
     async def scenario(world: World, engine: Engine) -> None:
         await deployed(world, engine, C1)

@@ -322,8 +322,8 @@ def test_bad_env_in_branchyard_yaml_is_refused(config: str, message: str) -> Non
     ("config", "message"),
     [
         pytest.param(
-            "image: python:3.11\nport: 80\n",
-            "branchyard.yaml has unknown keys: image, port",
+            "ports: [80]\nport: 80\n",
+            "branchyard.yaml has unknown keys: port, ports",
             id="two-unknown",
         ),
         pytest.param("Run: x", "branchyard.yaml has unknown keys: Run", id="case-matters"),
@@ -392,3 +392,42 @@ env:
 def test_a_typo_inside_health_is_refused_not_ignored() -> None:
     with pytest.raises(ManifestError, match="health has unknown keys: pth"):
         parse_manifest("web: x", "health:\n  pth: /ready\n")
+
+
+@pytest.mark.parametrize(
+    ("config", "image"),
+    [
+        pytest.param("env: {}", None, id="absent"),
+        pytest.param("image: null", None, id="null"),
+        pytest.param("image: python:3.12-slim", "python:3.12-slim", id="name-and-tag"),
+        pytest.param(
+            "image: registry.example.com:5000/team/web:v1.2",
+            "registry.example.com:5000/team/web:v1.2",
+            id="registry-with-port",
+        ),
+        pytest.param(
+            "image: python@sha256:" + "a" * 64, "python@sha256:" + "a" * 64, id="by-digest"
+        ),
+    ],
+)
+def test_image_in_branchyard_yaml_names_the_image_to_run_in(config: str, image: str | None) -> None:
+    assert parse_manifest(PROCFILE, config).image == image
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param("image: ''", id="empty"),
+        pytest.param("image: 3", id="number"),
+        pytest.param("image: [python]", id="list"),
+        pytest.param("image: python 3", id="space"),
+        pytest.param("image: --privileged", id="option"),
+        pytest.param("image: 'python;rm -rf /'", id="shell"),
+    ],
+)
+def test_image_must_be_an_image_reference(config: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(PROCFILE, config)
+    assert caught.value.message == (
+        "branchyard.yaml: image must be an image reference, like python:3.12"
+    )

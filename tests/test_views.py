@@ -22,6 +22,7 @@ from tests.test_engine_fake import (
     C1,
     C2,
     FAILED,
+    LIVE,
     SLOT,
     URL,
     StillWatcher,
@@ -46,6 +47,7 @@ def views_of(world: World, engine: Engine, watcher: StillWatcher | None = None) 
         engine.rollouts,
         watcher or StillWatcher(),
         engine.settings_repo,
+        lambda spec: f"{spec.namespace}:{spec.service} v{spec.ordinal} {spec.sha}",
     )
 
 
@@ -66,6 +68,20 @@ async def two_branches(world: World, engine: Engine) -> None:
     """web's main at C1 and its branch bugfix at C2: a slot in each namespace."""
     await engine.on_heads(RepoHeads("web", "main", {"main": C1, "bugfix": C2}))
     await until(lambda: set(engine.targets) == {SLOT, BUGFIX}, "both slots planned")
+
+
+def test_the_kubernetes_objects_are_the_newest_revisions(tmp_path: Path) -> None:
+    async def setup(world: World, engine: Engine) -> None:
+        await deployed(world, engine, C1)
+        await push(world, engine, C2)
+        await settled(world, 2, LIVE)
+
+    async def check(views: Views) -> None:
+        assert await views.kubernetes(SLOT) == f"main:web v2 {C2}"
+        with pytest.raises(NotFound, match=r"no service 'nope' in main \(services: web\)"):
+            await views.kubernetes(("main", "nope"))
+
+    reading(tmp_path, setup, check)
 
 
 def test_slots_and_namespaces_put_the_baseline_first(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ The commands live in modules by what they are about: ``admin`` (the daemon: ``up
 ``info``, ``token``, ``gc``, ``dashboard``, ``demo``), ``repos`` (``repo ...``),
 ``services`` (what runs: ``ps``, ``ns``, ``logs``, ``url``, ``rm``, ``revisions``,
 ``events``), ``rollouts`` (which revision serves: ``rollback``, ``promote``, ``weight``,
-``unpin``, ``restart``) and ``env`` (a service's settings: ``env ...``, ``edit``,
-``history``); under them, ``context`` (what every command shares) and ``output`` (tables,
+``unpin``, ``restart``), ``env`` (a service's settings: ``env ...``, ``edit``,
+``history``), and ``kube`` (``k8s render``: the Kubernetes objects of a revision);
+under them, ``context`` (what every command shares) and ``output`` (tables,
 ages, event lines).
 
 Errors become ``error: MESSAGE`` on stderr and exit code 1 in one place,
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from branchyard.cli import admin, env, repos, rollouts, services
+from branchyard.cli import admin, env, kube, repos, rollouts, services
 from branchyard.cli.context import Context
 from branchyard.client import default_home
 from branchyard.errors import BranchyardError
@@ -46,6 +47,7 @@ for command in (
     *services.COMMANDS,
     *rollouts.COMMANDS,
     *env.COMMANDS,
+    *kube.COMMANDS,
 ):
     cli.add_command(command)
 

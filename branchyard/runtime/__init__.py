@@ -68,6 +68,9 @@ class RevisionSpec:
     sha: str
     manifest: Manifest
     env: Mapping[str, str]  # everything but PORT, which the runtime picks
+    secret_keys: frozenset[str] = frozenset()
+    """Which keys of ``env`` are secrets (a Kubernetes Secret holds them, not the
+    ConfigMap; the local runtime hands every key alike)."""
 
     @property
     def name(self) -> str:
@@ -114,6 +117,10 @@ class Instance(Protocol):
 
 
 OnChange = Callable[[Instance], None]
+
+Review = Callable[[RevisionSpec], str]
+"""The objects a runtime would apply for a revision, as text for a person to read
+(``branchyard k8s render``), secrets left out."""
 
 
 class Runtime(Protocol):

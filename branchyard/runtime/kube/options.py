@@ -27,6 +27,11 @@ class KubeOptions:
     """The Ingress class of those Ingresses; None: the cluster's default class."""
     image: str = DEFAULT_IMAGE
     git_image: str = DEFAULT_GIT_IMAGE
+    build_timeout: int = 300
+    """Seconds a pod's init containers (fetch the commit, install, build) may take: a
+    Deployment's ``progressDeadlineSeconds`` is this plus the manifest's health timeout,
+    since on Kubernetes the build runs in the pod (locally the health timeout starts
+    after the build)."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

@@ -1,0 +1,477 @@
+"""The Kubernetes objects of branchyard's words: pure functions, no API server.
+
+:class:`~branchyard.runtime.kube.options.KubeOptions` and a
+:class:`~branchyard.runtime.RevisionSpec` go in; typed lightkube objects come out,
+ready for a server-side apply (the runtime does that) or for a person to read
+(:func:`review`, which ``branchyard k8s render`` prints). docs/kubernetes.md has the
+mapping as a table. In short, a revision ``vN`` of SERVICE in namespace NS is:
+
+- the Namespace (:func:`namespace`), labelled as branchyard's;
+- a ConfigMap ``SERVICE-env-HASH`` of its env and, if it has secrets, a Secret
+  ``SERVICE-secret-HASH`` of them, both immutable and named by their content
+  (:func:`env_objects`);
+- a Deployment ``SERVICE-vN`` for its web process and one ``SERVICE-vN-WORKER`` per
+  worker (:func:`deployments`). No image is built: init containers fetch the commit
+  into an ``emptyDir`` and install its dependencies into a venv beside it, and the
+  process runs in a stock image. User text reaches a shell only as an argument
+  (``"$1"``) of a fixed script, never pasted into one;
+- the Service ``SERVICE`` that selects the live revision (:func:`live_service`), an
+  Ingress when there is a domain (:func:`ingress`), and for a weighted split a Service
+  per revision and a Gateway API HTTPRoute (:func:`revision_service`, :func:`route`);
+- in a namespace without a peer of its own, an ExternalName Service in its place that
+  points at the baseline's (:func:`fallback`).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import yaml
+from lightkube.generic_resource import GenericNamespacedResource, create_namespaced_resource
+from lightkube.models.apps_v1 import DeploymentSpec
+from lightkube.models.core_v1 import (
+    Capabilities,
+    ConfigMapEnvSource,
+    Container,
+    ContainerPort,
+    EmptyDirVolumeSource,
+    EnvFromSource,
+    EnvVar,
+    HTTPGetAction,
+    NamespaceSpec,
+    PodSecurityContext,
+    PodSpec,
+    PodTemplateSpec,
+    Probe,
+    SeccompProfile,
+    SecretEnvSource,
+    SecurityContext,
+    ServicePort,
+    ServiceSpec,
+    Volume,
+    VolumeMount,
+)
+from lightkube.models.meta_v1 import LabelSelector, ObjectMeta
+from lightkube.models.networking_v1 import (
+    HTTPIngressPath,
+    HTTPIngressRuleValue,
+    IngressBackend,
+    IngressRule,
+    IngressServiceBackend,
+    IngressSpec,
+    ServiceBackendPort,
+)
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
+from lightkube.resources.networking_v1 import Ingress
+
+from branchyard.errors import UsageError
+from branchyard.git import local_path
+from branchyard.naming import BASELINE, dns_label
+from branchyard.runtime import RevisionSpec
+from branchyard.runtime.kube import names
+from branchyard.runtime.kube.options import KubeOptions
+
+HTTPRoute = create_namespaced_resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
+"""The Gateway API's route (a CRD, so not among lightkube's models)."""
+
+KubeObject: TypeAlias = (
+    Namespace | ConfigMap | Secret | Deployment | Service | Ingress | GenericNamespacedResource
+)
+
+PORT = 8080
+"""The port every web process listens on (its ``PORT``)."""
+SERVICE_PORT = 80
+CLUSTER_DOMAIN = "svc.cluster.local"
+UID = 65534
+"""Every container runs as ``nobody``: pushed code is untrusted."""
+WORKSPACE = "/workspace"
+CHECKOUT = f"{WORKSPACE}/src"
+VENV = f"{WORKSPACE}/venv"
+REDACTED = "(redacted)"
+
+FETCH = f"""set -e
+git init -q {CHECKOUT}
+cd {CHECKOUT}
+git fetch -q --depth 1 "$1" "$2"
+git checkout -q FETCH_HEAD
+rm -rf .git
+"""
+"""The fetch init container's script: ``$1`` the repo's URL, ``$2`` the commit."""
+
+INSTALL = f"""set -e
+python -m venv {VENV}
+export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
+if [ -f requirements.txt ]; then
+  pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
+fi
+if [ -f pyproject.toml ]; then
+  python -c 'import tomllib; print("\\n".join(tomllib.load(open("pyproject.toml", "rb"))\
+.get("project", {{}}).get("dependencies", [])))' > {WORKSPACE}/pyproject-requirements.txt
+  pip install --no-cache-dir --disable-pip-version-check -r {WORKSPACE}/pyproject-requirements.txt
+fi
+for step in "$@"; do
+  echo "\\$ $step"
+  sh -c "$step"
+done
+"""
+"""The install init container's script: the venv, the dependencies (as the local
+runtime installs them: ``requirements.txt``, ``pyproject.toml``'s), then each build
+step given as an argument."""
+
+RUN = f'export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}; exec sh -c "$1"'
+"""A process's script: the venv first on the PATH, then ``$1``, its command."""
+
+
+def peer_url(peer: str) -> str:
+    """How services reach ``peer``: its Service's short name, which resolves in the
+    pod's own namespace (a Service of its own there, else the fallback)."""
+    return f"http://{names.object_name(peer)}"
+
+
+def public_url(options: KubeOptions, namespace: str, service: str) -> str:
+    """Where people reach a service: ``http://SERVICE.NS.DOMAIN`` (its host name as the
+    local router's) with a domain, else its Service's name in the cluster."""
+    if options.domain:
+        return f"http://{dns_label(service)}.{namespace}.{options.domain}"
+    where = names.namespace_name(options.namespace_prefix, namespace)
+    return f"http://{names.object_name(service)}.{where}.{CLUSTER_DOMAIN}"
+
+
+def namespace(options: KubeOptions, name: str) -> Namespace:
+    """The Namespace of branchyard namespace ``name``. It enforces the ``restricted``
+    Pod Security Standard, which every pod branchyard makes meets."""
+    labels = {
+        **names.managed(),
+        names.NAMESPACE: name,
+        "pod-security.kubernetes.io/enforce": "restricted",
+    }
+    meta = ObjectMeta(name=names.namespace_name(options.namespace_prefix, name), labels=labels)
+    return Namespace(metadata=meta, spec=NamespaceSpec())
+
+
+def _meta(options: KubeOptions, namespace: str, name: str, labels: Mapping[str, str]) -> ObjectMeta:
+    where = names.namespace_name(options.namespace_prefix, namespace)
+    return ObjectMeta(name=name, namespace=where, labels=dict(labels))
+
+
+def env_objects(options: KubeOptions, spec: RevisionSpec) -> tuple[ConfigMap, Secret | None]:
+    """The revision's env: a ConfigMap of what is not secret, a Secret of what is (None
+    without secrets). Each is immutable and named by a hash of its content: the same
+    env, the same name; a changed value, a new one."""
+    plain = {k: v for k, v in spec.env.items() if k not in spec.secret_keys}
+    hidden = {k: v for k, v in spec.env.items() if k in spec.secret_keys}
+    service = names.object_name(spec.service)
+    labels = names.service_labels(spec.service)
+    config = ConfigMap(
+        metadata=_meta(
+            options, spec.namespace, f"{service}-env-{names.content_hash(plain)}", labels
+        ),
+        data=dict(sorted(plain.items())),
+        immutable=True,
+    )
+    if not hidden:
+        return config, None
+    secret = Secret(
+        metadata=_meta(
+            options, spec.namespace, f"{service}-secret-{names.content_hash(hidden)}", labels
+        ),
+        data={k: base64.b64encode(v.encode()).decode() for k, v in sorted(hidden.items())},
+        type="Opaque",
+        immutable=True,
+    )
+    return config, secret
+
+
+def source_url(options: KubeOptions, spec: RevisionSpec) -> str:
+    """Where a pod fetches the revision's commit: a remote repo's own URL; for a repo on
+    the daemon's machine, the daemon's git server (``options.git_url``)."""
+    if local_path(spec.repo_url) is None:
+        return spec.repo_url
+    if options.git_url is None:
+        raise UsageError(
+            f"{spec.service} is a repo on this machine ({spec.repo_url}): pods fetch it from "
+            "the daemon's git server, and none is set (branchyard up --git-listen)"
+        )
+    return f"{options.git_url.rstrip('/')}/{spec.service}"
+
+
+def _locked_down() -> SecurityContext:
+    return SecurityContext(allowPrivilegeEscalation=False, capabilities=Capabilities(drop=["ALL"]))
+
+
+def _pod(
+    options: KubeOptions,
+    spec: RevisionSpec,
+    env_from: list[EnvFromSource],
+    process: str,
+    command: str,
+) -> PodSpec:
+    """A pod of the revision: fetch, install and build in init containers, then run
+    ``command`` (the web process's, with its port and probe), all as ``nobody`` in a
+    shared ``emptyDir``."""
+    image = spec.manifest.image or options.image
+    workspace = [VolumeMount(name="workspace", mountPath=WORKSPACE)]
+    env = [EnvVar(name="HOME", value="/tmp"), EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    fetch = Container(
+        name="fetch",
+        image=options.git_image,
+        command=["sh", "-c", FETCH, "fetch", source_url(options, spec), spec.sha],
+        env=env[:1],
+        volumeMounts=workspace,
+        securityContext=_locked_down(),
+    )
+    install = Container(
+        name="install",
+        image=image,
+        command=["sh", "-c", INSTALL, "install", *spec.manifest.build],
+        workingDir=CHECKOUT,
+        env=env,
+        envFrom=env_from,
+        volumeMounts=workspace,
+        securityContext=_locked_down(),
+    )
+    web = process == names.WEB
+    run = Container(
+        name=process,
+        image=image,
+        command=["sh", "-c", RUN, process, command],
+        workingDir=CHECKOUT,
+        env=[*env, EnvVar(name="PORT", value=str(PORT))] if web else env,
+        envFrom=env_from,
+        ports=[ContainerPort(name="http", containerPort=PORT)] if web else None,
+        readinessProbe=Probe(
+            httpGet=HTTPGetAction(path=spec.manifest.health_path, port=PORT), periodSeconds=2
+        )
+        if web
+        else None,
+        volumeMounts=workspace,
+        securityContext=_locked_down(),
+    )
+    return PodSpec(
+        initContainers=[fetch, install],
+        containers=[run],
+        volumes=[Volume(name="workspace", emptyDir=EmptyDirVolumeSource())],
+        automountServiceAccountToken=False,
+        enableServiceLinks=False,  # no docker-link variables (APP_PORT=tcp://...) in the env
+        securityContext=PodSecurityContext(
+            runAsNonRoot=True,
+            runAsUser=UID,
+            runAsGroup=UID,
+            fsGroup=UID,
+            seccompProfile=SeccompProfile(type="RuntimeDefault"),
+        ),
+    )
+
+
+def _deployment(
+    options: KubeOptions,
+    spec: RevisionSpec,
+    env_from: list[EnvFromSource],
+    name: str,
+    process: str,
+    command: str,
+) -> Deployment:
+    labels = names.revision_labels(spec.service, spec.ordinal, spec.sha)
+    chosen = names.selector(spec.service, spec.ordinal, process)
+    deadline = options.build_timeout + math.ceil(spec.manifest.health_timeout)
+    return Deployment(
+        metadata=_meta(options, spec.namespace, name, {**labels, names.PROCESS: process}),
+        spec=DeploymentSpec(
+            replicas=1,
+            selector=LabelSelector(matchLabels=chosen),
+            progressDeadlineSeconds=deadline,
+            template=PodTemplateSpec(
+                metadata=ObjectMeta(labels={**labels, **chosen}),
+                spec=_pod(options, spec, env_from, process, command),
+            ),
+        ),
+    )
+
+
+def deployments(
+    options: KubeOptions, spec: RevisionSpec, config: ConfigMap, secret: Secret | None
+) -> list[Deployment]:
+    """The revision's web Deployment, ready when its health path answers, and one per
+    worker, without a probe (no Service selects a worker)."""
+    env_from = [EnvFromSource(configMapRef=ConfigMapEnvSource(name=_name(config)))]
+    if secret is not None:
+        env_from.append(EnvFromSource(secretRef=SecretEnvSource(name=_name(secret))))
+    web = names.revision_name(spec.service, spec.ordinal)
+    made = [_deployment(options, spec, env_from, web, names.WEB, spec.manifest.web)]
+    for worker, command in spec.manifest.workers:
+        name = names.worker_name(spec.service, spec.ordinal, worker)
+        made.append(_deployment(options, spec, env_from, name, names.object_name(worker), command))
+    return made
+
+
+def _name(thing: ConfigMap | Secret) -> str:
+    assert thing.metadata is not None and thing.metadata.name is not None
+    return thing.metadata.name
+
+
+def _http_service(
+    options: KubeOptions,
+    namespace: str,
+    name: str,
+    labels: Mapping[str, str],
+    chosen: dict[str, str],
+) -> Service:
+    return Service(
+        metadata=_meta(options, namespace, name, labels),
+        spec=ServiceSpec(
+            selector=chosen,
+            ports=[ServicePort(name="http", port=SERVICE_PORT, targetPort=PORT)],
+        ),
+    )
+
+
+def live_service(options: KubeOptions, namespace: str, service: str, ordinal: int) -> Service:
+    """The Service ``SERVICE``, selecting the web pods of revision ``ordinal``: the
+    switch to a new revision is a new selector."""
+    return _http_service(
+        options,
+        namespace,
+        names.object_name(service),
+        names.service_labels(service),
+        names.selector(service, ordinal),
+    )
+
+
+def revision_service(options: KubeOptions, spec: RevisionSpec) -> Service:
+    """The Service ``SERVICE-vN`` of one revision, a weighted route's backend."""
+    return _http_service(
+        options,
+        spec.namespace,
+        names.revision_name(spec.service, spec.ordinal),
+        names.revision_labels(spec.service, spec.ordinal, spec.sha),
+        names.selector(spec.service, spec.ordinal),
+    )
+
+
+def fallback(options: KubeOptions, namespace: str, peer: str) -> Service:
+    """In a namespace without ``peer`` of its own, the Service ``PEER`` that points at
+    the baseline's, so ``http://PEER`` reaches it there (DNS does the fallback)."""
+    baseline = names.namespace_name(options.namespace_prefix, BASELINE)
+    name = names.object_name(peer)
+    return Service(
+        metadata=_meta(
+            options, namespace, name, {**names.service_labels(peer), names.FALLBACK: "true"}
+        ),
+        spec=ServiceSpec(type="ExternalName", externalName=f"{name}.{baseline}.{CLUSTER_DOMAIN}"),
+    )
+
+
+def ingress(options: KubeOptions, namespace: str, service: str) -> Ingress | None:
+    """The Ingress of ``SERVICE.NS.DOMAIN`` to the Service ``SERVICE``; None without a
+    domain."""
+    if not options.domain:
+        return None
+    name = names.object_name(service)
+    backend = IngressBackend(
+        service=IngressServiceBackend(name=name, port=ServiceBackendPort(number=SERVICE_PORT))
+    )
+    host = f"{dns_label(service)}.{namespace}.{options.domain}"
+    return Ingress(
+        metadata=_meta(options, namespace, name, names.service_labels(service)),
+        spec=IngressSpec(
+            ingressClassName=options.ingress_class,
+            rules=[
+                IngressRule(
+                    host=host,
+                    http=HTTPIngressRuleValue(
+                        paths=[HTTPIngressPath(path="/", pathType="Prefix", backend=backend)]
+                    ),
+                )
+            ],
+        ),
+    )
+
+
+def route(
+    options: KubeOptions, namespace: str, service: str, weights: Mapping[int, int]
+) -> GenericNamespacedResource:
+    """The HTTPRoute that splits the requests to the Service ``SERVICE`` between the
+    revisions' own Services (``SERVICE-vN``) by ``weights`` (ordinal -> weight). Its
+    parent is the Service itself (the Gateway API's GAMMA: a service mesh applies it to
+    the requests of the namespace's pods)."""
+    name = names.object_name(service)
+    backends = [
+        {"name": names.revision_name(service, ordinal), "port": SERVICE_PORT, "weight": weight}
+        for ordinal, weight in sorted(weights.items())
+    ]
+    meta = _meta(options, namespace, name, names.service_labels(service))
+    return HTTPRoute(
+        apiVersion="gateway.networking.k8s.io/v1",
+        kind="HTTPRoute",
+        metadata=meta,
+        spec={
+            "parentRefs": [{"group": "", "kind": "Service", "name": name, "port": SERVICE_PORT}],
+            "rules": [{"backendRefs": backends}],
+        },
+    )
+
+
+def revision_objects(options: KubeOptions, spec: RevisionSpec) -> list[KubeObject]:
+    """Everything applied for ``spec`` to run and serve its service, in apply order."""
+    config, secret = env_objects(options, spec)
+    made: list[KubeObject] = [namespace(options, spec.namespace), config]
+    if secret is not None:
+        made.append(secret)
+    made += deployments(options, spec, config, secret)
+    made.append(live_service(options, spec.namespace, spec.service, spec.ordinal))
+    entry = ingress(options, spec.namespace, spec.service)
+    if entry is not None:
+        made.append(entry)
+    return made
+
+
+def redacted(objects: Iterable[KubeObject]) -> list[KubeObject]:
+    """``objects`` with every Secret's values replaced by :data:`REDACTED` (its name,
+    a hash of the real values, stays)."""
+    shown: list[KubeObject] = []
+    for thing in objects:
+        if isinstance(thing, Secret):
+            hidden = dict.fromkeys(thing.data or {}, REDACTED)
+            thing = Secret(
+                metadata=thing.metadata, stringData=hidden, type=thing.type, immutable=True
+            )
+        shown.append(thing)
+    return shown
+
+
+_ORDER = {"Namespace": 0, "ConfigMap": 1, "Secret": 2, "Deployment": 3, "Service": 4}
+_HEAD = ("apiVersion", "kind", "metadata")
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML as a person writes it: a text of several lines (a script) as a block."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def to_yaml(objects: Sequence[KubeObject]) -> str:
+    """Multi-document YAML, in apply order: the Namespace first, then what the pods need,
+    the Deployments, the Services, and what routes to them; each document's
+    ``apiVersion``, ``kind`` and ``metadata`` first."""
+    ordered = sorted(objects, key=lambda thing: _ORDER.get(str(thing.kind), 5))
+    documents: list[dict[str, Any]] = []
+    for thing in ordered:
+        fields = thing.to_dict()
+        documents.append({**{k: fields.pop(k) for k in _HEAD}, **fields})
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False)
+
+
+def review(options: KubeOptions, spec: RevisionSpec) -> str:
+    """What ``branchyard k8s render`` prints: :func:`revision_objects` as YAML, secrets
+    redacted."""
+    return to_yaml(redacted(revision_objects(options, spec)))

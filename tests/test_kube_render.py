@@ -1,0 +1,560 @@
+"""The Kubernetes objects of a revision (branchyard.runtime.kube.render, .names): names,
+labels, env and secrets, the pods, the switch, the fallback, the ingress and the split;
+and every object of the seed workflow, and deploy/, against the API's schemas."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import Service
+from lightkube.resources.networking_v1 import Ingress
+
+from branchyard.errors import UsageError
+from branchyard.manifest import Manifest
+from branchyard.naming import short_hash
+from branchyard.runtime import RevisionSpec
+from branchyard.runtime.kube import names, render
+from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.render import KubeObject
+
+SHA = "3f2c1ab" + "0" * 33
+APP = "https://git.example.com/team/app.git"
+DNS_1035 = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
+OLDEST, NEWEST = "1.25.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "branchyard.yaml"
+
+
+def spec(
+    service: str = "app",
+    namespace: str = "main",
+    ordinal: int = 4,
+    env: dict[str, str] | None = None,
+    secrets: frozenset[str] = frozenset(),
+    **manifest: Any,
+) -> RevisionSpec:
+    return RevisionSpec(
+        namespace,
+        service,
+        ordinal,
+        manifest.pop("repo_url", APP),
+        SHA,
+        Manifest(**{"web": "python app.py", **manifest}),
+        env if env is not None else {"GREETING": "hello"},
+        secrets,
+    )
+
+
+def one(objects: list[KubeObject], kind: type[Any]) -> Any:
+    (found,) = [thing for thing in objects if isinstance(thing, kind)]
+    return found
+
+
+def deployments(options: KubeOptions, revision: RevisionSpec) -> list[Deployment]:
+    return render.deployments(options, revision, *render.env_objects(options, revision))
+
+
+def web_pod(deployment: Deployment) -> Any:
+    assert deployment.spec is not None and deployment.spec.template.spec is not None
+    return deployment.spec.template.spec
+
+
+# names
+
+
+@pytest.mark.parametrize(
+    ("service", "name"),
+    [
+        pytest.param("app", "app", id="a-dns-label-stays"),
+        pytest.param("web-2", "web-2", id="with-a-digit-and-dash"),
+        pytest.param("other_app", "other-app-{h}", id="underscore"),
+        pytest.param("Other_App", "other-app-{h}", id="capitals"),
+        pytest.param("other.app", "other-app-{h}", id="dot"),
+        pytest.param("2fa", "s-2fa-{h}", id="a-digit-first"),
+        pytest.param("app-", "app-{h}", id="a-dash-last"),
+        pytest.param("a" * 53, "a" * 53, id="as-long-as-it-may-be"),
+        pytest.param("a" * 54, "a" * 46 + "-{h}", id="too-long-is-cut"),
+    ],
+)
+def test_a_service_name_maps_to_a_dns_1035_label_hashed_where_it_changed(
+    service: str, name: str
+) -> None:
+    got = names.object_name(service)
+    assert got == name.format(h=short_hash(service))
+    assert DNS_1035.fullmatch(got) and len(got) <= names.MAX_NAME
+
+
+def test_the_mapping_is_injective_and_leaves_room_for_a_revision() -> None:
+    services = ["app", "other_app", "other-app", "Other_App", "other.app", "2fa", "s-2fa"]
+    services += ["x" * 63, "x" * 62 + "y", "app-", "app_"]
+    mapped = {names.object_name(s) for s in services}
+    assert len(mapped) == len(services)
+    for service in services:
+        for name in (names.revision_name(service, 99_999_999), names.object_name(service)):
+            assert DNS_1035.fullmatch(name) and len(name) <= 63, name
+
+
+@pytest.mark.parametrize(
+    ("prefix", "namespace", "name"),
+    [
+        pytest.param("", "bugfix", "bugfix", id="no-prefix"),
+        pytest.param("by-", "feature-login", "by-feature-login", id="prefix"),
+        pytest.param("", "n" * 63, "n" * 63, id="63-fits"),
+    ],
+)
+def test_a_namespace_is_a_kubernetes_namespace_labelled_as_ours(
+    prefix: str, namespace: str, name: str
+) -> None:
+    made = render.namespace(KubeOptions(namespace_prefix=prefix), namespace)
+    assert made.metadata is not None
+    assert made.metadata.name == name
+    assert made.metadata.labels == {
+        "app.kubernetes.io/managed-by": "branchyard",
+        "branchyard.dev/namespace": namespace,
+        "pod-security.kubernetes.io/enforce": "restricted",
+    }
+
+
+def test_a_namespace_name_over_63_characters_is_a_clear_error() -> None:
+    with pytest.raises(UsageError) as caught:
+        render.namespace(KubeOptions(namespace_prefix="preview-"), "n" * 60)
+    assert caught.value.message == (
+        f"the Kubernetes Namespace 'preview-{'n' * 60}' would be 68 characters, more than 63: "
+        "use a shorter namespace prefix than 'preview-'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "namespace", "service", "public", "peer"),
+    [
+        pytest.param(
+            KubeOptions(domain="preview.example.com"),
+            "bugfix",
+            "other_app",
+            "http://other-app.bugfix.preview.example.com",
+            "http://other-app-{h}",
+            id="with-a-domain",
+        ),
+        pytest.param(
+            KubeOptions(namespace_prefix="by-"),
+            "bugfix",
+            "web",
+            "http://web.by-bugfix.svc.cluster.local",
+            "http://web",
+            id="in-the-cluster",
+        ),
+    ],
+)
+def test_public_and_peer_urls(
+    options: KubeOptions, namespace: str, service: str, public: str, peer: str
+) -> None:
+    assert render.public_url(options, namespace, service) == public
+    assert render.peer_url(service) == peer.format(h=short_hash(service))
+
+
+# labels
+
+
+def test_every_object_carries_the_labels_of_what_it_belongs_to() -> None:
+    options = KubeOptions(domain="preview.example.com")
+    revision = spec(
+        "other_app", "bugfix", env={"A": "1", "TOKEN": "t"}, secrets=frozenset({"TOKEN"})
+    )
+    service = names.object_name("other_app")
+    made = [
+        *render.revision_objects(options, revision),
+        render.revision_service(options, revision),
+        render.fallback(options, "bugfix", "web"),
+        render.route(options, "bugfix", "other_app", {3: 90, 4: 10}),
+    ]
+    per_revision = {"branchyard.dev/revision": "4", "branchyard.dev/commit": SHA}
+    seen = set()
+    for thing in made:
+        assert thing.metadata is not None and thing.metadata.labels is not None
+        labels = thing.metadata.labels
+        kind = str(thing.kind)
+        seen.add(kind)
+        assert labels["app.kubernetes.io/managed-by"] == "branchyard", kind
+        if kind == "Namespace":
+            continue
+        owner = "web" if labels.get("branchyard.dev/fallback") else service
+        assert labels["branchyard.dev/service"] == owner, kind
+        mine = kind == "Deployment" or thing.metadata.name == f"{service}-v4"
+        assert (per_revision.items() <= labels.items()) is mine, kind
+    assert seen == {
+        "Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Ingress", "HTTPRoute"
+    }  # fmt: skip
+
+
+# env and secrets
+
+
+def env_names(revision: RevisionSpec) -> tuple[str, str | None]:
+    config, secret = render.env_objects(KubeOptions(), revision)
+    assert config.metadata is not None
+    return str(config.metadata.name), secret.metadata.name if secret and secret.metadata else None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "config_changes", "secret_changes"),
+    [
+        pytest.param({"A": "1", "S": "x"}, {"S": "x", "A": "1"}, False, False, id="same-content"),
+        pytest.param({"A": "1", "S": "x"}, {"A": "2", "S": "x"}, True, False, id="a-value"),
+        pytest.param({"A": "1", "S": "x"}, {"A": "1", "S": "y"}, False, True, id="a-secret"),
+        pytest.param({"A": "1", "S": "x"}, {"A": "1", "B": "", "S": "x"}, True, False, id="a-key"),
+    ],
+)
+def test_env_objects_are_named_by_their_content(
+    before: dict[str, str], after: dict[str, str], config_changes: bool, secret_changes: bool
+) -> None:
+    secrets = frozenset({"S"})
+    first = env_names(spec(env=before, secrets=secrets))
+    second = env_names(spec(env=after, secrets=secrets, ordinal=5))
+    assert first[0].startswith("app-env-") and str(first[1]).startswith("app-secret-")
+    assert (first[0] != second[0], first[1] != second[1]) == (config_changes, secret_changes)
+
+
+def test_secrets_are_never_in_the_configmap_and_only_in_the_secret() -> None:
+    revision = spec(
+        env={"A": "1", "TOKEN": "s3cret", "KEY": "k3y"}, secrets=frozenset({"TOKEN", "KEY"})
+    )
+    config, secret = render.env_objects(KubeOptions(), revision)
+    assert config.data == {"A": "1"} and config.immutable
+    assert secret is not None and secret.immutable
+    assert secret.data == {"KEY": "azN5", "TOKEN": "czNjcmV0"}  # base64
+    text = render.review(KubeOptions(), revision)
+    assert "s3cret" not in text and "czNjcmV0" not in text and "KEY: (redacted)" in text
+
+
+def test_no_secrets_no_secret_and_pods_read_env_from_both() -> None:
+    assert render.env_objects(KubeOptions(), spec())[1] is None
+    pod = web_pod(one(render.revision_objects(KubeOptions(), spec()), Deployment))
+    assert [e.configMapRef.name for e in pod.containers[0].envFrom] == [env_names(spec())[0]]
+    with_secret = spec(env={"T": "x"}, secrets=frozenset({"T"}))
+    config, secret = env_names(with_secret)
+    pod = web_pod(one(render.revision_objects(KubeOptions(), with_secret), Deployment))
+    refs = pod.containers[0].envFrom
+    assert (refs[0].configMapRef.name, refs[1].secretRef.name) == (config, secret)
+
+
+# the pods
+
+
+@pytest.mark.parametrize(
+    ("health_timeout", "build_timeout", "deadline"),
+    [
+        pytest.param(30.0, 300, 330, id="defaults"),
+        pytest.param(2.5, 300, 303, id="rounded-up"),
+        pytest.param(5.0, 0, 5, id="no-build-time"),
+    ],
+)
+def test_the_web_deployment_is_ready_on_its_health_path_within_the_deadline(
+    health_timeout: float, build_timeout: int, deadline: int
+) -> None:
+    revision = spec(health_path="/healthz", health_timeout=health_timeout)
+    made = deployments(KubeOptions(build_timeout=build_timeout), revision)
+    (web,) = made
+    assert web.metadata is not None and web.spec is not None
+    assert web.metadata.name == "app-v4"
+    assert web.spec.replicas == 1 and web.spec.progressDeadlineSeconds == deadline
+    assert web.spec.selector.matchLabels == {
+        "branchyard.dev/service": "app", "branchyard.dev/revision": "4",
+        "branchyard.dev/process": "web",
+    }  # fmt: skip
+    container = web_pod(web).containers[0]
+    assert container.readinessProbe.httpGet.path == "/healthz"
+    assert container.readinessProbe.httpGet.port == 8080
+    assert {e.name: e.value for e in container.env}["PORT"] == "8080"
+
+
+def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
+    revision = spec("other_app", workers=(("clock", "python clock.py"), ("mail_out", "m")))
+    made = render.revision_objects(KubeOptions(), revision)
+    deployments = [thing for thing in made if isinstance(thing, Deployment)]
+    prefix = names.revision_name("other_app", 4)
+    mail = names.object_name("mail_out")
+    assert [d.metadata.name for d in deployments if d.metadata] == [
+        prefix, f"{prefix}-clock", f"{prefix}-{mail}"
+    ]  # fmt: skip
+    for worker, command in zip(deployments[1:], ["python clock.py", "m"], strict=True):
+        container = web_pod(worker).containers[0]
+        assert container.readinessProbe is None and container.ports is None
+        assert container.command[-1] == command
+        assert "PORT" not in {e.name for e in container.env}
+    (service,) = [thing for thing in made if isinstance(thing, Service)]
+    assert service.spec is not None and service.spec.selector is not None
+    assert service.spec.selector["branchyard.dev/process"] == "web"
+
+
+@pytest.mark.parametrize(
+    ("manifest_image", "options", "image"),
+    [
+        pytest.param(None, KubeOptions(), "python:3.11-slim", id="the-default"),
+        pytest.param(None, KubeOptions(image="python:3.13-slim"), "python:3.13-slim", id="option"),
+        pytest.param("registry.test/web:1", KubeOptions(), "registry.test/web:1", id="manifest"),
+    ],
+)
+def test_the_image_comes_from_the_manifest_else_the_options(
+    manifest_image: str | None, options: KubeOptions, image: str
+) -> None:
+    pod = web_pod(deployments(options, spec(image=manifest_image))[0])
+    assert [c.image for c in pod.initContainers] == [options.git_image, image]
+    assert pod.containers[0].image == image
+
+
+def test_user_text_reaches_a_shell_only_as_an_argument() -> None:
+    web = 'python app.py --greet "it\'s $HOME"; echo `id`'
+    steps = ("make 'a b'", "echo $PATH > x")
+    url = "https://git.example.com/a b/it's.git"
+    revision = spec(web=web, build=steps, repo_url=url)
+    pod = web_pod(deployments(KubeOptions(), revision)[0])
+    fetch, install = pod.initContainers
+    assert fetch.command == ["sh", "-c", render.FETCH, "fetch", url, SHA]
+    assert install.command == ["sh", "-c", render.INSTALL, "install", *steps]
+    assert pod.containers[0].command == ["sh", "-c", render.RUN, "web", web]
+
+
+@pytest.mark.parametrize(
+    ("repo_url", "git_url", "fetched"),
+    [
+        pytest.param(APP, None, APP, id="remote-from-its-url"),
+        pytest.param("git@host:team/app.git", None, "git@host:team/app.git", id="scp-style"),
+        pytest.param("/srv/repos/app", "http://by:9418/", "http://by:9418/app", id="local"),
+        pytest.param("file:///srv/app", "http://by:9418", "http://by:9418/app", id="file-url"),
+    ],
+)
+def test_pods_fetch_remote_repos_from_their_url_and_local_ones_from_the_daemon(
+    repo_url: str, git_url: str | None, fetched: str
+) -> None:
+    options = KubeOptions(git_url=git_url)
+    assert render.source_url(options, spec(repo_url=repo_url)) == fetched
+
+
+def test_a_local_repo_without_a_git_server_is_a_clear_error() -> None:
+    with pytest.raises(UsageError) as caught:
+        render.revision_objects(KubeOptions(), spec(repo_url="/srv/repos/app"))
+    assert caught.value.message == (
+        "app is a repo on this machine (/srv/repos/app): pods fetch it from the daemon's git "
+        "server, and none is set (branchyard up --git-listen)"
+    )
+
+
+def test_pods_run_as_nobody_without_a_service_account_token() -> None:
+    for deployment in deployments(KubeOptions(), spec(workers=(("clock", "c"),))):
+        pod = web_pod(deployment)
+        assert pod.automountServiceAccountToken is False
+        assert pod.enableServiceLinks is False
+        assert pod.securityContext.runAsNonRoot and pod.securityContext.runAsUser == 65534
+        for container in [*pod.initContainers, *pod.containers]:
+            assert container.securityContext.allowPrivilegeEscalation is False
+            assert container.securityContext.capabilities.drop == ["ALL"]
+
+
+# traffic
+
+
+def test_the_live_service_selects_one_revision_on_port_80() -> None:
+    service = render.live_service(KubeOptions(namespace_prefix="by-"), "bugfix", "2fa", 7)
+    assert service.metadata is not None and service.spec is not None
+    assert (service.metadata.name, service.metadata.namespace) == (
+        names.object_name("2fa"),
+        "by-bugfix",
+    )
+    assert service.spec.selector == names.selector("2fa", 7)
+    (port,) = service.spec.ports or []
+    assert (port.port, port.targetPort) == (80, 8080)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "target"),
+    [
+        pytest.param("", "other-app-{h}.main.svc.cluster.local", id="baseline"),
+        pytest.param("by-", "other-app-{h}.by-main.svc.cluster.local", id="prefixed"),
+    ],
+)
+def test_a_missing_peer_falls_back_to_the_baseline_by_dns(prefix: str, target: str) -> None:
+    made = render.fallback(KubeOptions(namespace_prefix=prefix), "bugfix", "other_app")
+    assert made.metadata is not None and made.spec is not None
+    assert made.metadata.name == names.object_name("other_app")
+    assert made.metadata.namespace == f"{prefix}bugfix"
+    assert made.spec.type == "ExternalName" and made.spec.selector is None
+    assert made.spec.externalName == target.format(h=short_hash("other_app"))
+
+
+@pytest.mark.parametrize(
+    ("options", "host", "ingress_class"),
+    [
+        pytest.param(KubeOptions(), None, None, id="no-domain-no-ingress"),
+        pytest.param(
+            KubeOptions(domain="preview.example.com"),
+            "other-app.bugfix.preview.example.com",
+            None,
+            id="domain",
+        ),
+        pytest.param(
+            KubeOptions(domain="p.test", ingress_class="nginx"),
+            "other-app.bugfix.p.test",
+            "nginx",
+            id="domain-and-class",
+        ),
+    ],
+)
+def test_an_ingress_only_with_a_domain(
+    options: KubeOptions, host: str | None, ingress_class: str | None
+) -> None:
+    made = render.revision_objects(options, spec("other_app", "bugfix"))
+    ingresses = [thing for thing in made if isinstance(thing, Ingress)]
+    if host is None:
+        assert ingresses == []
+        return
+    (ingress,) = ingresses
+    assert ingress.spec is not None and ingress.spec.rules is not None
+    assert ingress.spec.ingressClassName == ingress_class
+    (rule,) = ingress.spec.rules
+    assert rule.host == host
+    assert rule.http is not None
+    (path,) = rule.http.paths
+    assert path.backend.service is not None
+    assert path.backend.service.name == names.object_name("other_app")
+
+
+def test_weights_are_backends_of_a_route_on_the_service_each_revision_its_own() -> None:
+    options = KubeOptions()
+    route = render.route(options, "bugfix", "web", {4: 10, 3: 90})
+    assert route["spec"] == {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [
+            {
+                "backendRefs": [
+                    {"name": "web-v3", "port": 80, "weight": 90},
+                    {"name": "web-v4", "port": 80, "weight": 10},
+                ]
+            }
+        ],
+    }
+    own = render.revision_service(options, spec("web", "bugfix", ordinal=3))
+    assert own.metadata is not None and own.spec is not None
+    assert own.metadata.name == "web-v3" and own.spec.selector == names.selector("web", 3)
+
+
+# YAML
+
+
+def test_the_yaml_is_in_apply_order_and_reads_back() -> None:
+    options = KubeOptions(domain="d.test")
+    revision = spec(env={"T": "x"}, secrets=frozenset({"T"}))
+    made = render.revision_objects(options, revision)
+    shuffled = [*reversed(made), render.route(options, "main", "app", {4: 100})]
+    documents = list(yaml.safe_load_all(render.to_yaml(shuffled)))
+    assert [d["kind"] for d in documents] == [
+        "Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Ingress", "HTTPRoute"
+    ]  # fmt: skip
+    assert list(documents[3])[:3] == ["apiVersion", "kind", "metadata"]
+    assert documents[3]["spec"]["template"]["spec"]["initContainers"][0]["command"][2] == (
+        render.FETCH
+    )
+
+
+# against the API's schemas
+
+
+def seed_workflow() -> list[KubeObject]:
+    """The objects of the seed workflow: app, other_app and web in the baseline; app
+    branched into bugfix (a secret, a worker, split 90/10 between two revisions), with
+    fallbacks there for the other two; Ingresses."""
+    options = KubeOptions(
+        domain="preview.example.com", ingress_class="nginx", git_url="http://by.test:9418"
+    )
+    made: list[KubeObject] = []
+    for service in ("app", "other_app", "web"):
+        made += render.revision_objects(options, spec(service, repo_url=f"/srv/{service}"))
+    branched = [
+        spec(
+            "app",
+            "bugfix",
+            ordinal,
+            env={"GREETING": "hi", "API_TOKEN": "t0ken"},
+            secrets=frozenset({"API_TOKEN"}),
+            workers=(("clock", "python clock.py"),),
+            build=("python -m compileall -q .",),
+            health_path="/healthz",
+            image="python:3.12-slim",
+        )
+        for ordinal in (1, 2)
+    ]
+    for revision in branched:
+        made += render.revision_objects(options, revision)
+        made.append(render.revision_service(options, revision))
+    made += [render.fallback(options, "bugfix", peer) for peer in ("other_app", "web")]
+    return made
+
+
+def deploy_manifest() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(DEPLOY.read_text()) if d]
+
+
+def objects_to_validate() -> list[tuple[str, dict[str, Any]]]:
+    made = [(f"{t.kind}/{t.metadata.name}", t.to_dict()) for t in seed_workflow() if t.metadata]
+    made += [(f"deploy/{d['kind']}/{d['metadata']['name']}", d) for d in deploy_manifest()]
+    return made
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_every_object_of_the_seed_workflow_and_deploy_validates(version: str) -> None:
+    checked = set()
+    for _name, data in objects_to_validate():
+        kubernetes_validate.validate(data, version, strict=True)
+        checked.add(data["kind"])
+    assert checked == {
+        "Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Ingress",
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "PersistentVolumeClaim",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "breaking",
+    [
+        pytest.param(lambda d: d["spec"].update(replicas="one"), id="a-string-for-a-number"),
+        pytest.param(lambda d: d["spec"]["template"]["spec"].update(initContainer=[]), id="typo"),
+        pytest.param(lambda d: d["spec"].pop("selector"), id="a-required-field-missing"),
+    ],
+)
+def test_a_broken_object_does_not_validate(breaking: Any) -> None:
+    deployment = one(render.revision_objects(KubeOptions(), spec()), Deployment).to_dict()
+    kubernetes_validate.validate(deployment, NEWEST, strict=True)
+    breaking(deployment)
+    for version in (OLDEST, NEWEST):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(deployment, version, strict=True)
+
+
+def test_the_cluster_role_grants_exactly_what_the_runtime_uses() -> None:
+    (role,) = [d for d in deploy_manifest() if d["kind"] == "ClusterRole"]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    manage = ("get", "list", "watch", "create", "patch", "delete")
+    wanted = {
+        (group, resource, verb)
+        for group, resource in [
+            ("", "namespaces"),
+            ("", "services"),
+            ("", "configmaps"),
+            ("", "secrets"),
+            ("apps", "deployments"),
+            ("networking.k8s.io", "ingresses"),
+            ("gateway.networking.k8s.io", "httproutes"),
+        ]
+        for verb in manage
+    } | {("", resource, verb) for resource in ("pods", "pods/log") for verb in manage[:3]}
+    assert granted == wanted
+    assert not any("*" in str(rule) for rule in role["rules"])
