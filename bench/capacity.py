@@ -14,13 +14,17 @@ and how soon one push is live with all services present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import (
     BRANCHYARD,
+    ROOT,
     Daemon,
     ServiceRepo,
     Summary,
@@ -51,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--ps-runs", type=int, default=20, help="ps -A runs (default 20)")
     group.add_argument(
+        "--against",
+        metavar="REF",
+        help="also time ps -A of branchyard at REF (its daemon with the same services), "
+        "interleaved with this checkout's",
+    )
+    group.add_argument(
         "--push-samples", type=int, default=5, help="pushes with everything up (default 5)"
     )
 
@@ -69,6 +79,53 @@ def _serves(port: int, service: str, namespace: str) -> bool:
     except OSError:
         return False
     return status == 200 and f'"namespace": "{namespace}"'.encode() in body
+
+
+def _fill(daemon: Daemon, repos: list[ServiceRepo], namespaces: list[str]) -> float:
+    """Registers the repos and waits until every service answers; how long it took."""
+    began = time.monotonic()
+    for repo in repos:
+        daemon.add_repo(str(repo.origin))
+    pending = {(ns, repo.name) for ns in namespaces for repo in repos}
+
+    def all_live() -> bool:
+        for slot in sorted(pending):
+            if _serves(daemon.router_port, slot[1], slot[0]):
+                pending.discard(slot)
+        return not pending
+
+    total = len(pending)
+    wait_until(all_live, 60 + total * 2, f"all {total} services live", 0.05)
+    return time.monotonic() - began
+
+
+def _cached(env: dict[str, str], prefix: Path) -> dict[str, str]:
+    """``env`` with the bytecode cache on, kept in ``prefix``."""
+    kept = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**kept, "PYTHONPYCACHEPREFIX": str(prefix)}
+
+
+def _ps(daemon: Daemon, env: dict[str, str], total: int) -> None:
+    argv = [str(BRANCHYARD), "--home", str(daemon.home), "ps", "-A"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    if len(done.stdout.splitlines()) != total + 1:
+        raise AssertionError(f"ps -A listed the wrong services:\n{done.stdout}")
+
+
+@contextlib.contextmanager
+def _against(
+    ref: str, workdir: Path, repos: list[ServiceRepo], namespaces: list[str]
+) -> Iterator[Daemon]:
+    """The daemon of branchyard at ``ref`` (a git worktree of this checkout), with the same
+    services as this bench's, all answering."""
+    checkout = workdir / "against"
+    git("worktree", "add", "--detach", str(checkout), ref, cwd=ROOT)
+    try:
+        with Daemon.start(workdir / "home-against", root=checkout) as daemon:
+            _fill(daemon, repos, namespaces)
+            yield daemon
+    finally:
+        git("worktree", "remove", "--force", str(checkout), cwd=ROOT)
 
 
 def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
@@ -90,20 +147,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     total = len(namespaces) * len(repos)
 
     with Daemon.start(workdir / "home-capacity") as daemon:
-        port = daemon.router_port
-        began = time.monotonic()
-        for repo in repos:
-            daemon.add_repo(str(repo.origin))
-        pending = {(ns, repo.name) for ns in namespaces for repo in repos}
-
-        def all_live() -> bool:
-            for slot in sorted(pending):
-                if _serves(port, slot[1], slot[0]):
-                    pending.discard(slot)
-            return not pending
-
-        wait_until(all_live, 60 + total * 2, f"all {total} services live", 0.05)
-        all_live_seconds = time.monotonic() - began
+        all_live_seconds = _fill(daemon, repos, namespaces)
         peak_kib = status_kib(daemon.pid, "VmHWM")
 
         time.sleep(SETTLE_SECONDS)
@@ -123,21 +167,27 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         # As after a normal install, with the bytecode cached (in a temp prefix, so the
         # work tree stays clean); and as this environment runs it, which may forbid that.
         plain = cli_env(os.environ)
-        cached = {k: v for k, v in plain.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        cached["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
-        ps_argv = [str(BRANCHYARD), "--home", str(daemon.home), "ps", "-A"]
-        subprocess.run(ps_argv, env=cached, capture_output=True, check=True)  # fills the cache
-        ps_times, ps_plain_times, api_times = [], [], []
-        for _ in range(args.ps_runs):
-            for env, times in ((cached, ps_times), (plain, ps_plain_times)):
-                began_ps = time.monotonic()
-                done = subprocess.run(ps_argv, env=env, capture_output=True, text=True, check=True)
-                times.append(time.monotonic() - began_ps)
-                if len(done.stdout.splitlines()) != total + 1:
-                    raise AssertionError(f"ps -A listed the wrong services:\n{done.stdout}")
-            began_api = time.monotonic()
-            daemon.services()
-            api_times.append(time.monotonic() - began_api)
+        cached = _cached(plain, workdir / "pycache")
+        ps_times: list[float] = []
+        ps_plain_times: list[float] = []
+        against_times: list[float] = []
+        api_times: list[float] = []
+        clis = [(daemon, cached, ps_times), (daemon, plain, ps_plain_times)]
+        with contextlib.ExitStack() as stack:
+            if args.against:
+                other = stack.enter_context(_against(args.against, workdir, repos, namespaces))
+                env = _cached(cli_env(os.environ, other.root), workdir / "pycache-against")
+                clis.append((other, env, against_times))
+            for who, env, _ in clis:
+                _ps(who, env, total)  # fills the bytecode cache
+            for run_number in range(args.ps_runs):
+                for who, env, times in clis[:: 1 if run_number % 2 else -1]:
+                    began_ps = time.monotonic()
+                    _ps(who, env, total)
+                    times.append(time.monotonic() - began_ps)
+                began_api = time.monotonic()
+                daemon.services()
+                api_times.append(time.monotonic() - began_api)
 
         namespace = namespaces[len(namespaces) // 2]
         app = repos[0]
@@ -150,7 +200,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             app.push(namespace)
             pushed = time.monotonic()
             wait_until(
-                lambda sha=sha: revision_at(port, _host(app.name, namespace)) == sha,
+                lambda sha=sha: revision_at(daemon.router_port, _host(app.name, namespace)) == sha,
                 120,
                 f"{app.name}@{sha[:7]} in {namespace}",
             )
@@ -205,6 +255,16 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             ["daemon stop (SIGTERM → exit, every service stopped)", ms(stop_seconds)],
         ],
     )
+    if against_times:
+        other_ps = Summary.of(against_times)
+        pairs = zip(ps_times, against_times, strict=True)
+        ratio = statistics.median(here / there for here, there in pairs)
+        section.add(
+            f"Side by side with `{args.against}` (its daemon with the same {total} services, "
+            f"its CLI; runs interleaved): `ps -A` median (min … max) {spread(other_ps)} there, "
+            f"{spread(ps)} here; pairwise ratio here/there, median of {ps.n}: {ratio:.2f}.",
+            "",
+        )
     section.add(
         f"Push samples: {', '.join(ms(t) for t in push_times)}. Service processes "
         f"just before stopping: {leftover_before_stop}; after: 0.",

@@ -202,11 +202,11 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def cli_env(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` for the ``branchyard`` console script, importing the branchyard beside
-    this bench (which is the installed one, unless the bench runs in another checkout).
-    The daemon needs no such thing: it runs as ``python -m branchyard`` from ROOT."""
-    path = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH", "")) if p)
+def cli_env(base: Mapping[str, str], root: Path = ROOT) -> dict[str, str]:
+    """``base`` for the ``branchyard`` console script, importing the branchyard of the
+    checkout ``root`` (the one beside this bench unless told: the installed one, unless
+    the bench runs in another checkout)."""
+    path = os.pathsep.join(p for p in (str(root), base.get("PYTHONPATH", "")) if p)
     return {**base, "PYTHONPATH": path}
 
 
@@ -220,10 +220,12 @@ class Daemon:
     home: Path
     process: subprocess.Popen[bytes]
     marker: str
+    root: Path = ROOT
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, home: Path, *extra: str) -> Daemon:
+    def start(cls, home: Path, *extra: str, root: Path = ROOT) -> Daemon:
+        """The daemon of the checkout ``root`` (this bench's unless told)."""
         home.mkdir(parents=True, exist_ok=True)
         marker = f"BENCH_{uuid.uuid4().hex}"
         log = (home / "daemon.log").open("wb")
@@ -234,10 +236,10 @@ class Daemon:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, MARKER_VARIABLE: marker},
-            cwd=ROOT,
+            env={**cli_env(os.environ, root), MARKER_VARIABLE: marker},
+            cwd=root,
         )
-        daemon = cls(home, process, marker)
+        daemon = cls(home, process, marker, root)
 
         def ready() -> bool:
             if process.poll() is not None:
@@ -272,7 +274,7 @@ class Daemon:
             capture_output=True,
             text=True,
             timeout=120,
-            env=cli_env(os.environ),
+            env=cli_env(os.environ, self.root),
         )
         if done.returncode != 0:
             raise BenchError(f"branchyard {' '.join(args)} failed: {done.stderr.strip()}")
