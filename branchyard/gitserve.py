@@ -218,7 +218,7 @@ class _Upload(Response):
         )
         self._fetches.running.add(process)
         feeding = asyncio.create_task(self._feed(receive, process))
-        errors = asyncio.create_task(_first_line(process))
+        errors = asyncio.create_task(_last_line(process))
         try:
             async with contextlib.aclosing(self._messages(process)) as messages:
                 async for message in messages:
@@ -232,8 +232,8 @@ class _Upload(Response):
             await process.wait()
             self._fetches.running.discard(process)
             line = await errors
-            if process.returncode != 0 and line:
-                log.warning("git upload-pack: %s", line)
+            if process.returncode and process.returncode > 0:  # failed, not killed
+                log.warning("git upload-pack: %s", line or f"exit code {process.returncode}")
 
     async def _messages(self, process: asyncio.subprocess.Process) -> AsyncGenerator[Message]:
         """The answer: its head, then git's output a chunk at a time, as git writes it."""
@@ -292,10 +292,11 @@ def _kill(process: asyncio.subprocess.Process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-async def _first_line(process: asyncio.subprocess.Process) -> str:
-    """The first line git wrote on stderr (all of it is read, so git never blocks)."""
+async def _last_line(process: asyncio.subprocess.Process) -> str:
+    """The last line git wrote on stderr, its reason when it fails (all of it is read, so
+    git never blocks on a full pipe)."""
     assert process.stderr is not None
-    first = ""
+    last = ""
     while line := await process.stderr.readline():
-        first = first or line.decode(errors="replace").strip()
-    return first
+        last = line.decode(errors="replace").strip() or last
+    return last
