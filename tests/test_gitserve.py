@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from branchyard.gitserve import Address, address_of
 from tests.conftest import (
@@ -83,6 +84,25 @@ def test_a_registered_local_repo_clones_over_http_with_its_commits(
         assert (tmp_path / name / "README").read_text() == "second\n"
     listed = git("ls-remote", f"{url}/web")
     assert f"{git('rev-parse', 'HEAD', cwd=web.clone)}\trefs/heads/main" in listed
+
+
+@pytest.mark.integration
+def test_a_pods_fetch_script_as_k8s_render_prints_it_checks_out_a_local_repos_commit(
+    served: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+) -> None:
+    app = make_repo("app")
+    served.cli("repo", "add", str(app.origin))
+    wait_for(lambda: served.row("main", "app")["latest"] is not None, 60, "a revision of app")
+    rendered = yaml.safe_load_all(served.cli("k8s", "render", "app").stdout)
+    deployment = next(o for o in rendered if o["kind"] == "Deployment")
+    fetch = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    sha = git("rev-parse", "HEAD", cwd=app.clone)
+    assert fetch["command"][-2:] == [f"{served.info['git']}/app", sha]
+    # The init container's own script, run here: only its emptyDir is elsewhere.
+    script = fetch["command"][2].replace("/workspace/", f"{tmp_path}/workspace/")
+    subprocess.run(["sh", "-c", script, *fetch["command"][3:]], check=True)
+    checkout = tmp_path / "workspace" / "src"
+    assert (checkout / "Procfile").read_text() == (app.clone / "Procfile").read_text()
 
 
 @pytest.mark.integration
