@@ -132,7 +132,7 @@ class GitServer:
         v2 = "version=2" in env.get("GIT_PROTOCOL", "")
         return _Upload(
             self._fetches,
-            ["--advertise-refs", str(git_dir)],
+            ["--advertise-refs", "--", str(git_dir)],
             env,
             "application/x-git-upload-pack-advertisement",
             b"" if v2 else b"001e# service=git-upload-pack\n0000",
@@ -144,7 +144,7 @@ class GitServer:
             return _NOT_FOUND
         return _Upload(
             self._fetches,
-            [str(git_dir)],
+            ["--", str(git_dir)],
             _env(request),
             "application/x-git-upload-pack-result",
             gzipped=request.headers.get("content-encoding") == "gzip",
