@@ -32,14 +32,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from branchyard import auth, dashboard
@@ -47,6 +48,7 @@ from branchyard.api import create_app
 from branchyard.engine import Engine
 from branchyard.errors import UsageError
 from branchyard.git import Sources
+from branchyard.gitserve import Address, GitServer
 from branchyard.model import Clock, RepoHeads
 from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
@@ -112,12 +114,19 @@ class _ApiProtocol(HttpToolsProtocol):
             self._wait_for_head()
 
 
-class _ApiServer(uvicorn.Server):
+class _Server(uvicorn.Server):
     """uvicorn, minus its own signal handling: the daemon handles SIGINT and SIGTERM."""
+
+    task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def stop(self) -> None:
+        self.should_exit = True
+        if self.task is not None:
+            await self.task
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,8 @@ class Options:
     kube: KubeOptions = field(default_factory=KubeOptions)
     """How revisions map to Kubernetes objects (``k8s render`` reads them with the
     local runtime too)."""
+    git: Address | None = None
+    """Serve local repos to pods over git's smart HTTP; its URL becomes ``kube.git_url``."""
 
 
 def hide_secrets() -> None:
@@ -220,6 +231,40 @@ def _status_config() -> StatusConfig | None:
         raise UsageError(str(exc)) from None
 
 
+def _local_repos(store: Store, sources: Sources) -> Callable[[str], Path | None]:
+    """What the git server serves: the git directory of the registered local repo of a
+    name, None for any other name (a remote repo's mirror is fetched from its URL)."""
+
+    def locate(name: str) -> Path | None:
+        repo = next((r for r in store.repos() if r.name == name), None)
+        if repo is None:
+            return None
+        source = sources(repo.url)
+        return source.git_dir if source.local and source.git_dir.is_dir() else None
+
+    return locate
+
+
+async def _started(app: ASGIApp, sock: socket.socket, head_timeout: float) -> _Server:
+    """uvicorn serving ``app`` on ``sock``, once it listens."""
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="off", http=_ApiProtocol.with_timeout(head_timeout)
+    )
+    server = _Server(config)
+    server.task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if server.task.done():
+            await server.task
+            raise UsageError(f"the server on {_address(sock)} did not start")
+        await asyncio.sleep(0.01)
+    return server
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _reachable(host: str) -> str:
     """An address the CLI on this machine can use for a listener bound to ``host``."""
     return LOOPBACK if host in ("0.0.0.0", "::", "") else host
@@ -290,8 +335,19 @@ def _review(options: KubeOptions, spec: RevisionSpec) -> str:
     return review(options, spec)
 
 
+def _git_socket(options: Options) -> tuple[socket.socket | None, Options]:
+    """The git server's socket (None: not asked for), and ``options`` with the URL pods
+    fetch local repos from as the Kubernetes options' ``git_url`` (its port known now)."""
+    if options.git is None:
+        return None, options
+    sock = _bind(options.git.host, options.git.port)
+    url = options.git.url_at(sock.getsockname()[1])
+    return sock, replace(options, kube=replace(options.kube, git_url=url))
+
+
 async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     home = options.home
+    git_socket, options = _git_socket(options)
     store = Store(home / "state.db")
     sources = Sources(home / "mirrors")
     table = RouteTable()
@@ -304,9 +360,10 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    api_task: asyncio.Task[None] | None = None
-    server: _ApiServer | None = None
+    api: _Server | None = None
     app: FastAPI | None = None
+    git_server = GitServer(_local_repos(store, sources))
+    git: _Server | None = None
     try:
         try:
             router_port = await router.serve(LOOPBACK, options.router_port)
@@ -320,29 +377,26 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             "router": f"http://{LOOPBACK}:{router_port}",
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
             "sandbox": sandbox.describe() if sandbox else None,
+            "git": options.kube.git_url if git_socket is not None else None,
         }
         app = create_app(engine, views, info, home)
         dashboard.mount(app, views, home)  # the pages, beside the API on its app
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="off",
-            http=_ApiProtocol.with_timeout(options.head_timeout),
-        )
-        server = _ApiServer(config)
         table.set_home((_reachable(options.api_host), api_socket.getsockname()[1]))
-        api_task = asyncio.create_task(server.serve(sockets=[api_socket]))
-        while not server.started:
-            if api_task.done():
-                await api_task
-                raise UsageError("the API server did not start")
-            await asyncio.sleep(0.01)
+        api = await _started(app, api_socket, options.head_timeout)
+        if git_socket is not None:
+            git = await _started(git_server.app, git_socket, options.head_timeout)
+            log.info(
+                "serving local repos read-only over git's smart HTTP on %s; pods fetch %s/NAME",
+                _address(git_socket),
+                info["git"],
+            )
         await engine.start()
         # What start-up made lives as long as the daemon: full collections, which took
         # about 25 ms each on the loop the router shares, no longer walk it.
         gc.freeze()
         _write_daemon_file(home, info)
-        print(f"branchyard is up: router {info['router']}  api {info['api']}", flush=True)
+        git_up = f"  git {info['git']}" if info["git"] else ""
+        print(f"branchyard is up: router {info['router']}  api {info['api']}{git_up}", flush=True)
         await stop.wait()
         print("branchyard is stopping", flush=True)
     finally:
@@ -353,13 +407,16 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
         except OSError as exc:  # a read-only home: stopping what runs matters more
             log.warning("cannot remove %s: %s", home / DAEMON_FILE, exc.strerror)
         await engine.close()
-        if server is not None and api_task is not None:
-            server.should_exit = True
-            await api_task
+        git_server.stop()
+        for server in (git, api):
+            if server is not None:
+                await server.stop()
         await runtime.close()
         await sources.close()
         await router.close()
-        api_socket.close()
+        for sock in (api_socket, git_socket):
+            if sock is not None:
+                sock.close()
         store.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

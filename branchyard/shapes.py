@@ -20,6 +20,7 @@ class Info(TypedDict):
     router: str
     api: str
     sandbox: str | None  # None: pushed code runs with the daemon's rights
+    git: str | None  # where pods fetch local repos (``up --git-listen``); None: not served
 
 
 class Repo(TypedDict):

@@ -288,17 +288,22 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
     return daemon
 
 
+def stop_cleanly(running: Daemon) -> None:
+    """Stop a daemon: exit code 0, no traceback in its log, no process of it left."""
+    code = running.stop()
+    log = (running.home.parent / f"{running.home.name}-daemon.log").read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    no_process_left(running.marker)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     running = start_daemon(tmp_path / "home", "--poll-interval", "1")
     try:
         yield running
     finally:
-        code = running.stop()
-        log = (tmp_path / "home-daemon.log").read_text(errors="replace")
-        assert code == 0, log[-3000:]
-        assert "Traceback" not in log, log[-3000:]
-        no_process_left(running.marker)
+        stop_cleanly(running)
 
 
 @dataclass(frozen=True)

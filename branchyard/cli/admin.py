@@ -65,6 +65,18 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     is_flag=True,
     help="Run pushed code without bubblewrap, with the daemon's rights (see docs/security.md).",
 )
+@click.option(
+    "--git-listen",
+    metavar="HOST:PORT",
+    help="Serve local repos read-only over git's smart HTTP here, for Kubernetes pods "
+    "(a PORT alone: on 127.0.0.1; see docs/kubernetes.md). Off unless given.",
+)
+@click.option(
+    "--git-url",
+    metavar="URL",
+    help="The URL pods fetch those repos from, where it is not http://HOST:PORT "
+    "(a Service in front of the daemon).",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -77,12 +89,15 @@ def up(
     api_head_timeout: float,
     log_limit: int,
     no_sandbox: bool,
+    git_listen: str | None,
+    git_url: str | None,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
     import logging
 
-    from branchyard.daemon import Options, hide_secrets, serve
+    from branchyard.daemon import LOOPBACK, Options, hide_secrets, serve
+    from branchyard.gitserve import address_of
 
     hide_secrets()
     if not 0.1 <= poll_interval <= 3600:
@@ -92,6 +107,12 @@ def up(
         raise UsageError("--drain-grace and --stop-grace must not be negative")
     if api_head_timeout <= 0:
         raise UsageError("--api-head-timeout must be more than 0 seconds")
+    if git_url is not None and git_listen is None:
+        raise UsageError("--git-url needs --git-listen: it names where that server is reached")
+    try:
+        git = None if git_listen is None else address_of(git_listen, git_url, LOOPBACK)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     options = Options(
         ctx.home,
         router_port,
@@ -103,6 +124,7 @@ def up(
         api_head_timeout,
         log_limit,
         not no_sandbox,
+        git=git,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 
@@ -117,6 +139,8 @@ def info(ctx: Context) -> None:
     data: shapes.Info = ctx.client.call("GET", path_of("info"))
     click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
     click.echo(f"sandbox {data.get('sandbox') or 'none: ' + UNSANDBOXED}")
+    if data.get("git"):
+        click.echo(f"git     {data['git']}")
 
 
 @click.group()
