@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -498,11 +499,21 @@ def recorded(directory: Path) -> Iterator[tuple[str, int]]:
         try:
             pid = int(pid_file(directory, name).read_text())
             argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, ValueError, IndexError):
             continue
-        if os.path.basename(argv0.decode(errors="replace")) == name and state != "Z":
+        if os.path.basename(argv0.decode(errors="replace")) == name and lives(pid):
             yield name, pid
+
+
+def lives(pid: int) -> bool:
+    """Whether a thread of ``pid`` still runs. Not its first thread's state alone: a Go
+    program's first thread is a zombie while the others still run its exit (and it cannot
+    be reaped until they are done)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            states.append(task.read_text().rsplit(")", 1)[1].split()[0])
+    return any(state != "Z" for state in states)
 
 
 def running(directory: Path) -> list[str]:

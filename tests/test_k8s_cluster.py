@@ -210,3 +210,25 @@ def test_a_start_that_fails_stops_what_it_started(
         k8s_cluster.start(tmp_path / "cluster")
     assert list(launched) == ["etcd", "kube-apiserver"]
     assert [process.poll() is None for process in launched.values()] == [False, False]
+
+
+def test_a_process_whose_first_thread_ended_still_lives_while_another_runs() -> None:
+    # As a Go program's exit looks for a moment: its first thread a zombie, the others
+    # still running. A stop that waited for the first thread alone went on too soon.
+    code = (
+        "import ctypes, sys, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(60), print())).start()\n"
+        "print('split', flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    process = subprocess.Popen(["python3", "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"split\n"
+        leader = Path(f"/proc/{process.pid}/stat")
+        wait_for(lambda: leader.read_text().rsplit(")", 1)[1].split()[0] == "Z", 10)
+        assert process.poll() is None
+        assert k8s_cluster.lives(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    assert not k8s_cluster.lives(process.pid)
