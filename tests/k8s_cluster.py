@@ -142,14 +142,19 @@ def built() -> Path | None:
 def build() -> Path:
     """Build the binaries and fetch the CRDs unless the cache has them; return the
     binaries' folder."""
+    binaries = bin_dir()
+    if not all((binaries / name).is_file() for name in BINARIES):
+        compile_binaries(binaries)
     kwok_crds().fetch()
     gateway_api().fetch()
-    if (binaries := built()) is not None:
-        return binaries
+    return binaries
+
+
+def compile_binaries(binaries: Path) -> None:
+    """go build the binaries into ``binaries`` (whole or not at all)."""
     compiler = go()
     if compiler is None:
         raise NoGo("go is not on the PATH: it builds the test control plane")
-    binaries = bin_dir()
     partial = binaries.with_name(f"bin.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -163,7 +168,6 @@ def build() -> Path:
         raise ClusterError(f"go build failed (exit {failed.returncode}): see above") from None
     shutil.rmtree(binaries, ignore_errors=True)
     partial.rename(binaries)
-    return binaries
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class ModuleFiles:
         if found != self.pinned_hash():
             raise ModuleError(
                 f"{self.module} {self.version} from the module proxy has hash {found}, "
-                f"but {self.sums.name} pins {self.pinned_hash()}: nothing kept"
+                f"but {self.sums.relative_to(MODULE.parent.parent)} pins {self.pinned_hash()}: "
+                "nothing kept"
             )
         directory = self.directory()
         partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
