@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
-from tests import k8s_cluster
+from tests import k8s_cluster, k8s_crds
 
 T = TypeVar("T")
 
@@ -340,3 +340,15 @@ def k8s(k8s_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stopped = subprocess.run([script, "stop", directory], capture_output=True, text=True)
         assert stopped.returncode == 0, stopped.stderr
         assert not k8s_cluster.running(directory)
+
+
+@pytest.fixture
+def gateway_api(k8s: Cluster) -> Iterator[None]:
+    """The Gateway API's CRDs (standard channel) in the test control plane for one test,
+    removed at its end, with every object of theirs (the runtime runs with and without
+    them)."""
+    k8s_crds.install_gateway_api(k8s.kubeconfig)
+    try:
+        yield
+    finally:
+        k8s_crds.remove_gateway_api(k8s.kubeconfig)

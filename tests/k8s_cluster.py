@@ -38,7 +38,16 @@ from lightkube.models.core_v1 import NodeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Node, ServiceAccount
 
-MODULE = Path(__file__).resolve().parent / "k8s"
+from tests.k8s_crds import KWOK_KINDS, install, kwok_definitions
+from tests.k8s_modules import (
+    MODULE,
+    ModuleError,
+    cache_root,
+    gateway_api,
+    kwok_crds,
+    required_version,
+)
+
 SOURCES = ("go.mod", "go.sum", "cmd/*/main.go")
 ETCD, APISERVER, CONTROLLERS, SCHEDULER, KWOK = (
     "etcd",
@@ -85,11 +94,7 @@ def go() -> str | None:
 
 def pinned_release() -> str:
     """The k8s.io/kubernetes version that tests/k8s/go.mod requires."""
-    for line in (MODULE / "go.mod").read_text().splitlines():
-        words = line.split()
-        if len(words) == 2 and words[0] == "k8s.io/kubernetes":
-            return words[1]
-    raise ClusterError(f"{MODULE / 'go.mod'} requires no k8s.io/kubernetes")
+    return required_version("k8s.io/kubernetes")
 
 
 def build_flags(release: str) -> list[str]:
@@ -121,25 +126,36 @@ def build_hash(release: str) -> str:
 
 def bin_dir() -> Path:
     """Where ``build`` puts the binaries: outside the checkout, as CI clones afresh."""
-    cache = os.environ.get("BRANCHYARD_K8S_CACHE") or Path.home() / ".cache" / "branchyard-k8s"
     release = pinned_release()
-    return Path(cache) / f"{release}-{build_hash(release)}" / "bin"
+    return cache_root() / f"{release}-{build_hash(release)}" / "bin"
 
 
 def built() -> Path | None:
-    """The binaries' folder when all of them are built, else None."""
+    """The binaries' folder when all of them are built and the CRDs are in the cache, else
+    None."""
     binaries = bin_dir()
-    return binaries if all((binaries / name).is_file() for name in BINARIES) else None
+    ready = all((binaries / name).is_file() for name in BINARIES) and all(
+        files.cached() for files in (kwok_crds(), gateway_api())
+    )
+    return binaries if ready else None
 
 
 def build() -> Path:
-    """Build the binaries unless the cache has them; return their folder."""
-    if (binaries := built()) is not None:
-        return binaries
+    """Build the binaries and fetch the CRDs unless the cache has them; return the
+    binaries' folder."""
+    binaries = bin_dir()
+    if not all((binaries / name).is_file() for name in BINARIES):
+        compile_binaries(binaries)
+    kwok_crds().fetch()
+    gateway_api().fetch()
+    return binaries
+
+
+def compile_binaries(binaries: Path) -> None:
+    """go build the binaries into ``binaries`` (whole or not at all)."""
     compiler = go()
     if compiler is None:
         raise NoGo("go is not on the PATH: it builds the test control plane")
-    binaries = bin_dir()
     partial = binaries.with_name(f"bin.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -153,7 +169,6 @@ def build() -> Path:
         raise ClusterError(f"go build failed (exit {failed.returncode}): see above") from None
     shutil.rmtree(binaries, ignore_errors=True)
     partial.rename(binaries)
-    return binaries
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,7 @@ class Ports:
     apiserver: int
     controllers: int
     scheduler: int
+    kwok: int  # the node's kubelet API (pod logs), as kwok serves it
 
 
 def free_ports() -> Ports:
@@ -180,9 +196,9 @@ def free_ports() -> Ports:
             except OSError:
                 continue
         chosen.append(port)
-        if len(chosen) == 5:
+        if len(chosen) == 6:
             return Ports(*chosen)
-    raise ClusterError("found no 5 free loopback ports")
+    raise ClusterError("found no 6 free loopback ports")
 
 
 def openssl(*args: str) -> None:
@@ -313,6 +329,10 @@ def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[st
             # A new node is tainted not-ready until the node lifecycle controller sees its
             # heartbeats; kwok's node is Ready at once and sends none.
             "--disable-admission-plugins=TaintNodesByCondition",
+            # Pod logs: the API server asks the node's kubelet API (kwok's, at the node's
+            # InternalIP and daemonEndpoints port) and checks its serving certificate.
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--cert-dir={directory / 'apiserver'}",
             "--profiling=false",
         ],
@@ -345,6 +365,10 @@ def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[st
             "--manage-all-nodes=true",
             "--node-ip=127.0.0.1",
             f"--cidr={POD_RANGE}",
+            f"--server-address=127.0.0.1:{ports.kwok}",
+            f"--node-port={ports.kwok}",  # the node's daemonEndpoints (tests/k8s/kwok.yaml)
+            *serving,
+            f"--enable-crds={','.join(KWOK_KINDS)}",  # a pod's log file (tests/k8s_node.py)
         ],
     }
 
@@ -483,8 +507,17 @@ def start_components(binaries: Path, directory: Path) -> Path:
     )
     scheduler = f"https://127.0.0.1:{ports.scheduler}/healthz"
     up(SCHEDULER, "the scheduler's /healthz", lambda: healthy(scheduler, authority))
+    try:
+        install(directory / "kubeconfig", kwok_definitions())
+    except (TimeoutError, ApiError) as error:
+        raise ClusterError(f"cannot install kwok's CRDs: {error}") from None
     register_node(client)
-    up(KWOK, f"node {NODE} Ready", lambda: node_ready(client))
+    kubelet = f"https://127.0.0.1:{ports.kwok}/healthz"
+    up(
+        KWOK,
+        f"node {NODE} Ready and its kubelet API's /healthz",
+        lambda: node_ready(client) and healthy(kubelet, authority),
+    )
     return directory / "kubeconfig"
 
 
@@ -561,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stopped = stop(arguments.directory)
             print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
-    except ClusterError as error:
+    except (ClusterError, ModuleError) as error:
         print(f"k8s-test-cluster: {error}", file=sys.stderr)
         return 3 if isinstance(error, NoGo) else 1
     return 0

@@ -1,21 +1,28 @@
 """The test control plane behaves as a cluster: real API server, controllers and scheduler,
 with kwok's node passing a readiness probe only where the test marked the container good
-("sim-ready" in its image or command, tests/k8s/kwok.yaml)."""
+("sim-ready" in its image or command, tests/k8s/kwok.yaml), failing containers as a kubelet
+reports them where the test marked them so, serving pod logs the test writes, and the
+Gateway API's CRDs when a test asks for them."""
 
 from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 from lightkube import ApiError, Client, KubeConfig
+from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.apps_v1 import DeploymentSpec
 from lightkube.models.core_v1 import (
     Container,
+    ContainerStatus,
     HTTPGetAction,
     PodSpec,
+    PodStatus,
     PodTemplateSpec,
     Probe,
     ServicePort,
@@ -26,7 +33,7 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Namespace, Pod, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 
-from tests import k8s_cluster
+from tests import k8s_cluster, k8s_crds, k8s_node
 from tests.conftest import Cluster, wait_for
 from tests.k8s_cluster import NODE, ClusterError
 
@@ -48,7 +55,13 @@ def namespace(client: Client) -> str:
     return name
 
 
-def web(client: Client, namespace: str, image: str, command: list[str]) -> None:
+def web(
+    client: Client,
+    namespace: str,
+    image: str,
+    command: list[str],
+    init_containers: Sequence[Container] = (),
+) -> None:
     """A Deployment ``web`` of one pod probed on /healthz, and a Service ``web`` for it."""
     labels = {"app": "web"}
     container = Container(
@@ -65,7 +78,8 @@ def web(client: Client, namespace: str, image: str, command: list[str]) -> None:
                 progressDeadlineSeconds=2,
                 selector=LabelSelector(matchLabels=labels),
                 template=PodTemplateSpec(
-                    metadata=ObjectMeta(labels=labels), spec=PodSpec(containers=[container])
+                    metadata=ObjectMeta(labels=labels),
+                    spec=PodSpec(containers=[container], initContainers=list(init_containers)),
                 ),
             ),
         )
@@ -181,6 +195,7 @@ def test_the_control_plane_listens_on_loopback_only(k8s: Cluster) -> None:
         "kube-apiserver",
         "kube-controller-manager",
         "kube-scheduler",
+        "kwok",  # the node's kubelet API
     }
     assert {address for _, address in listening} <= loopback, listening
 
@@ -232,3 +247,222 @@ def test_a_process_whose_first_thread_ended_still_lives_while_another_runs() -> 
         process.kill()
         process.wait()
     assert not k8s_cluster.lives(process.pid)
+
+
+def test_init_containers_that_succeed_complete_and_their_pod_becomes_ready(
+    client: Client, namespace: str
+) -> None:
+    fetch = Container(name="fetch", image="python:3.11-slim", command=["git", "clone"])
+    web(client, namespace, "registry.test/web:sim-ready", GOOD_COMMAND, [fetch])
+    available = ("True", "MinimumReplicasAvailable")
+    wait_for(lambda: condition(client, namespace, "Available") == available, 60, "Available")
+    [pod] = client.list(Pod, namespace=namespace)
+    assert pod.status is not None
+    [init] = pod.status.initContainerStatuses or []
+    assert init.state is not None and init.state.terminated is not None
+    assert (init.name, init.state.terminated.exitCode, init.state.terminated.reason) == (
+        "fetch",
+        0,
+        "Completed",
+    )
+    assert pod_conditions(pod)["Initialized"] == ("True", "", "")
+
+
+def bare_pod(
+    client: Client,
+    namespace: str,
+    containers: Sequence[Container],
+    init_containers: Sequence[Container] = (),
+) -> str:
+    """A Pod ``p`` (restartPolicy Always, as a Deployment's); its name."""
+    spec = PodSpec(containers=list(containers), initContainers=list(init_containers))
+    client.create(Pod(metadata=ObjectMeta(name="p", namespace=namespace), spec=spec))
+    return "p"
+
+
+def pod_status(client: Client, namespace: str, name: str) -> PodStatus:
+    status = client.get(Pod, name, namespace=namespace).status
+    assert status is not None
+    return status
+
+
+def pod_conditions(pod: Pod) -> dict[str, tuple[str, str, str]]:
+    """(status, reason, message) of each of the pod's conditions, by type."""
+    conditions = (pod.status.conditions if pod.status else None) or ()
+    return {c.type: (c.status, c.reason or "", c.message or "") for c in conditions}
+
+
+def waiting(status: ContainerStatus) -> tuple[str, str]:
+    """(reason, message) of a waiting container."""
+    assert status.state is not None and status.state.waiting is not None, status
+    return status.state.waiting.reason or "", status.state.waiting.message or ""
+
+
+def crashed(status: ContainerStatus) -> tuple[int, str]:
+    """(exit code, reason) of the container's last run."""
+    last = status.lastState.terminated if status.lastState else None
+    assert last is not None, status
+    return last.exitCode, last.reason or ""
+
+
+def restarts(client: Client, namespace: str, name: str, init: bool = False) -> int:
+    status = pod_status(client, namespace, name)
+    [container] = (status.initContainerStatuses if init else status.containerStatuses) or []
+    return container.restartCount
+
+
+def test_a_container_that_keeps_crashing_is_in_crash_loop_back_off_its_restarts_counted(
+    client: Client, namespace: str
+) -> None:
+    crash = Container(name="web", image="python:3.11-slim", command=["sh", "-c", "sim-crash"])
+    name = bare_pod(client, namespace, [crash])
+    wait_for(lambda: restarts(client, namespace, name) >= 2, 60, "a restart")
+    pod = client.get(Pod, name, namespace=namespace)
+    assert pod.status is not None and pod.metadata is not None
+    [web_status] = pod.status.containerStatuses or []
+    reason, message = waiting(web_status)
+    assert reason == "CrashLoopBackOff"
+    expected = f"restarting failed container=web pod=p_{namespace}({pod.metadata.uid})"
+    assert message.startswith("back-off ") and message.endswith(expected), message
+    assert crashed(web_status) == (1, "Error")
+    assert (web_status.ready, web_status.started) == (False, False)
+    assert pod.status.phase == "Running"  # restartPolicy Always: it is restarted
+    unready = ("False", "ContainersNotReady", "containers with unready status: [web]")
+    assert pod_conditions(pod)["Ready"] == unready
+
+
+def test_an_image_that_cannot_be_pulled_is_in_image_pull_back_off(
+    client: Client, namespace: str
+) -> None:
+    image = "registry.test/web:sim-pull-fail"
+    name = bare_pod(client, namespace, [Container(name="web", image=image)])
+
+    def reason() -> str:
+        [web_status] = pod_status(client, namespace, name).containerStatuses or []
+        return waiting(web_status)[0]
+
+    wait_for(lambda: reason() == "ImagePullBackOff", 60, "ImagePullBackOff")
+    pod = client.get(Pod, name, namespace=namespace)
+    assert pod.status is not None
+    [web_status] = pod.status.containerStatuses or []
+    _, message = waiting(web_status)
+    assert message.startswith(f'Back-off pulling image "{image}": ErrImagePull: '), message
+    assert (web_status.restartCount, web_status.imageID, web_status.started) == (0, "", False)
+    assert pod.status.phase == "Pending"
+    unready = ("False", "ContainersNotReady", "containers with unready status: [web]")
+    assert pod_conditions(pod)["Ready"] == unready
+
+
+def test_an_init_container_that_fails_keeps_its_pod_initializing(
+    client: Client, namespace: str
+) -> None:
+    fetch = Container(name="fetch", image="python:3.11-slim", args=["sim-crash"])
+    app = Container(name="web", image="registry.test/web:sim-ready")
+    name = bare_pod(client, namespace, [app], init_containers=[fetch])
+    wait_for(lambda: restarts(client, namespace, name, init=True) >= 2, 60, "a restart")
+    pod = client.get(Pod, name, namespace=namespace)
+    assert pod.status is not None
+    [init] = pod.status.initContainerStatuses or []
+    assert waiting(init)[0] == "CrashLoopBackOff"  # kubectl: Init:CrashLoopBackOff
+    assert crashed(init) == (1, "Error")
+    [web_status] = pod.status.containerStatuses or []
+    assert waiting(web_status) == ("PodInitializing", "")
+    assert pod.status.phase == "Pending"
+    incomplete = ("False", "ContainersNotInitialized", "containers with incomplete status: [fetch]")
+    assert pod_conditions(pod)["Initialized"] == incomplete
+
+
+def test_a_pods_log_is_the_file_the_test_writes_and_following_it_sees_a_line_added_later(
+    client: Client, namespace: str, tmp_path: Path
+) -> None:
+    name = bare_pod(client, namespace, [Container(name="web", image="python:3.11-slim")])
+    wait_for(lambda: pod_status(client, namespace, name).phase == "Running", 60, "Running")
+    log = tmp_path / "web.log"
+    k8s_node.write_log(log, ["serving on 8080", "GET / 200"])
+    k8s_node.give_logs(client, namespace, name, log)
+    read = list(client.log(name, namespace=namespace, container="web"))
+    assert read == ["serving on 8080\n", "GET / 200\n"]
+    followed = client.log(name, namespace=namespace, container="web", follow=True)
+    assert isinstance(followed, Generator)  # closed at the end, ending the stream
+    try:
+        assert [next(followed), next(followed)] == read
+        k8s_node.write_log(log, ["GET /later 200"], append=True)
+        assert next(followed) == "GET /later 200\n"
+    finally:
+        followed.close()
+
+
+HTTPRoute = create_namespaced_resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
+
+
+def route_spec(backend: dict[str, Any]) -> dict[str, Any]:
+    """An HTTPRoute's spec: host web.example.test to a canary split of web-v1 and ``backend``."""
+    stable = {"name": "web-v1", "port": 80, "weight": 90}
+    return {
+        "parentRefs": [{"name": "gateway"}],
+        "hostnames": ["web.example.test"],
+        "rules": [{"backendRefs": [stable, backend]}],
+    }
+
+
+CANARY = {"name": "web-v2", "port": 80, "weight": 10}
+BAD_BACKENDS = [
+    {"name": "web-v2", "port": 80, "wieght": 10},  # a misspelt field
+    {"name": "web-v2", "port": 80, "weight": -1},
+    {"name": "web-v2", "port": 80, "weight": "10"},
+]
+
+
+def route(namespace: str, backend: dict[str, Any]) -> Any:
+    """The HTTPRoute ``web`` of ``route_spec(backend)``, as lightkube sends it."""
+    return HTTPRoute(metadata=ObjectMeta(name="web", namespace=namespace), spec=route_spec(backend))
+
+
+def route_document(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "t"},
+        "spec": spec,
+    }
+
+
+def test_with_the_gateway_api_a_weighted_httproute_is_accepted_and_a_wrong_one_rejected(
+    client: Client, namespace: str, gateway_api: None
+) -> None:
+    client.apply(route(namespace, CANARY), field_manager="branchyard")
+    stored = client.get(HTTPRoute, "web", namespace=namespace)
+    [rule] = stored["spec"]["rules"]
+    weights = [(ref["name"], ref["weight"]) for ref in rule["backendRefs"]]
+    assert weights == [("web-v1", 90), ("web-v2", 10)]
+    for bad in BAD_BACKENDS:
+        with pytest.raises(ApiError):
+            client.apply(route(namespace, bad), field_manager="branchyard")
+    assert client.get(HTTPRoute, "web", namespace=namespace)["spec"] == stored["spec"]
+
+
+def test_an_httproute_validates_offline_against_its_crd_schema() -> None:
+    schema = k8s_crds.gateway_api_schema("HTTPRoute")
+    jsonschema.validate(route_document(route_spec(CANARY)), schema)
+
+
+@pytest.mark.parametrize(
+    "backend", BAD_BACKENDS, ids=["a-misspelt-field", "a-negative-weight", "a-string-weight"]
+)
+def test_a_wrong_httproute_fails_offline_against_its_crd_schema(backend: dict[str, Any]) -> None:
+    schema = k8s_crds.gateway_api_schema("HTTPRoute")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(route_document(route_spec(backend)), schema)
+
+
+def test_once_the_gateway_api_is_removed_the_api_serves_no_httproutes(k8s: Cluster) -> None:
+    group = "gateway.networking.k8s.io/v1"
+    assert k8s_crds.served(k8s.kubeconfig, group) == []
+    k8s_crds.install_gateway_api(k8s.kubeconfig)
+    try:
+        assert {"gatewayclasses", "gateways", "httproutes"} <= set(
+            k8s_crds.served(k8s.kubeconfig, group)
+        )
+    finally:
+        k8s_crds.remove_gateway_api(k8s.kubeconfig)
+    assert k8s_crds.served(k8s.kubeconfig, group) == []
