@@ -16,6 +16,7 @@ lightkube ``ApiError`` for the caller to read (404, 409, 410).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterable, Mapping
 from pathlib import Path
@@ -37,6 +38,8 @@ DEFAULT_KUBECONFIG = "~/.kube/config"
 TIMEOUT = 10.0  # seconds for one call (a watch has no read timeout)
 
 Thing = TypeVar("Thing", bound=Any)
+
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per call in the daemon's log
 
 
 def load_config(options: KubeOptions) -> SingleConfig:
