@@ -11,6 +11,7 @@ Namespace costs no call for it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from lightkube.resources.core_v1 import Namespace
@@ -36,6 +37,7 @@ class Namespaces:
         self._options = options
         self._report = report
         self._ours: set[str] = set()  # Kubernetes names known to be branchyard's
+        self._locks: dict[str, asyncio.Lock] = {}  # one look at a Namespace at a time
 
     def name(self, namespace: str) -> str:
         return names.namespace_name(self._options.namespace_prefix, namespace)
@@ -46,6 +48,12 @@ class Namespaces:
         name = self.name(namespace)
         if name in self._ours:
             return name
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if name not in self._ours:
+                await self._make(namespace, name, slot)
+        return name
+
+    async def _make(self, namespace: str, name: str, slot: Slot | None) -> None:
         found = await self._connection.get(Namespace, name)
         if found is not None:
             labels = (found.metadata.labels if found.metadata else None) or {}
@@ -63,7 +71,6 @@ class Namespaces:
         if found is None:
             self._report(EVENT, f"made Namespace {name}", slot)
         self._ours.add(name)
-        return name
 
     async def delete(self, namespace: str) -> bool:
         """Delete the Namespace of ``namespace`` if it is branchyard's; whether it was."""
