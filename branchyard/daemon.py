@@ -53,7 +53,7 @@ from branchyard.model import Clock, RepoHeads
 from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
 from branchyard.runtime import RevisionSpec, Runtime, Traffic
-from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.options import KubeOptions as KubeOptions  # for `up`
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
 from branchyard.runtime.sandbox import Sandbox, detect
@@ -146,6 +146,8 @@ class Options:
     local runtime too)."""
     git: Address | None = None
     """Serve local repos to pods over git's smart HTTP; its URL becomes ``kube.git_url``."""
+    runtime: str = "local"
+    """What runs revisions: ``local`` (processes here) or ``kubernetes``."""
 
 
 def hide_secrets() -> None:
@@ -274,10 +276,11 @@ async def serve(options: Options) -> None:
     home = options.home
     with _home_lock(home):
         _make_private(home)
-        await _serve(options, _sandbox(options.sandbox))
+        local = options.runtime == "local"  # on Kubernetes, each pod is boxed instead
+        await _serve(options, _sandbox(options.sandbox) if local else None)
 
 
-def _seams(
+async def _seams(
     options: Options,
     sandbox: Sandbox | None,
     store: Store,
@@ -285,7 +288,20 @@ def _seams(
     table: RouteTable,
     router: Router,
 ) -> tuple[Runtime, Traffic]:
-    """The runtime and the traffic layer: processes here, and the built-in router."""
+    """The runtime and the traffic layer: processes here and the built-in router, or
+    a cluster's Deployments and Services (the two share one owner of the Services,
+    the runtime's ``switchboard``)."""
+    if options.runtime == "kubernetes":
+        from branchyard.runtime.kube.runtime import KubeRuntime
+        from branchyard.runtime.kube.traffic import KubeTraffic
+
+        kube = await KubeRuntime.connect(
+            options.kube,
+            store.event,
+            lambda: f"http://localhost:{router.main_port}/",
+            lambda: {(r.namespace, r.service) for r in store.latest_revisions()},
+        )
+        return kube, KubeTraffic(kube.switchboard)
     runtime = LocalRuntime(
         options.home, sources, store, router, options.stop_grace, options.log_limit, sandbox
     )
@@ -327,6 +343,13 @@ def _engine(
     )
 
 
+def _pods(options: Options) -> str | None:
+    """What boxes pushed code on Kubernetes (``info``'s sandbox line)."""
+    if options.runtime != "kubernetes":
+        return None
+    return "Kubernetes pods (non-root, no capabilities, Pod Security restricted)"
+
+
 def _review(options: KubeOptions, spec: RevisionSpec) -> str:
     """``k8s render``'s YAML; the renderer (and lightkube) imported at its first use, not
     at every daemon's start."""
@@ -352,7 +375,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
-    runtime, traffic = _seams(options, sandbox, store, sources, table, router)
+    runtime, traffic = await _seams(options, sandbox, store, sources, table, router)
     engine, views = _engine(options, store, sources, runtime, traffic)
     auth.load_or_create(home)  # made at first start: an API off loopback is never open
     api_socket = _bind(options.api_host, options.api_port)
@@ -376,7 +399,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             "home": str(home),
             "router": f"http://{LOOPBACK}:{router_port}",
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
-            "sandbox": sandbox.describe() if sandbox else None,
+            "sandbox": sandbox.describe() if sandbox else _pods(options),
             "git": options.kube.git_url if git_socket is not None else None,
         }
         app = create_app(engine, views, info, home)
@@ -406,6 +429,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             (home / DAEMON_FILE).unlink(missing_ok=True)
         except OSError as exc:  # a read-only home: stopping what runs matters more
             log.warning("cannot remove %s: %s", home / DAEMON_FILE, exc.strerror)
+        runtime.detach()
         await engine.close()
         git_server.stop()
         for server in (git, api):

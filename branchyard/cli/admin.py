@@ -77,6 +77,26 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     help="The URL pods fetch those repos from, where it is not http://HOST:PORT "
     "(a Service in front of the daemon).",
 )
+@click.option(
+    "--runtime",
+    type=click.Choice(["local", "kubernetes"]),
+    default="local",
+    show_default=True,
+    help="What runs revisions: processes here, or a Kubernetes cluster (docs/kubernetes.md).",
+)
+@click.option("--kubeconfig", metavar="PATH", help="Kubernetes: [KUBECONFIG, ~/.kube/config]")
+@click.option("--context", "kube_context", metavar="NAME", help="Kubernetes: the context to use.")
+@click.option("--domain", metavar="D", help="Kubernetes: an Ingress per service at SERVICE.NS.D.")
+@click.option("--ingress-class", metavar="C", help="Kubernetes: the Ingresses' class.")
+@click.option("--image", metavar="I", help="Kubernetes: [python:3.11-slim]")
+@click.option("--namespace-prefix", default="", metavar="P", help="Kubernetes: before names")
+@click.option(
+    "--build-timeout",
+    default=300,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Kubernetes: seconds a pod may take to fetch, install and build.",
+)
 @pass_context
 def up(
     ctx: Context,
@@ -91,12 +111,20 @@ def up(
     no_sandbox: bool,
     git_listen: str | None,
     git_url: str | None,
+    runtime: str,
+    kubeconfig: str | None,
+    kube_context: str | None,
+    domain: str | None,
+    ingress_class: str | None,
+    image: str | None,
+    namespace_prefix: str,
+    build_timeout: int,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
     import logging
 
-    from branchyard.daemon import LOOPBACK, Options, hide_secrets, serve
+    from branchyard.daemon import LOOPBACK, KubeOptions, Options, hide_secrets, serve
     from branchyard.gitserve import address_of
 
     hide_secrets()
@@ -125,6 +153,16 @@ def up(
         log_limit,
         not no_sandbox,
         git=git,
+        kube=KubeOptions(
+            kubeconfig=kubeconfig,
+            context=kube_context,
+            domain=domain,
+            ingress_class=ingress_class,
+            namespace_prefix=namespace_prefix,
+            build_timeout=build_timeout,
+            **({"image": image} if image else {}),
+        ),
+        runtime=runtime,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 

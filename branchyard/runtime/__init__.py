@@ -193,6 +193,13 @@ class Runtime(Protocol):
         what is written to it next, until ``pause()`` says to stop."""
         ...
 
+    def detach(self) -> None:
+        """The daemon is about to stop (``daemon`` says so before the engine closes): a
+        runtime whose revisions outlive it (Kubernetes) leaves them running for the next
+        daemon to adopt, and an instance's ``stop`` changes nothing from then on; the
+        local runtime does nothing (its processes end with the daemon)."""
+        ...
+
     async def close(self) -> None: ...
 
 

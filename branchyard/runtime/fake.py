@@ -343,6 +343,9 @@ class FakeRuntime:
                 yield now[len(text) :]
             text = now
 
+    def detach(self) -> None:
+        return None
+
     async def close(self) -> None:
         """Nothing to close."""
 

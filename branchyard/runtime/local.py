@@ -519,6 +519,9 @@ class LocalRuntime:
             return logfiles.read_in_thread(path, lines)
         return logfiles.follow(path, lines, pause)
 
+    def detach(self) -> None:
+        return None  # processes here end with the daemon: the engine stops them
+
     async def close(self) -> None:
         if self._rotator:
             self._rotator.cancel()

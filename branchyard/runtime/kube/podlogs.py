@@ -1,0 +1,115 @@
+"""A revision's logs on Kubernetes: its pod's logs, read through the API server.
+
+A revision's build log is what its pod's init containers wrote (``fetch``, then
+``install``: the fetch, the dependencies, the build steps); its log is what its web
+container writes. Both are read from the revision's newest pod, as the API server
+gives them (the kubelet keeps them; a pod scaled away takes them along), and ``logs
+-f`` follows the web container's stream. Where the API gives nothing (no pod, a node
+that serves no logs), the log is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx2
+from lightkube import ApiError
+
+from branchyard.runtime import LAST_LINES, LogName, Pause
+from branchyard.runtime.kube import names
+from branchyard.runtime.kube.connection import Connection
+from branchyard.runtime.kube.namespaces import Namespaces
+from branchyard.runtime.kube.watch import Key, Watch
+
+log = logging.getLogger(__name__)
+
+BUILD_CONTAINERS = ("fetch", "install")
+TAIL = 1000  # lines read for a tail of bytes
+
+
+class PodLogs:
+    def __init__(self, connection: Connection, namespaces: Namespaces, watch: Watch) -> None:
+        self._connection = connection
+        self._namespaces = namespaces
+        self._watch = watch
+
+    def _pod(self, name: LogName) -> tuple[str, str] | None:
+        """(namespace, pod) of the revision's newest web pod."""
+        key: Key = (
+            self._namespaces.name(name.namespace),
+            names.object_name(name.service),
+            str(name.ordinal),
+        )
+        pods = [p for p in self._watch.pods_of(key) if p.metadata is not None]
+        if not pods:
+            return None
+        newest = max(pods, key=lambda p: str(p.metadata.creationTimestamp if p.metadata else ""))
+        assert newest.metadata is not None
+        return key[0], newest.metadata.name or ""
+
+    async def has_log(self, name: LogName) -> bool:
+        return self._pod(name) is not None
+
+    async def _lines(
+        self, name: LogName, lines: int | None, follow: bool = False
+    ) -> AsyncIterator[str]:
+        pod = self._pod(name)
+        if pod is None:
+            return
+        containers = BUILD_CONTAINERS if name.build else (names.WEB,)
+        for container in containers:
+            stream = self._connection.client.log(
+                pod[1],
+                namespace=pod[0],
+                container=container,
+                tail_lines=lines,
+                follow=follow and container == containers[-1],
+            )
+            self._connection.calls += 1
+            try:
+                async for line in stream:
+                    yield line
+            except (ApiError, httpx2.HTTPError) as exc:
+                log.info("no log of %s in %s (%s): %s", pod[1], pod[0], container, exc)
+
+    async def tail(self, name: LogName, size: int) -> bytes:
+        text = "".join([line async for line in self._lines(name, TAIL)]).encode()
+        return text[-size:] if size else b""
+
+    async def last_lines(self, name: LogName, count: int = LAST_LINES) -> list[str]:
+        found = [line.rstrip("\n") async for line in self._lines(name, count * 2)]
+        return [line for line in found if line.strip()][-count:]
+
+    async def read(
+        self, name: LogName, lines: int | None = None, pause: Pause | None = None
+    ) -> AsyncIterator[bytes]:
+        """The log as it is (its last ``lines``); with ``pause``, followed until
+        ``pause()`` says to stop."""
+        if pause is None:
+            async for line in self._lines(name, lines):
+                yield line.encode()
+            return
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for text in self._lines(name, lines, follow=True):
+                await queue.put(text)
+
+        async def watch_pause() -> None:  # a stream that ended waits as a followed file does
+            while await pause():
+                pass
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(watch_pause())]
+        try:
+            while (got := await queue.get()) is not None:
+                yield got.encode()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

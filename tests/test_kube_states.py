@@ -1,0 +1,136 @@
+"""How pods and Deployments read as ``ps`` states and failure reasons (pure tables)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import Pod
+
+from branchyard.runtime import InstanceState
+from branchyard.runtime.kube import states
+
+HEALTH = "health check GET / did not pass within 2 s"
+
+
+def pod(
+    ready: bool = False,
+    phase: str = "Running",
+    web: dict[str, Any] | None = None,
+    init: list[dict[str, Any]] | None = None,
+    scheduled: str | None = None,
+) -> Pod:
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if scheduled is not None:
+        conditions.append({"type": "PodScheduled", "status": "False", "message": scheduled})
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions}
+    if web is not None:
+        status["containerStatuses"] = [
+            {"name": "web", "image": "i", "imageID": "", "ready": ready, "restartCount": 0, **web}
+        ]
+    if init is not None:
+        status["initContainerStatuses"] = [
+            {"image": "i", "imageID": "", "ready": False, "restartCount": 0, **c} for c in init
+        ]
+    meta = {"name": "app-v1-x", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    return cast(Pod, Pod.from_dict({"metadata": meta, "status": status}))
+
+
+def waiting(reason: str, message: str = "", **more: Any) -> dict[str, Any]:
+    return {"state": {"waiting": {"reason": reason, "message": message}}, **more}
+
+
+S = InstanceState
+P = states.Progress
+KILLED = {"state": {"terminated": {"exitCode": 137}}}
+INIT_LOOP = [{"name": "install", **waiting("CrashLoopBackOff")}]
+INIT_FAILED = [
+    {"name": "fetch", "state": {"terminated": {"exitCode": 0}}},
+    {"name": "install", "state": {"terminated": {"exitCode": 2}}},
+]
+PULL = waiting("ImagePullBackOff", 'Back-off pulling image "nope"')
+UP = ("Available", "True", "MinimumReplicasAvailable")
+DOWN = ("Available", "False", "MinimumReplicasUnavailable")
+LATE = ("Progressing", "False", "ProgressDeadlineExceeded")
+CRASHED = {
+    **waiting("CrashLoopBackOff"),
+    "restartCount": 3,
+    "lastState": {"terminated": {"exitCode": 1}},
+}
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        ([], states.Seen(S.EXITED)),
+        ([pod(ready=True, web={})], states.Seen(S.RUNNING)),
+        ([pod(ready=True, web={}), pod(web=CRASHED)], states.Seen(S.RUNNING)),
+        ([pod(phase="Pending")], states.Seen(S.STARTING)),
+        ([pod(web={})], states.Seen(S.STARTING)),
+        ([pod(web=CRASHED)], states.Seen(S.BACKOFF, 3, 1)),
+        ([pod(web=PULL)], states.Seen(S.BACKOFF)),
+        ([pod(init=INIT_LOOP)], states.Seen(S.BACKOFF)),
+        ([pod(phase="Failed", web=KILLED)], states.Seen(S.FAILED, 0, 137)),
+        ([pod(phase="Succeeded")], states.Seen(S.EXITED)),
+    ],
+)  # fmt: skip
+def test_pods_read_as_instance_states(pods: list[Pod], expected: states.Seen) -> None:
+    assert states.instance_state(pods) == expected
+
+
+@pytest.mark.parametrize(
+    ("pods", "reason"),
+    [
+        ([pod(web={})], f"not ready: {HEALTH}"),
+        ([pod(web=CRASHED)], "CrashLoopBackOff: exited with code 1 (3 restarts)"),
+        ([pod(web=PULL)], 'ImagePullBackOff: Back-off pulling image "nope"'),
+        ([pod(init=INIT_FAILED)], "init container install failed (exit code 2)"),
+        ([pod(phase="Pending", scheduled="0/1 nodes")], "not scheduled: 0/1 nodes"),
+        ([], "no pod was made"),
+    ],
+)  # fmt: skip
+def test_why_a_revision_is_not_available_is_one_line_from_its_newest_pod(
+    pods: list[Pod], reason: str
+) -> None:
+    assert states.failure(None, pods, HEALTH) == reason
+
+
+def deployment(generation: int, observed: int, *conditions: tuple[str, str, str]) -> Deployment:
+    found = Deployment.from_dict(
+        {
+            "metadata": {"name": "app-v1", "generation": generation},
+            "spec": {"selector": {}, "template": {}},
+            "status": {
+                "observedGeneration": observed,
+                "updatedReplicas": 1,
+                "availableReplicas": 1,
+                "conditions": [
+                    {"type": t, "status": s, "reason": r, "message": "m"} for t, s, r in conditions
+                ],
+            },
+        }
+    )
+    assert isinstance(found, Deployment)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("found", "expected"),
+    [
+        (None, P.PROGRESSING),
+        (deployment(2, 1, UP), P.PROGRESSING),
+        (deployment(2, 2, UP), P.AVAILABLE),
+        (deployment(2, 2, DOWN), P.PROGRESSING),
+        (deployment(2, 2, LATE), P.STALLED),
+    ],
+)  # fmt: skip
+def test_a_deployment_is_available_only_at_the_generation_applied(
+    found: Deployment | None, expected: states.Progress
+) -> None:
+    assert states.progress(found, 2) is expected
+
+
+def test_a_deployment_that_could_not_make_its_pod_says_why() -> None:
+    refused = deployment(1, 1, ("ReplicaFailure", "True", "FailedCreate"))
+    assert states.failure(refused, [], HEALTH) == "no pod could be made: m"
