@@ -114,6 +114,12 @@ class _ApiProtocol(HttpToolsProtocol):
             self._wait_for_head()
 
 
+REQUEST_GRACE = 5
+"""Seconds a stopping daemon lets the API's answers in progress finish before it drops
+their connections: one whose client reads nothing (a stalled ``logs -f``) would hold the
+stop for ever. A request still busy another grace later is cancelled."""
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus its own signal handling: the daemon handles SIGINT and SIGTERM."""
 
@@ -125,8 +131,13 @@ class _Server(uvicorn.Server):
 
     async def stop(self) -> None:
         self.should_exit = True
-        if self.task is not None:
-            await self.task
+        if self.task is None:
+            return
+        done, _ = await asyncio.wait({self.task}, timeout=REQUEST_GRACE)
+        if not done:
+            for connection in list(self.server_state.connections):
+                connection.transport.abort()  # its answer's sends return: it ends
+        await self.task
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,11 @@ def _local_repos(store: Store, sources: Sources) -> Callable[[str], Path | None]
 async def _started(app: ASGIApp, sock: socket.socket, head_timeout: float) -> _Server:
     """uvicorn serving ``app`` on ``sock``, once it listens."""
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", http=_ApiProtocol.with_timeout(head_timeout)
+        app,
+        log_level="warning",
+        lifespan="off",
+        http=_ApiProtocol.with_timeout(head_timeout),
+        timeout_graceful_shutdown=2 * REQUEST_GRACE,
     )
     server = _Server(config)
     server.task = asyncio.create_task(server.serve(sockets=[sock]))

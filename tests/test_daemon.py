@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, wait_for
+from tests.conftest import Daemon, ServiceRepo, start_daemon, stop_cleanly, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +76,41 @@ def test_logs_follow_prints_the_output_and_keeps_the_stream_open(
     finally:
         follower.kill()
         follower.wait()
+
+
+LOUD_SERVICE = """\
+import http.server, os, sys
+sys.stdout.write(("x" * 1023 + "\\n") * 8192)  # 8 MiB, more than the sockets between hold
+sys.stdout.flush()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.integration
+def test_the_daemon_stops_while_a_log_follower_reads_nothing(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app", {"Procfile": "web: python app.py\n", "app.py": LOUD_SERVICE})
+    running = start_daemon(tmp_path / "home")
+    try:
+        running.cli("repo", "add", str(app.origin))
+        wait_for(lambda: running.cli("ps", check=False).stdout.count(" live "), 60, "app live")
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", int(running.info["api"].rsplit(":", 1)[1])))
+        token = (running.home / "token").read_text().strip()
+        client.sendall(
+            b"GET /api/namespaces/main/services/app/logs?follow=true HTTP/1.1\r\n"
+            b"Host: api\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+        )
+        assert client.recv(4096).lower().startswith(b"http/1.1 200")
+        # The client reads no further: the answer waits, blocked, for it.
+        stop_cleanly(running)
+        client.close()
+    finally:
+        running.stop()
