@@ -20,14 +20,18 @@ from branchyard.runtime.processes import LocalProcess, Ports, ephemeral_range, s
 from branchyard.runtime.sandbox import Sandbox, detect
 from tests.conftest import processes_with, wait_for
 
-# The child says when its SIGTERM handler is in place, and says it got the signal.
+# The child says when its SIGTERM handler is in place, and says it got the signal, with
+# os.write. A print in the handler raised "reentrant call" when the signal came between
+# print("ready")'s write and the end of its flush, which runs signal handlers while it
+# holds stdout's lock (CPython's _bufferedwriter_flush_unlocked): the child exited 1
+# (once in a CI run under load).
 HANDLER = (
-    "import signal, sys, time\n"
+    "import os, signal, sys, time\n"
     "def on_term(*_):\n"
-    "    print('got SIGTERM', flush=True)\n"
+    "    os.write(1, b'got SIGTERM\\n')\n"
     "    {then}\n"
     "signal.signal(signal.SIGTERM, on_term)\n"
-    "print('ready', flush=True)\n"
+    "os.write(1, b'ready\\n')\n"
     "while True:\n"
     "    time.sleep(1)\n"
 )
@@ -100,7 +104,8 @@ def test_a_child_that_carries_on_after_sigterm_is_killed_once_the_grace_is_over(
         process = await spawn_ready(KEEPS_RUNNING, log, registry, sandbox)
         await process.terminate(1)
         # bwrap reports its child's death by a signal as 128 + the signal
-        assert process.returncode == (-signal.SIGKILL if sandbox is None else 128 + signal.SIGKILL)
+        killed = -signal.SIGKILL if sandbox is None else 128 + signal.SIGKILL
+        assert process.returncode == killed, log.read_text()
         assert registry.live == set()
         assert not Path(f"/proc/{process.pid}").exists()
 
