@@ -101,15 +101,22 @@ class Switchboard:
             if spec is None or (spec.namespace, spec.service) != slot:
                 raise UsageError(f"{address[0]} is not a revision of {slot[1]} in {slot[0]}")
             ordinals[spec.ordinal] = weight
-        if len(ordinals) > 1 and not self._connection.gateway:
-            raise UsageError(
-                "weights need the Gateway API (HTTPRoute, gateway.networking.k8s.io), which "
-                f"the cluster at {self._connection.server} does not serve; install its CRDs "
-                "and a GAMMA implementation, then restart branchyard"
-            )
+        if len(ordinals) > 1 and (why := self.cannot_split()):
+            raise UsageError(why)
         if self._routes.get(slot) != ordinals:
             self._routes[slot] = ordinals
             self._ask(slot)
+
+    def cannot_split(self) -> str:
+        """Why no split by weight: the cluster serves no HTTPRoutes (as found at the
+        start); "" if it does."""
+        if self._connection.gateway:
+            return ""
+        return (
+            "weights need the Gateway API (HTTPRoute, gateway.networking.k8s.io), which "
+            f"the cluster at {self._connection.server} does not serve; install its CRDs "
+            "and a GAMMA implementation, then restart branchyard"
+        )
 
     def remove(self, slot: Slot) -> None:
         if self._routes.pop(slot, None) is not None:
