@@ -151,32 +151,34 @@ def test_weights_are_an_httproute_over_a_service_per_revision_until_one_revision
     daemon = kube.start()
     deploy(daemon, kube.make_repo("app", repo_files()), 3)
 
-    # a split: a Service per revision, the route's backends carry the weights
-    said = daemon.cli("weight", "app", "v1=80", "v2=20").stdout
-    assert said == "main:app traffic: v1=80 v2=20 (pinned)\n"
-    split = {"app-v1": 80, "app-v2": 20}
-    wait_for(lambda: backends(kube.client, where, "app") == split, 60, "the route 80/20")
+    # a split with the live revision: a Service per revision, the route's backends carry
+    # the weights, the Service app selects the heaviest (for the Ingress)
+    said = daemon.cli("weight", "app", "v2=20", "v3=80").stdout
+    assert said == "main:app traffic: v2=20 v3=80 (pinned)\n"
+    split = {"app-v2": 20, "app-v3": 80}
+    wait_for(lambda: backends(kube.client, where, "app") == split, 60, "the route 20/80")
     spec = route(kube.client, where, "app")
     assert spec is not None and spec["parentRefs"] == [
         {"group": "", "kind": "Service", "name": "app", "port": 80}
     ]
-    assert kube.services() == {"app": "1", "app-v1": "1", "app-v2": "2"}
-    assert daemon.row("main", "app")["weights"] == {"1": 80, "2": 20}
-    wait_for(lambda: replicas(kube.client, where, "app-v3") == 0, 60, "v3 out of the split")
+    assert kube.services() == {"app": "3", "app-v2": "2", "app-v3": "3"}
+    assert daemon.row("main", "app")["weights"] == {"2": 20, "3": 80}
 
     # a new weight: the route follows, the Service of the revision it left goes
-    daemon.cli("weight", "app", "v2=60", "v3=40")
+    daemon.cli("weight", "app", "v1=60", "v2=40")
     wait_for(
-        lambda: backends(kube.client, where, "app") == {"app-v2": 60, "app-v3": 40}, 60, "60/40"
+        lambda: backends(kube.client, where, "app") == {"app-v1": 60, "app-v2": 40}, 60, "60/40"
     )
-    wait_for(lambda: "app-v1" not in kube.services(), 60, "app-v1's Service gone")
-    assert kube.services() == {"app": "2", "app-v2": "2", "app-v3": "3"}
+    wait_for(lambda: "app-v3" not in kube.services(), 60, "app-v3's Service gone")
+    assert kube.services() == {"app": "1", "app-v1": "1", "app-v2": "2"}
+    wait_for(lambda: replicas(kube.client, where, "app-v3") == 0, 60, "v3 out of the split")
 
     # one revision again: no route, no Service per revision
-    daemon.cli("promote", "app", "v3")
+    daemon.cli("promote", "app", "v1")
     wait_for(lambda: route(kube.client, where, "app") is None, 60, "the route deleted")
-    wait_for(lambda: kube.services() == {"app": "3"}, 60, "one Service")
-    assert daemon.row("main", "app")["weights"] == {"3": 100}
+    wait_for(lambda: kube.services() == {"app": "1"}, 60, "one Service")
+    assert daemon.row("main", "app")["weights"] == {"1": 100}
+    wait_for(lambda: replicas(kube.client, where, "app-v2") == 0, 60, "v2 out of traffic")
 
 
 def hosts(client: Client, namespace: str) -> dict[str, tuple[str, str, str]]:

@@ -54,6 +54,12 @@ class Shape:
     def ordinals(self) -> set[int]:
         return {ordinal for ordinal, _ in self.weights}
 
+    @property
+    def split(self) -> set[int]:
+        """The revisions with a Service of their own: those of a split (one revision
+        alone is selected by the Service ``SERVICE`` only)."""
+        return self.ordinals if len(self.weights) > 1 else set()
+
 
 NONE = Shape("none")
 FOUND = Shape("found")
@@ -249,7 +255,7 @@ class Switchboard:
         keep: set[int] = set()
         if len(wanted.weights) > 1:
             keep = wanted.ordinals
-            for spec in self._specs(slot, keep - had.ordinals):
+            for spec in self._specs(slot, keep - had.split):
                 await self._connection.apply(render.revision_service(self._options, spec))
             await self._connection.apply(
                 render.route(self._options, namespace, service, dict(wanted.weights))
@@ -272,10 +278,10 @@ class Switchboard:
         """Delete what a split made that is no longer wanted (its route once no split
         is left), and with ``ingress`` the Ingress of a live revision."""
         namespace, name = key
-        if len(had.weights) > 1:
+        if had.split:
             if not keep:
                 await self._connection.delete(render.HTTPRoute, name, namespace)
-            for ordinal in sorted(had.ordinals - keep):
+            for ordinal in sorted(had.split - keep):
                 own = names.revision_name(name, ordinal)
                 await self._connection.delete(Service, own, namespace)
         if ingress and self._options.domain and had.kind in ("live", "found"):
