@@ -373,7 +373,7 @@ class Rollouts:
 
     async def split(self, slot: Slot, percents: Mapping[int, int]) -> None:
         """Split traffic between revisions by weight (a canary); pins the slot."""
-        split = serving.split(self.view(slot), percents)
+        split = serving.split(self.view(slot), percents, self.traffic.cannot_split())
         for revision in split.revisions.values():
             if revision.id not in self.running and not await self._start(revision):
                 raise BuildFailed(

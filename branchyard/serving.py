@@ -21,6 +21,10 @@ from branchyard.model import Revision, RevisionState, Target
 Slot = tuple[str, str]  # (namespace, service)
 
 KEEP_BUILDS = 5  # revisions per slot whose builds are kept for instant rollbacks
+# The bounds of a split: the Gateway API's (an HTTPRoute's backendRefs and their weight), so
+# a weight the local router takes is one a cluster takes.
+MAX_SPLIT = 16
+MAX_WEIGHT = 1_000_000
 DAEMON_STOPPED = "daemon stopped"
 RESTARTED = "daemon restarted"
 INTERRUPTED = "the daemon stopped before it went live"
@@ -172,10 +176,16 @@ class Split:
     change: Change  # the pin to the heaviest, and the weight event
 
 
-def split(view: SlotView, percents: Mapping[int, int]) -> Split:
-    """What ``weight REV=PCT...`` does to a slot; UsageError or NotFound before anything."""
+def split(view: SlotView, percents: Mapping[int, int], cannot_split: str = "") -> Split:
+    """What ``weight REV=PCT...`` does to a slot; UsageError or NotFound before anything.
+    ``cannot_split`` is why the traffic layer cannot split by weight ("" if it can): then
+    only one revision may be named (which pins it)."""
     if not percents or any(p < 0 for p in percents.values()) or not any(percents.values()):
         raise UsageError("weights must be REV=PCT with at least one above 0")
+    if max(percents.values()) > MAX_WEIGHT or len(percents) > MAX_SPLIT:
+        raise UsageError(f"a split takes at most {MAX_SPLIT} revisions, each at most {MAX_WEIGHT}")
+    if len(percents) > 1 and cannot_split:
+        raise UsageError(cannot_split)
     revisions = {ordinal: select(view, ordinal) for ordinal in percents}
     top = max(percents, key=lambda o: (percents[o], o))
     shares = ", ".join(f"v{o}={p}" for o, p in sorted(percents.items()))

@@ -21,7 +21,7 @@ from typing import NoReturn
 import pytest
 
 from branchyard.engine import BURST_SETTLE, Engine
-from branchyard.errors import BuildFailed
+from branchyard.errors import BuildFailed, UsageError
 from branchyard.model import Overlay, Repo, RepoHeads, RevisionState
 from branchyard.rollout import Rollouts
 from branchyard.runtime import InstanceState, LogName
@@ -515,6 +515,22 @@ def test_weights_split_traffic_between_revisions_and_pin_the_heaviest(tmp_path: 
         await engine.weight("main", "web", {2: 100, 1: 0})
         assert world.traffic.serving(*SLOT) == {"web.main.v1:2": 0, "web.main.v2:1": 100}
         assert world.store.pin(SLOT) == 2
+
+    run(tmp_path, scenario)
+
+
+def test_weights_the_traffic_layer_cannot_split_start_and_pin_nothing(tmp_path: Path) -> None:
+    async def scenario(world: World, engine: Engine) -> None:
+        await deployed(world, engine, C1, C2)
+        world.traffic.split_refusal = "weights need the Gateway API"
+        before = list(world.journal)
+        with pytest.raises(UsageError, match=r"^weights need the Gateway API$"):
+            await engine.weight("main", "web", {1: 90, 2: 10})
+        assert world.journal == before  # nothing built, started or routed
+        assert world.store.pin(SLOT) is None
+        assert world.states() == {1: STOPPED, 2: LIVE}
+        assert world.traffic.serving(*SLOT) == {"web.main.v2:1": 100}
+        assert [e for e in world.store.events() if e["kind"] == "weight"] == []
 
     run(tmp_path, scenario)
 

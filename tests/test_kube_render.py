@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -22,6 +23,8 @@ from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names, render
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.render import KubeObject
+from branchyard.serving import MAX_SPLIT, MAX_WEIGHT
+from tests import k8s_crds
 
 SHA = "3f2c1ab" + "0" * 33
 APP = "https://git.example.com/team/app.git"
@@ -440,6 +443,36 @@ def test_weights_are_backends_of_a_route_on_the_service_each_revision_its_own() 
     own = render.revision_service(options, spec("web", "bugfix", ordinal=3))
     assert own.metadata is not None and own.spec is not None
     assert own.metadata.name == "web-v3" and own.spec.selector == names.selector("web", 3)
+
+
+ROUTES = [
+    pytest.param("web", {3: 90, 4: 10}, id="a-canary"),
+    pytest.param("other_app", {1: 0, 2: 1}, id="a-weight-of-0-a-hashed-name"),
+    pytest.param("a" * 53, {n: MAX_WEIGHT for n in range(1, MAX_SPLIT + 1)}, id="the-most"),
+]
+
+
+@pytest.mark.parametrize(("service", "weights"), ROUTES)
+def test_every_route_validates_against_the_gateway_apis_schema(
+    service: str, weights: dict[int, int]
+) -> None:
+    options = KubeOptions(namespace_prefix="team-")
+    route = yaml.safe_load(render.to_yaml([render.route(options, "bugfix", service, weights)]))
+    jsonschema.validate(route, k8s_crds.gateway_api_schema("HTTPRoute"))
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        pytest.param({n: 1 for n in range(1, MAX_SPLIT + 2)}, id="too-many-backends"),
+        pytest.param({1: MAX_WEIGHT + 1, 2: 1}, id="too-heavy"),
+        pytest.param({1: -1, 2: 1}, id="negative"),
+    ],
+)
+def test_a_route_beyond_what_a_split_allows_does_not_validate(weights: dict[int, int]) -> None:
+    route = yaml.safe_load(render.to_yaml([render.route(KubeOptions(), "main", "web", weights)]))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(route, k8s_crds.gateway_api_schema("HTTPRoute"))
 
 
 # YAML

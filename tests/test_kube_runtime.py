@@ -284,12 +284,14 @@ def test_weights_without_the_gateway_api_are_a_clear_error(
     async def scenario(world: World) -> None:
         one = await world.serve(spec("main", "app", 1))
         two = await world.start(spec("main", "app", 2, GREETING="hi"))
-        with pytest.raises(UsageError) as refused:
-            world.traffic.route("main", "app", [(one.address, 90), (two.address, 10)])
-        assert refused.value.message.startswith(
+        why = world.traffic.cannot_split()
+        assert why.startswith(
             "weights need the Gateway API (HTTPRoute, gateway.networking.k8s.io), which the "
             "cluster at https://127.0.0.1:"
         )
+        with pytest.raises(UsageError) as refused:
+            world.traffic.route("main", "app", [(one.address, 90), (two.address, 10)])
+        assert refused.value.message == why
 
     run(k8s, prefix, scenario)
     assert selected(client, f"{prefix}main", "app") == "1"

@@ -265,6 +265,8 @@ def test_a_pin_is_one_change_with_its_event() -> None:
         ({1: 0, 6: 0}, "weights must be REV=PCT with at least one above 0"),
         ({1: 110, 6: -10}, "weights must be REV=PCT with at least one above 0"),
         ({2: 10, 6: 90}, "v2 is failed; it cannot serve"),
+        ({1: 1_000_001, 6: 1}, "a split takes at most 16 revisions, each at most 1000000"),
+        ({n: 1 for n in range(1, 18)}, "a split takes at most 16 revisions, each at most 1000000"),
     ],
 )
 def test_a_split_that_cannot_be_is_refused_before_anything(
@@ -274,12 +276,36 @@ def test_a_split_that_cannot_be_is_refused_before_anything(
         split(HISTORY, percents)
 
 
+NO_SPLIT = "weights need the Gateway API"
+
+
+@pytest.mark.parametrize(
+    ("percents", "message"),
+    [
+        ({1: 90, 6: 10}, NO_SPLIT),
+        ({1: 100, 6: 0}, NO_SPLIT),
+        ({1: 0}, "weights must be REV=PCT with at least one above 0"),
+    ],
+)
+def test_a_split_the_traffic_layer_cannot_make_is_refused_before_anything(
+    percents: dict[int, int], message: str
+) -> None:
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        split(HISTORY, percents, cannot_split=NO_SPLIT)
+
+
+def test_one_revision_at_a_weight_is_a_pin_even_where_nothing_splits() -> None:
+    chosen = split(HISTORY, {1: 100}, cannot_split=NO_SPLIT)
+    assert chosen.weights == {1: 100} and chosen.heaviest.ordinal == 1
+
+
 @pytest.mark.parametrize(
     ("percents", "top", "shares"),
     [
         ({6: 90, 1: 10}, 6, "v1=10, v6=90"),
         ({1: 50, 6: 50}, 6, "v1=50, v6=50"),
         ({1: 100, 6: 0}, 1, "v1=100, v6=0"),
+        ({1: 1_000_000, 6: 1}, 1, "v1=1000000, v6=1"),
     ],
 )
 def test_a_split_pins_the_heaviest_and_says_the_shares(

@@ -31,5 +31,8 @@ class LocalTraffic:
     def remove(self, namespace: str, service: str) -> None:
         self._table.remove(namespace, service)
 
+    def cannot_split(self) -> str:
+        return ""  # the route table splits by weight per request
+
     async def drain(self, backend: Address, grace: float) -> None:
         await self._router.drain(backend, grace)

@@ -22,7 +22,9 @@ Traffic
 -------
 :class:`Traffic` sends each (namespace, service) to one instance, or several by
 weight, says why nothing serves one, drains an instance taken out of traffic, and
-forgets a service. Its setters are synchronous: they state what should be, and an
+forgets a service. One that cannot split a service by weight (Kubernetes without the
+Gateway API) says why (:meth:`Traffic.cannot_split`), so a split is refused before
+anything of it starts. Its setters are synchronous: they state what should be, and an
 implementation that must call out (a Service selector, a Gateway API route) applies
 them in the background, in order; :meth:`Traffic.drain` waits until what was said
 before it is applied.
@@ -216,6 +218,11 @@ class Traffic(Protocol):
 
     def remove(self, namespace: str, service: str) -> None:
         """Forget (namespace, service): it is no longer a service there."""
+        ...
+
+    def cannot_split(self) -> str:
+        """Why a service cannot be sent to several instances by weight here, in one line
+        for the person who asked; "" if it can (then ``route`` takes several)."""
         ...
 
     async def drain(self, backend: Address, grace: float) -> None:

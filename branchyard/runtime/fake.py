@@ -359,6 +359,9 @@ class FakeTraffic:
         self.calls: list[Call] = [] if journal is None else journal
         self.routes: dict[Slot, tuple[tuple[Address, int], ...]] = {}
         self.downs: dict[Slot, str] = {}
+        self.split_refusal = ""
+        """Why it cannot split by weight, where a test says so (as a cluster without
+        the Gateway API); by default it can."""
 
     def serving(self, namespace: str, service: str) -> dict[str, int]:
         """Address (as the calls write it) -> weight of what serves a service."""
@@ -379,6 +382,9 @@ class FakeTraffic:
         self.routes.pop((namespace, service), None)
         self.downs.pop((namespace, service), None)
         self.calls.append(Call("remove", f"{namespace}/{service}"))
+
+    def cannot_split(self) -> str:
+        return self.split_refusal
 
     async def drain(self, backend: Address, grace: float) -> None:
         """No request is ever in flight here: recorded, and over at once."""

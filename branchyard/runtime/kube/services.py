@@ -54,6 +54,12 @@ class Shape:
     def ordinals(self) -> set[int]:
         return {ordinal for ordinal, _ in self.weights}
 
+    @property
+    def split(self) -> set[int]:
+        """The revisions with a Service of their own: those of a split (one revision
+        alone is selected by the Service ``SERVICE`` only)."""
+        return self.ordinals if len(self.weights) > 1 else set()
+
 
 NONE = Shape("none")
 FOUND = Shape("found")
@@ -101,15 +107,22 @@ class Switchboard:
             if spec is None or (spec.namespace, spec.service) != slot:
                 raise UsageError(f"{address[0]} is not a revision of {slot[1]} in {slot[0]}")
             ordinals[spec.ordinal] = weight
-        if len(ordinals) > 1 and not self._connection.gateway:
-            raise UsageError(
-                "weights need the Gateway API (HTTPRoute, gateway.networking.k8s.io), which "
-                f"the cluster at {self._connection.server} does not serve; install its CRDs "
-                "and a GAMMA implementation, then restart branchyard"
-            )
+        if len(ordinals) > 1 and (why := self.cannot_split()):
+            raise UsageError(why)
         if self._routes.get(slot) != ordinals:
             self._routes[slot] = ordinals
             self._ask(slot)
+
+    def cannot_split(self) -> str:
+        """Why no split by weight: the cluster serves no HTTPRoutes (as found at the
+        start); "" if it does."""
+        if self._connection.gateway:
+            return ""
+        return (
+            "weights need the Gateway API (HTTPRoute, gateway.networking.k8s.io), which "
+            f"the cluster at {self._connection.server} does not serve; install its CRDs "
+            "and a GAMMA implementation, then restart branchyard"
+        )
 
     def remove(self, slot: Slot) -> None:
         if self._routes.pop(slot, None) is not None:
@@ -242,7 +255,7 @@ class Switchboard:
         keep: set[int] = set()
         if len(wanted.weights) > 1:
             keep = wanted.ordinals
-            for spec in self._specs(slot, keep - had.ordinals):
+            for spec in self._specs(slot, keep - had.split):
                 await self._connection.apply(render.revision_service(self._options, spec))
             await self._connection.apply(
                 render.route(self._options, namespace, service, dict(wanted.weights))
@@ -265,10 +278,10 @@ class Switchboard:
         """Delete what a split made that is no longer wanted (its route once no split
         is left), and with ``ingress`` the Ingress of a live revision."""
         namespace, name = key
-        if len(had.weights) > 1:
+        if had.split:
             if not keep:
                 await self._connection.delete(render.HTTPRoute, name, namespace)
-            for ordinal in sorted(had.ordinals - keep):
+            for ordinal in sorted(had.split - keep):
                 own = names.revision_name(name, ordinal)
                 await self._connection.delete(Service, own, namespace)
         if ingress and self._options.domain and had.kind in ("live", "found"):

@@ -2,8 +2,9 @@
 
 ``route`` points the Service ``SERVICE`` at a revision (and with weights, at a Service
 per revision through an HTTPRoute, where the cluster serves the Gateway API; else
-``weight`` is a UsageError, never a silent no-op). The engine routes a revision only
-once its start returned, that is once its Deployment is Available. Everything is
+``cannot_split`` says so, and ``weight`` is refused before anything starts). The
+engine routes a revision only once its start returned, that is once its Deployment
+is Available. Everything is
 applied by the :class:`~branchyard.runtime.kube.services.Switchboard` it shares with
 the runtime's peers, in the background and in order; ``drain`` waits for it.
 
@@ -33,6 +34,9 @@ class KubeTraffic:
 
     def remove(self, namespace: str, service: str) -> None:
         self._switchboard.remove((namespace, service))
+
+    def cannot_split(self) -> str:
+        return self._switchboard.cannot_split()
 
     async def drain(self, backend: Address, grace: float) -> None:
         await self._switchboard.settled()
