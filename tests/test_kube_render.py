@@ -5,7 +5,6 @@ and every object of the seed workflow, and deploy/, against the API's schemas.""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -22,12 +21,12 @@ from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names, render
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.render import KubeObject
+from tests import k8s_rbac
 
 SHA = "3f2c1ab" + "0" * 33
 APP = "https://git.example.com/team/app.git"
 DNS_1035 = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
 OLDEST, NEWEST = "1.25.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "branchyard.yaml"
 
 
 def spec(
@@ -494,13 +493,9 @@ def seed_workflow() -> list[KubeObject]:
     return made
 
 
-def deploy_manifest() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(DEPLOY.read_text()) if d]
-
-
 def objects_to_validate() -> list[tuple[str, dict[str, Any]]]:
     made = [(f"{t.kind}/{t.metadata.name}", t.to_dict()) for t in seed_workflow() if t.metadata]
-    made += [(f"deploy/{d['kind']}/{d['metadata']['name']}", d) for d in deploy_manifest()]
+    made += [(f"deploy/{d['kind']}/{d['metadata']['name']}", d) for d in k8s_rbac.manifest()]
     return made
 
 
@@ -534,27 +529,6 @@ def test_a_broken_object_does_not_validate(breaking: Any) -> None:
 
 
 def test_the_cluster_role_grants_exactly_what_the_runtime_uses() -> None:
-    (role,) = [d for d in deploy_manifest() if d["kind"] == "ClusterRole"]
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-    manage = ("get", "list", "watch", "create", "patch", "delete")
-    wanted = {
-        (group, resource, verb)
-        for group, resource in [
-            ("", "namespaces"),
-            ("", "services"),
-            ("", "configmaps"),
-            ("", "secrets"),
-            ("apps", "deployments"),
-            ("networking.k8s.io", "ingresses"),
-            ("gateway.networking.k8s.io", "httproutes"),
-        ]
-        for verb in manage
-    } | {("", resource, verb) for resource in ("pods", "pods/log") for verb in manage[:3]}
-    assert granted == wanted
+    assert k8s_rbac.granted() == k8s_rbac.USED
+    (role,) = [d for d in k8s_rbac.manifest() if d["kind"] == "ClusterRole"]
     assert not any("*" in str(rule) for rule in role["rules"])
