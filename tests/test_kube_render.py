@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -14,6 +15,7 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Service
 from lightkube.resources.networking_v1 import Ingress
 
+from branchyard import gitserve
 from branchyard.errors import UsageError
 from branchyard.manifest import Manifest
 from branchyard.naming import short_hash
@@ -532,3 +534,26 @@ def test_the_cluster_role_grants_exactly_what_the_runtime_uses() -> None:
     assert k8s_rbac.granted() == k8s_rbac.USED
     (role,) = [d for d in k8s_rbac.manifest() if d["kind"] == "ClusterRole"]
     assert not any("*" in str(rule) for rule in role["rules"])
+
+
+def test_deploy_serves_local_repos_to_pods_at_the_url_it_gives_them() -> None:
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in k8s_rbac.manifest()}
+    deployment = objects["Deployment", "branchyard"]
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    command = container["command"]
+    listen, url = (command[command.index(flag) + 1] for flag in ("--git-listen", "--git-url"))
+    address = gitserve.address_of(listen, url, "127.0.0.1")
+    assert address.host == "0.0.0.0"
+    # pods reach it at the in-cluster name of the Service, on a port of the Service that
+    # goes to the container's port it listens on
+    reached = urlsplit(address.url_at(address.port))
+    assert reached.scheme == "http" and reached.hostname is not None
+    service_name, namespace, svc = reached.hostname.split(".")
+    service = objects["Service", service_name]
+    assert svc == "svc" and service["metadata"]["namespace"] == namespace
+    assert deployment["metadata"]["namespace"] == namespace
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == reached.port]
+    (target,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert target["containerPort"] == address.port
