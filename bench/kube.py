@@ -165,8 +165,10 @@ class Counts:
                 name = labels.split('flow_schema="', 1)[1].split('"', 1)[0]
                 if name in schemas:
                     daemon[schemas[name]] += int(float(value))
-            elif line.startswith(REQUESTS) and 'resource=""' not in labels:
-                everyone += float(value)
+            elif line.startswith(REQUESTS):
+                found = _labels(labels)
+                if found["resource"] and found["verb"] != "WATCH":
+                    everyone += float(value)
         return cls(daemon, everyone)
 
     def __sub__(self, before: Counts) -> Counts:
@@ -175,6 +177,13 @@ class Counts:
     @property
     def total(self) -> int:
         return sum(self.daemon.values())
+
+
+def _labels(series: str) -> dict[str, str]:
+    """The labels of one series, ``name{a="1",b=""}`` (no commas or quotes in values)."""
+    inside = series.partition("{")[2].removesuffix("}")
+    pairs = (pair.split("=", 1) for pair in inside.split(",") if pair)
+    return {key: value.strip('"') for key, value in pairs}
 
 
 def _quiet(admin: Path, before: Counts) -> Counts:
@@ -303,6 +312,7 @@ class Measured:
 FIRST = "first deploy in a new Namespace (`feature` of `app`)"
 NEXT = "next deploy there"
 ROLLBACK = "rollback there"
+PRUNED = "the last push to `main` (retention deletes the oldest revision)"
 FILL = "bringing them all up"
 
 
@@ -417,12 +427,15 @@ def _write(section: Section, measured: Measured, args: argparse.Namespace) -> No
         "`apiserver_flowcontrol_dispatched_requests_total` counts its requests by verb and "
         "resource (a server-side apply is a `patch`); read with the admin kubeconfig "
         f"before and after, once the daemon's counts had not moved for {QUIET_SECONDS:g} s. "
-        "The last row is `apiserver_request_total` over the same window, every client: "
-        "mostly the controllers and kwok making and updating the ReplicaSet, the pod, its "
-        "status, the EndpointSlice.",
+        "A call that creates a missing object is still a `patch` there (the API server "
+        "checks `create` too). The last row is `apiserver_request_total` over the same "
+        "window, every client but watches: the daemon, and the controllers, the scheduler "
+        "and kwok making and updating the ReplicaSet, the pod, its binding and status, the "
+        "Deployment's status, the EndpointSlice.",
         "",
     )
     scenarios = {name: measured.calls[name] for name in (FIRST, NEXT, ROLLBACK)}
+    scenarios[PRUNED] = measured.next_calls[-1]
     rows = sorted({key for counts in scenarios.values() for key in counts.daemon})
     table = [
         [f"`{verb}` {resource}", *(str(c.daemon[(verb, resource)]) for c in scenarios.values())]
@@ -440,7 +453,8 @@ def _write(section: Section, measured: Measured, args: argparse.Namespace) -> No
     section.add(
         f"Each of the {calls.n} pushes to `main` (the next deploy of a service whose "
         f"Namespace exists): {calls.median:.0f} calls by the daemon, median "
-        f"({calls.low:.0f} … {calls.high:.0f}).",
+        f"({calls.low:.0f} … {calls.high:.0f}); the pushes before the slot has more "
+        "revisions than retention keeps make the fewest.",
         "",
     )
     total = args.kube_namespaces * len(SERVICES)
