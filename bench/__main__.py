@@ -1,4 +1,4 @@
-"""``python -m bench [push] [router] [capacity] [sandbox] [--flags]``: run the benchmarks.
+"""``python -m bench [push] [router] [capacity] [sandbox] [kube] [--flags]``: run the benchmarks.
 
 No part named means every part, and RESULTS.md is rewritten; named parts
 replace their own sections in it.
@@ -15,11 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import capacity, push, router, sandbox
+from bench import capacity, kube, push, router, sandbox
 from bench.common import ROOT, BenchError
 from bench.results import ORDER, Section, product_revision, write
 
-PARTS = {"push": push, "router": router, "capacity": capacity, "sandbox": sandbox}
+PARTS = {
+    "push": push,
+    "router": router,
+    "capacity": capacity,
+    "sandbox": sandbox,
+    "kube": kube,
+}
 
 
 def _command() -> str:
@@ -46,10 +52,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "branchyard benchmarks: push-to-live, the router against nginx, capacity, sandbox."
+            "branchyard benchmarks: push-to-live, the router against nginx, capacity, sandbox, "
+            "Kubernetes."
         ),
     )
-    parser.add_argument("parts", nargs="*", metavar="PART", help="push, router, capacity, sandbox")
+    parser.add_argument(
+        "parts", nargs="*", metavar="PART", help="push, router, capacity, sandbox, kube"
+    )
     parser.add_argument(
         "--results",
         type=Path,

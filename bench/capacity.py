@@ -135,14 +135,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     repos = []
     for name in SERVICES:
         repo = ServiceRepo.create(workdir / "capacity", name, stdlib_service())
-        sha = git("rev-parse", "HEAD", cwd=repo.clone)
-        lines = "".join(f"create refs/heads/{ns} {sha}\n" for ns in namespaces[1:])
-        subprocess.run(
-            ["git", "--git-dir", str(repo.origin), "update-ref", "--stdin"],
-            input=lines,
-            text=True,
-            check=True,
-        )
+        repo.branch_in_origin(namespaces[1:])
         repos.append(repo)
     total = len(namespaces) * len(repos)
 

@@ -85,6 +85,18 @@ class ServiceRepo:
         git("commit", "-q", "--allow-empty", "-m", message, cwd=self.clone)
         return git("rev-parse", "HEAD", cwd=self.clone)
 
+    def branch_in_origin(self, branches: Sequence[str]) -> None:
+        """Make ``branches`` at the clone's HEAD directly in the bare repo (one
+        ``update-ref``, as many namespaces at once as a person would push one by one)."""
+        sha = git("rev-parse", "HEAD", cwd=self.clone)
+        lines = "".join(f"create refs/heads/{branch} {sha}\n" for branch in branches)
+        subprocess.run(
+            ["git", "--git-dir", str(self.origin), "update-ref", "--stdin"],
+            input=lines,
+            text=True,
+            check=True,
+        )
+
     def push(self, branch: str = "main") -> None:
         git("push", "-q", "origin", branch, cwd=self.clone)
 
@@ -361,6 +373,24 @@ class Daemon:
             (float(at), str(kind), str(ns), str(service), str(message))
             for at, kind, ns, service, message in rows
         ]
+
+    def live_ordinal(self, namespace: str, service: str, sha: str) -> int | None:
+        """The ordinal of the service's revision of ``sha`` once it is live, else None."""
+        rows = self._query(
+            "SELECT ordinal FROM revisions WHERE namespace = ? AND service = ? AND sha = ? "
+            "AND state = 'live' ORDER BY ordinal DESC LIMIT 1",
+            (namespace, service, sha),
+        )
+        return int(rows[0][0]) if rows else None
+
+    def live_count(self) -> int:
+        """How many (namespace, service) have a live revision."""
+        rows = self._query(
+            "SELECT count(*) FROM (SELECT DISTINCT namespace, service FROM revisions "
+            "WHERE state = 'live')",
+            (),
+        )
+        return int(rows[0][0]) if rows else 0
 
     def live_port(self, namespace: str, service: str) -> int | None:
         """The port of the service's live revision (the router's backend), if one is live."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import BenchError, Summary, git, machine
 
-ORDER = ("push", "router", "capacity", "sandbox")
+ORDER = ("push", "router", "capacity", "sandbox", "kube")
 _TARGET_ROW = re.compile(r"^\| .+ \| \*\*(PASS|MISS)\*\* \|$")
 
 

@@ -5,8 +5,8 @@ and every object of the seed workflow, and deploy/, against the API's schemas.""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -16,6 +16,7 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Service
 from lightkube.resources.networking_v1 import Ingress
 
+from branchyard import gitserve
 from branchyard.errors import UsageError
 from branchyard.manifest import Manifest
 from branchyard.naming import short_hash
@@ -24,13 +25,12 @@ from branchyard.runtime.kube import names, render
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.render import KubeObject
 from branchyard.serving import MAX_SPLIT, MAX_WEIGHT
-from tests import k8s_crds
+from tests import k8s_crds, k8s_rbac
 
 SHA = "3f2c1ab" + "0" * 33
 APP = "https://git.example.com/team/app.git"
 DNS_1035 = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
 OLDEST, NEWEST = "1.25.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "branchyard.yaml"
 
 
 def spec(
@@ -527,13 +527,9 @@ def seed_workflow() -> list[KubeObject]:
     return made
 
 
-def deploy_manifest() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(DEPLOY.read_text()) if d]
-
-
 def objects_to_validate() -> list[tuple[str, dict[str, Any]]]:
     made = [(f"{t.kind}/{t.metadata.name}", t.to_dict()) for t in seed_workflow() if t.metadata]
-    made += [(f"deploy/{d['kind']}/{d['metadata']['name']}", d) for d in deploy_manifest()]
+    made += [(f"deploy/{d['kind']}/{d['metadata']['name']}", d) for d in k8s_rbac.manifest()]
     return made
 
 
@@ -567,27 +563,29 @@ def test_a_broken_object_does_not_validate(breaking: Any) -> None:
 
 
 def test_the_cluster_role_grants_exactly_what_the_runtime_uses() -> None:
-    (role,) = [d for d in deploy_manifest() if d["kind"] == "ClusterRole"]
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-    manage = ("get", "list", "watch", "create", "patch", "delete")
-    wanted = {
-        (group, resource, verb)
-        for group, resource in [
-            ("", "namespaces"),
-            ("", "services"),
-            ("", "configmaps"),
-            ("", "secrets"),
-            ("apps", "deployments"),
-            ("networking.k8s.io", "ingresses"),
-            ("gateway.networking.k8s.io", "httproutes"),
-        ]
-        for verb in manage
-    } | {("", resource, verb) for resource in ("pods", "pods/log") for verb in manage[:3]}
-    assert granted == wanted
+    assert k8s_rbac.granted() == k8s_rbac.USED
+    (role,) = [d for d in k8s_rbac.manifest() if d["kind"] == "ClusterRole"]
     assert not any("*" in str(rule) for rule in role["rules"])
+
+
+def test_deploy_serves_local_repos_to_pods_at_the_url_it_gives_them() -> None:
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in k8s_rbac.manifest()}
+    deployment = objects["Deployment", "branchyard"]
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    command = container["command"]
+    listen, url = (command[command.index(flag) + 1] for flag in ("--git-listen", "--git-url"))
+    address = gitserve.address_of(listen, url, "127.0.0.1")
+    assert address.host == "0.0.0.0"
+    # pods reach it at the in-cluster name of the Service, on a port of the Service that
+    # goes to the container's port it listens on
+    reached = urlsplit(address.url_at(address.port))
+    assert reached.scheme == "http" and reached.hostname is not None
+    service_name, namespace, svc = reached.hostname.split(".")
+    service = objects["Service", service_name]
+    assert svc == "svc" and service["metadata"]["namespace"] == namespace
+    assert deployment["metadata"]["namespace"] == namespace
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == reached.port]
+    (target,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert target["containerPort"] == address.port
