@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
+from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
 
 T = TypeVar("T")
@@ -101,6 +102,13 @@ def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "conditi
             last = result
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def free_port() -> int:
+    """A free loopback port for a daemon to listen on later, outside the kernel's ephemeral
+    range: a ``bind(0)`` port is one the kernel may hand to any outgoing connection
+    between this pick and the daemon's own bind."""
+    return Ports().take()
 
 
 @dataclass
