@@ -186,6 +186,11 @@ class Daemon:
             raise AssertionError(f"branchyard {' '.join(args)} failed: {done.stderr}")
         return done
 
+    def follow(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command that goes on (``logs -f``), its output a pipe to read lines from."""
+        command = [sys.executable, "-m", "branchyard", "--home", str(self.home), *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
     def ps_q(self, namespace: str = "main") -> list[str]:
         return self.cli("-n", namespace, "ps", "-q").stdout.split()
 

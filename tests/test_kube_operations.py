@@ -1,0 +1,234 @@
+"""Living with revisions on Kubernetes, as users see it: the real daemon (``up --runtime
+kubernetes``) and CLI against the test control plane. Logs read through the API (kwok serves
+the files a test writes, tests/k8s_node.py), the reason a revision fails (kwok's marks:
+``sim-crash``, ``sim-pull-fail``), a live revision that starts crashing, retention, ``gc``
+and ``restart``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod
+
+from tests import k8s_node
+from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
+from tests.test_kube_workflow import client as client  # the fixture
+from tests.test_kube_workflow import services, stop
+
+pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
+
+GOOD = "web: python -m http.server $PORT  # sim-ready\n"
+BAD = "web: python -m http.server $PORT\n"  # never ready
+CRASH = "web: python -m http.server $PORT  # sim-crash\n"
+NO_POD = "app v%d in main has no pod: it is scaled to 0, and its log went with its pod"
+
+
+def repo_files(procfile: str = GOOD, manifest: str = "") -> dict[str, str]:
+    return {"Procfile": procfile, "branchyard.yaml": "health:\n  timeout: 1\n" + manifest}
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"o{uuid.uuid4().hex[:6]}-"
+
+
+def kube_daemon(
+    k8s: Cluster, home: Path, prefix: str, build_timeout: int = 1, git: int = 0
+) -> Daemon:
+    """A daemon on the test cluster; ``git``: its git server's port (the pods' template
+    holds it: a daemon started again keeps it, or every revision rolls)."""
+    return start_daemon(
+        home,
+        *("--poll-interval", "1", "--drain-grace", "0", "--runtime", "kubernetes"),
+        *("--kubeconfig", str(k8s.kubeconfig), "--namespace-prefix", prefix),
+        *("--build-timeout", str(build_timeout), "--git-listen", f"127.0.0.1:{git or free_port()}"),
+    )
+
+
+def pod_of(client: Client, namespace: str, service: str, ordinal: int) -> str:
+    """The name of the one web pod of a revision (fails unless there is exactly one)."""
+    labels: dict[str, Any] = {
+        "branchyard.dev/service": service,
+        "branchyard.dev/revision": str(ordinal),
+    }
+    pods = [
+        p.metadata.name or ""
+        for p in client.list(Pod, namespace=namespace, labels=labels)
+        if p.metadata is not None and p.metadata.deletionTimestamp is None
+    ]
+    assert len(pods) == 1, pods
+    return pods[0]
+
+
+def live(daemon: Daemon, namespace: str, service: str) -> int:
+    row = daemon.row(namespace, service)
+    return int(row["live"]["ordinal"]) if row["state"] == "live" and row["live"] else 0
+
+
+def test_logs_read_a_revisions_pod_follow_it_and_say_when_there_is_no_pod(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+) -> None:
+    where = f"{prefix}main"
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix, build_timeout=120)
+    try:
+        app = make_repo("app", repo_files())
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
+        first = pod_of(client, where, "app", 1)
+        web, fetch, install = (tmp_path / f"{n}.log" for n in ("web", "fetch", "install"))
+        k8s_node.write_log(web, ["serving on 8080", "GET / 200"])
+        k8s_node.write_log(fetch, ["fetched 3f2c1ab"])
+        k8s_node.write_log(install, ["installed 0 packages", "build done"])
+        files = {"web": web, "fetch": fetch, "install": install}
+        k8s_node.give_container_logs(client, where, first, files)
+        assert daemon.cli("logs", "app").stdout == "serving on 8080\nGET / 200\n"
+        built = daemon.cli("logs", "--build", "app").stdout
+        assert built == "fetched 3f2c1ab\ninstalled 0 packages\nbuild done\n"
+        assert daemon.cli("logs", "--tail", "1", "app").stdout == "GET / 200\n"
+
+        followed = daemon.follow("logs", "-f", "app")
+        try:
+            assert followed.stdout is not None
+            assert [followed.stdout.readline() for _ in range(2)] == [
+                "serving on 8080\n",
+                "GET / 200\n",
+            ]
+            k8s_node.write_log(web, ["GET /later 200"], append=True)
+            assert followed.stdout.readline() == "GET /later 200\n"
+        finally:
+            followed.terminate()
+            followed.wait()
+
+        # v2 never gets ready: it starts while v1 serves; each revision's pod is its own
+        app.commit(repo_files(BAD), "never ready")
+        app.push()
+        wait_for(lambda: daemon.row("main", "app")["state"] == "live (v2 starting)", 60, "v2")
+        second = wait_for(lambda: pod_of(client, where, "app", 2), 60, "v2's pod")
+        other = tmp_path / "other.log"
+        k8s_node.write_log(other, ["v2 says hello"])
+        k8s_node.give_logs(client, where, second, other, ["web"])
+        assert daemon.cli("logs", "--revision", "2", "app").stdout == "v2 says hello\n"
+        assert daemon.cli("logs", "--revision", "v1", "app").stdout.startswith("serving on 8080")
+        assert daemon.cli("logs", "app").stdout.startswith("serving on 8080")  # the live one's
+
+        # v3 replaces both: v1 is scaled to 0, and its log went with its pod
+        app.commit(repo_files(GOOD), "good again")
+        app.push()
+        wait_for(lambda: live(daemon, "main", "app") == 3, 60, "v3 live")
+        wait_for(lambda: services(client, where)["app"] == "3", 60, "v3 selected")
+        gone = daemon.cli("logs", "--revision", "1", "app", check=False)
+        assert (gone.returncode, gone.stdout) == (1, "")
+        assert gone.stderr == f"error: {NO_POD % 1}\n"
+        for flags in (["-f"], ["--build"]):
+            said = daemon.cli("logs", *flags, "--revision", "1", "app", check=False)
+            assert (said.returncode, said.stderr) == (gone.returncode, gone.stderr)
+    finally:
+        stop(daemon)
+
+
+@dataclass(frozen=True)
+class Failure:
+    files: dict[str, str]
+    reason: str
+    shown: tuple[str, ...] = ()  # the last lines kept, of the build log if ``build``
+    build: bool = False
+
+
+WRITTEN = {
+    "fetch": ["fetched"],
+    "install": ["installing", "ERROR: no matching distribution for nope"],
+    "web": ["starting", "Traceback (most recent call last):", "RuntimeError: boom"],
+}
+FAILURES = {
+    "crash": Failure(
+        repo_files(CRASH), "CrashLoopBackOff: exited with code 1 (", tuple(WRITTEN["web"])
+    ),
+    "pull": Failure(  # no log: its containers never ran (ps points at the build's)
+        repo_files(GOOD, "image: registry.test/web:sim-pull-fail\n"),
+        'ImagePullBackOff: Back-off pulling image "registry.test/web:sim-pull-fail"',
+        build=True,
+    ),
+    "build": Failure(
+        repo_files(GOOD, "build:\n  - echo sim-crash\n"),
+        "init container install failed (exit code 1)",
+        tuple(WRITTEN["fetch"] + WRITTEN["install"]),
+        build=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
+def test_a_failed_revision_says_why_and_keeps_its_last_lines_once_its_pod_is_gone(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+    failure: Failure,
+) -> None:
+    where = f"{prefix}main"
+    logs = {name: tmp_path / f"{name}.log" for name in WRITTEN}
+    for name, lines in WRITTEN.items():
+        k8s_node.write_log(logs[name], lines)
+    shown = list(failure.shown)
+    port = free_port()
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix, git=port)
+    try:
+        app = make_repo("app", repo_files())
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
+        given = logs if shown else {}
+        with k8s_node.namespace_logs(client, where, given, pod_of(client, where, "app", 1)):
+            app.commit(failure.files, "broken")
+            app.push()
+            row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 60, "failed")
+        reason = failure.reason
+        assert (row["state"], row["latest"]["state"]) == ("live (v2 failed)", "failed")
+        assert row["reason"].startswith(reason), row["reason"]
+        assert services(client, where)["app"] == "1"
+        table = daemon.cli("ps").stdout
+        assert f"live (v2 failed): {reason}" in table
+        command = "branchyard logs app --revision 2" + (" --build" if failure.build else "")
+        assert f"main:app v2 failed; see: {command}\n" in table
+        events = daemon.cli("events").stdout
+        assert f"app-v2 in {where} failed: {reason}" in events
+        assert f"failed     main:app                 v2: {reason}" in events
+        assert row["last_lines"] == shown
+        said = f"; last output: {' | '.join(shown[-3:])}" if shown else ""
+        assert row["reason"].endswith(said)
+        wait_for(lambda: not pods(client, where, 2), 60, "v2 without a pod")
+        flags = ["--build"] if failure.build else []
+        if shown:
+            read = daemon.cli("logs", "--revision", "2", *flags, "app").stdout
+            assert read.splitlines() == shown
+            tail = daemon.cli("logs", "-f", "--tail", "1", "--revision", "2", *flags, "app")
+            assert tail.stdout.splitlines() == shown[-1:]  # and ends: nothing more will come
+        else:
+            none = daemon.cli("logs", "--revision", "2", *flags, "app", check=False)
+            assert (none.returncode, none.stderr) == (1, f"error: {NO_POD % 2}\n")
+
+        stop(daemon)  # a new daemon finds them on the Deployment
+        daemon = kube_daemon(k8s, tmp_path / "home", prefix, git=port)
+        again = wait_for(lambda: daemon.row("main", "app"), 60, "ps")
+        assert again["last_lines"] == shown
+    finally:
+        stop(daemon)
+
+
+def pods(client: Client, namespace: str, ordinal: int) -> list[str]:
+    labels: dict[str, Any] = {"branchyard.dev/revision": str(ordinal)}
+    return [
+        p.metadata.name or ""
+        for p in client.list(Pod, namespace=namespace, labels=labels)
+        if p.metadata
+    ]
