@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightkube import Client
-from lightkube.resources.core_v1 import Pod
+from lightkube import ApiError, Client
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod
+from lightkube.types import PatchType
 
 from tests import k8s_node
 from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
 from tests.test_kube_workflow import client as client  # the fixture
-from tests.test_kube_workflow import services, stop
+from tests.test_kube_workflow import gone, services, stop
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
 GOOD = "web: python -m http.server $PORT  # sim-ready\n"
 BAD = "web: python -m http.server $PORT\n"  # never ready
 CRASH = "web: python -m http.server $PORT  # sim-crash\n"
+GHOST = {"branchyard.dev/service": "ghost"}
+APP = {"branchyard.dev/service": "app"}
 NO_POD = "app v%d in main has no pod: it is scaled to 0, and its log went with its pod"
 
 
@@ -232,3 +236,104 @@ def pods(client: Client, namespace: str, ordinal: int) -> list[str]:
         for p in client.list(Pod, namespace=namespace, labels=labels)
         if p.metadata
     ]
+
+
+def test_a_live_revision_whose_pod_starts_crashing_shows_as_restarting(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+) -> None:
+    where = f"{prefix}main"
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix)
+    try:
+        app = make_repo("app", repo_files())
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
+        # its kubelet (the test, for kwok) says the web container crashed; kwok goes on
+        crashed = {
+            "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [
+                {
+                    "name": "web",
+                    "image": "python:3.11-slim",
+                    "imageID": "python:3.11-slim",
+                    "ready": False,
+                    "restartCount": 1,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 1s"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+                }
+            ],
+        }
+        pod = pod_of(client, where, "app", 1)
+        client.patch(
+            Pod.Status, pod, {"status": crashed}, namespace=where, patch_type=PatchType.MERGE
+        )
+        row = wait_for(
+            lambda: (r := daemon.row("main", "app"))["state"].startswith("restarting") and r,
+            60,
+            "restarting",
+        )
+        assert row["state"] == "restarting (exit 1)"
+        assert "main:app  v1" in daemon.cli("ps").stdout
+        assert "restarting (exit 1)" in daemon.cli("ps").stdout
+        restarts = wait_for(lambda: daemon.row("main", "app")["restarts"] >= 2, 60, "restarts")
+        assert restarts
+    finally:
+        stop(daemon)
+
+
+def test_gc_deletes_what_the_store_no_longer_knows_and_nothing_else(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+) -> None:
+    where, bugfix = f"{prefix}main", f"{prefix}bugfix"
+    other = f"p{uuid.uuid4().hex[:6]}-"  # another daemon's prefix
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix)
+    try:
+        repos = {name: make_repo(name, repo_files()) for name in ("app", "web")}
+        for repo in repos.values():
+            daemon.cli("repo", "add", str(repo.origin))
+        repos["app"].checkout("bugfix")
+        repos["app"].push()
+        wait_for(lambda: services(client, bugfix) == {"app": "1", "web": "external"}, 60, "bugfix")
+        ours = {"app.kubernetes.io/managed-by": "branchyard"}
+        ghost = {**ours, "branchyard.dev/namespace": "ghost"}
+        made: list[Any] = [
+            ConfigMap(metadata=ObjectMeta(name="ghost-env", namespace=where, labels=ours | GHOST)),
+            ConfigMap(metadata=ObjectMeta(name="theirs", namespace=where, labels=GHOST)),
+            ConfigMap(metadata=ObjectMeta(name="app-env", namespace=where, labels=ours | APP)),
+            Namespace(metadata=ObjectMeta(name=f"{prefix}ghost", labels=ghost)),
+            Namespace(metadata=ObjectMeta(name=f"{other}ghost", labels=ghost)),
+            Namespace(metadata=ObjectMeta(name=f"{prefix}plain")),
+        ]
+        for thing in made:
+            client.create(thing)
+        said = daemon.cli("gc").stdout
+        assert said == "freed 0.0 MB of builds, deleted 2 Kubernetes objects\n"
+        assert not exists(client, ConfigMap, "ghost-env", where)
+        assert gone(client, f"{prefix}ghost")
+        for kept in made[1:3]:
+            assert exists(client, ConfigMap, kept.metadata.name, where)
+        for kept in made[4:]:
+            assert exists(client, Namespace, kept.metadata.name)
+        assert services(client, bugfix) == {"app": "1", "web": "external"}
+        assert daemon.row("bugfix", "app")["state"] == "live"
+    finally:
+        stop(daemon)
+        for name in (f"{other}ghost", f"{prefix}plain"):
+            client.delete(Namespace, name)
+
+
+def exists(client: Client, kind: Any, name: str, namespace: str | None = None) -> bool:
+    try:
+        client.get(kind, name, namespace=namespace)
+    except ApiError as exc:
+        if exc.status.code == 404:
+            return False
+        raise
+    return True

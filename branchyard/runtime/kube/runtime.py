@@ -361,19 +361,26 @@ class KubeRuntime:
 
     async def gc(self) -> dict[str, int]:
         """Delete what branchyard made for services the store no longer knows: their
-        objects, and Namespaces none of whose services it knows."""
+        objects, and the Namespaces of this daemon's (its prefix's) none of whose services
+        it knows. Fallbacks are the Switchboard's, and objects without branchyard's label
+        are never looked at."""
         known = {(self.namespaces.name(ns), names.object_name(s)) for ns, s in self._known()}
         spaces = {where for where, _ in known}
         deleted = 0
         for found in await self.connection.list(Namespace, ALL_NS):
-            if _name(found) not in spaces and await self.connection.delete(Namespace, _name(found)):
-                self._report(EVENT, f"gc deleted Namespace {_name(found)}", None)
+            name = _name(found)
+            held = _labels(found).get(names.NAMESPACE)
+            if held is None or self._options.namespace_prefix + held != name or name in spaces:
+                continue  # another daemon's (another prefix), or known
+            if await self.connection.delete(Namespace, name):
+                self._report(EVENT, f"gc deleted Namespace {name}", None)
                 deleted += 1
         for kind in (Deployment, Service, ConfigMap, Secret, Ingress):
             for thing in await self.connection.list(kind, ALL_NS):
                 where = str(getattr(getattr(thing, "metadata", None), "namespace", ""))
-                label = _labels(thing).get(names.SERVICE, "")
-                if where in spaces and (where, label) not in known:
+                labels = _labels(thing)
+                label = labels.get(names.SERVICE, "")
+                if where in spaces and (where, label) not in known and names.FALLBACK not in labels:
                     await self.connection.delete(kind, _name(thing), where)
                     said = f"gc deleted {kind.__name__} {_name(thing)} in {where}"
                     self._report(EVENT, said, None)
