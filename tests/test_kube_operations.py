@@ -7,21 +7,23 @@ and ``restart``."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lightkube import ApiError, Client
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Secret
 from lightkube.types import PatchType
 
 from tests import k8s_node
 from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
 from tests.test_kube_workflow import client as client  # the fixture
-from tests.test_kube_workflow import gone, services, stop
+from tests.test_kube_workflow import gone, names_of, replicas, services, stop
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -55,6 +57,29 @@ def kube_daemon(
     )
 
 
+@dataclass(frozen=True)
+class Running:
+    """A daemon on the test cluster, v1 of its repo ``app`` live in ``where``."""
+
+    daemon: Daemon
+    app: ServiceRepo
+    where: str
+
+
+@pytest.fixture
+def running(
+    k8s: Cluster, prefix: str, tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> Iterator[Running]:
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix)
+    try:
+        app = make_repo("app", repo_files())
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
+        yield Running(daemon, app, f"{prefix}main")
+    finally:
+        stop(daemon)
+
+
 def pod_of(client: Client, namespace: str, service: str, ordinal: int) -> str:
     """The name of the one web pod of a revision (fails unless there is exactly one)."""
     labels: dict[str, Any] = {
@@ -68,6 +93,10 @@ def pod_of(client: Client, namespace: str, service: str, ordinal: int) -> str:
     ]
     assert len(pods) == 1, pods
     return pods[0]
+
+
+def is_live(daemon: Daemon, ordinal: int) -> bool:
+    return live(daemon, "main", "app") == ordinal
 
 
 def live(daemon: Daemon, namespace: str, service: str) -> int:
@@ -239,49 +268,36 @@ def pods(client: Client, namespace: str, ordinal: int) -> list[str]:
 
 
 def test_a_live_revision_whose_pod_starts_crashing_shows_as_restarting(
-    k8s: Cluster,
-    client: Client,
-    prefix: str,
-    tmp_path: Path,
-    make_repo: Callable[..., ServiceRepo],
+    client: Client, running: Running
 ) -> None:
-    where = f"{prefix}main"
-    daemon = kube_daemon(k8s, tmp_path / "home", prefix)
-    try:
-        app = make_repo("app", repo_files())
-        daemon.cli("repo", "add", str(app.origin))
-        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
-        # its kubelet (the test, for kwok) says the web container crashed; kwok goes on
-        crashed = {
-            "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
-            "containerStatuses": [
-                {
-                    "name": "web",
-                    "image": "python:3.11-slim",
-                    "imageID": "python:3.11-slim",
-                    "ready": False,
-                    "restartCount": 1,
-                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 1s"}},
-                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
-                }
-            ],
-        }
-        pod = pod_of(client, where, "app", 1)
-        client.patch(
-            Pod.Status, pod, {"status": crashed}, namespace=where, patch_type=PatchType.MERGE
-        )
-        row = wait_for(
-            lambda: (r := daemon.row("main", "app"))["state"].startswith("restarting") and r,
-            60,
-            "restarting",
-        )
-        assert row["state"] == "restarting (exit 1)"
-        assert "main:app  v1" in daemon.cli("ps").stdout
-        assert "restarting (exit 1)" in daemon.cli("ps").stdout
-        restarts = wait_for(lambda: daemon.row("main", "app")["restarts"] >= 2, 60, "restarts")
-        assert restarts
-    finally:
-        stop(daemon)
+    daemon, where = running.daemon, running.where
+    # its kubelet (the test, for kwok) says the web container crashed; kwok goes on
+    crashed = {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+        "containerStatuses": [
+            {
+                "name": "web",
+                "image": "python:3.11-slim",
+                "imageID": "python:3.11-slim",
+                "ready": False,
+                "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 1s"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+            }
+        ],
+    }
+    pod = pod_of(client, where, "app", 1)
+    client.patch(Pod.Status, pod, {"status": crashed}, namespace=where, patch_type=PatchType.MERGE)
+    row = wait_for(
+        lambda: (r := daemon.row("main", "app"))["state"].startswith("restarting") and r,
+        60,
+        "restarting",
+    )
+    assert row["state"] == "restarting (exit 1)"
+    assert "main:app  v1" in daemon.cli("ps").stdout
+    assert "restarting (exit 1)" in daemon.cli("ps").stdout
+    restarts = wait_for(lambda: daemon.row("main", "app")["restarts"] >= 2, 60, "restarts")
+    assert restarts
 
 
 def test_gc_deletes_what_the_store_no_longer_knows_and_nothing_else(
@@ -329,6 +345,21 @@ def test_gc_deletes_what_the_store_no_longer_knows_and_nothing_else(
             client.delete(Namespace, name)
 
 
+KEPT = [f"app-v{n}" for n in range(4, 10)]
+
+
+def env_of(client: Client, namespace: str, name: str) -> set[str]:
+    """The ConfigMaps and Secrets a Deployment's web container takes its env from."""
+    spec = client.get(Deployment, name, namespace=namespace).spec
+    assert spec is not None and spec.template.spec is not None
+    found = set()
+    for source in spec.template.spec.containers[0].envFrom or ():
+        for ref in (source.configMapRef, source.secretRef):
+            if ref is not None and ref.name:
+                found.add(ref.name)
+    return found
+
+
 def exists(client: Client, kind: Any, name: str, namespace: str | None = None) -> bool:
     try:
         client.get(kind, name, namespace=namespace)
@@ -337,3 +368,47 @@ def exists(client: Client, kind: Any, name: str, namespace: str | None = None) -
             return False
         raise
     return True
+
+
+def test_retention_deletes_dropped_deployments_and_the_env_only_they_used(
+    client: Client, running: Running
+) -> None:
+    daemon, where = running.daemon, running.where
+    edits = [["--secret", "TOKEN=a"], ["--secret", "TOKEN=b"]]
+    edits += [[f"GREETING={n}"] for n in range(6)]  # v2 .. v9; 5 served are kept, and v9
+    for ordinal, edit in enumerate(edits, start=2):
+        daemon.cli("env", "set", *edit[:-1], "app", edit[-1])
+        wait_for(partial(is_live, daemon, ordinal), 60, f"v{ordinal} live")
+    wait_for(lambda: names_of(client, Deployment, where) == KEPT, 60, "v1-v3 deleted")
+    assert [replicas(client, where, name) for name in KEPT] == [0, 0, 0, 0, 0, 1]
+    used = {name for d in KEPT for name in env_of(client, where, d)}
+    maps = {n for n in names_of(client, ConfigMap, where) if n.startswith("app-")}
+    assert maps == {n for n in used if n.startswith("app-env-")}  # v1's went with v1
+    secrets = names_of(client, Secret, where)
+    assert len(secrets) == 1 and set(secrets) <= used  # TOKEN=a's went with v2
+
+
+def test_restart_gives_new_pods_and_the_old_one_stays_until_the_new_one_is_ready(
+    client: Client, running: Running
+) -> None:
+    daemon, where = running.daemon, running.where
+    old = pod_of(client, where, "app", 1)
+    listing = client.list(Pod, namespace=where)
+    assert [p.metadata.name for p in listing if p.metadata] == [old]
+    before = listing.resourceVersion
+    daemon.cli("restart", "app")
+    ready: set[str] = set()
+    # every change to the pods since, in the API server's order: the old pod is deleted
+    # only once a new one is Ready
+    for change, pod in client.watch(Pod, namespace=where, resource_version=before):
+        assert pod.metadata is not None and pod.status is not None
+        name = pod.metadata.name or ""
+        if name == old and (change == "DELETED" or pod.metadata.deletionTimestamp):
+            assert ready, "the old pod went before a new one was Ready"
+            break
+        conditions = pod.status.conditions or ()
+        if name != old and any(c.type == "Ready" and c.status == "True" for c in conditions):
+            ready.add(name)
+    assert pod_of(client, where, "app", 1) in ready
+    assert services(client, where)["app"] == "1"
+    assert live(daemon, "main", "app") == 1
