@@ -258,6 +258,7 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
         log; ``revision``: that revision's output or build log."""
         views.target(namespace, service)
         log = views.log_of((namespace, service), build, revision)
+        await views.readable(log)
         if not follow:
             return StreamingResponse(views.read_log(log, tail), media_type="text/plain")
         followed = views.read_log(log, tail, lambda: _pause(stopping))

@@ -195,6 +195,12 @@ class Views:
             raise NotFound(f"{service} in {namespace} has no revision yet")
         return LogName(namespace, service, chosen.ordinal, build)
 
+    async def readable(self, log: LogName) -> None:
+        """Raise NotFound if ``log`` can no longer be read (a pod scaled away), saying why."""
+        why = await self._runtime.missing_log(log)
+        if why is not None:
+            raise NotFound(why)
+
     def read_log(
         self, log: LogName, lines: int | None = None, pause: Pause | None = None
     ) -> AsyncIterator[bytes]:

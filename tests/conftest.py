@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
+from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
 
 T = TypeVar("T")
@@ -103,6 +104,13 @@ def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "conditi
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+def free_port() -> int:
+    """A free loopback port for a daemon to listen on later, outside the kernel's ephemeral
+    range: a ``bind(0)`` port is one the kernel may hand to any outgoing connection
+    between this pick and the daemon's own bind."""
+    return Ports().take()
+
+
 @dataclass
 class ServiceRepo:
     """A bare 'origin' repo and a working clone to commit and push from."""
@@ -177,6 +185,11 @@ class Daemon:
         if check and done.returncode != 0:
             raise AssertionError(f"branchyard {' '.join(args)} failed: {done.stderr}")
         return done
+
+    def follow(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command that goes on (``logs -f``), its output a pipe to read lines from."""
+        command = [sys.executable, "-m", "branchyard", "--home", str(self.home), *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
     def ps_q(self, namespace: str = "main") -> list[str]:
         return self.cli("-n", namespace, "ps", "-q").stdout.split()

@@ -64,11 +64,7 @@ def test_logs_follow_prints_the_output_and_keeps_the_stream_open(
     app = make_repo("app")
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "branchyard", "--home", str(daemon.home), "logs", "-f", "app"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    follower = daemon.follow("logs", "-f", "app")
     try:
         assert follower.stdout is not None
         assert follower.stdout.readline().startswith("listening on")

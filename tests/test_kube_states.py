@@ -50,6 +50,11 @@ INIT_FAILED = [
     {"name": "install", "state": {"terminated": {"exitCode": 2}}},
 ]
 PULL = waiting("ImagePullBackOff", 'Back-off pulling image "nope"')
+INIT_PULL = [
+    {"name": "fetch", "state": {"terminated": {"exitCode": 0}}},
+    {"name": "install", **PULL},
+]
+WAITING = waiting("PodInitializing")
 UP = ("Available", "True", "MinimumReplicasAvailable")
 DOWN = ("Available", "False", "MinimumReplicasUnavailable")
 LATE = ("Progressing", "False", "ProgressDeadlineExceeded")
@@ -86,6 +91,8 @@ def test_pods_read_as_instance_states(pods: list[Pod], expected: states.Seen) ->
         ([pod(web=CRASHED)], "CrashLoopBackOff: exited with code 1 (3 restarts)"),
         ([pod(web=PULL)], 'ImagePullBackOff: Back-off pulling image "nope"'),
         ([pod(init=INIT_FAILED)], "init container install failed (exit code 2)"),
+        ([pod(init=INIT_LOOP)], "init container install: CrashLoopBackOff"),
+        ([pod(init=INIT_PULL, web=WAITING)], 'ImagePullBackOff: Back-off pulling image "nope"'),
         ([pod(phase="Pending", scheduled="0/1 nodes")], "not scheduled: 0/1 nodes"),
         ([], "no pod was made"),
     ],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,15 @@ from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Service
 
 from branchyard.runtime.kube.names import object_name
-from tests.conftest import Cluster, Daemon, ServiceRepo, git, start_daemon, wait_for
+from tests.conftest import (
+    Cluster,
+    Daemon,
+    ServiceRepo,
+    free_port,
+    git,
+    start_daemon,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -89,13 +96,6 @@ def gone(client: Client, namespace: str) -> bool:
     except ApiError as exc:
         return exc.status.code == 404
     return bool(found.status and found.status.phase == "Terminating")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_the_seed_workflow_runs_on_kubernetes(

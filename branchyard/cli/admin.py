@@ -197,12 +197,15 @@ def token_rotate(ctx: Context) -> None:
 @click.command()
 @pass_context
 def gc(ctx: Context) -> None:
-    """Delete builds beyond the kept ones and environments nothing uses."""
+    """Delete builds beyond the kept ones and environments nothing uses (on Kubernetes,
+    the objects of services the daemon no longer knows)."""
     freed = ctx.client.call("POST", path_of("gc"))
-    click.echo(
-        f"freed {freed['builds_bytes'] / 1e6:.1f} MB of builds, removed "
-        f"{freed['environments_removed']} environments"
-    )
+    said = [f"freed {freed['builds_bytes'] / 1e6:.1f} MB of builds"]
+    if "environments_removed" in freed:
+        said.append(f"removed {freed['environments_removed']} environments")
+    if "kubernetes_objects_deleted" in freed:
+        said.append(f"deleted {freed['kubernetes_objects_deleted']} Kubernetes objects")
+    click.echo(", ".join(said))
 
 
 @click.command()

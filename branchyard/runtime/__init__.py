@@ -180,6 +180,12 @@ class Runtime(Protocol):
         output of its processes)."""
         ...
 
+    async def missing_log(self, log: LogName) -> str | None:
+        """Why ``log`` can no longer be read, in one line (on Kubernetes, a revision scaled
+        to 0 has no pod, and its log went with it); None if it can be, or may yet be
+        written."""
+        ...
+
     async def tail_log(self, log: LogName, size: int) -> bytes:
         """The last ``size`` bytes of ``log`` (nothing if there is none)."""
         ...

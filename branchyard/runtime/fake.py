@@ -324,6 +324,9 @@ class FakeRuntime:
     async def has_log(self, log: LogName) -> bool:
         return log in self.logs
 
+    async def missing_log(self, log: LogName) -> str | None:
+        return None
+
     async def tail_log(self, log: LogName, size: int) -> bytes:
         return self.logs.get(log, b"")[-size:] if size > 0 else b""
 

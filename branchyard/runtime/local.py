@@ -502,6 +502,9 @@ class LocalRuntime:
     async def has_log(self, log: LogName) -> bool:
         return self._log_path(log).exists()
 
+    async def missing_log(self, log: LogName) -> str | None:
+        return None  # files are kept: one not yet written may yet be
+
     async def tail_log(self, log: LogName, size: int) -> bytes:
         try:
             return logfiles.tail(self._log_path(log), size)

@@ -41,6 +41,10 @@ PROCESS = "branchyard.dev/process"
 """Which of a revision's processes a pod runs: ``web``, or a worker's name."""
 FALLBACK = "branchyard.dev/fallback"
 """On an ExternalName Service: ``"true"``, it stands in for a peer the namespace lacks."""
+LAST_OUTPUT = "branchyard.dev/last-output"
+LAST_BUILD_OUTPUT = "branchyard.dev/last-build-output"
+"""Annotations on the web Deployment of a revision that failed to start: the last lines of
+its output (or of its build's), kept when it was scaled to 0, as its pod took its log along."""
 
 WEB = "web"
 ORDINAL_ROOM = 10

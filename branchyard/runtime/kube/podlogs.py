@@ -4,8 +4,13 @@ A revision's build log is what its pod's init containers wrote (``fetch``, then
 ``install``: the fetch, the dependencies, the build steps); its log is what its web
 container writes. Both are read from the revision's newest pod, as the API server
 gives them (the kubelet keeps them; a pod scaled away takes them along), and ``logs
--f`` follows the web container's stream. Where the API gives nothing (no pod, a node
-that serves no logs), the log is empty.
+-f`` follows the web container's stream. Where the node serves no logs, the log is empty.
+
+A revision that failed to start is scaled to 0, and its pod takes its log along: the last
+lines of the log that says why are kept first, in an annotation of its web Deployment
+(:func:`kept_output`), and are its log from then on. A revision without a pod and without
+kept lines (scaled to 0 when it was replaced, or deleted by retention) has no log to read,
+and :meth:`PodLogs.missing` says so.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httpx2
 from lightkube import ApiError
+from lightkube.resources.apps_v1 import Deployment
 
 from branchyard.runtime import LAST_LINES, LogName, Pause
 from branchyard.runtime.kube import names
@@ -28,6 +34,14 @@ log = logging.getLogger(__name__)
 
 BUILD_CONTAINERS = ("fetch", "install")
 TAIL = 1000  # lines read for a tail of bytes
+KEPT_LINE = 500  # characters of a line kept in an annotation
+
+
+def kept_output(build: bool, lines: Sequence[str]) -> dict[str, str]:
+    """The annotations that keep the last ``lines`` of a revision's output (``build``: of
+    its build) on its web Deployment."""
+    key = names.LAST_BUILD_OUTPUT if build else names.LAST_OUTPUT
+    return {key: "\n".join(line[:KEPT_LINE] for line in lines)} if lines else {}
 
 
 class PodLogs:
@@ -36,13 +50,13 @@ class PodLogs:
         self._namespaces = namespaces
         self._watch = watch
 
+    def _key(self, name: LogName) -> Key:
+        namespace = self._namespaces.name(name.namespace)
+        return (namespace, names.object_name(name.service), str(name.ordinal))
+
     def _pod(self, name: LogName) -> tuple[str, str] | None:
         """(namespace, pod) of the revision's newest web pod."""
-        key: Key = (
-            self._namespaces.name(name.namespace),
-            names.object_name(name.service),
-            str(name.ordinal),
-        )
+        key = self._key(name)
         pods = [p for p in self._watch.pods_of(key) if p.metadata is not None]
         if not pods:
             return None
@@ -50,14 +64,42 @@ class PodLogs:
         assert newest.metadata is not None
         return key[0], newest.metadata.name or ""
 
+    def _deployment(self, name: LogName) -> Deployment | None:
+        where = self._namespaces.name(name.namespace)
+        return self._watch.deployment(where, names.revision_name(name.service, name.ordinal))
+
+    def _kept(self, name: LogName) -> list[str]:
+        """The lines kept when the revision failed, if it did."""
+        deployment = self._deployment(name)
+        meta = deployment.metadata if deployment is not None else None
+        key = names.LAST_BUILD_OUTPUT if name.build else names.LAST_OUTPUT
+        kept = ((meta.annotations if meta else None) or {}).get(key)
+        return kept.split("\n") if kept else []
+
     async def has_log(self, name: LogName) -> bool:
-        return self._pod(name) is not None
+        return self._pod(name) is not None or bool(self._kept(name))
+
+    def missing(self, name: LogName) -> str | None:
+        """Why the revision has no log to read, in one line; None if it has one, or its
+        pod is on its way."""
+        if self._pod(name) is not None or self._kept(name):
+            return None
+        deployment = self._deployment(name)
+        which = f"{name.service} v{name.ordinal} in {name.namespace}"
+        if deployment is None:
+            return f"{which} has no Deployment left (retention deleted it), so no log to read"
+        if deployment.spec is not None and deployment.spec.replicas == 0:
+            return f"{which} has no pod: it is scaled to 0, and its log went with its pod"
+        return None
 
     async def _lines(
         self, name: LogName, lines: int | None, follow: bool = False
     ) -> AsyncIterator[str]:
         pod = self._pod(name)
         if pod is None:
+            kept = self._kept(name)
+            for line in kept if lines is None else kept[max(len(kept) - lines, 0) :]:
+                yield line + "\n"
             return
         containers = BUILD_CONTAINERS if name.build else (names.WEB,)
         for container in containers:
@@ -88,7 +130,7 @@ class PodLogs:
     ) -> AsyncIterator[bytes]:
         """The log as it is (its last ``lines``); with ``pause``, followed until
         ``pause()`` says to stop."""
-        if pause is None:
+        if pause is None or self._pod(name) is None:  # without a pod, nothing comes
             async for line in self._lines(name, lines):
                 yield line.encode()
             return

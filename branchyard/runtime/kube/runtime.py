@@ -57,7 +57,7 @@ from branchyard.runtime.kube import names, render, states
 from branchyard.runtime.kube.connection import Connection
 from branchyard.runtime.kube.namespaces import EVENT, Namespaces, Report, Slot
 from branchyard.runtime.kube.options import KubeOptions
-from branchyard.runtime.kube.podlogs import PodLogs
+from branchyard.runtime.kube.podlogs import PodLogs, kept_output
 from branchyard.runtime.kube.services import Switchboard
 from branchyard.runtime.kube.watch import Key, Watch
 from branchyard.runtime.processes import uninterrupted
@@ -67,6 +67,15 @@ log = logging.getLogger(__name__)
 RESTART_MANAGER = "branchyard-restart"
 """The field manager of a restart's annotation: the runtime's own applies leave it be."""
 RESTARTED_AT = "branchyard.dev/restarted-at"
+
+
+class Stalled(BuildFailed):
+    """A start whose progress deadline passed, with the last lines of the log that says
+    why (kept on the Deployment as it is scaled to 0)."""
+
+    def __init__(self, message: str, kept: dict[str, str]) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 @dataclass(frozen=True)
@@ -167,17 +176,22 @@ class KubeRuntime:
 
     # running
 
-    async def _apply(self, spec: RevisionSpec, replicas: int) -> int:
-        """Apply the revision's env and Deployments with ``replicas`` pods each; the web
-        Deployment's generation."""
+    async def _apply(
+        self, spec: RevisionSpec, replicas: int, annotations: dict[str, str] | None = None
+    ) -> int:
+        """Apply the revision's env and Deployments with ``replicas`` pods each (the web
+        one with ``annotations``); the web Deployment's generation."""
         config, secret = render.env_objects(self._options, spec)
         made = [config] if secret is None else [config, secret]
         for thing in made:
             await self.connection.apply(thing)
+        web = names.revision_name(spec.service, spec.ordinal)
         generation = 0
         for deployment in render.deployments(self._options, spec, config, secret):
-            assert deployment.spec is not None
+            assert deployment.spec is not None and deployment.metadata is not None
             deployment.spec.replicas = replicas
+            if annotations and deployment.metadata.name == web:
+                deployment.metadata.annotations = annotations
             applied = await self.connection.apply(deployment)
             if generation == 0 and applied.metadata is not None:
                 generation = applied.metadata.generation or 0
@@ -200,7 +214,8 @@ class KubeRuntime:
             await self._available(instance, namespace, name, generation)
         except BaseException as exc:
             if previous is None and not self._detached:
-                await uninterrupted(asyncio.ensure_future(self._scale(spec, 0, "")))
+                kept = exc.kept if isinstance(exc, Stalled) else None
+                await uninterrupted(asyncio.ensure_future(self._scale(spec, 0, "", kept)))
             if isinstance(exc, BuildFailed):
                 self._report(EVENT, f"{name} in {namespace} failed: {exc.message}", slot)
             raise
@@ -236,8 +251,9 @@ class KubeRuntime:
             pods = self.watch.pods_of(instance.key)
             reason = states.failure(self.watch.deployment(namespace, name), pods, health)
             building = reason.startswith("init container")
-            lines = await self._logs.last_lines(_log_of(spec, building), 3)
-            raise BuildFailed(reason + (f"; last output: {' | '.join(lines)}" if lines else ""))
+            lines = await self._logs.last_lines(_log_of(spec, building), LAST_LINES)
+            said = f"; last output: {' | '.join(lines[-3:])}" if lines else ""
+            raise Stalled(reason + said, kept_output(building, lines))
         instance.seen = states.instance_state(self.watch.pods_of(instance.key))
 
     async def _restart(self, spec: RevisionSpec, namespace: str, name: str) -> int:
@@ -258,8 +274,10 @@ class KubeRuntime:
         )
         return int(applied.metadata.generation or 0)
 
-    async def _scale(self, spec: RevisionSpec, replicas: int, why: str) -> None:
-        await self._apply(spec, replicas)
+    async def _scale(
+        self, spec: RevisionSpec, replicas: int, why: str, kept: dict[str, str] | None = None
+    ) -> None:
+        await self._apply(spec, replicas, kept)
         name = names.revision_name(spec.service, spec.ordinal)
         where = self.namespaces.name(spec.namespace)
         said = f"scaled {name} in {where} to {replicas}" + (f": {why}" if why else "")
@@ -281,25 +299,23 @@ class KubeRuntime:
     # retention
 
     async def prune(self, namespace: str, service: str, keep: Collection[int]) -> int:
+        """Delete the Deployments of the revisions retention drops, but the newest's (a
+        failed one keeps its last lines, one starting is on its way), and the ConfigMaps
+        and Secrets no kept Deployment uses."""
         where = self.namespaces.name(namespace)
         label = names.object_name(service)
-        gone = [
+        mine = [
             d
             for (ns, _), d in self.watch.deployments.items()
-            if ns == where
-            and _labels(d).get(names.SERVICE) == label
-            and int(_labels(d).get(names.REVISION, "0")) not in keep
+            if ns == where and _labels(d).get(names.SERVICE) == label
         ]
+        newest = max((_ordinal(d) for d in mine), default=0)
+        gone = [d for d in mine if _ordinal(d) not in keep and _ordinal(d) != newest]
         if not gone:
             return 0
         for deployment in gone:
             await self.connection.delete(Deployment, _name(deployment), where)
-        kept = [
-            d
-            for (ns, _), d in self.watch.deployments.items()
-            if ns == where and _labels(d).get(names.SERVICE) == label and d not in gone
-        ]
-        await self._delete_env(where, label, kept)
+        await self._delete_env(where, label, [d for d in mine if d not in gone])
         self._report(
             EVENT,
             f"deleted {', '.join(_name(d) for d in gone)} in {where} (retention)",
@@ -345,19 +361,26 @@ class KubeRuntime:
 
     async def gc(self) -> dict[str, int]:
         """Delete what branchyard made for services the store no longer knows: their
-        objects, and Namespaces none of whose services it knows."""
+        objects, and the Namespaces of this daemon's (its prefix's) none of whose services
+        it knows. Fallbacks are the Switchboard's, and objects without branchyard's label
+        are never looked at."""
         known = {(self.namespaces.name(ns), names.object_name(s)) for ns, s in self._known()}
         spaces = {where for where, _ in known}
         deleted = 0
         for found in await self.connection.list(Namespace, ALL_NS):
-            if _name(found) not in spaces and await self.connection.delete(Namespace, _name(found)):
-                self._report(EVENT, f"gc deleted Namespace {_name(found)}", None)
+            name = _name(found)
+            held = _labels(found).get(names.NAMESPACE)
+            if held is None or self._options.namespace_prefix + held != name or name in spaces:
+                continue  # another daemon's (another prefix), or known
+            if await self.connection.delete(Namespace, name):
+                self._report(EVENT, f"gc deleted Namespace {name}", None)
                 deleted += 1
         for kind in (Deployment, Service, ConfigMap, Secret, Ingress):
             for thing in await self.connection.list(kind, ALL_NS):
                 where = str(getattr(getattr(thing, "metadata", None), "namespace", ""))
-                label = _labels(thing).get(names.SERVICE, "")
-                if where in spaces and (where, label) not in known:
+                labels = _labels(thing)
+                label = labels.get(names.SERVICE, "")
+                if where in spaces and (where, label) not in known and names.FALLBACK not in labels:
                     await self.connection.delete(kind, _name(thing), where)
                     said = f"gc deleted {kind.__name__} {_name(thing)} in {where}"
                     self._report(EVENT, said, None)
@@ -390,6 +413,9 @@ class KubeRuntime:
     async def has_log(self, log: LogName) -> bool:
         return await self._logs.has_log(log)
 
+    async def missing_log(self, log: LogName) -> str | None:
+        return self._logs.missing(log)
+
     async def tail_log(self, log: LogName, size: int) -> bytes:
         return await self._logs.tail(log, size)
 
@@ -415,6 +441,10 @@ def _nothing() -> None:
 def _labels(thing: object) -> dict[str, str]:
     meta = getattr(thing, "metadata", None)
     return dict((meta.labels if meta else None) or {})
+
+
+def _ordinal(deployment: Deployment) -> int:
+    return int(_labels(deployment).get(names.REVISION, "0"))
 
 
 def _name(thing: object) -> str:

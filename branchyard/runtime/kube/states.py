@@ -31,6 +31,9 @@ BACKING_OFF = frozenset(
     {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError"}
 )
 """Waiting reasons of a container the kubelet tries again after a pause."""
+PULLING = frozenset({"ImagePullBackOff", "ErrImagePull"})
+"""Waiting reasons of an image that cannot be pulled: the message names the image, which is
+what to fix, whichever container (an ``image:`` is the ``install`` init container's too)."""
 
 
 class Progress(enum.Enum):
@@ -150,16 +153,20 @@ def _short(text: str) -> str:
     return line if len(line) <= MESSAGE_ROOM else line[: MESSAGE_ROOM - 1] + "…"
 
 
+def _said(reason: str, message: str) -> str:
+    return f"{reason}: {_short(message)}" if message else reason
+
+
 def _init_failure(pod: Pod) -> str | None:
     for status in (pod.status.initContainerStatuses if pod.status else None) or ():
         code = _exit_code(status)
         if code:
             return f"init container {status.name} failed (exit code {code})"
         reason, message = _waiting(status)
+        if reason in PULLING:
+            return _said(reason, message)
         if reason in BACKING_OFF:
-            return f"init container {status.name}: {reason}" + (
-                f": {_short(message)}" if message else ""
-            )
+            return f"init container {status.name}: {_said(reason, message)}"
     return None
 
 
@@ -182,7 +189,7 @@ def _pod_failure(pod: Pod, container: str, health: str) -> str:
         restarts = web.restartCount if web is not None else 0
         return f"CrashLoopBackOff: exited with code {code} ({restarts} restarts)"
     if reason in BACKING_OFF:
-        return f"{reason}: {_short(message)}" if message else reason
+        return _said(reason, message)
     code = _exit_code(web)
     if code is not None and status is not None and status.phase == "Failed":
         return f"exited with code {code}"
