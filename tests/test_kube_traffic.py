@@ -18,7 +18,7 @@ from lightkube.resources.core_v1 import Namespace
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.runtime.kube.render import HTTPRoute
-from tests.conftest import Cluster, Daemon, ServiceRepo, start_daemon, wait_for
+from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
 from tests.test_kube_workflow import OTHER, names_of, replicas, repo_files, services, stop
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
@@ -179,6 +179,27 @@ def test_weights_are_an_httproute_over_a_service_per_revision_until_one_revision
     wait_for(lambda: kube.services() == {"app": "1"}, 60, "one Service")
     assert daemon.row("main", "app")["weights"] == {"1": 100}
     wait_for(lambda: replicas(kube.client, where, "app-v2") == 0, 60, "v2 out of traffic")
+
+
+@pytest.mark.usefixtures("gateway_api")
+def test_a_split_a_daemon_left_goes_once_the_next_one_serves_the_pin_alone(kube: Kube) -> None:
+    where = kube.where("main")
+    port = f"127.0.0.1:{free_port()}"  # the same for both: pods' templates stay the same
+    daemon = kube.start("--git-listen", port)
+    deploy(daemon, kube.make_repo("app", repo_files()), 2)
+    daemon.cli("weight", "app", "v1=30", "v2=70")
+    wait_for(lambda: backends(kube.client, where, "app") == {"app-v1": 30, "app-v2": 70}, 60)
+
+    # a restart keeps the pin and drops the split: the route and the Services per
+    # revision the daemon before made go too (it was killed: it could clean up nothing)
+    daemon.process.kill()
+    daemon.process.wait()
+    kube.started.remove(daemon)
+    assert backends(kube.client, where, "app") == {"app-v1": 30, "app-v2": 70}
+    again = kube.start("--git-listen", port)
+    wait_for(lambda: route(kube.client, where, "app") is None, 60, "the route deleted")
+    wait_for(lambda: kube.services() == {"app": "2"}, 60, "one Service, on the pin")
+    assert again.row("main", "app")["weights"] == {"2": 100}
 
 
 def hosts(client: Client, namespace: str) -> dict[str, tuple[str, str, str]]:

@@ -47,8 +47,8 @@ RETRY = 2.0  # seconds before a name whose apply met a temporary error is tried 
 class Shape:
     """What the cluster has (or should have) under one name."""
 
-    kind: str  # "live", "fallback", "none", or "found" (there, as a daemon before left it)
-    weights: tuple[tuple[int, int], ...] = ()  # (ordinal, weight) of a live one
+    kind: str  # "live", "fallback", "none", or FOUND (there, as a daemon before left it)
+    weights: tuple[tuple[int, int], ...] = ()  # (ordinal, weight) of a live or found one
 
     @property
     def ordinals(self) -> set[int]:
@@ -57,12 +57,12 @@ class Shape:
     @property
     def split(self) -> set[int]:
         """The revisions with a Service of their own: those of a split (one revision
-        alone is selected by the Service ``SERVICE`` only)."""
-        return self.ordinals if len(self.weights) > 1 else set()
+        alone is selected by the Service ``SERVICE`` only), or found so."""
+        return self.ordinals if len(self.weights) > 1 or self.kind == FOUND else set()
 
 
+FOUND = "found"
 NONE = Shape("none")
-FOUND = Shape("found")
 
 
 class Switchboard:
@@ -150,17 +150,27 @@ class Switchboard:
 
     def found(self, services: Sequence[Service]) -> None:
         """What a daemon before left (at recovery), so that what is no longer wanted
-        is deleted."""
+        is deleted: each name, with the revisions of the split it had (their Services,
+        and its route, go once the name is applied again or deleted)."""
+        split: dict[Key, set[int]] = {}
         for service in services:
             meta = service.metadata
             labels = (meta.labels if meta else None) or {}
-            if meta is None or names.REVISION in labels or meta.namespace is None:
+            if meta is None or meta.namespace is None:
                 continue
-            self._applied.setdefault((meta.namespace, meta.name or ""), FOUND)
+            ordinal = labels.get(names.REVISION, "")
+            if not ordinal:
+                split.setdefault((meta.namespace, meta.name or ""), set())
+            elif ordinal.isdigit():  # a split's Service of one revision
+                owner = (meta.namespace, labels.get(names.SERVICE, ""))
+                split.setdefault(owner, set()).add(int(ordinal))
+        for key, ordinals in split.items():
+            weights = tuple((ordinal, 0) for ordinal in sorted(ordinals))
+            self._applied.setdefault(key, Shape(FOUND, weights))
 
     def unwanted(self) -> list[Key]:
         """Names found at recovery that nothing asked for (a gc deletes them)."""
-        return [key for key, shape in self._applied.items() if shape is FOUND]
+        return [key for key, shape in self._applied.items() if shape.kind == FOUND]
 
     def delete_found(self, keys: Collection[Key]) -> None:
         for key in keys:
@@ -284,7 +294,7 @@ class Switchboard:
             for ordinal in sorted(had.split - keep):
                 own = names.revision_name(name, ordinal)
                 await self._connection.delete(Service, own, namespace)
-        if ingress and self._options.domain and had.kind in ("live", "found"):
+        if ingress and self._options.domain and had.kind in ("live", FOUND):
             await self._connection.delete(Ingress, name, namespace)
 
     async def close(self) -> None:
