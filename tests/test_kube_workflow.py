@@ -15,6 +15,7 @@ import pytest
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Service
+from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.runtime.kube.names import object_name
 from tests.conftest import (
@@ -107,6 +108,7 @@ def test_the_seed_workflow_runs_on_kubernetes(
         "--poll-interval", "1", "--drain-grace", "0", "--runtime", "kubernetes",
         "--kubeconfig", str(k8s.kubeconfig), "--namespace-prefix", prefix,
         "--build-timeout", "1", "--git-listen", f"127.0.0.1:{free_port()}",
+        "--domain", "preview.example.com",
     ]  # fmt: skip
     # The same git URL for both daemons: the fetch command is part of the pods' template.
     daemon = start_daemon(tmp_path / "home", *arguments)
@@ -118,7 +120,8 @@ def test_the_seed_workflow_runs_on_kubernetes(
         assert sorted(baseline) == ["app", OTHER, "web"]
         assert set(names_of(client, Deployment, main)) >= {f"{s}-v{o}" for s, o in baseline.items()}
 
-        # 2. a branch of app: its Namespace, its Deployment and Service, fallbacks for the rest
+        # 2. a branch of app: its Namespace, its Deployment, Service and Ingress, fallbacks
+        # for the rest
         app = repos["app"]
         app.checkout("bugfix")
         app.commit({"change.txt": "1"}, "app on bugfix")
@@ -128,6 +131,9 @@ def test_the_seed_workflow_runs_on_kubernetes(
         assert services(client, bugfix) == {"app": "1", OTHER: "external", "web": "external"}
         fallback = client.get(Service, "web", namespace=bugfix).spec
         assert fallback is not None and fallback.externalName == f"web.{main}.svc.cluster.local"
+        (entry,) = client.list(Ingress, namespace=bugfix)  # a fallback has none
+        assert entry.spec is not None and entry.spec.rules is not None
+        assert [rule.host for rule in entry.spec.rules] == ["app.bugfix.preview.example.com"]
 
         # 3. the same branch in other_app: its Service is a normal one now
         other = repos["other_app"]
@@ -141,7 +147,9 @@ def test_the_seed_workflow_runs_on_kubernetes(
 
         # 4. an edit: a new ConfigMap and Deployment, switched to once Available
         edited = int(both["app"]) + 1
-        daemon.cli("-n", "bugfix", "env", "set", "app", "GREETING=hi")
+        editor = tmp_path / "editor.py"
+        editor.write_text("import sys\nopen(sys.argv[1], 'w').write('env:\\n  GREETING: hi\\n')\n")
+        daemon.cli("-n", "bugfix", "edit", "app", env={"EDITOR": f"python3 {editor}"})
         wait_for(lambda: services(client, bugfix)["app"] == str(edited), 60, "the edit live")
         assert replicas(client, bugfix, f"app-v{edited}") == 1
         maps = [n for n in names_of(client, ConfigMap, bugfix) if n.startswith("app-env-")]
