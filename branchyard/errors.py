@@ -28,12 +28,13 @@ next try is; permanent ones are shown and never retried.
     ├── ManifestError               a Procfile or branchyard.yaml that cannot be used (422)
     ├── BuildFailed                 a revision could not be fetched, built or started (500)
     │   ├── runtime.supervisor.FirstStartFailed   a new process ended before it was ready
-    │   └── runtime.kube.namespaces.NameTaken     a Kubernetes Namespace that is not ours
+    │   ├── runtime.kube.namespaces.NameTaken     a Kubernetes Namespace that is not ours
+    │   └── runtime.kube.runtime.Stalled          a Deployment past its progress deadline
     ├── HomeError                   the home cannot be written (read-only, full) (500)
     ├── webhooks.WebhookError       a webhook delivery refused (its own status and code)
     └── client.ApiError             an error the daemon answered, as the CLI meets it
 
-The last three, and the two under ``BuildFailed``, live beside the code that raises
+The last three, and the three under ``BuildFailed``, live beside the code that raises
 them. Not errors, and so not
 here: ``router.request._Stop``, a signal that stops the HTTP parser in the
 middle of the data it was fed and never leaves the router.

@@ -21,7 +21,7 @@ from lightkube.resources.authorization_v1 import SubjectAccessReview
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import ClusterRole, ClusterRoleBinding
 
-from branchyard.runtime.kube.names import MANAGED_BY, MANAGER, SERVICE
+from branchyard.runtime.kube.names import MANAGED_BY, MANAGER, NAMESPACE, SERVICE
 from branchyard.runtime.processes import Ports
 from tests import k8s_node, k8s_rbac
 from tests.conftest import Cluster, Daemon, ServiceRepo, git, start_daemon, wait_for
@@ -195,7 +195,8 @@ def test_the_daemon_deploys_rolls_back_deletes_a_branch_and_gcs_with_the_role_al
 
         # gc: what an earlier daemon left for services the store no longer knows
         ours = {MANAGED_BY: MANAGER}
-        admin.create(Namespace(metadata=ObjectMeta(name=f"{prefix}old", labels=ours)))
+        left = {**ours, NAMESPACE: "old"}  # as this daemon's (its prefix's) are labelled
+        admin.create(Namespace(metadata=ObjectMeta(name=f"{prefix}old", labels=left)))
         ghost = ConfigMap(
             metadata=ObjectMeta(name="ghost-env", namespace=main, labels={**ours, SERVICE: "ghost"})
         )
