@@ -328,7 +328,9 @@ def _engine(
 ) -> tuple[Engine, Views]:
     """The engine and its parts, connected: the watcher's heads and the store's revision
     changes reach it through the callbacks given here; and the read side over the same
-    parts, which the API and the dashboard read through."""
+    parts, which the API and the dashboard read through, with the webhook secret of
+    repos that have none of their own (``BRANCHYARD_WEBHOOK_SECRET``, read here as the
+    status token is)."""
     home = options.home
     vault = Vault(home / "secrets.json")
     clock = Clock()
@@ -354,7 +356,14 @@ def _engine(
     )
     store.listen(engine.report)
     return engine, Views(
-        engine, store, runtime, rollouts, watcher, settings, partial(_review, options.kube)
+        engine,
+        store,
+        runtime,
+        rollouts,
+        watcher,
+        settings,
+        partial(_review, options.kube),
+        os.environ.get("BRANCHYARD_WEBHOOK_SECRET", ""),
     )
 
 

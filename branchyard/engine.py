@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
@@ -95,7 +94,6 @@ class Engine:
         self.status = status
         self.clock = clock
         self._reports: set[asyncio.Task[bool]] = set()
-        self.webhook_secret = os.environ.get("BRANCHYARD_WEBHOOK_SECRET", "")
         self.heads: dict[str, RepoHeads] = {}
         self.overlays: dict[Slot, Overlay] = {}
         self.targets: dict[Slot, Target] = {}

@@ -6,7 +6,8 @@ runtime (logs, URLs), the watcher (why a repo cannot be read), the settings repo
 (its history), the engine (what it plans: targets, branch heads, a person's
 settings), and a :data:`~branchyard.runtime.Review` of the Kubernetes objects of a
 revision (``k8s render``: ``daemon`` renders them with its Kubernetes options, which
-it has also while the local runtime runs). The API and the dashboard read through it
+it has also while the local runtime runs), and the daemon's webhook secret (what a
+repo without its own signs its webhooks with). The API and the dashboard read through it
 alone, and ask the engine only to act. :mod:`branchyard.readmodel` works out what a
 slot's snapshot means.
 """
@@ -41,6 +42,7 @@ class Views:
         watcher: Watching,
         settings: Settings,
         review: Review,
+        webhook_secret: str,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -49,6 +51,7 @@ class Views:
         self._watcher = watcher
         self._settings = settings
         self._review = review
+        self._webhook_secret = webhook_secret
 
     # what is planned
 
@@ -101,7 +104,7 @@ class Views:
 
     def webhook_secret(self, repo: Repo) -> str:
         """What a repo's webhooks are signed with: its own secret, else the daemon's."""
-        return repo.webhook_secret or self._engine.webhook_secret
+        return repo.webhook_secret or self._webhook_secret
 
     # one slot
 

@@ -38,7 +38,9 @@ from tests.test_engine_fake import (
 BUGFIX = ("bugfix", "web")
 
 
-def views_of(world: World, engine: Engine, watcher: StillWatcher | None = None) -> Views:
+def views_of(
+    world: World, engine: Engine, watcher: StillWatcher | None = None, webhook_secret: str = ""
+) -> Views:
     """The read side as ``daemon`` builds it, over the world's parts and the engine's."""
     return Views(
         engine,
@@ -48,6 +50,7 @@ def views_of(world: World, engine: Engine, watcher: StillWatcher | None = None) 
         watcher or StillWatcher(),
         engine.settings_repo,
         lambda spec: f"{spec.namespace}:{spec.service} v{spec.ordinal} {spec.sha}",
+        webhook_secret,
     )
 
 
@@ -126,8 +129,7 @@ def test_a_repos_webhooks_are_signed_with_its_own_secret_else_the_daemons(
     tmp_path: Path, own: str, daemon: str, signed_with: str
 ) -> None:
     async def scenario(world: World, engine: Engine) -> None:
-        engine.webhook_secret = daemon
-        views = views_of(world, engine)
+        views = views_of(world, engine, webhook_secret=daemon)
         assert views.webhook_secret(Repo("web", URL, "main", own)) == signed_with
 
     run(tmp_path, scenario)
