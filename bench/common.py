@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -26,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from branchyard.runtime.processes import Ports
+
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BRANCHYARD = Path(sys.executable).with_name("branchyard")  # the console script in the venv
+PORTS = Ports()
 MARKER_VARIABLE = "BENCH_MARK"  # not BRANCHYARD_*: the runtime strips those from services
 
 GIT_IDENTITY = {
@@ -156,9 +158,10 @@ def wait_until(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port for a process to listen on later, outside the kernel's ephemeral
+    range (a ``bind(0)`` port may go to any outgoing connection before that process binds it),
+    and never one this bench handed out before."""
+    return PORTS.take()
 
 
 # -- /proc -------------------------------------------------------------------------

@@ -308,13 +308,21 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
         await engine.weight(namespace, service, body.weights)
         return {"weights": views.weights((namespace, service))}
 
-    @app.post("/hooks/{provider}", status_code=202)
+    @app.post(
+        "/hooks/{provider}",
+        status_code=202,
+        responses={
+            200: {"model": shapes.HookPong | shapes.HookIgnored},
+            202: {"model": shapes.HookChecking | shapes.HookIgnored},
+        },
+    )
     async def hook(provider: str, request: Request) -> JSONResponse:
         try:
             return JSONResponse(*await _webhook(engine, views, provider, request))
         except webhooks.WebhookError as exc:
             engine.note("webhook", f"{provider} webhook rejected: {exc.message}")
-            return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
+            refusal: shapes.Refusal = {"error": exc.code, "message": exc.message}
+            return JSONResponse(refusal, exc.status)
 
     @app.get("/api/events")
     async def list_events(after: EventId = 0, namespace: str | None = None) -> list[shapes.Event]:
@@ -326,7 +334,7 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
             _event_stream(views, namespace, after, stopping), media_type="text/event-stream"
         )
 
-    @app.post("/api/gc")
+    @app.post("/api/gc", response_model=shapes.Collected)  # checked and ordered as it says
     async def gc() -> dict[str, int]:
         return await engine.gc()
 
@@ -347,7 +355,7 @@ async def _read_body(request: Request) -> bytes:
 
 async def _webhook(
     engine: Engine, views: Views, name: str, request: Request
-) -> tuple[dict[str, Any], int]:
+) -> tuple[shapes.HookAnswer, int]:
     """(answer, status) for one webhook delivery; WebhookError for the refusals."""
     try:
         provider = webhooks.Provider(name)
@@ -381,7 +389,7 @@ async def _webhook(
     )
     if event.kind == "ping":
         return {"pong": repo.name}, 200
-    if event.kind in ("push", "delete"):
+    if event.kind in ("push", "delete") and event.branch is not None:  # set for both
         engine.poke(repo.name)
         engine.note("webhook", f"{name} {event.kind} of {event.branch} in {repo.name}")
         return {"checking": repo.name, "branch": event.branch}, 202

@@ -9,6 +9,8 @@ at start-up, so the CLI imports this module for type checking only.
 
 from __future__ import annotations
 
+from typing import NotRequired
+
 from typing_extensions import TypedDict
 
 
@@ -133,6 +135,46 @@ class Event(TypedDict):
     namespace: str | None
     service: str | None
     message: str
+
+
+class Refusal(TypedDict):
+    """Every error answer: ``error`` names its kind (``not_found``, ``bad_webhook_signature``,
+    ...), ``message`` says it to a person."""
+
+    error: str
+    message: str
+
+
+class Collected(TypedDict):
+    """``POST /api/gc``: what was freed. Which of the last two keys comes depends on the
+    runtime: the local one removes environments, the Kubernetes one deletes objects."""
+
+    builds_bytes: int
+    environments_removed: NotRequired[int]  # local
+    kubernetes_objects_deleted: NotRequired[int]  # kubernetes
+
+
+class HookChecking(TypedDict):
+    """A push or delete webhook: the repo's branch heads are read now, not at the next poll."""
+
+    checking: str  # the repo
+    branch: str
+
+
+class HookPong(TypedDict):
+    """A ping webhook (a forge's test delivery) that passed verification."""
+
+    pong: str  # the repo
+
+
+class HookIgnored(TypedDict):
+    """A webhook with nothing to do: another event, or a repo that is not registered."""
+
+    ignored: str  # why
+
+
+HookAnswer = HookChecking | HookPong | HookIgnored | Refusal
+"""What ``POST /hooks/{provider}`` answers."""
 
 
 class TokenFile(TypedDict):

@@ -104,11 +104,14 @@ def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "conditi
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+PORTS = Ports()
+
+
 def free_port() -> int:
     """A free loopback port for a daemon to listen on later, outside the kernel's ephemeral
     range: a ``bind(0)`` port is one the kernel may hand to any outgoing connection
-    between this pick and the daemon's own bind."""
-    return Ports().take()
+    between this pick and the daemon's own bind. Never one handed out before in this run."""
+    return PORTS.take()
 
 
 @dataclass

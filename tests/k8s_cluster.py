@@ -19,11 +19,9 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,6 +36,8 @@ from lightkube.models.core_v1 import NodeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Node, ServiceAccount
 
+from branchyard.errors import TemporaryError
+from branchyard.runtime import processes
 from tests.k8s_crds import KWOK_KINDS, install, kwok_definitions
 from tests.k8s_modules import (
     MODULE,
@@ -186,19 +186,11 @@ class Ports:
 def free_ports() -> Ports:
     """Free loopback ports outside the kernel's ephemeral range, where outgoing connections
     take theirs, so that none is taken between this pick and the component's bind."""
-    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    candidates = [port for port in range(10000, 65536) if not low <= port <= high]
-    chosen: list[int] = []
-    for port in random.sample(candidates, 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        chosen.append(port)
-        if len(chosen) == 6:
-            return Ports(*chosen)
-    raise ClusterError("found no 6 free loopback ports")
+    taker = processes.Ports()
+    try:
+        return Ports(*(taker.take() for _ in range(6)))
+    except TemporaryError as error:
+        raise ClusterError(str(error)) from None
 
 
 def openssl(*args: str) -> None:

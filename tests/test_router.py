@@ -24,6 +24,7 @@ import pytest
 
 from branchyard.router import BASELINE, Address, Router, RouteTable
 from branchyard.router import limits as router_module
+from tests.conftest import free_port
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -273,14 +274,6 @@ def backends() -> Iterator[Backends]:
         yield started
     finally:
         started.stop()
-
-
-def free_port() -> int:
-    """A port that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def connect(port: int) -> socket.socket:

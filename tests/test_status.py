@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from branchyard.status import (
     http_transport,
     repo_path,
 )
+from tests.conftest import free_port
 
 SHA = "3f2c1ab9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3"
 TARGET = "http://app.bugfix.localhost:7080/"
@@ -397,10 +397,7 @@ def test_a_refused_token_calls_on_error_with_the_http_status_and_returns_false(
 
 
 def test_an_unreachable_forge_calls_on_error_and_returns_false() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # closed now: nothing listens on the port, so the connection is refused
+    port = free_port()  # nothing listens on it, so the connection is refused
     errors: list[str] = []
     config = StatusConfig(Forge.GITEA, "s3cret", f"http://127.0.0.1:{port}/api/v1")
     reporter = StatusReporter(config, http_transport(timeout=2), errors.append)

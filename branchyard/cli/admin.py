@@ -199,7 +199,7 @@ def token_rotate(ctx: Context) -> None:
 def gc(ctx: Context) -> None:
     """Delete builds beyond the kept ones and environments nothing uses (on Kubernetes,
     the objects of services the daemon no longer knows)."""
-    freed = ctx.client.call("POST", path_of("gc"))
+    freed: shapes.Collected = ctx.client.call("POST", path_of("gc"))
     said = [f"freed {freed['builds_bytes'] / 1e6:.1f} MB of builds"]
     if "environments_removed" in freed:
         said.append(f"removed {freed['environments_removed']} environments")
