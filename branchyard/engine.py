@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -27,6 +27,7 @@ from branchyard.errors import (
     NotFound,
     RemoteUnreachable,
     UsageError,
+    is_temporary,
     reason_of,
 )
 from branchyard.git import (
@@ -57,7 +58,7 @@ FIRST_LOOK_TIMEOUT = 10.0  # seconds the first plan waits for every repo to be r
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-async def _ended(deploy: asyncio.Task[None]) -> None:
+async def _ended(deploy: asyncio.Task[object]) -> None:
     """Wait until a cancelled deploy has ended, without cancelling it again if the
     waiter is cancelled meanwhile (as ``gather`` would).
 
@@ -98,8 +99,8 @@ class Engine:
         self.overlays: dict[Slot, Overlay] = {}
         self.targets: dict[Slot, Target] = {}
         self._current: dict[Slot, str] = {}
-        self._deploys: dict[Slot, asyncio.Task[None]] = {}  # each slot's newest deploy
-        self._unended: set[asyncio.Task[None]] = set()  # every deploy, superseded ones too
+        self._deploys: dict[Slot, asyncio.Task[object]] = {}  # each slot's newest deploy
+        self._unended: set[asyncio.Task[object]] = set()  # every deploy, superseded ones too
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -156,6 +157,17 @@ class Engine:
         async def restore(revision: Revision) -> None:
             slot = (revision.namespace, revision.service)
             self.traffic.down(*slot)
+            try:
+                await self.rollouts.build(revision)
+            except Exception as exc:
+                if not is_temporary(exc):
+                    self.rollouts.failed(revision, exc)
+                    return
+                # Its repo cannot be fetched now (its mirror is gone): start-up does
+                # not wait for it, the revision is built again with backoff meanwhile.
+                self._current[slot] = revision.key
+                self._track(slot, self.rollouts.go_live(revision, retry=True), f"restore {slot}")
+                return
             if await self.rollouts.go_live(revision):
                 self._current[slot] = revision.key
 
@@ -264,12 +276,16 @@ class Engine:
         previous = self._deploys.pop(slot, None)
         if previous:
             previous.cancel()
-        task = asyncio.create_task(self._deploy(target, reason, previous), name=f"deploy {slot}")
+        self._track(slot, self._deploy(target, reason, previous), f"deploy {slot}")
+
+    def _track(self, slot: Slot, work: Coroutine[object, object, object], name: str) -> None:
+        """Run ``work`` as the slot's deploy: a newer target cancels it, closing waits."""
+        task = asyncio.create_task(work, name=name)
         self._deploys[slot] = task
         self._unended.add(task)
         task.add_done_callback(lambda t: self._deploy_ended(slot, t))
 
-    def _deploy_ended(self, slot: Slot, task: asyncio.Task[None]) -> None:
+    def _deploy_ended(self, slot: Slot, task: asyncio.Task[object]) -> None:
         self._unended.discard(task)
         if self._deploys.get(slot) is task:
             del self._deploys[slot]
@@ -283,7 +299,7 @@ class Engine:
             await _ended(task)
 
     async def _deploy(
-        self, target: Target, reason: str, previous: asyncio.Task[None] | None
+        self, target: Target, reason: str, previous: asyncio.Task[object] | None
     ) -> None:
         if previous:
             await _ended(previous)

@@ -266,6 +266,7 @@ class Source:
         async with self._lock:
             if not self.git_dir.exists():
                 await git("init", "--bare", "--quiet", str(self.git_dir))
+                await self._objects.close()  # one started before could read no mirror
             await self._git(
                 "fetch",
                 "--prune",
@@ -287,7 +288,9 @@ class Source:
         return found is not None and found[0] == "commit"
 
     async def ensure(self, sha: str) -> None:
-        if not await self.has(sha):
+        """Make ``sha`` present: fetched if it is not, or if the mirror is gone (deleted
+        while the daemon was stopped), which there is nothing to ask before."""
+        if (not self.local and not self.git_dir.exists()) or not await self.has(sha):
             await self.sync()
             if not await self.has(sha):
                 raise BuildFailed(f"commit {sha[:7]} is not in {self.url}")

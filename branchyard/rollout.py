@@ -199,9 +199,12 @@ class Rollouts:
         revision: Revision,
         weights: Mapping[int, int] | None = None,
         also: Change = NO_CHANGE,
+        retry: bool = False,
     ) -> bool:
         """Start ``revision`` (if it is not running) and give it all traffic, or ``weights``
-        (ordinal -> weight); what ``also`` changes is written with it (a pin).
+        (ordinal -> weight); what ``also`` changes is written with it (a pin). With
+        ``retry``, its build is :meth:`build_retrying` (a restore whose repo cannot be
+        fetched yet).
 
         Returns False, with the revision marked failed, if it cannot start; what
         served before keeps serving.
@@ -210,7 +213,7 @@ class Rollouts:
         port = None
         if revision.id not in self.running:
             try:
-                build = await self.build(revision)
+                build = await (self.build_retrying if retry else self.build)(revision)
                 self.store.set_state(revision.id, RevisionState.STARTING)
                 instance = await self.runtime.start(build, self._on_change)
             except asyncio.CancelledError:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, start_daemon, stop_cleanly, wait_for
 from tests.githttp import GitHttpServer
 from tests.test_api import call, token_of
 
@@ -82,3 +83,45 @@ def test_fetches_refused_for_a_while_are_retried_and_shown_then_deployed_without
         server.refusing_fetches = False
         wait_for(lambda: daemon.serves("app", "main", sha), 60, "the deploy once fetches work")
         assert repos(daemon)[0]["error"] == ""
+
+
+def revisions(daemon: Daemon) -> list[dict[str, object]]:
+    """The revisions of main:app, newest first."""
+    return list(json.loads(daemon.cli("revisions", "app", "--format", "json").stdout))
+
+
+def retries(daemon: Daemon) -> list[str]:
+    return [line for line in daemon.cli("events").stdout.splitlines() if "  retry " in line]
+
+
+def test_a_restore_whose_mirror_is_gone_is_fetched_again_retried_while_refused_then_serves(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    with GitHttpServer(app.origin.parent) as server:
+        daemon.cli("repo", "add", f"{server.url}/app.git")
+        first = git("rev-parse", "HEAD", cwd=app.clone)
+        wait_for(lambda: daemon.serves("app", "main", first), 60, "v1 live")
+        sha = app.commit({"v2.txt": "2"}, "v2")
+        app.push("main")
+        wait_for(lambda: daemon.serves("app", "main", sha), 60, "v2 live")
+        stop_cleanly(daemon)
+        shutil.rmtree(daemon.home / "mirrors")
+        server.refusing_fetches = True
+
+        again = start_daemon(daemon.home, "--poll-interval", "1")
+        try:
+            # No namespace is planned before the repo's heads are fetched: the events say it.
+            retry = wait_for(lambda: retries(again), 30, "a retry event")
+            assert re.search(
+                r"main:app.*v2: build failed \(will retry in 2 s\): .*error: 503", retry[0]
+            )
+            wait_for(lambda: server.refused >= 3, 30, "the fetch tried again")
+            server.refusing_fetches = False
+            wait_for(lambda: again.serves("app", "main", sha), 60, "v2 restored once fetches work")
+            assert [(r["ordinal"], r["state"]) for r in revisions(again)] == [
+                (2, "live"),
+                (1, "stopped"),
+            ]
+        finally:
+            stop_cleanly(again)
