@@ -110,6 +110,7 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     app.state.stopping = stopping = asyncio.Event()
     app.state.sandbox = info["sandbox"]  # None: pushed code runs unsandboxed
     token = [auth.load_or_create(home)]
+    refusals = webhooks.Refusals()  # webhooks refused before they were authenticated
 
     @app.middleware("http")
     async def require_token(
@@ -317,10 +318,15 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
         },
     )
     async def hook(provider: str, request: Request) -> JSONResponse:
+        def refused(message: str) -> None:
+            told = refusals.refused(message, engine.clock.now())
+            if told is not None:
+                engine.note("webhook", told)
+
         try:
-            return JSONResponse(*await _webhook(engine, views, provider, request))
+            return JSONResponse(*await _webhook(engine, views, provider, request, refused))
         except webhooks.WebhookError as exc:
-            engine.note("webhook", f"{provider} webhook rejected: {exc.message}")
+            refused(f"{provider} webhook rejected: {exc.message}")
             refusal: shapes.Refusal = {"error": exc.code, "message": exc.message}
             return JSONResponse(refusal, exc.status)
 
@@ -354,9 +360,10 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def _webhook(
-    engine: Engine, views: Views, name: str, request: Request
+    engine: Engine, views: Views, name: str, request: Request, refused: Callable[[str], None]
 ) -> tuple[shapes.HookAnswer, int]:
-    """(answer, status) for one webhook delivery; WebhookError for the refusals."""
+    """(answer, status) for one webhook delivery; WebhookError for the refusals. What is
+    refused before it is authenticated is only told to ``refused``, which records few."""
     try:
         provider = webhooks.Provider(name)
     except ValueError:
@@ -369,7 +376,7 @@ async def _webhook(
     if repo is None:
         named = event.repo_urls[0] if event.repo_urls else event.repo_name
         message = f"{name} webhook for {shown(named)}, which is not a registered repo: ignored"
-        engine.note("webhook", message)
+        refused(message)
         return {"ignored": message}, 202
     secret = views.webhook_secret(repo)
     if not secret:
