@@ -24,9 +24,9 @@ from pydantic import AfterValidator, BaseModel
 from branchyard import auth, readmodel, sessions, shapes, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, UsageError
-from branchyard.model import Overlay
+from branchyard.model import Overlay, Repo
 from branchyard.settings import validate_env
-from branchyard.text import shown
+from branchyard.text import redacted_url, shown
 from branchyard.vault import masked
 from branchyard.views import Views
 
@@ -102,6 +102,11 @@ def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
     return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
+def _repo_answer(repo: Repo) -> shapes.Repo:
+    """A repo as the API shows it: its URL without credentials."""
+    return {"name": repo.name, "url": redacted_url(repo.url), "default_branch": repo.default_branch}
+
+
 def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> FastAPI:
     """The API's app: commands go to ``engine``, reads to ``views``."""
     app = FastAPI(title="branchyard", version="0.1.0")
@@ -169,12 +174,12 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     @app.post("/api/repos", status_code=201)
     async def add_repo(body: RepoIn) -> shapes.Repo:
         repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
-        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+        return _repo_answer(repo)
 
     @app.patch("/api/repos/{name}")
     async def change_repo(name: str, body: RepoChangeIn) -> shapes.Repo:
         repo = await engine.change_repo(name, body.default_branch, body.webhook_secret)
-        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+        return _repo_answer(repo)
 
     @app.delete("/api/repos/{name}")
     async def remove_repo(name: str) -> shapes.Removed:

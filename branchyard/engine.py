@@ -51,6 +51,7 @@ from branchyard.serving import DAEMON_STOPPED
 from branchyard.settings import Settings, check_version, describe_change, validate_env
 from branchyard.status import StatusReporter
 from branchyard.store import Store
+from branchyard.text import redacted_url
 from branchyard.vault import Vault
 from branchyard.watcher import Watching
 
@@ -392,7 +393,7 @@ class Engine:
         self, url: str, name: str | None, default_branch: str | None, webhook_secret: str = ""
     ) -> Repo:
         if url.startswith("-"):
-            raise UsageError(f"{url!r} is not a path or URL of a git repository")
+            raise UsageError(f"{redacted_url(url)!r} is not a path or URL of a git repository")
         path = local_path(url)
         if path is not None:
             path = path.expanduser().resolve()
@@ -413,16 +414,18 @@ class Engine:
             heads = await ls_remote(url)
         except RemoteUnreachable as exc:
             raise RemoteUnreachable(
-                f"cannot reach {url} now (temporary; try again): {exc.message}"
+                f"cannot reach {redacted_url(url)} now (temporary; try again): {exc.message}"
             ) from None
         except BranchyardError as exc:
-            raise UsageError(f"{url} is not a git repository I can read: {exc.message}") from None
+            raise UsageError(
+                f"{redacted_url(url)} is not a git repository I can read: {exc.message}"
+            ) from None
         chosen = default_branch or choose_default_branch(
             heads, await configured_default_branch(path)
         )
         repo = Repo(service, url, chosen, webhook_secret)
         self.store.add_repo(repo)
-        self.store.event("repo", f"added {service} from {url}")
+        self.store.event("repo", f"added {service} from {redacted_url(url)}")
         if default_branch is None:
             self._say_default_branch(service, chosen, heads.dangling_head)
         self.watcher.watch(repo)
