@@ -24,9 +24,9 @@ from pydantic import AfterValidator, BaseModel
 from branchyard import auth, readmodel, sessions, shapes, webhooks
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, UsageError
-from branchyard.model import Overlay
+from branchyard.model import Overlay, Repo
 from branchyard.settings import validate_env
-from branchyard.text import shown
+from branchyard.text import redacted_url, shown
 from branchyard.vault import masked
 from branchyard.views import Views
 
@@ -102,6 +102,11 @@ def _home_error(exc: OSError | sqlite3.Error, home: Path) -> HomeError:
     return HomeError(f"{exc.strerror or exc}{where} (is the home {home} writable, with space?)")
 
 
+def _repo_answer(repo: Repo) -> shapes.Repo:
+    """A repo as the API shows it: its URL without credentials."""
+    return {"name": repo.name, "url": redacted_url(repo.url), "default_branch": repo.default_branch}
+
+
 def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> FastAPI:
     """The API's app: commands go to ``engine``, reads to ``views``."""
     app = FastAPI(title="branchyard", version="0.1.0")
@@ -110,6 +115,7 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     app.state.stopping = stopping = asyncio.Event()
     app.state.sandbox = info["sandbox"]  # None: pushed code runs unsandboxed
     token = [auth.load_or_create(home)]
+    refusals = webhooks.Refusals()  # webhooks refused before they were authenticated
 
     @app.middleware("http")
     async def require_token(
@@ -168,12 +174,12 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     @app.post("/api/repos", status_code=201)
     async def add_repo(body: RepoIn) -> shapes.Repo:
         repo = await engine.add_repo(body.url, body.name, body.default_branch, body.webhook_secret)
-        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+        return _repo_answer(repo)
 
     @app.patch("/api/repos/{name}")
     async def change_repo(name: str, body: RepoChangeIn) -> shapes.Repo:
         repo = await engine.change_repo(name, body.default_branch, body.webhook_secret)
-        return {"name": repo.name, "url": repo.url, "default_branch": repo.default_branch}
+        return _repo_answer(repo)
 
     @app.delete("/api/repos/{name}")
     async def remove_repo(name: str) -> shapes.Removed:
@@ -317,10 +323,15 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
         },
     )
     async def hook(provider: str, request: Request) -> JSONResponse:
+        def refused(message: str) -> None:
+            told = refusals.refused(message, engine.clock.now())
+            if told is not None:
+                engine.note("webhook", told)
+
         try:
-            return JSONResponse(*await _webhook(engine, views, provider, request))
+            return JSONResponse(*await _webhook(engine, views, provider, request, refused))
         except webhooks.WebhookError as exc:
-            engine.note("webhook", f"{provider} webhook rejected: {exc.message}")
+            refused(f"{provider} webhook rejected: {exc.message}")
             refusal: shapes.Refusal = {"error": exc.code, "message": exc.message}
             return JSONResponse(refusal, exc.status)
 
@@ -354,9 +365,10 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def _webhook(
-    engine: Engine, views: Views, name: str, request: Request
+    engine: Engine, views: Views, name: str, request: Request, refused: Callable[[str], None]
 ) -> tuple[shapes.HookAnswer, int]:
-    """(answer, status) for one webhook delivery; WebhookError for the refusals."""
+    """(answer, status) for one webhook delivery; WebhookError for the refusals. What is
+    refused before it is authenticated is only told to ``refused``, which records few."""
     try:
         provider = webhooks.Provider(name)
     except ValueError:
@@ -369,7 +381,7 @@ async def _webhook(
     if repo is None:
         named = event.repo_urls[0] if event.repo_urls else event.repo_name
         message = f"{name} webhook for {shown(named)}, which is not a registered repo: ignored"
-        engine.note("webhook", message)
+        refused(message)
         return {"ignored": message}, 202
     secret = views.webhook_secret(repo)
     if not secret:

@@ -7,7 +7,9 @@ build, start, wait until healthy, route, stop the old revision. It makes none of
 its parts: ``daemon`` wires them and hands them over. Each
 (namespace, service) slot has at most one deploy in flight; a newer target
 cancels the older one. Requests to reconcile are coalesced: a burst of pushes
-plans once.
+plans once. A plan, or a deploy, that a fault ended (the store could not be
+written: a full disk) is tried again with backoff, 2 s, 4 s, ... 60 s, so that
+what was pushed meanwhile deploys once the fault is gone.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from branchyard.git import (
 from branchyard.model import Clock, Overlay, Repo, RepoHeads, Revision, RevisionState, Target
 from branchyard.naming import dns_label, env_var_for, service_name_from_url
 from branchyard.planner import NO_SETTINGS, ActionKind, Slot, plan
+from branchyard.retry import BACKOFF, Retry
 from branchyard.rollout import Rollouts
 from branchyard.runtime import Runtime, Traffic
 from branchyard.serving import DAEMON_STOPPED
 from branchyard.settings import Settings, check_version, describe_change, validate_env
 from branchyard.status import StatusReporter
 from branchyard.store import Store
+from branchyard.text import redacted_url
 from branchyard.vault import Vault
 from branchyard.watcher import Watching
 
@@ -101,6 +105,8 @@ class Engine:
         self._current: dict[Slot, str] = {}
         self._deploys: dict[Slot, asyncio.Task[object]] = {}  # each slot's newest deploy
         self._unended: set[asyncio.Task[object]] = set()  # every deploy, superseded ones too
+        self._faults: dict[Slot, int] = {}  # deploys of a slot that ended by a fault, in a row
+        self._replans: set[asyncio.Task[None]] = set()  # plans due after such a fault
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -177,6 +183,8 @@ class Engine:
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.wait([self._loop_task])
+        for replan in self._replans:
+            replan.cancel()
         await self.watcher.close()
         self.rollouts.closing = True
         for task in self._deploys.values():
@@ -230,13 +238,22 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_LOOK_TIMEOUT):
                 await self.watcher.first_look()
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._reconcile()
-            except Exception:
-                log.exception("reconcile failed")
+            except Exception as exc:
+                # The store could not be written (a full disk): the heads it was given are
+                # still here, so plan again after a backoff rather than at the next push.
+                failures += 1
+                pending = Retry(failures, BACKOFF.delay(failures), exc)
+                log.exception("%s", pending.note("plan"))
+                self._wake.set()
+                await self.clock.sleep(pending.delay)
+            else:
+                failures = 0
 
     async def _reconcile(self) -> None:
         repos = self.store.repos()
@@ -287,10 +304,28 @@ class Engine:
 
     def _deploy_ended(self, slot: Slot, task: asyncio.Task[object]) -> None:
         self._unended.discard(task)
-        if self._deploys.get(slot) is task:
+        newest = self._deploys.get(slot) is task
+        if newest:
             del self._deploys[slot]
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("deploy of %s:%s failed: %s", *slot, reason_of(exc), exc_info=exc)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._faults.pop(slot, None)
+            return
+        log.error("deploy of %s:%s failed: %s", *slot, reason_of(exc), exc_info=exc)
+        if newest and not self.rollouts.closing:
+            # It ended before a revision could say why (the store could not be written):
+            # the slot's target is not deployed, so the next plan, after a backoff, does.
+            self._current.pop(slot, None)
+            self._faults[slot] = failures = self._faults.get(slot, 0) + 1
+            replan = asyncio.create_task(self._replan(BACKOFF.delay(failures)))
+            self._replans.add(replan)
+            replan.add_done_callback(self._replans.discard)
+
+    async def _replan(self, delay: float) -> None:
+        await self.clock.sleep(delay)
+        self.request_reconcile()
 
     async def _cancel_deploy(self, slot: Slot) -> None:
         task = self._deploys.pop(slot, None)
@@ -358,7 +393,7 @@ class Engine:
         self, url: str, name: str | None, default_branch: str | None, webhook_secret: str = ""
     ) -> Repo:
         if url.startswith("-"):
-            raise UsageError(f"{url!r} is not a path or URL of a git repository")
+            raise UsageError(f"{redacted_url(url)!r} is not a path or URL of a git repository")
         path = local_path(url)
         if path is not None:
             path = path.expanduser().resolve()
@@ -379,16 +414,18 @@ class Engine:
             heads = await ls_remote(url)
         except RemoteUnreachable as exc:
             raise RemoteUnreachable(
-                f"cannot reach {url} now (temporary; try again): {exc.message}"
+                f"cannot reach {redacted_url(url)} now (temporary; try again): {exc.message}"
             ) from None
         except BranchyardError as exc:
-            raise UsageError(f"{url} is not a git repository I can read: {exc.message}") from None
+            raise UsageError(
+                f"{redacted_url(url)} is not a git repository I can read: {exc.message}"
+            ) from None
         chosen = default_branch or choose_default_branch(
             heads, await configured_default_branch(path)
         )
         repo = Repo(service, url, chosen, webhook_secret)
         self.store.add_repo(repo)
-        self.store.event("repo", f"added {service} from {url}")
+        self.store.event("repo", f"added {service} from {redacted_url(url)}")
         if default_branch is None:
             self._say_default_branch(service, chosen, heads.dangling_head)
         self.watcher.watch(repo)

@@ -27,6 +27,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 
 from branchyard.errors import BuildFailed, GitError, RemoteUnreachable, UsageError
 from branchyard.naming import short_hash
@@ -49,6 +50,46 @@ _TEMPORARY = re.compile(
 )
 
 
+# The credential helper for a URL that carries credentials: fixed text, never built from
+# the URL; it answers git's "get" with what the environment it is given holds.
+_CREDENTIAL_HELPER = (
+    "!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' "
+    '"$BRANCHYARD_GIT_USERNAME" "$BRANCHYARD_GIT_PASSWORD"; }; f'
+)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A URL as git is given it: without credentials in it, which would show in the argv
+    of git and its helpers (``ps``), and the environment that hands them over instead."""
+
+    url: str
+    env: dict[str, str]
+
+
+def remote(url: str) -> Remote:
+    """``url`` for git: an http(s) URL's userinfo (``user:TOKEN@``) taken out and given
+    to git by a credential helper through the environment; any other URL as it is."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not (sep and at and scheme.lower() in ("http", "https")):
+        return Remote(url, {})
+    user, _, password = userinfo.partition(":")
+    return Remote(
+        f"{scheme}://{host}{slash}{path}",
+        {
+            "GIT_CONFIG_COUNT": "2",
+            "GIT_CONFIG_KEY_0": "credential.helper",
+            "GIT_CONFIG_VALUE_0": "",  # no other helper: they would be asked, or store it
+            "GIT_CONFIG_KEY_1": "credential.helper",
+            "GIT_CONFIG_VALUE_1": _CREDENTIAL_HELPER,
+            "BRANCHYARD_GIT_USERNAME": unquote(user),
+            "BRANCHYARD_GIT_PASSWORD": unquote(password),
+        },
+    )
+
+
 def failure_of(stderr: str, command: str) -> GitError | RemoteUnreachable:
     """The error for a git ``command`` that failed with ``stderr``: its first line, as
     a temporary error if the network or the server failed, else a permanent one."""
@@ -57,8 +98,9 @@ def failure_of(stderr: str, command: str) -> GitError | RemoteUnreachable:
     return (RemoteUnreachable if _TEMPORARY.search(stderr) else GitError)(message)
 
 
-async def git(*args: str, cwd: Path | None = None) -> bytes:
-    """Run git with ``args`` (never through a shell); on failure, :func:`failure_of`.
+async def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> bytes:
+    """Run git with ``args`` (never through a shell), ``env`` added to its environment (a
+    :class:`Remote`'s); on failure, :func:`failure_of`.
 
     It is spawned and waited for from worker threads: the event loop's own spawn
     (uvloop's) forks the whole daemon and holds the loop, and with it the router, for
@@ -73,7 +115,7 @@ async def git(*args: str, cwd: Path | None = None) -> bytes:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, **_GIT_ENV},
+        env={**os.environ, **_GIT_ENV, **(env or {})},
         start_new_session=True,  # its helpers (git-remote-http) in its group, killed with it
     )
     try:
@@ -169,9 +211,11 @@ async def check_branch_name(name: str) -> None:
 
 
 async def ls_remote(url: str) -> Heads:
-    return parse_ls_remote(
-        (await git("ls-remote", "--symref", "--", url, "HEAD", "refs/heads/*")).decode()
+    given = remote(url)
+    listed = await git(
+        "ls-remote", "--symref", "--", given.url, "HEAD", "refs/heads/*", env=given.env
     )
+    return parse_ls_remote(listed.decode())
 
 
 class _Objects:
@@ -267,7 +311,10 @@ class Source:
             if not self.git_dir.exists():
                 await git("init", "--bare", "--quiet", str(self.git_dir))
                 await self._objects.close()  # one started before could read no mirror
-            await self._git(
+            given = remote(self.url)
+            await git(
+                "--git-dir",
+                str(self.git_dir),
                 "fetch",
                 "--prune",
                 "--no-tags",
@@ -276,8 +323,9 @@ class Source:
                 "--no-show-forced-updates",  # a check of the old heads' history, for a message
                 "--no-auto-maintenance",  # no repack that could start in the middle of a deploy
                 "--",
-                self.url,
+                given.url,
                 "+refs/heads/*:refs/heads/*",
+                env=given.env,
             )
 
     async def _git(self, *args: str) -> bytes:

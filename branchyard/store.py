@@ -28,7 +28,7 @@ from branchyard.errors import Conflict, NotFound, UsageError
 from branchyard.model import Repo, Revision, RevisionState
 from branchyard.serving import Change, NewEvent, NewRevision, PinChange, Slot, StateChange
 from branchyard.shapes import Event
-from branchyard.text import shown
+from branchyard.text import redacted_url, shown
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -153,7 +153,7 @@ class Store:
         for row in self._db.execute(
             "SELECT name, url FROM repos WHERE name = ? OR url = ?", (repo.name, repo.url)
         ):
-            what = f"name {repo.name!r}" if row["name"] == repo.name else repo.url
+            what = f"name {repo.name!r}" if row["name"] == repo.name else redacted_url(repo.url)
             raise Conflict(f"repo {row['name']} is already registered with {what}")
         self._db.execute(
             "INSERT INTO repos VALUES (?, ?, ?, ?, ?)",

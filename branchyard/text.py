@@ -37,3 +37,41 @@ def clip(text: str, limit: int = FIELD_LIMIT) -> str:
 def shown(text: str, limit: int = FIELD_LIMIT) -> str:
     """Untrusted ``text`` as it may be stored and shown: printable, then clipped."""
     return clip(printable(text), limit)
+
+
+# Query parameters whose value is a credential (GitLab's private_token, an OAuth
+# access_token, a signed URL's signature).
+_SECRET_PARAMETER = re.compile(
+    r"access_token|private_token|token|password|passwd|secret|api_?key|key|sig|signature",
+    re.IGNORECASE,
+)
+
+
+def redacted_url(url: str) -> str:
+    """A repo URL as it may be shown: credentials replaced by ``***``.
+
+    The password of its userinfo (``https://user:TOKEN@host/x.git``), a user name
+    that is alone in an http(s) URL's userinfo (``https://TOKEN@host/x.git``: a
+    token given as the user), and the value of a query parameter that carries a
+    secret (``?access_token=TOKEN``). A path or an ssh URL's user (``git@host``) is
+    no secret and stays."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            authority = f"{user}:***@{host}"
+        elif scheme.lower() in ("http", "https"):
+            authority = f"***@{host}"
+    path, question, query = path.partition("?")
+    if question:
+        query = "&".join(_redacted_parameter(pair) for pair in query.split("&"))
+    return f"{scheme}{sep}{authority}{slash}{path}{question}{query}"
+
+
+def _redacted_parameter(pair: str) -> str:
+    name, equals, _ = pair.partition("=")
+    return f"{name}=***" if equals and _SECRET_PARAMETER.fullmatch(name) else pair

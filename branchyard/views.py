@@ -27,6 +27,7 @@ from branchyard.rollout import FailureLog, Rollouts
 from branchyard.runtime import InstanceState, LogName, Pause, Review, Runtime
 from branchyard.settings import Change, Settings
 from branchyard.store import Store
+from branchyard.text import redacted_url
 from branchyard.watcher import Watching
 
 
@@ -94,7 +95,7 @@ class Views:
         return [
             {
                 "name": r.name,
-                "url": r.url,
+                "url": redacted_url(r.url),
                 "default_branch": r.default_branch,
                 "branches": len(heads[r.name].branches) if r.name in heads else 0,
                 "error": self._watcher.errors.get(r.name, ""),

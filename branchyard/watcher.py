@@ -12,7 +12,10 @@ A repo that cannot be read is looked at again (:func:`after_error`): after a
 temporary error (a remote that cannot be reached) with capped exponential
 backoff, 2 s, 4 s, ... 60 s, and the error says when; after a permanent one
 (not a repository) every 2 s, in case it is fixed. Never sooner than a remote
-repo's poll interval.
+repo's poll interval. Heads the engine could not take (the store could not be
+written: a full disk) are a failed look like any other: the repo's error says
+why, and the same heads are handed over again until they are taken, so a push
+made while the disk was full deploys once there is space.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from branchyard.errors import BranchyardError, is_temporary
+from branchyard.errors import is_temporary, reason_of
 from branchyard.git import Sources, git_dir_of, local_path, ls_remote
 from branchyard.model import Repo, RepoHeads
 from branchyard.retry import BACKOFF, Backoff, Retry
@@ -50,15 +53,17 @@ def next_poll(due: float, started: float, interval: float) -> float:
 
 
 def after_error(
-    exc: BranchyardError | OSError, failures: int, floor: float, backoff: Backoff = BACKOFF
+    exc: Exception, failures: int, floor: float, backoff: Backoff = BACKOFF
 ) -> tuple[float, str]:
     """How long until a repo that failed to be read ``failures`` times in a row is looked
     at again, and the error to show: a temporary one after the backoff, saying so, a
-    permanent one after :data:`ERROR_INTERVAL`; never sooner than ``floor``."""
+    permanent one after :data:`ERROR_INTERVAL`; never sooner than ``floor``. Any other
+    error (the store could not be written: a full disk) is permanent, shown with its
+    type: ``OperationalError: database or disk is full``."""
     if is_temporary(exc):
         pending = Retry(failures, max(backoff.delay(failures), floor), exc)
         return pending.delay, pending.note("fetch")
-    message = exc.message if isinstance(exc, BranchyardError) else str(exc)
+    message = str(exc) if isinstance(exc, OSError) else reason_of(exc)
     return max(ERROR_INTERVAL, floor), message
 
 
@@ -308,7 +313,7 @@ class Watcher:
             watched.failures = 0
             if watched.git_dir is None:
                 watched.due = next_poll(watched.due, now, self._poll_interval)
-        except (BranchyardError, OSError) as exc:
+        except Exception as exc:  # whatever failed, the heads are looked at again
             watched.failures += 1
             floor = self._poll_interval if watched.git_dir is None else 0.0
             delay, message = after_error(exc, watched.failures, floor)

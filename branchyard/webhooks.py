@@ -41,6 +41,12 @@ and never rejected for its shape.
 The repository is reported by every URL the payload gives for it (https, ssh,
 scp-like, web), so the caller can match a registered repo whichever form it was
 registered with, comparing both sides through :func:`normalize_url`.
+
+Anyone who reaches the API can send a webhook. Those refused before they were
+authenticated (malformed, too large, naming no registered repo, unsigned or
+wrongly signed) are told to the event log through :class:`Refusals`: at most
+one a minute, with a count of the rest, so a flood of them cannot push real
+events out of the log.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from urllib.parse import urlsplit
 from branchyard.errors import BranchyardError
 
 MAX_BODY = 5 * 1024 * 1024
+REFUSALS_INTERVAL = 60.0  # seconds between two refused webhooks recorded as events
 
 Kind = Literal["push", "delete", "tag", "ping", "other"]
 
@@ -79,6 +86,33 @@ class WebhookError(BranchyardError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class Refusals:
+    """Which refused webhooks are recorded: the first at once, then at most one per
+    ``interval`` seconds, saying how many were refused since the one recorded before.
+
+    Pure: the caller says when each refusal came and records what it is given."""
+
+    def __init__(self, interval: float = REFUSALS_INTERVAL) -> None:
+        self._interval = interval
+        self._told_at: float | None = None
+        self._untold = 0
+
+    def refused(self, message: str, now: float) -> str | None:
+        """The event to record for a refusal that ``message`` describes, or None when one
+        was recorded less than ``interval`` seconds before ``now`` (this one is counted)."""
+        last = self._told_at
+        if last is not None and now - last < self._interval:
+            self._untold += 1
+            return None
+        untold, self._untold, self._told_at = self._untold, 0, now
+        if last is None or not untold:
+            return message
+        return (
+            f"{message} (and {untold} more unauthenticated webhooks refused "
+            f"in the last {now - last:.0f} s, not recorded one by one)"
+        )
 
 
 @dataclass(frozen=True)

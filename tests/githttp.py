@@ -3,11 +3,15 @@
 Used by the tests and benchmarks of the polling path. It records every
 request, so a test can tell a cheap ref listing from a full fetch, and while
 ``refusing_fetches`` is set it answers every fetch 503, as a server that is
-overloaded or restarting does, but still lists refs.
+overloaded or restarting does, but still lists refs. Given ``credentials``, it
+asks for them (HTTP basic auth, 401 without them), as a private repo's forge does,
+and records the command line of every git process that shows the password while a
+request is served (the client's git and its ``git-remote-http`` wait on it then).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import threading
@@ -17,8 +21,12 @@ from urllib.parse import urlsplit
 
 
 class GitHttpServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, credentials: tuple[str, str] | None = None) -> None:
         self.root = root
+        self.credentials = credentials
+        self.unauthorized = 0  # requests answered 401
+        self.shown_in_argv: list[str] = []  # command lines that held the password
+        self.processes_seen = 0  # git processes looked at while requests were served
         self.requests: list[tuple[str, str, bytes]] = []  # method, path, body
         self.refusing_fetches = False
         self.refused = 0  # fetches answered 503
@@ -37,6 +45,13 @@ class GitHttpServer:
             def _cgi(self, body: bytes) -> None:
                 url = urlsplit(self.path)
                 server.requests.append((self.command, url.path, body))
+                if server.credentials is not None and not self._authorized(server.credentials):
+                    server.unauthorized += 1
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.refusing_fetches and _is_fetch(body):
                     server.refused += 1
                     self.send_response(503)
@@ -74,12 +89,30 @@ class GitHttpServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def _authorized(self, credentials: tuple[str, str]) -> bool:
+                user, password = credentials
+                server.look_for(password)
+                expected = base64.b64encode(f"{user}:{password}".encode()).decode()
+                return self.headers.get("Authorization", "") == f"Basic {expected}"
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def look_for(self, password: str) -> None:
+        """Record every running git process whose command line holds ``password``."""
+        for entry in Path("/proc").iterdir():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"git" in argv.split(b"\0")[0]:
+                self.processes_seen += 1
+                if password.encode() in argv:
+                    self.shown_in_argv.append(argv.replace(b"\0", b" ").decode())
 
     def fetches(self) -> int:
         """Requests that transferred objects (not just the list of refs)."""

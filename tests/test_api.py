@@ -178,9 +178,10 @@ def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
             assert call(running, "POST", "/hooks/github", huge, signed(huge, "s3cret"))[0] == 413
 
         events = running.cli("events").stdout
+        # Refusals before authentication: the first recorded, the rest within a minute not.
         assert "webhook rejected" in events and "does not match" in events
-        assert "not a registered repo" in events
-        assert "live" in events
+        assert "not a registered repo" not in events and "over the limit" not in events
+        assert "github push of bugfix in app" in events and "live" in events
     finally:
         assert running.stop() == 0
 

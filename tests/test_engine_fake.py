@@ -12,6 +12,7 @@ loop run, a bounded number of turns, never by time. Each test takes milliseconds
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -375,6 +376,36 @@ def test_a_deploy_ended_by_a_bug_is_logged_with_its_reason(
     run(tmp_path, scenario)
     assert "deploy of main:web failed: RuntimeError: the store broke" in caplog.text
     assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("part", ["set_namespaces", "apply"], ids=["plan", "deploy"])
+def test_a_push_whose_plan_or_deploy_a_store_fault_ended_deploys_after_a_backoff(
+    tmp_path: Path, part: str
+) -> None:
+    """The disk was full as the push came: planning it (``set_namespaces``) or recording
+    its revision (``apply``) failed once, and nothing else will come to try again."""
+
+    async def scenario(world: World, engine: Engine) -> None:
+        real = getattr(world.store, part)
+        faults: list[str] = []
+
+        def full(*args: object, **kwargs: object) -> object:
+            if not faults:
+                faults.append(part)
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(*args, **kwargs)
+
+        setattr(world.store, part, full)
+        await engine.on_heads(RepoHeads("web", "main", {"main": C1}))
+        await until(lambda: bool(faults), "the fault met")
+        await world.time.asleep()
+        assert world.time.sleeping == [2.0]  # the first backoff
+        assert world.states() == {}
+        world.time.advance(2.0)
+        await live(world, 1)
+
+    world = run(tmp_path, scenario)
+    assert world.calls("start") == ["web.main.v1:1"]
 
 
 def test_a_crash_takes_the_revision_out_of_traffic_until_it_restarts(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from branchyard.git import (
     commit_subject,
     ls_remote,
     parse_ls_remote,
+    remote,
 )
 from tests.conftest import git, wait_for
 
@@ -263,3 +264,27 @@ def processes_with(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.parametrize(
+    ("url", "given", "credentials"),
+    [
+        ("https://user:TOKEN@h/app.git", "https://h/app.git", ("user", "TOKEN")),
+        ("http://u:p%40ss%3A@127.0.0.1:8080/a", "http://127.0.0.1:8080/a", ("u", "p@ss:")),
+        ("https://TOKEN@h/app.git", "https://h/app.git", ("TOKEN", "")),
+        ("HTTPS://u:p@h", "HTTPS://h", ("u", "p")),
+        ("https://h/app.git", "https://h/app.git", None),
+        ("ssh://git@h/app.git", "ssh://git@h/app.git", None),
+        ("git@h:team/app.git", "git@h:team/app.git", None),
+        ("/srv/git/app.git", "/srv/git/app.git", None),
+    ],
+)
+def test_credentials_in_a_url_reach_git_through_its_environment_not_its_argv(
+    url: str, given: str, credentials: tuple[str, str] | None
+) -> None:
+    found = remote(url)
+    assert found.url == given
+    handed = (found.env.get("BRANCHYARD_GIT_USERNAME"), found.env.get("BRANCHYARD_GIT_PASSWORD"))
+    assert handed == (credentials or (None, None))
+    keys = {found.env.get(f"GIT_CONFIG_KEY_{n}") for n in (0, 1)}
+    assert keys == ({"credential.helper"} if credentials is not None else {None})

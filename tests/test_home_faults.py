@@ -14,17 +14,26 @@ test. Without root, the same works in a user namespace (``unshare --user
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, no_process_left, start_daemon, wait_for
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    no_process_left,
+    start_daemon,
+    stop_cleanly,
+    wait_for,
+)
 from tests.test_api import call, token_of
 
 pytestmark = pytest.mark.integration
@@ -147,3 +156,63 @@ def test_a_daemon_stopped_while_its_home_is_read_only_still_stops_every_service(
     assert "Traceback" not in log, log[-2000:]
     assert "cannot remove" in log and "daemon.json: Read-only file system" in log
     no_process_left(daemon.marker)
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (as root: the tests run as root), unmounted
+    after, so that filling it fills nothing else of the machine."""
+    where.mkdir()
+    tmpfs = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)]
+    subprocess.run(tmpfs, check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until not one more byte fits; the file, to delete later."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"\0" * (1 << 20), b"\0" * 4096, b"\0"):
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_push_made_while_the_disk_is_full_deploys_once_there_is_space(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """The push is seen (the refs moved) but the store cannot record it: it must be seen
+    again, not taken as handled, and deploy once space comes back."""
+    app = make_repo("app")
+    with small_disk(tmp_path / "home", "64m") as home:
+        daemon = start_daemon(home)
+        try:
+            daemon.cli("repo", "add", str(app.origin))
+            wait_for(lambda: daemon.answer("app"), 60, "app live")
+            filler = fill(home)
+            pushed = app.commit({"pushed": "while the disk was full\n"}, "second")
+            app.push()
+
+            def refused() -> str:
+                good = {"Authorization": f"Bearer {token_of(daemon)}"}
+                (row,) = call(daemon, "GET", "/api/repos", b"", good)[1]
+                return str(row["error"])
+
+            error = wait_for(refused, 30, "the repo's watch error")
+            assert error == "OperationalError: database or disk is full", error
+            assert not daemon.serves("app", "main", pushed)
+            filler.unlink()
+            wait_for(lambda: daemon.serves("app", "main", pushed), 60, "the push deployed")
+            wait_for(lambda: refused() == "", 10, "the error cleared")
+        finally:
+            stop_cleanly(daemon)

@@ -347,6 +347,18 @@ def test_a_local_repo_without_a_git_server_is_a_clear_error() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "repo_url", ["https://u:TOKEN@forge.example/app.git", "https://h/app.git?access_token=TOKEN"]
+)
+def test_a_remote_repo_whose_url_carries_credentials_is_refused_without_showing_them(
+    repo_url: str,
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        render.revision_objects(KubeOptions(), spec(repo_url=repo_url))
+    assert "TOKEN" not in caught.value.message and "***" in caught.value.message
+    assert caught.value.message.startswith("app's repo URL carries credentials (")
+
+
 def test_pods_run_as_nobody_without_a_service_account_token() -> None:
     for deployment in deployments(KubeOptions(), spec(workers=(("clock", "c"),))):
         pod = web_pod(deployment)

@@ -320,6 +320,18 @@ def test_only_the_latest_events_are_kept(path: Path, clock: FakeClock) -> None:
         store.close()
 
 
+def test_the_store_keeps_the_latest_10000_events_by_default(path: Path, clock: FakeClock) -> None:
+    store = Store(path, clock=clock)
+    try:
+        for number in range(1, 10_006):
+            store.event("push", f"event {number}")
+        kept = store.events(limit=20_000)
+        assert len(kept) == 10_000
+        assert (kept[0]["message"], kept[-1]["message"]) == ("event 6", "event 10005")
+    finally:
+        store.close()
+
+
 def test_event_text_is_printable_and_bounded(store: Store) -> None:
     store.event("webhook", "for \x1b]0;owned\x07\x1b[2Jhttp://x/" + "a" * 10_000)
     (event,) = store.events()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from branchyard.text import clip, printable, shown
+from branchyard.text import clip, printable, redacted_url, shown
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,36 @@ def test_clip_keeps_the_start_and_says_how_much_was_cut(
 
 def test_shown_escapes_before_it_cuts() -> None:
     assert shown("\x1b" * 600) == "\\x1b" * 128 + "... (1888 more characters)"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown_as"),
+    [
+        (
+            "https://user:TOKEN@forge.example/team/app.git",
+            "https://user:***@forge.example/team/app.git",
+        ),
+        (
+            "http://oauth2:glpat-x@127.0.0.1:8080/app.git",
+            "http://oauth2:***@127.0.0.1:8080/app.git",
+        ),
+        ("https://ghp_TOKEN@github.com/acme/app.git", "https://***@github.com/acme/app.git"),
+        ("https://u:p%40ss@h/x", "https://u:***@h/x"),
+        ("https://u:p@ss@h/x", "https://u:***@h/x"),  # an unescaped @ in the password
+        ("HTTPS://u:p@h", "HTTPS://u:***@h"),
+        ("ssh://git:pw@host/app.git", "ssh://git:***@host/app.git"),
+        ("ssh://git@host/app.git", "ssh://git@host/app.git"),  # a user is no secret there
+        ("git@host:team/app.git", "git@host:team/app.git"),
+        ("/srv/git/app.git", "/srv/git/app.git"),
+        ("file:///srv/git/a@b.git", "file:///srv/git/a@b.git"),
+        ("https://forge.example/a@b.git", "https://forge.example/a@b.git"),
+        (
+            "https://h/app.git?access_token=T&ref=main&private_token=P",
+            "https://h/app.git?access_token=***&ref=main&private_token=***",
+        ),
+        ("https://h/x?Token=T&tokens=1", "https://h/x?Token=***&tokens=1"),
+        ("https://forge.example/team/app.git", "https://forge.example/team/app.git"),
+    ],
+)
+def test_a_url_is_shown_without_its_credentials(url: str, shown_as: str) -> None:
+    assert redacted_url(url) == shown_as

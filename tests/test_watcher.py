@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import struct
 from pathlib import Path
 
@@ -91,6 +92,21 @@ NOT_A_REPO = "fatal: '/gone' does not appear to be a git repository"
         (GitError(NOT_A_REPO), 7, 0.0, 2, NOT_A_REPO),
         (GitError(NOT_A_REPO), 1, 30.0, 30, NOT_A_REPO),
         (PermissionError(13, "Permission denied"), 1, 0.0, 2, "[Errno 13] Permission denied"),
+        # heads the engine could not take: the store could not be written
+        (
+            sqlite3.OperationalError("database or disk is full"),
+            1,
+            0.0,
+            2,
+            "OperationalError: database or disk is full",
+        ),
+        (
+            sqlite3.OperationalError("attempt to write a readonly\ndatabase"),
+            3,
+            30.0,
+            30,
+            "OperationalError: attempt to write a readonly database",
+        ),
     ],
 )
 def test_a_repo_that_cannot_be_read_is_looked_at_again_with_backoff_if_it_may_pass(
@@ -234,15 +250,21 @@ def test_a_push_to_a_local_repo_wakes_the_watcher_without_waiting_for_its_tick(
     asyncio.run(scenario())
 
 
-def test_refs_that_cannot_be_read_for_a_moment_do_not_end_the_watcher(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def pushed_origin(tmp_path: Path) -> tuple[Path, str]:
+    """A bare repo with one commit pushed to main: (its path, the commit)."""
     origin = tmp_path / "app.git"
     git("init", "-q", "--bare", "-b", "main", str(origin))
     work = tmp_path / "work"
     git("clone", "-q", str(origin), str(work))
     git("commit", "-q", "--allow-empty", "-m", "first", cwd=work)
     git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=work)
+    return origin, git("rev-parse", "HEAD", cwd=work)
+
+
+def test_refs_that_cannot_be_read_for_a_moment_do_not_end_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin, _ = pushed_origin(tmp_path)
     real = watcher.refs_fingerprint
     calls = []
 
@@ -265,6 +287,43 @@ def test_refs_that_cannot_be_read_for_a_moment_do_not_end_the_watcher(
         try:
             async with asyncio.timeout(10):
                 assert "main" in (await seen.get()).branches
+        finally:
+            await watching.close()
+
+    asyncio.run(scenario())
+
+
+def test_heads_the_engine_could_not_take_are_handed_over_again_and_the_error_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push made while the store could not be written (a full disk): the refs were
+    looked at, but the heads were not taken, so they are handed over again."""
+    monkeypatch.setattr(watcher, "ERROR_INTERVAL", 0.01)  # the wait after a permanent error
+    origin, sha = pushed_origin(tmp_path)
+
+    async def scenario() -> None:
+        offered: list[RepoHeads] = []
+        taken: asyncio.Queue[RepoHeads] = asyncio.Queue()
+        errors: list[str] = []
+
+        async def on_heads(heads: RepoHeads) -> None:
+            offered.append(heads)
+            if len(offered) == 1:
+                errors.append(watching.errors.get("app", ""))
+                raise sqlite3.OperationalError("database or disk is full")
+            errors.append(watching.errors.get("app", ""))
+            await taken.put(heads)
+
+        watching = Watcher(Sources(tmp_path / "mirrors"), on_heads, poll_interval=3600)
+        watching.watch(Repo("app", str(origin)))
+        try:
+            async with asyncio.timeout(10):
+                assert (await taken.get()).branches == {"main": sha}
+            assert offered[0] == offered[1]
+            assert errors == ["", "OperationalError: database or disk is full"]
+            async with asyncio.timeout(10):
+                while "app" in watching.errors:  # cleared once the heads were taken
+                    await asyncio.sleep(0.01)
         finally:
             await watching.close()
 

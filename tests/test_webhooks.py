@@ -20,6 +20,7 @@ from branchyard.webhooks import (
     MAX_BODY,
     Provider,
     PushEvent,
+    Refusals,
     WebhookError,
     check_size,
     event_type,
@@ -771,3 +772,40 @@ def test_scp_ssh_and_https_forms_of_one_repo_normalize_alike(host: str, path: st
         f"git://{host}/{path}.git",
     }
     assert {normalize_url(form) for form in forms} == {f"{host}/{path}"}
+
+
+@pytest.mark.parametrize(
+    ("times", "recorded"),
+    [
+        ([0.0], {0.0: "refused 1"}),
+        ([0.0, 1.0, 59.9], {0.0: "refused 1"}),  # within a minute of the one recorded
+        (
+            [0.0, 1.0, 2.0, 61.0],
+            {
+                0.0: "refused 1",
+                61.0: "refused 4 (and 2 more unauthenticated webhooks refused "
+                "in the last 61 s, not recorded one by one)",
+            },
+        ),
+        ([0.0, 60.0, 200.0], {0.0: "refused 1", 60.0: "refused 2", 200.0: "refused 3"}),
+        (
+            [10.0, *[10.0 + n / 1000 for n in range(1, 10_001)], 130.0],
+            {
+                10.0: "refused 1",
+                130.0: "refused 10002 (and 10000 more unauthenticated webhooks refused "
+                "in the last 120 s, not recorded one by one)",
+            },
+        ),
+    ],
+    ids=["one", "a burst", "counted", "slow ones", "a flood"],
+)
+def test_refused_webhooks_are_recorded_at_most_once_a_minute_with_a_count(
+    times: list[float], recorded: dict[float, str]
+) -> None:
+    refusals = Refusals()
+    told = {}
+    for number, now in enumerate(times, 1):
+        event = refusals.refused(f"refused {number}", now)
+        if event is not None:
+            told[now] = event
+    assert told == recorded

@@ -332,7 +332,7 @@ class _ClientConnection(asyncio.Protocol):
             if key is None:
                 text = host.decode("latin-1")
                 if table.home is None or _split_host(text)[0] not in _HOME_NAMES:
-                    self._answer(_not_found_page(text, table.entries()))
+                    self._answer(_not_found_page(text))
                     return
                 key, backend = _HOME_KEY, table.home
             else:

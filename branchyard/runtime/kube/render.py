@@ -74,6 +74,7 @@ from branchyard.naming import BASELINE, dns_label
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names
 from branchyard.runtime.kube.options import KubeOptions
+from branchyard.text import redacted_url
 
 HTTPRoute = create_namespaced_resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
 """The Gateway API's route (a CRD, so not among lightkube's models)."""
@@ -190,6 +191,13 @@ def source_url(options: KubeOptions, spec: RevisionSpec) -> str:
     """Where a pod fetches the revision's commit: a remote repo's own URL; for a repo on
     the daemon's machine, the daemon's git server (``options.git_url``)."""
     if local_path(spec.repo_url) is None:
+        shown = redacted_url(spec.repo_url)
+        if shown != spec.repo_url:
+            raise UsageError(
+                f"{spec.service}'s repo URL carries credentials ({shown}), which a pod's spec "
+                "would show: on Kubernetes, register a URL the pods can fetch without them, "
+                "or a clone on this machine (served to pods by up --git-listen)"
+            )
         return spec.repo_url
     if options.git_url is None:
         raise UsageError(
