@@ -1,0 +1,90 @@
+"""Floods against a real daemon: thousands of idle connections to a peer listener, a
+hundred held webhook bodies, three hundred unfinished fetches. Each is capped, and the
+rest keeps being served meanwhile (docs/security.md, "Floods and their caps")."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import selectors
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from branchyard.router.limits import PEER_LISTENER_CONNECTIONS
+from tests.conftest import Daemon, ServiceRepo, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def many_descriptors() -> Iterator[None]:
+    """This process's soft descriptor limit at its hard one, for thousands of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
+def connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=60))
+            for _ in range(count)
+        ]
+
+
+def first_answers(sockets: list[socket.socket], count: int) -> dict[socket.socket, bytes]:
+    """The first bytes of the first ``count`` of ``sockets`` to answer, waited for."""
+    answered: dict[socket.socket, bytes] = {}
+    with selectors.DefaultSelector() as waiting:  # epoll: descriptors past select()'s 1024
+        for sock in sockets:
+            waiting.register(sock, selectors.EVENT_READ)
+        while len(answered) < count:
+            readable = waiting.select(60)
+            assert readable, f"{len(answered)} of {count} answers came"
+            for key, _ in readable:
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                answered[ready] = ready.recv(65536)
+                waiting.unregister(ready)
+    return answered
+
+
+def descriptors(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def port_of(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+def test_a_flooded_peer_listener_refuses_past_its_cap_while_other_namespaces_and_the_api_serve(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    repos = {name: make_repo(name) for name in ("app", "web")}
+    for repo in repos.values():
+        daemon.cli("repo", "add", str(repo.origin))
+    wait_for(lambda: daemon.ps_q() == ["main:app", "main:web"], 60, "the baseline")
+    repos["web"].checkout("bugfix")
+    repos["web"].push("bugfix")
+    wait_for(lambda: daemon.ps_q("bugfix") == ["bugfix:web"], 60, "web in bugfix")
+    pid = daemon.process.pid
+    flooded = port_of(daemon.answer("web")["env"]["APP_URL"])  # (main, app)'s listener
+    before = descriptors(pid)
+    with connections(flooded, 4000) as flood:
+        refused = first_answers(flood, 4000 - PEER_LISTENER_CONNECTIONS)
+        for answer in refused.values():
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert answer.endswith(b"holds 512 connections, its most\n"), answer
+        held = descriptors(pid)
+        assert held <= before + PEER_LISTENER_CONNECTIONS + 16, (before, held)
+        # bugfix's web reaches app through its own peer listener (app falls back to main)
+        reached = daemon.answer("web", "bugfix", "/call/APP_URL")["env"]
+        assert reached["BRANCHYARD_SERVICE"] == "app"
+        assert daemon.answer("web", "bugfix")["env"]["BRANCHYARD_NAMESPACE"] == "bugfix"
+        assert daemon.ps_q("bugfix") == ["bugfix:web"]  # the API
+    print(f"descriptors: {before} before, {held} under 4000 connections")
