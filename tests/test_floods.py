@@ -13,10 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from branchyard.api import WEBHOOK_BODIES_BYTES, WEBHOOK_BODY_SECONDS
 from branchyard.router.limits import PEER_LISTENER_CONNECTIONS
+from branchyard.webhooks import MAX_BODY
 from tests.conftest import Daemon, ServiceRepo, wait_for
 
 pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+WEBHOOK_GROWTH = 64 * MIB
+"""The most the daemon's peak RSS may grow by while 100 webhook bodies are held: the
+bodies' budget twice over (a body is copied once when complete), and room for the
+interpreter; with no budget it grew by about 630 MB."""
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +62,20 @@ def first_answers(sockets: list[socket.socket], count: int) -> dict[socket.socke
     return answered
 
 
+def read_to_end(sock: socket.socket) -> bytes:
+    received = bytearray()
+    while data := sock.recv(65536):
+        received += data
+    return bytes(received)
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 def descriptors(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
@@ -88,3 +110,33 @@ def test_a_flooded_peer_listener_refuses_past_its_cap_while_other_namespaces_and
         assert daemon.answer("web", "bugfix")["env"]["BRANCHYARD_NAMESPACE"] == "bugfix"
         assert daemon.ps_q("bugfix") == ["bugfix:web"]  # the API
     print(f"descriptors: {before} before, {held} under 4000 connections")
+
+
+def test_a_hundred_held_webhook_bodies_keep_the_daemon_within_its_memory_bound(
+    daemon: Daemon,
+) -> None:
+    pid = daemon.process.pid
+    before = status_kb(pid, "VmRSS")
+    head = (
+        b"POST /hooks/github HTTP/1.1\r\nHost: hooks\r\nContent-Type: application/json\r\n"
+        b"X-GitHub-Event: push\r\nContent-Length: %d\r\n\r\n" % MAX_BODY
+    )
+    admitted = WEBHOOK_BODIES_BYTES // MAX_BODY
+    with connections(port_of(daemon.info["api"]), 100) as senders:
+        for sock in senders:
+            sock.sendall(head + b"{")
+        refused = first_answers(senders, 100 - admitted)
+        for answer in refused.values():
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"retry-after: 1" in answer.lower(), answer
+        held = [sock for sock in senders if sock not in refused]
+        for sock in held:
+            sock.sendall(b" " * (MAX_BODY - 2))  # all but the last byte: it trickles
+        assert "router" in daemon.cli("info").stdout  # the API answers meanwhile
+        for sock in held:  # cut once WEBHOOK_BODY_SECONDS have passed
+            answer = read_to_end(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert f"not complete after {WEBHOOK_BODY_SECONDS:g} s".encode() in answer
+    peak = status_kb(pid, "VmHWM")
+    print(f"VmRSS {before} kB before; VmHWM {peak} kB after 100 held bodies")
+    assert (peak - before) * 1024 <= WEBHOOK_GROWTH, (before, peak)
