@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from branchyard.api import WEBHOOK_BODIES_BYTES, WEBHOOK_BODY_SECONDS
+from branchyard.gitserve import BODY_SECONDS, GIT_PROCESSES, GIT_WAITING
 from branchyard.router.limits import PEER_LISTENER_CONNECTIONS
 from branchyard.webhooks import MAX_BODY
-from tests.conftest import Daemon, ServiceRepo, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, start_daemon, stop_cleanly, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,53 @@ def test_a_hundred_held_webhook_bodies_keep_the_daemon_within_its_memory_bound(
     peak = status_kb(pid, "VmHWM")
     print(f"VmRSS {before} kB before; VmHWM {peak} kB after 100 held bodies")
     assert (peak - before) * 1024 <= WEBHOOK_GROWTH, (before, peak)
+
+
+def git_processes(git_dir: Path) -> int:
+    """How many ``git upload-pack`` processes serve ``git_dir`` now."""
+    wanted = str(git_dir).encode()
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        count += b"upload-pack" in argv and wanted in argv
+    return count
+
+
+def test_three_hundred_unfinished_fetches_run_few_gits_and_a_fetch_right_after_works(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    repo = make_repo("web", {"README": "web\n"})
+    running = start_daemon(tmp_path / "home", "--git-listen", "127.0.0.1:0")
+    try:
+        running.cli("repo", "add", str(repo.origin))
+        head = (
+            b"POST /web/git-upload-pack HTTP/1.1\r\nHost: pod\r\n"
+            b"Content-Type: application/x-git-upload-pack-request\r\n"
+            b"Content-Length: 1000\r\n\r\n0032want "
+        )
+        with connections(port_of(running.info["git"]), 300) as flood:
+            for sock in flood:
+                sock.sendall(head)
+            busy = first_answers(flood, 300 - GIT_PROCESSES - GIT_WAITING)
+            for answer in busy.values():
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert b"retry-after: 5" in answer.lower(), answer
+            wait_for(lambda: git_processes(repo.origin) == GIT_PROCESSES, 10, "four gits")
+            counts = [git_processes(repo.origin)]
+            turns = [sock for sock in flood if sock not in busy]
+            cut = first_answers(turns, GIT_PROCESSES)  # after BODY_SECONDS: their bodies cut
+            for sock, start in cut.items():
+                answer = start + read_to_end(sock)  # and the connection closes
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+                assert f"not complete after {BODY_SECONDS:g} s".encode() in answer
+            counts.append(git_processes(repo.origin))
+            assert max(counts) <= GIT_PROCESSES, counts
+        clone = tmp_path / "clone"
+        git("clone", "-q", f"{running.info['git']}/web", str(clone))
+        assert (clone / "README").read_text() == "web\n"
+        wait_for(lambda: git_processes(repo.origin) == 0, 10, "no git left")
+    finally:
+        stop_cleanly(running)
