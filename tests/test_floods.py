@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from branchyard.api import WEBHOOK_BODIES_BYTES, WEBHOOK_BODY_SECONDS
+from branchyard.daemon import SERVER_CONNECTIONS
 from branchyard.gitserve import BODY_SECONDS, GIT_PROCESSES, GIT_WAITING
 from branchyard.router.limits import PEER_LISTENER_CONNECTIONS
 from branchyard.webhooks import MAX_BODY
@@ -111,6 +112,15 @@ def test_a_flooded_peer_listener_refuses_past_its_cap_while_other_namespaces_and
         assert daemon.answer("web", "bugfix")["env"]["BRANCHYARD_NAMESPACE"] == "bugfix"
         assert daemon.ps_q("bugfix") == ["bugfix:web"]  # the API
     print(f"descriptors: {before} before, {held} under 4000 connections")
+
+
+def test_connections_to_the_api_past_its_cap_are_refused_at_once(daemon: Daemon) -> None:
+    with connections(port_of(daemon.info["api"]), SERVER_CONNECTIONS + 100) as flood:
+        refused = first_answers(flood, 100)
+        for answer in refused.values():
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert answer.endswith(b"too many connections to this server: retry\n"), answer
+    assert "router" in wait_for(lambda: daemon.cli("info", check=False).stdout, 10, "info")
 
 
 def test_a_hundred_held_webhook_bodies_keep_the_daemon_within_its_memory_bound(
