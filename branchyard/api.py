@@ -35,6 +35,70 @@ log = logging.getLogger(__name__)
 FOLLOW_INTERVAL = 0.2
 MAX_EVENT_ID = 2**63 - 1  # SQLite's INTEGER
 
+WEBHOOK_BODY_SECONDS = 10.0
+"""How long a webhook body may take to arrive, from its head on; then it is cut with a
+408 (GitHub itself gives up on a delivery after 10 s)."""
+
+WEBHOOK_BODIES_BYTES = 16 * 1024 * 1024
+"""Bytes of webhook bodies held at once, all deliveries together (three of the largest,
+``webhooks.MAX_BODY``, or hundreds of usual ones): a body that would take more is
+refused at once with a 503 and Retry-After, so unauthenticated senders cannot make the
+daemon hold more. A body's bytes count from its Content-Length, or as they arrive."""
+
+
+class _Bodies:
+    """The bytes of webhook bodies being held, under :data:`WEBHOOK_BODIES_BYTES`."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > WEBHOOK_BODIES_BYTES:
+            raise webhooks.WebhookError(
+                503,
+                "webhooks_busy",
+                f"webhook bodies of {self.held} bytes are being read, the most is "
+                f"{WEBHOOK_BODIES_BYTES}: retry",
+            )
+        self.held += size
+
+    @contextlib.asynccontextmanager
+    async def read(self, request: Request) -> AsyncIterator[bytes]:
+        """The request body, held while the block runs; 413 as soon as it passes the
+        webhook limit, 503 when the bodies held are at their most, 408 when it takes
+        longer than :data:`WEBHOOK_BODY_SECONDS`."""
+        declared = request.headers.get("content-length", "")
+        taken = 0
+        try:
+            if declared.isdigit():
+                webhooks.check_size(int(declared))
+                self.take(int(declared))
+                taken = int(declared)
+            body = bytearray()
+            try:
+                async with asyncio.timeout(WEBHOOK_BODY_SECONDS):
+                    async for chunk in request.stream():
+                        body += chunk
+                        webhooks.check_size(len(body))
+                        if len(body) > taken:
+                            self.take(len(body) - taken)
+                            taken = len(body)
+            except TimeoutError:
+                raise webhooks.WebhookError(
+                    408,
+                    "webhook_body_timeout",
+                    f"webhook body not complete after {WEBHOOK_BODY_SECONDS:g} s: cut",
+                ) from None
+            yield bytes(body)
+        finally:
+            self.held -= taken
+
+
+# A body that trickles is cut: its connection is closed. One refused for its size or for
+# the budget is not: uvicorn discards the rest of it unread, so its sender reads the answer.
+_CUT = {"Connection": "close"}
+_RETRY = {"Retry-After": "1"}
+
 
 def _text(value: str) -> str:
     """Refuse what no path, subprocess argument or UTF-8 encoder takes."""
@@ -116,6 +180,7 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     app.state.sandbox = info["sandbox"]  # None: pushed code runs unsandboxed
     token = [auth.load_or_create(home)]
     refusals = webhooks.Refusals()  # webhooks refused before they were authenticated
+    bodies = _Bodies()
 
     @app.middleware("http")
     async def require_token(
@@ -329,11 +394,18 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
                 engine.note("webhook", told)
 
         try:
-            return JSONResponse(*await _webhook(engine, views, provider, request, refused))
+            kind = webhooks.Provider(provider)
+        except ValueError:
+            missing = {"error": "not_found", "message": f"no webhook endpoint for {provider!r}"}
+            return JSONResponse(missing, 404)
+        try:
+            async with bodies.read(request) as body:
+                return JSONResponse(*_webhook(engine, views, kind, request, body, refused))
         except webhooks.WebhookError as exc:
             refused(f"{provider} webhook rejected: {exc.message}")
             refusal: shapes.Refusal = {"error": exc.code, "message": exc.message}
-            return JSONResponse(refusal, exc.status)
+            headers = {503: _RETRY, 408: _CUT}.get(exc.status)
+            return JSONResponse(refusal, exc.status, headers)
 
     @app.get("/api/events")
     async def list_events(after: EventId = 0, namespace: str | None = None) -> list[shapes.Event]:
@@ -352,28 +424,17 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     return app
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 as soon as it passes the webhook limit."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit():
-        webhooks.check_size(int(declared))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        webhooks.check_size(len(body))
-    return bytes(body)
-
-
-async def _webhook(
-    engine: Engine, views: Views, name: str, request: Request, refused: Callable[[str], None]
+def _webhook(
+    engine: Engine,
+    views: Views,
+    provider: webhooks.Provider,
+    request: Request,
+    body: bytes,
+    refused: Callable[[str], None],
 ) -> tuple[shapes.HookAnswer, int]:
     """(answer, status) for one webhook delivery; WebhookError for the refusals. What is
     refused before it is authenticated is only told to ``refused``, which records few."""
-    try:
-        provider = webhooks.Provider(name)
-    except ValueError:
-        return {"error": "not_found", "message": f"no webhook endpoint for {name!r}"}, 404
-    body = await _read_body(request)
+    name = provider.value
     headers = dict(request.headers)
     event = webhooks.parse(provider, headers, body)
     wanted = {webhooks.normalize_url(url) for url in event.repo_urls}

@@ -29,6 +29,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -52,6 +53,7 @@ from branchyard.gitserve import Address, GitServer
 from branchyard.model import Clock, RepoHeads
 from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
+from branchyard.router.caps import process_budget
 from branchyard.runtime import RevisionSpec, Runtime, Traffic
 from branchyard.runtime.kube.options import KubeOptions as KubeOptions  # for `up`
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
@@ -73,12 +75,24 @@ SECRET_VARIABLES = ("BRANCHYARD_WEBHOOK_SECRET", "BRANCHYARD_STATUS_TOKEN")
 _SECRETS_FD = "BRANCHYARD_SECRETS_FD"
 
 
+SERVER_CONNECTIONS = 512
+"""Most connections the API (and, apart, the git server) holds at once; one more gets a
+503 line and is closed at once (the reserve of ``router.limits.RESERVED_FDS`` counts them)."""
+
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 43\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+    b"too many connections to this server: retry\n"
+)
+
+
 class _ApiProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that takes longer than
     :attr:`head_timeout` to send a request head, counted from its connection or its
     previous response, as the router does: a client that trickles a header, or
     connects and says nothing, no longer holds a connection for ever. (uvicorn's own
-    keep-alive timeout ends at the first byte of the next request.)"""
+    keep-alive timeout ends at the first byte of the next request.) A connection over
+    :data:`SERVER_CONNECTIONS` is refused as soon as it is accepted."""
 
     head_timeout = HEAD_TIMEOUT_SECONDS
     _head_timer: asyncio.TimerHandle | None = None
@@ -98,6 +112,10 @@ class _ApiProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.server_state.connections) > SERVER_CONNECTIONS:
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
         self._wait_for_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -186,6 +204,28 @@ def hide_secrets() -> None:
     env = {k: v for k, v in os.environ.items() if k not in secrets}
     env[_SECRETS_FD] = str(read)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _raise_fd_limit() -> None:
+    """The soft ``RLIMIT_NOFILE`` up to the hard one: the router's budget of connections
+    is derived from it (``router.caps``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the file descriptor limit from %s to %s: %s", soft, hard, exc)
+
+
+def _log_budget() -> None:
+    budget = process_budget()
+    log.info(
+        "file descriptors: %s; the router holds at most %s client connections, "
+        "%s of them for the main listener",
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        budget.clients,
+        budget.main,
+    )
 
 
 def _make_private(home: Path) -> None:
@@ -291,6 +331,7 @@ async def serve(options: Options) -> None:
     home = options.home
     with _home_lock(home):
         _make_private(home)
+        _raise_fd_limit()
         local = options.runtime == "local"  # on Kubernetes, each pod is boxed instead
         await _serve(options, _sandbox(options.sandbox) if local else None)
 
@@ -438,6 +479,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
                 info["git"],
             )
         await engine.start()
+        _log_budget()
         # What start-up made lives as long as the daemon: full collections, which took
         # about 25 ms each on the loop the router shares, no longer walk it.
         gc.freeze()

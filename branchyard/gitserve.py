@@ -22,6 +22,12 @@ whose input is the request body (un-gzipped as it comes): no pack is ever held w
 client that goes away kills its process; one that takes no chunk for
 :data:`STALL_SECONDS` is cut off and its process killed, and :meth:`GitServer.stop` ends
 them all, so that no fetch holds up the daemon's stop.
+
+Every git process runs as the daemon's user and costs a few megabytes, so at most
+:data:`GIT_PROCESSES` run at once; :data:`GIT_WAITING` more requests wait for their
+turn, and any further one is answered 503 with Retry-After at once, with no process. A
+request body that is not complete after :data:`BODY_SECONDS` is cut (408, its process
+killed): 300 requests that never finished their bodies once made 300 git processes.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import os
 import re
 import signal
 import zlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +56,16 @@ CHUNK = 64 * 1024
 
 STALL_SECONDS = 60.0
 """A client that takes a chunk no sooner than this is cut off, and its git killed."""
+
+GIT_PROCESSES = 4
+"""Most ``git upload-pack`` processes at once, all clients together."""
+
+GIT_WAITING = 32
+"""Most requests waiting for one of those; the next is refused (503, Retry-After)."""
+
+BODY_SECONDS = 10.0
+"""How long a request body (the client's wants and haves: kilobytes, sent at once) may
+take to arrive in full, from the start of its git process on."""
 
 WILDCARDS = ("0.0.0.0", "::")
 """Hosts that listen on every address: no URL a pod could use."""
@@ -152,6 +168,13 @@ class GitServer:
 
 
 _NOT_FOUND = PlainTextResponse("no such repository\n", status_code=404)
+_BUSY = PlainTextResponse(
+    f"busy: {GIT_PROCESSES} fetches run and {GIT_WAITING} wait; retry\n",
+    status_code=503,
+    headers={"Retry-After": "5"},
+)
+_CUT = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+_CUT_LINE = f"request body not complete after {BODY_SECONDS:g} s: cut\n".encode()
 
 
 async def _read_only(request: Request) -> Response:
@@ -167,11 +190,30 @@ def _env(request: Request) -> dict[str, str]:
 
 
 class _Fetches:
-    """The git processes running for clients, and whether the server stops."""
+    """The git processes running for clients, their turns, and whether the server stops."""
 
     def __init__(self) -> None:
         self.running: set[asyncio.subprocess.Process] = set()
         self.stopping = asyncio.Event()
+        self.turns = asyncio.Semaphore(GIT_PROCESSES)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[bool]:
+        """Wait for a turn to run git, held while the block runs; False at once when
+        :data:`GIT_WAITING` requests wait already, or the server stops."""
+        if self.turns.locked() and self.waiting >= GIT_WAITING:
+            yield False
+            return
+        self.waiting += 1
+        try:
+            await self.turns.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield not self.stopping.is_set()
+        finally:
+            self.turns.release()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -201,8 +243,16 @@ class _Upload(Response):
         self._env = env
         self._prefix = prefix
         self._gzipped = gzipped
+        self._cut = False  # the request body took longer than BODY_SECONDS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._fetches.turn() as mine:
+            if mine:
+                await self._serve(receive, send)
+            else:
+                await _BUSY(scope, receive, send)
+
+    async def _serve(self, receive: Receive, send: Send) -> None:
         process = await asyncio.create_subprocess_exec(
             "git",
             *_CONFIG,
@@ -236,10 +286,15 @@ class _Upload(Response):
                 log.warning("git upload-pack: %s", line or f"exit code {process.returncode}")
 
     async def _messages(self, process: asyncio.subprocess.Process) -> AsyncGenerator[Message]:
-        """The answer: its head, then git's output a chunk at a time, as git writes it."""
+        """The answer: its head once git answers, then git's output a chunk at a time,
+        as git writes it; a 408 (and the connection's end) if the request body was cut."""
         assert process.stdout is not None
-        yield {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
         chunk = self._prefix or await process.stdout.read(CHUNK)
+        if self._cut:
+            yield {"type": "http.response.start", "status": 408, "headers": _CUT}
+            yield {"type": "http.response.body", "body": _CUT_LINE, "more_body": False}
+            return
+        yield {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
         while chunk:
             yield {"type": "http.response.body", "body": chunk, "more_body": True}
             chunk = await process.stdout.read(CHUNK)
@@ -266,19 +321,26 @@ class _Upload(Response):
         """Write the request body to git; kill git if the client goes away first."""
         assert process.stdin is not None
         inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self._gzipped else None
-        with contextlib.suppress(ConnectionError, zlib.error):  # git ended; not gzip after all
-            while (message := await receive())["type"] == "http.request":
-                data = message.get("body", b"")
-                while data:
-                    if inflate is None:
-                        out, data = data, b""
-                    else:  # a chunk at a time, however well it was compressed
-                        out = inflate.decompress(data, CHUNK)
-                        data = inflate.unconsumed_tail
-                    process.stdin.write(out)
-                    await process.stdin.drain()
-                if not message.get("more_body", False):
-                    break
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                with contextlib.suppress(ConnectionError, zlib.error):  # git ended; not gzip
+                    while (message := await receive())["type"] == "http.request":
+                        data = message.get("body", b"")
+                        while data:
+                            if inflate is None:
+                                out, data = data, b""
+                            else:  # a chunk at a time, however well it was compressed
+                                out = inflate.decompress(data, CHUNK)
+                                data = inflate.unconsumed_tail
+                            process.stdin.write(out)
+                            await process.stdin.drain()
+                        if not message.get("more_body", False):
+                            break
+        except TimeoutError:
+            log.warning("git: a request body was not complete after %g s: cut", BODY_SECONDS)
+            self._cut = True
+            _kill(process)
+            return
         process.stdin.close()
         while (await receive())["type"] != "http.disconnect":
             pass

@@ -7,6 +7,7 @@ tests themselves can use blocking clients: http.client and plain sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import select
@@ -24,6 +25,7 @@ import pytest
 
 from branchyard.router import BASELINE, Address, Router, RouteTable
 from branchyard.router import limits as router_module
+from branchyard.router.caps import Budget, budget_for
 from tests.conftest import free_port
 
 T = TypeVar("T")
@@ -1246,3 +1248,108 @@ def test_the_routers_own_address_goes_home_when_a_home_is_set(
         assert (status, who(body)) == (200, b"dashboard")
     status, _, body = proxy.get(f"nope.main.localhost:{proxy.port}")
     assert status == 404 and b"No service answers for" in body and b"web" not in body
+
+
+# -- floods: the caps on connections --------------------------------------------------
+
+
+@contextlib.contextmanager
+def held(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` connections to ``port``, closed at the end of the block."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(connect(port)) for _ in range(count)]
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    received = bytearray()
+    while data := sock.recv(65536):
+        received += data
+    return bytes(received)
+
+
+@pytest.mark.parametrize(
+    ("nofile", "clients", "main"),
+    [
+        (1024, 128, 64),  # less than the reserve: the router's least, 256 descriptors
+        (4096, 1024, 512),  # the reserve, 2048, is more than a quarter
+        (20000, 7500, 2048),  # a quarter, 5000, is kept; the main listener's share is whole
+        (1048576, 393216, 2048),
+    ],
+)
+def test_the_budget_keeps_a_reserve_and_halves_the_rest_for_client_and_backend_ends(
+    nofile: int, clients: int, main: int
+) -> None:
+    assert budget_for(nofile) == Budget(clients, main)
+
+
+def test_a_flooded_peer_listener_refuses_over_its_cap_at_once_and_the_others_serve(
+    proxy: Proxy, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "PEER_LISTENER_CONNECTIONS", 100)
+    proxy.set_backend("main", "app", backends.http("app"))
+    proxy.set_backend("bugfix", "web", backends.http("web"))
+    flooded = proxy.loop.run(proxy.router.open_peer_listener("main", "app"))
+    other = proxy.loop.run(proxy.router.open_peer_listener("bugfix", "web"))
+    with held(flooded, 100):
+        wait_until(lambda: proxy.loop.call(proxy.router._open_connections) == 100, "100 held")
+        for _ in range(1000):
+            with connect(flooded) as refused:
+                answer = read_to_end(refused)  # answered and closed before it sent a byte
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert answer.endswith(b"this peer listener holds 100 connections, its most\n")
+        assert http_get(other, "any")[0] == 200
+        status, _, body = proxy.get("web.bugfix.localhost")
+        assert (status, who(body)) == (200, b"web")
+        wait_until(lambda: proxy.loop.call(proxy.router._open_connections) == 100, "100 left")
+
+
+def test_the_peer_listeners_together_never_take_the_main_listeners_share(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "PEER_LISTENER_CONNECTIONS", 100)
+    loop = LoopThread()
+    table = RouteTable()
+    router = Router(table, Budget(clients=300, main=100))  # the peer listeners share 200
+    web = backends.http("web")
+    loop.call(table.set_backend, "main", "web", web)
+    main = loop.run(router.serve("127.0.0.1", 0))
+    peers = [loop.run(router.open_peer_listener("main", f"s{n}")) for n in range(3)]
+    try:
+        with held(peers[0], 100), held(peers[1], 100), held(main, 99):
+            wait_until(lambda: loop.call(router._open_connections) == 299, "299 held")
+            with connect(peers[2]) as refused:
+                assert read_to_end(refused).endswith(
+                    b"the peer listeners hold 200 connections, their most\n"
+                )
+            status, _, body = http_get(main, WEB)  # the main listener's 100th
+            assert (status, who(body)) == (200, b"web")
+    finally:
+        loop.run(router.close())
+        loop.stop()
+
+
+def test_thousands_of_idle_connections_are_all_closed_after_the_head_timeout(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "HEAD_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(router_module, "SWEEP_SECONDS", 0.1)
+    with held(proxy.port, 2000) as idle:
+        for sock in idle:
+            assert sock.recv(1) == b""  # closed by the router without a word
+        wait_until(lambda: proxy.loop.call(proxy.router._open_connections) == 0, "all closed")
+
+
+def test_a_request_over_its_backends_cap_gets_a_503_at_once(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "BACKEND_CONNECTIONS", 2)
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # never answers
+        backend = ("127.0.0.1", silent.getsockname()[1])
+        proxy.set_backend("main", "web", backend)
+        with held(proxy.port, 2) as waiting:
+            for sock in waiting:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: web.main.localhost\r\n\r\n")
+            wait_until(lambda: proxy.in_flight(backend) == 2, "two requests under way")
+            status, _, body = proxy.get(WEB)
+            assert status == 503
+            assert body == b"web in main has 2 requests under way, its most: try again\n"

@@ -88,7 +88,9 @@ still sends for a short while, so the client reads the answer instead of a reset
 - 404 for a host that names no known service (including ``localhost:PORT``), with a
   small HTML page linking every namespace's services;
 - 431 when a request head is larger than 64 KiB;
-- 503 when the service is known but has no live revision (or all weights are 0);
+- 503 when the service is known but has no live revision (or all weights are 0), or
+  when :data:`~branchyard.router.limits.BACKEND_CONNECTIONS` requests to its backend
+  are under way;
 - 502 when the backend cannot be reached, closes the connection without answering,
   or answers something that is not HTTP.
 
@@ -96,6 +98,10 @@ A client connection that has not sent a complete request head within
 :data:`HEAD_TIMEOUT_SECONDS` of connecting or of its previous response is closed
 (this also ends idle keep-alive connections). Peer listeners work the same way as the
 main listener; they only resolve differently, and accept any ``Host``.
+
+A connection over one of the caps of :mod:`branchyard.router.caps` (per listener, per
+source address, and a budget in all derived from the file descriptor limit) gets a 503
+line and is closed as soon as it is accepted, before it is read.
 
 Every open connection is tracked, so :meth:`Router.close` (and
 :meth:`Router.close_peer_listener` for its own) can abort them and leave no socket

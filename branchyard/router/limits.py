@@ -38,6 +38,30 @@ SWEEP_SECONDS = 1.0
 
 LISTEN_BACKLOG = 1024
 
+PEER_LISTENER_CONNECTIONS = 512
+"""Most client connections one peer listener (one (namespace, service)) holds at once;
+the next is refused at once with a 503 line."""
+
+MAIN_LISTENER_CONNECTIONS = 2048
+"""Most client connections the main listener holds at once, kept out of the peer
+listeners' reach: a flood through every peer listener leaves the main one its share."""
+
+CLIENT_CONNECTIONS = 1024
+"""Most client connections from one source address, loopback excepted (every local
+client is 127.0.0.1: loopback connections are capped per listener instead)."""
+
+BACKEND_CONNECTIONS = 512
+"""Most connections to one backend address that serve a request (or are being opened)
+at once; a request over it gets a 503 at once."""
+
+RESERVED_FDS = 2048
+"""File descriptors the router never takes, at the least (a quarter of the limit when
+that is more): for the API and the git server (512 connections each), the store, logs,
+mirrors and the pipes of the boxes."""
+
+MIN_ROUTER_FDS = 256
+"""File descriptors the router may take however low the limit (``ulimit -n``) is."""
+
 _Key: TypeAlias = tuple[str, str]
 """(namespace, service)."""
 

@@ -57,9 +57,10 @@ class Listener(Protocol):
     table: RouteTable
     pool: _Pool
     peer_key: _Key | None
-    connections: set[_ClientConnection]
 
     def track(self, connection: _ClientConnection) -> bool: ...
+
+    def untrack(self, connection: _ClientConnection) -> None: ...
 
 
 def _who(request: _Request) -> str:
@@ -98,6 +99,7 @@ class _ClientConnection(asyncio.Protocol):
         self._linger: asyncio.TimerHandle | None = None
         self._forwarded = b""  # X-Forwarded-For and -Proto for this client
         self._client_ip = b""
+        self.source = ""  # the client's address, as the listener's caps count it
         # The request head being parsed.
         self._in_head = False
         self._head_raw = 0  # bytes received while the head was incomplete
@@ -115,11 +117,12 @@ class _ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
-        if not self._listener.track(self):
-            t.abort()
-            return
         peer = t.get_extra_info("peername")
-        self._client_ip = ip = str(peer[0] if isinstance(peer, tuple) else "unknown").encode()
+        self.source = str(peer[0] if isinstance(peer, tuple) else "unknown")
+        if not self._listener.track(self):
+            self._answering = self._detour = True  # refused: whatever it sends is discarded
+            return
+        self._client_ip = ip = self.source.encode()
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
         self._waiting_since = _now()
 
@@ -180,7 +183,7 @@ class _ClientConnection(asyncio.Protocol):
         return True  # keep the connection open to carry the response
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._listener.connections.discard(self)
+        self._listener.untrack(self)
         if self._linger is not None:
             self._linger.cancel()
         self._current = self._parsing = None
@@ -341,6 +344,11 @@ class _ClientConnection(asyncio.Protocol):
             key = peer_key
             backend = table.resolve_peer(*key)
         request.route = key
+        if backend is not None and self._pool.in_flight(backend) >= limits.BACKEND_CONNECTIONS:
+            namespace, service = key
+            text = f"{service} in {namespace} has {limits.BACKEND_CONNECTIONS} requests under way"
+            self._answer(_text_response(503, f"{text}, its most: try again"))
+            return
         if backend is None:
             namespace, service = key
             why = table.down_because(namespace, service)

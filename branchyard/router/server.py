@@ -6,24 +6,29 @@ import asyncio
 import contextlib
 
 from branchyard.router import limits
+from branchyard.router.caps import Admission, Budget, process_budget
 from branchyard.router.limits import (
     LISTEN_BACKLOG,
     Address,
     _Key,
     _now,
 )
+from branchyard.router.pages import _text_response
 from branchyard.router.pool import _Pool
 from branchyard.router.proxy import _ClientConnection
 from branchyard.router.table import RouteTable
 
 
 class _Listener:
-    """One listening socket and the connections it accepted."""
+    """One listening socket and the connections it accepted (and did not refuse)."""
 
-    def __init__(self, table: RouteTable, pool: _Pool, peer_key: _Key | None) -> None:
+    def __init__(
+        self, table: RouteTable, pool: _Pool, peer_key: _Key | None, admission: Admission
+    ) -> None:
         self.table = table
         self.pool = pool
         self.peer_key = peer_key  # None: the main listener, routed by Host
+        self.admission = admission
         self.connections: set[_ClientConnection] = set()
         self.closing = False
         self.server: asyncio.Server | None = None
@@ -39,13 +44,30 @@ class _Listener:
         return self.port
 
     def track(self, connection: _ClientConnection) -> bool:
+        """Hold a new connection, or end it at once (False): the listener closes, or a
+        cap is reached (then it gets a 503 line, and its descriptor is freed as soon as
+        that is sent)."""
+        transport = connection.transport
         if self.closing:
+            transport.abort()
             return False
+        main = self.peer_key is None
+        refusal = self.admission.refusal(main, len(self.connections), connection.source)
+        if refusal is not None:
+            transport.write(_text_response(503, f"too many connections: {refusal}"))
+            transport.close()
+            return False
+        self.admission.admit(main, connection.source)
         self.connections.add(connection)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
             self._sweeper = loop.call_later(limits.SWEEP_SECONDS, self._sweep)
         return True
+
+    def untrack(self, connection: _ClientConnection) -> None:
+        if connection in self.connections:
+            self.connections.remove(connection)
+            self.admission.release(self.peer_key is None, connection.source)
 
     def _sweep(self) -> None:
         """Close connections that have waited too long for a request head."""
@@ -86,12 +108,15 @@ class Router:
     pool; routes each request by a RouteTable.
 
     One main listener routes by Host header; any number of peer listeners each lead
-    to one (namespace, service). All methods run on the event loop's thread.
+    to one (namespace, service). All methods run on the event loop's thread. How many
+    client connections they hold is capped by ``budget`` (by default the one this
+    process's file descriptor limit allows: :mod:`branchyard.router.caps`).
     """
 
-    def __init__(self, table: RouteTable) -> None:
+    def __init__(self, table: RouteTable, budget: Budget | None = None) -> None:
         self._table = table
         self._pool = _Pool()
+        self._admission = Admission(budget or process_budget())
         self._main: _Listener | None = None
         self._peers: dict[_Key, _Listener] = {}
         self._peer_lock: asyncio.Lock | None = None
@@ -100,7 +125,7 @@ class Router:
         """Start the main listener (port 0 picks a free one); return the bound port."""
         if self._main is not None:
             raise RuntimeError(f"the router already serves on port {self._main.port}")
-        listener = _Listener(self._table, self._pool, None)
+        listener = _Listener(self._table, self._pool, None, self._admission)
         bound = await listener.open(host, port)
         self._main = listener
         return bound
@@ -130,7 +155,7 @@ class Router:
             existing = self._peers.get(key)
             if existing is not None:
                 return existing.port
-            listener = _Listener(self._table, self._pool, key)
+            listener = _Listener(self._table, self._pool, key, self._admission)
             bound = await listener.open(host, port)
             self._peers[key] = listener
             return bound
