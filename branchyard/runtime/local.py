@@ -2,7 +2,8 @@
 
 Layout under the home::
 
-    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/    the checkout, kept until pruned
+    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/    the checkout, kept until pruned: the box user's,
+                                               unpacked in a box (see ``unpack``)
     builds/NAMESPACE/SERVICE/vORDINAL-SHA7.ok  written when its build succeeded
     venvs/HASH/                                shared environments (see ``venvs``)
     logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
@@ -67,7 +68,9 @@ from branchyard.runtime.processes import (
 )
 from branchyard.runtime.sandbox import Box, Sandbox
 from branchyard.runtime.supervisor import FirstStartFailed, Process, Spawn, Supervisor
+from branchyard.runtime.unpack import check_out
 from branchyard.runtime.venvs import VenvCache, run_logged
+from branchyard.trees import MAX_CHECKOUT
 
 Slot = tuple[str, str]
 logger = logging.getLogger(__name__)
@@ -235,6 +238,7 @@ class LocalRuntime:
         stop_grace: float = STOP_GRACE,
         log_limit: int = LOG_MAX,
         sandbox: Sandbox | None = None,
+        max_checkout: int = MAX_CHECKOUT,
     ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
@@ -252,6 +256,7 @@ class LocalRuntime:
         self._running: set[LocalInstance] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._log_limit = log_limit
+        self._max_checkout = max_checkout
         self._building: set[Path] = set()  # build logs being written
         self.venvs = VenvCache(home / "venvs", records, self._sandbox)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
@@ -291,9 +296,15 @@ class LocalRuntime:
         try:
             source = self._sources(spec.repo_url)
             await source.ensure(spec.sha)
-            await source.checkout(spec.sha, checkout)
-            if self._sandbox is not None:
-                self._sandbox.give(checkout, recursive=True)
+            await check_out(
+                source,
+                spec.sha,
+                checkout,
+                self._max_checkout,
+                build_log,
+                self._records,
+                self._sandbox,
+            )
             venv = await self.venvs.acquire(checkout, build_log)
             env = self._env(spec, venv)
             for step in spec.manifest.build:

@@ -21,12 +21,12 @@ import hashlib
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import uv
 
 from branchyard.errors import BuildFailed
+from branchyard.runtime.logs import note_command
 from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
 
@@ -127,8 +127,7 @@ async def run_logged(
     box: Box = NOTHING,
 ) -> int:
     """Run ``argv`` (in ``box`` if sandboxed) with its output appended to ``log``; its exit code."""
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
+    note_command(log, argv)
     process = await LocalProcess.spawn(
         argv, cwd, env, log, registry, f"build: {argv[0]}", sandbox, box
     )
