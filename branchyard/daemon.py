@@ -63,6 +63,7 @@ from branchyard.settings import SettingsRepo
 from branchyard.shapes import Info
 from branchyard.status import StatusConfig, StatusReporter, config_from_env
 from branchyard.store import Store
+from branchyard.trees import MAX_CHECKOUT
 from branchyard.vault import Vault
 from branchyard.views import Views
 from branchyard.watcher import Watcher
@@ -170,6 +171,8 @@ class Options:
     head_timeout: float = HEAD_TIMEOUT_SECONDS
     log_limit: int = LOG_MAX
     sandbox: bool = True
+    max_checkout: int = MAX_CHECKOUT
+    """Bytes a commit's files may add up to before its checkout is refused."""
     kube: KubeOptions = field(default_factory=KubeOptions)
     """How revisions map to Kubernetes objects (``k8s render`` reads them with the
     local runtime too)."""
@@ -359,7 +362,14 @@ async def _seams(
         )
         return kube, KubeTraffic(kube.switchboard)
     runtime = LocalRuntime(
-        options.home, sources, store, router, options.stop_grace, options.log_limit, sandbox
+        options.home,
+        sources,
+        store,
+        router,
+        options.stop_grace,
+        options.log_limit,
+        sandbox,
+        options.max_checkout,
     )
     return runtime, LocalTraffic(table, router)
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +29,15 @@ from urllib.parse import unquote
 
 from branchyard.errors import BuildFailed, GitError, RemoteUnreachable, UsageError
 from branchyard.naming import short_hash
+from branchyard.trees import (
+    LINK,
+    MAX_CHECKOUT,
+    Tree,
+    link_refusal,
+    parse_ls_tree,
+    path_refusal,
+    size_refusal,
+)
 
 _GIT_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
@@ -98,9 +105,12 @@ def failure_of(stderr: str, command: str) -> GitError | RemoteUnreachable:
     return (RemoteUnreachable if _TEMPORARY.search(stderr) else GitError)(message)
 
 
-async def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> bytes:
+async def git(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, out: int | None = None
+) -> bytes:
     """Run git with ``args`` (never through a shell), ``env`` added to its environment (a
-    :class:`Remote`'s); on failure, :func:`failure_of`.
+    :class:`Remote`'s): what it wrote, or with ``out`` (a file descriptor) nothing, its
+    output going there as it comes. On failure, :func:`failure_of`.
 
     It is spawned and waited for from worker threads: the event loop's own spawn
     (uvloop's) forks the whole daemon and holds the loop, and with it the router, for
@@ -113,20 +123,20 @@ async def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = 
         ["git", *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if out is None else out,
         stderr=subprocess.PIPE,
         env={**os.environ, **_GIT_ENV, **(env or {})},
         start_new_session=True,  # its helpers (git-remote-http) in its group, killed with it
     )
     try:
-        out, err = await asyncio.to_thread(process.communicate)
+        output, err = await asyncio.to_thread(process.communicate)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         raise
     if process.returncode != 0:
         raise failure_of(err.decode(errors="replace"), args[0])
-    return out
+    return output or b""
 
 
 def local_path(url: str) -> Path | None:
@@ -359,34 +369,31 @@ class Source:
     async def close(self) -> None:
         await self._objects.close()
 
-    async def checkout(self, sha: str, dest: Path) -> None:
-        """Write the tree of ``sha`` into ``dest`` (which must not exist yet).
+    async def tree(self, sha: str, limit: int = MAX_CHECKOUT) -> Tree:
+        """The tree of ``sha``, from git's objects alone, once it passed the checks of
+        :mod:`branchyard.trees`; BuildFailed saying the first that fails. Nothing is written."""
+        listed = await self._git("ls-tree", "-r", "-t", "-z", "--long", "--full-tree", sha)
+        entries = parse_ls_tree(listed)
+        why = path_refusal(entries) or size_refusal(entries, limit)
+        if why is None:
+            links = {e.path: await self._link(e.oid) for e in entries if e.mode == LINK}
+            why = link_refusal(links)
+        if why is not None:
+            raise BuildFailed(why)
+        commit = await self._objects.read(f"{sha}^{{commit}}")
+        if commit is None:
+            raise GitError(f"no commit {sha[:7]} in {self.url}")
+        root = commit[1].split(b"\n", 1)[0].removeprefix(b"tree ").decode()
+        return Tree(root, {entry.path: entry for entry in entries})
 
-        Pushed code is untrusted: a link that leads out of ``dest`` (``ln -s
-        /etc/passwd leak``) refuses the checkout rather than being written.
-        """
-        data = await self._git("archive", "--format=tar", sha)
-        await asyncio.to_thread(_extract, data, dest, sha)  # off the loop: a tree can be big
+    async def _link(self, oid: str) -> str:
+        found = await self._objects.read(oid)
+        return found[1].decode(errors="surrogateescape") if found is not None else ""
 
-
-def _extract(data: bytes, dest: Path, sha: str) -> None:
-    try:
-        dest.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            archive.extractall(dest, filter="data")
-    except tarfile.FilterError as exc:
-        raise BuildFailed(refused_member(exc)) from None
-    except (OSError, tarfile.TarError) as exc:
-        raise BuildFailed(f"cannot check out {sha[:7]}: {exc}") from None
-
-
-def refused_member(exc: tarfile.FilterError) -> str:
-    """Why a file of a commit was not written, in the words of a person who pushed it."""
-    member = exc.tarinfo
-    if isinstance(exc, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
-        kind = "symlink" if member.issym() else "link"
-        return f"{kind} {member.name} points outside the checkout (to {member.linkname})"
-    return f"{member.name} cannot be checked out: {exc}"
+    async def archive(self, sha: str, out: int) -> None:
+        """Write the tar of ``sha``'s tree to the file descriptor ``out`` as git makes it,
+        never held here whole (see ``runtime.unpack``, which reads it)."""
+        await git("--git-dir", str(self.git_dir), "archive", "--format=tar", sha, out=out)
 
 
 def commit_subject(commit: bytes) -> str:

@@ -15,6 +15,7 @@ import click
 from branchyard.cli.context import Context, pass_context
 from branchyard.client import UNSANDBOXED, path_of
 from branchyard.errors import UsageError
+from branchyard.trees import MAX_CHECKOUT
 
 if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~20 ms
     from branchyard import shapes
@@ -59,6 +60,13 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     show_default=True,
     type=click.IntRange(min=1024),
     help="Bytes a service's or a build's log may reach before its older part is rotated out.",
+)
+@click.option(
+    "--max-checkout-size",
+    default=MAX_CHECKOUT,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes a commit's files may add up to; a bigger commit fails to check out, saying so.",
 )
 @click.option(
     "--no-sandbox",
@@ -108,6 +116,7 @@ def up(
     stop_grace: float,
     api_head_timeout: float,
     log_limit: int,
+    max_checkout_size: int,
     no_sandbox: bool,
     git_listen: str | None,
     git_url: str | None,
@@ -152,6 +161,7 @@ def up(
         api_head_timeout,
         log_limit,
         not no_sandbox,
+        max_checkout_size,
         git=git,
         kube=KubeOptions(
             kubeconfig=kubeconfig,

@@ -2,14 +2,18 @@
 
 Layout under the home::
 
-    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/    the checkout, kept until pruned
-    builds/NAMESPACE/SERVICE/vORDINAL-SHA7.ok  written when its build succeeded
-    venvs/HASH/                                shared environments (see ``venvs``)
+    builds/NAMESPACE/SERVICE/vORDINAL-SHA7/    the checkout, kept until pruned: the box user's,
+                                               unpacked in a box (see ``unpack``)
+    builds/NAMESPACE/SERVICE/vORDINAL-SHA7.ok  written when its build succeeded: the keys of
+                                               its environment (``venvs.Wanted``)
+    venvs/KEY/                                 environments by what goes in and who wrote
+                                               them; the baseline's read by branches (``venvs``)
     logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
     logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output, the same
     logs/NAMESPACE/SERVICE/vORDINAL*.log.1     the older part of a rotated log (see ``logs``)
     scratch/NAMESPACE/SERVICE/vORDINAL/        the running revision's writable area (its HOME)
-    uv-cache/                                  the installs' own uv cache, in a sandbox
+    uv-cache/NAMESPACE/SERVICE/                the uv cache of one service's installs in one
+                                               namespace, deleted with the service
 
 In a sandbox (see ``sandbox``) a build step sees its checkout (writable) and its
 environment; a service process sees both read-only and writes only its scratch
@@ -67,7 +71,9 @@ from branchyard.runtime.processes import (
 )
 from branchyard.runtime.sandbox import Box, Sandbox
 from branchyard.runtime.supervisor import FirstStartFailed, Process, Spawn, Supervisor
-from branchyard.runtime.venvs import VenvCache, run_logged
+from branchyard.runtime.unpack import check_out
+from branchyard.runtime.venvs import VenvCache, Wanted, run_logged, wanted
+from branchyard.trees import MAX_CHECKOUT
 
 Slot = tuple[str, str]
 logger = logging.getLogger(__name__)
@@ -235,6 +241,7 @@ class LocalRuntime:
         stop_grace: float = STOP_GRACE,
         log_limit: int = LOG_MAX,
         sandbox: Sandbox | None = None,
+        max_checkout: int = MAX_CHECKOUT,
     ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
@@ -252,6 +259,7 @@ class LocalRuntime:
         self._running: set[LocalInstance] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._log_limit = log_limit
+        self._max_checkout = max_checkout
         self._building: set[Path] = set()  # build logs being written
         self.venvs = VenvCache(home / "venvs", records, self._sandbox)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
@@ -282,19 +290,31 @@ class LocalRuntime:
         _prune_logs(build_log.parent, spec.ordinal - KEEP_LOGS)
         checkout = self._checkout(spec)
         done = checkout.with_name(checkout.name + ".ok")
-        if done.exists() and checkout.is_dir():
-            kept = await self.venvs.acquire(checkout, build_log)
-            return LocalBuild(spec, checkout, kept, self._env(spec, kept))
+        kept = Wanted.from_mark(done.read_text()) if done.exists() and checkout.is_dir() else None
+        if kept is not None:
+            ready = await self.venvs.acquire(
+                kept, checkout, build_log, spec.namespace, spec.service
+            )
+            return LocalBuild(spec, checkout, ready, self._env(spec, ready))
         shutil.rmtree(checkout, ignore_errors=True)
         checkout.parent.mkdir(parents=True, exist_ok=True)
         venv: Path | None = None
         try:
             source = self._sources(spec.repo_url)
             await source.ensure(spec.sha)
-            await source.checkout(spec.sha, checkout)
-            if self._sandbox is not None:
-                self._sandbox.give(checkout, recursive=True)
-            venv = await self.venvs.acquire(checkout, build_log)
+            tree = await check_out(
+                source,
+                spec.sha,
+                checkout,
+                self._max_checkout,
+                build_log,
+                self._records,
+                self._sandbox,
+            )
+            needed = await wanted(source, spec.sha, tree, spec.namespace)
+            venv = await self.venvs.acquire(
+                needed, checkout, build_log, spec.namespace, spec.service
+            )
             env = self._env(spec, venv)
             for step in spec.manifest.build:
                 code = await run_logged(
@@ -313,7 +333,7 @@ class LocalRuntime:
             if venv is not None:
                 self.venvs.release(venv)
             raise
-        done.touch()
+        done.write_text(needed.mark())
         return LocalBuild(spec, checkout, venv, env)
 
     def _env(self, spec: RevisionSpec, venv: Path) -> dict[str, str]:
@@ -340,7 +360,7 @@ class LocalRuntime:
         return freed
 
     async def discard(self, namespace: str, service: str) -> None:
-        for root in (self._logs, self._builds):
+        for root in (self._logs, self._builds, self.venvs.caches):
             shutil.rmtree(root / namespace / service, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (root / namespace).rmdir()  # only if no other service is left there

@@ -26,7 +26,8 @@ import asyncio
 import ctypes
 import errno
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,12 @@ class _Cut:
 
 
 _cuts: dict[Path, _Cut] = {}
+
+
+def note_command(log: Path, argv: Sequence[str]) -> None:
+    """Append the command a build runs next to its log, and the time, as a shell shows it."""
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
 
 
 def rotated(log: Path) -> Path:

@@ -164,12 +164,16 @@ class LocalProcess:
         what: str,
         sandbox: Sandbox | None = None,
         box: Box = NOTHING,
+        keep: tuple[int, ...] = (),
     ) -> LocalProcess:
-        """``argv`` started, recorded in ``registry``, then let through its gate."""
+        """``argv`` started, recorded in ``registry``, then let through its gate. The file
+        descriptors ``keep`` stay open in it, at the same numbers (``/dev/fd/N``)."""
         gate, opener = os.pipe()
         try:
             try:
-                process, group = await cls._start([*GATE, *argv], cwd, env, log, gate, sandbox, box)
+                process, group = await cls._start(
+                    [*GATE, *argv], cwd, env, log, gate, sandbox, box, keep
+                )
             finally:
                 os.close(gate)
             registry.add_process(group, start_time(group), what)
@@ -189,16 +193,17 @@ class LocalProcess:
         stdin: int,
         sandbox: Sandbox | None,
         box: Box,
+        keep: tuple[int, ...],
     ) -> tuple[asyncio.subprocess.Process, int]:
         """The process running ``argv`` (in a box if sandboxed), and its group."""
         if sandbox is None:
-            process = await cls._exec(argv, cwd, env, log, stdin)
+            process = await cls._exec(argv, cwd, env, log, stdin, *keep)
             return process, process.pid
         info, info_fd = os.pipe()
         try:
             boxed = sandbox.command(argv, cwd, box, info_fd)
             process = await cls._exec(
-                boxed, Path("/"), sandbox.environment(env), log, stdin, info_fd
+                boxed, Path("/"), sandbox.environment(env), log, stdin, info_fd, *keep
             )
         finally:
             os.close(info_fd)

@@ -163,15 +163,11 @@ class Sandbox:
             *argv,
         ]
 
-    def give(self, path: Path, recursive: bool = False) -> None:
-        """Make ``path`` (and with ``recursive``, all below it) the box user's, to write in."""
-        if self.user is None:
-            return
-        os.chown(path, self.user, self.user)
-        if recursive:
-            for root, dirs, files in os.walk(path):
-                for name in [*dirs, *files]:
-                    os.chown(os.path.join(root, name), self.user, self.user, follow_symlinks=False)
+    def give(self, path: Path | int) -> None:
+        """Make ``path`` (or the open file ``path`` names: a pipe) the box user's, for it
+        to write in (or to open as ``/dev/fd/N``: a pipe is its maker's, mode 0600)."""
+        if self.user is not None:
+            os.chown(path, self.user, self.user)
 
     def describe(self) -> str:
         who = f"uid {self.user}" if self.user is not None else "the daemon's user"
