@@ -13,6 +13,9 @@ machine):
   build, and the actions (rollback, promote, unpin, env edit; restart once the
   API has it).
 
+A browser reaches them, and the API calls they make, under its session's
+``/d/KEY/`` (``/d/KEY/ns/main/app``); pages link and call below ``root``.
+
 Both pages answer ``?part=live`` with just their changing part, rendered by the
 same template, so there is one renderer: the page's script follows ``/events``
 and swaps that part in when something happens, without a reload.
@@ -23,10 +26,13 @@ Pages need the API token, carried by a session cookie instead of a header:
 ``POST /api/dashboard/login-code`` (token-protected; ``branchyard dashboard``
 calls it) makes a one-time code valid for :data:`CODE_SECONDS`, and
 ``GET /login?code=...`` turns it into a session; or a person pastes the token
-into the form at ``/login``. A session remembers the token it was opened with,
-so rotating the token ends every session. The cookie is HttpOnly and
-SameSite=Strict; requests that change something must also carry
-:data:`CSRF_HEADER` with the session's own value, which the page embeds.
+into the form at ``/login``. Either sends the browser to the session's own
+``/d/KEY/``, where its pages, their calls and its cookie live (``Path=/d/KEY/``,
+so no other server on the host gets it, whatever its port). A session
+remembers the token it was opened with, so rotating the token ends every
+session. The cookie is HttpOnly and SameSite=Strict; requests that change
+something must also carry :data:`CSRF_HEADER` with the session's own value,
+which the page embeds.
 
 Sessions and what the API's token middleware asks of them live in
 :mod:`branchyard.sessions`; they are in memory, so a daemon restart logs
@@ -58,8 +64,10 @@ from branchyard.runtime import LogName
 from branchyard.sessions import (
     CODE_SECONDS,
     SESSION_SECONDS,
+    SessionPrefix,
     Sessions,
     cookie_name,
+    session_cookie,
     session_of,
 )
 from branchyard.shapes import Event, LoginCode
@@ -267,6 +275,7 @@ def mount(app: FastAPI, views: Views, home: Path) -> None:
     only read (through ``views``); what they change, they change through the API."""
     sessions = Sessions()
     app.state.dashboard_sessions = sessions
+    app.add_middleware(SessionPrefix)  # added last, so outermost: before the token check
     templates = _templates()
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="dashboard-static")
 
@@ -280,6 +289,7 @@ def mount(app: FastAPI, views: Views, home: Path) -> None:
             "page": page,
             "csrf": session.csrf if session else "",
             "logged_in": session is not None,
+            "root": session.root if session else "",
             "router": views.home_url(),
             "last_event": _last_event(views),
             "now": time.time(),
@@ -290,13 +300,13 @@ def mount(app: FastAPI, views: Views, home: Path) -> None:
         return auth.read(home) or ""
 
     def start_session(request: Request, token: str) -> Response:
-        session_id, _ = sessions.open(token)
-        response = RedirectResponse("/", status_code=303)
+        session_id, session = sessions.open(token)
+        response = RedirectResponse(f"{session.root}/", status_code=303)
         response.set_cookie(
             cookie_name(request),
             session_id,
             max_age=int(SESSION_SECONDS),
-            path="/",
+            path=f"{session.root}/",
             httponly=True,
             samesite="strict",
         )
@@ -355,12 +365,12 @@ def mount(app: FastAPI, views: Views, home: Path) -> None:
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         body = await request.body()
-        session = session_of(request)
+        found = session_cookie(request)
         given = parse_qs(body.decode(errors="replace")).get("csrf", [""])[0]
         response = RedirectResponse("/login", status_code=303)
-        if session is not None and hmac.compare_digest(session.csrf.encode(), given.encode()):
-            sessions.close(request.cookies.get(cookie_name(request)))
-            response.delete_cookie(cookie_name(request), path="/")
+        if found is not None and hmac.compare_digest(found[1].csrf.encode(), given.encode()):
+            sessions.close(found[0])
+            response.delete_cookie(cookie_name(request), path=f"{found[1].root}/")
         return response
 
     @app.get("/", include_in_schema=False)

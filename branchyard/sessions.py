@@ -8,6 +8,20 @@ A session remembers the token it was opened with, so rotating the token ends
 every session. Requests that change something must also carry
 :data:`CSRF_HEADER` with the session's own value. Sessions live in memory.
 
+Where a session lives
+---------------------
+Cookies are scoped by host, never by port: every server on ``localhost`` (the
+router's peer ports, which lead to pushed code, among them) gets the cookies of
+every other, SameSite=Strict ones included, since other ports are the same
+site. The one attribute that keeps a cookie from another server is its Path.
+So each session has its own random key, and lives under ``/d/KEY/``: its
+cookie has ``Path=/d/KEY/``, the dashboard's pages and the API calls they make
+are served there too (:class:`SessionPrefix` routes ``/d/KEY/api/...`` as
+``/api/...``), and a session is accepted only under its own key. A server that
+does not know the key never gets the cookie, and a cookie without its key (on
+any other path, or another session's) opens nothing. A session never reads
+secret values (``show_secrets``): only the token does.
+
 The API (:mod:`branchyard.api`) asks :func:`is_open`, :func:`session_token` and
 :func:`refusal`; the dashboard opens and closes sessions. Neither imports the
 other: this module is what they share.
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -24,14 +39,17 @@ from dataclasses import dataclass, field
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 CODE_SECONDS = 300.0  # a login code from `branchyard dashboard` is valid this long, once
 SESSION_SECONDS = 12 * 3600.0  # a session ends this long after login
 CSRF_HEADER = "X-Branchyard-CSRF"
 COOKIE_PREFIX = "branchyard_session_"  # + the port the browser used, so daemons don't collide
+SECRETS_PARAMETER = "show_secrets"  # a query a session never makes: secret values need the token
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _OPEN_PATHS = frozenset({"/login", "/logout"})
+_UNDER_KEY = re.compile(r"/d/([A-Za-z0-9_-]{32})(/.*)", re.DOTALL)
 
 
 def _digest(secret: str) -> str:
@@ -44,6 +62,31 @@ class Session:
     token: str  # the API token it was opened with
     csrf: str
     expires: float
+    key: str  # its pages, its calls and its cookie live under /d/KEY/
+
+    @property
+    def root(self) -> str:
+        """Where its pages are: links and calls start with this."""
+        return f"/d/{self.key}"
+
+
+def under_key(path: str) -> tuple[str, str] | None:
+    """(key, path below it) of a path under a session's ``/d/KEY/``; None for others."""
+    found = _UNDER_KEY.fullmatch(path)
+    return (found[1], found[2]) if found else None
+
+
+def cookie_values(header: str, name: str) -> list[str]:
+    """Every value the Cookie header gives ``name``, in order. A browser sends several
+    when another server on the host set one of the same name on a shorter path (any
+    port can, as cookies ignore ports); each is tried, so such a cookie cannot log
+    the dashboard out."""
+    values = []
+    for pair in header.split(";"):
+        key, equals, value = pair.partition("=")
+        if equals and key.strip() == name:
+            values.append(value.strip())
+    return values
 
 
 @dataclass
@@ -74,7 +117,12 @@ class Sessions:
     def open(self, token: str) -> tuple[str, Session]:
         self._sweep()
         session_id = secrets.token_urlsafe(32)
-        session = Session(token, secrets.token_urlsafe(24), self.clock() + SESSION_SECONDS)
+        session = Session(
+            token,
+            secrets.token_urlsafe(24),
+            self.clock() + SESSION_SECONDS,
+            secrets.token_urlsafe(24),
+        )
         self.sessions[_digest(session_id)] = session
         return session_id, session
 
@@ -100,12 +148,49 @@ def _sessions(request: Request) -> Sessions | None:
     return found if isinstance(found, Sessions) else None
 
 
+class SessionPrefix:
+    """ASGI middleware: serves the app under every session's ``/d/KEY/`` as well, so
+    that a page's links and calls, and the cookie's Path, all stay under the key.
+    ``/d/KEY/rest`` is routed as ``/rest``, with ``/d/KEY`` as its root path (as a
+    proxy mounting the app there would say; the API docs follow it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = under_key(scope["path"]) if scope["type"] == "http" else None
+        if found is not None:
+            scope = {**scope, "root_path": f"/d/{found[0]}"}
+        await self.app(scope, receive, send)
+
+
+def route_path(request: Request) -> str:
+    """The request's path below its session key, if it has one: what routes see."""
+    path: str = request.scope["path"]
+    found = under_key(path)
+    return found[1] if found else path
+
+
+def session_cookie(request: Request) -> tuple[str, Session] | None:
+    """(cookie value, session) of the request's valid session: only a cookie of a
+    session whose own key the path is under counts."""
+    sessions = _sessions(request)
+    found = under_key(request.scope["path"])
+    if sessions is None or found is None:
+        return None
+    key = found[0].encode()
+    header = "; ".join(request.headers.getlist("cookie"))
+    for value in cookie_values(header, cookie_name(request)):
+        session = sessions.get(value)
+        if session is not None and hmac.compare_digest(session.key.encode(), key):
+            return value, session
+    return None
+
+
 def session_of(request: Request) -> Session | None:
     """The request's valid session, if it has one."""
-    sessions = _sessions(request)
-    if sessions is None:
-        return None
-    return sessions.get(request.cookies.get(cookie_name(request)))
+    found = session_cookie(request)
+    return found[1] if found else None
 
 
 def _csrf_ok(request: Request, session: Session) -> bool:
@@ -118,7 +203,7 @@ def _csrf_ok(request: Request, session: Session) -> bool:
 
 def is_open(request: Request) -> bool:
     """Paths anyone may reach: the login page and form, logout, the static files."""
-    path = request.url.path
+    path = route_path(request)
     return path in _OPEN_PATHS or path.startswith("/static/")
 
 
@@ -126,11 +211,12 @@ def session_token(request: Request) -> str | None:
     """The API token behind the request's dashboard session, for the middleware to compare
     with the current one (so a rotated token ends every session).
 
-    None without a session, and for a request that changes something (not GET, HEAD or
-    OPTIONS) but lacks the session's CSRF header.
+    None without a session (see :func:`session_cookie`), for a request that asks for
+    secret values, and for one that changes something (not GET, HEAD or OPTIONS) but
+    lacks the session's CSRF header.
     """
     session = session_of(request)
-    if session is None:
+    if session is None or SECRETS_PARAMETER in request.query_params:
         return None
     if request.method not in _SAFE_METHODS and not _csrf_ok(request, session):
         return None
@@ -139,13 +225,18 @@ def session_token(request: Request) -> str | None:
 
 def refusal(request: Request) -> Response | None:
     """How to refuse a request that carried no valid token, when the JSON 401 won't do:
-    a page (the dashboard's, or the API's own ``/docs``) is sent to the login form; a
-    session without its CSRF header gets a 403, which keeps ``/docs`` read-only."""
-    path = request.url.path
+    a session asking for secret values gets a 403; a page (the dashboard's, or the API's
+    own ``/docs``) is sent to the login form; a session without its CSRF header gets a
+    403, which keeps ``/docs`` read-only."""
+    session = session_of(request)
+    if session is not None and SECRETS_PARAMETER in request.query_params:
+        message = "a dashboard session never reads secret values; the API token does"
+        return JSONResponse({"error": "forbidden", "message": message}, status_code=403)
+    path = route_path(request)
     page = path in ("/", "/docs") or path.startswith("/ns/")
     if request.method == "GET" and page and "part" not in request.query_params:
         return RedirectResponse("/login", status_code=303)
-    if session_of(request) is not None and request.method not in _SAFE_METHODS:
+    if session is not None and request.method not in _SAFE_METHODS:
         return JSONResponse(
             {"error": "csrf", "message": f"missing or wrong {CSRF_HEADER} header"},
             status_code=403,

@@ -243,7 +243,8 @@ class Daemon:
             return False
 
     def page(self, path: str, method: str = "GET", session: bool = True) -> tuple[int, str]:
-        """A dashboard page as a browser gets it, logged in unless not ``session``:
+        """A dashboard page as a browser gets it, logged in unless not ``session``
+        (then ``path`` is under the session's ``/d/KEY``, where the login sent it):
         (status, body); a redirect's body is its Location."""
         api = int(self.info["api"].rsplit(":", 1)[1])
         token = (self.home / "token").read_text().strip()
@@ -258,6 +259,7 @@ class Daemon:
                 login = connection.getresponse()
                 login.read()
                 headers["Cookie"] = login.getheader("set-cookie", "").split(";", 1)[0]
+                path = login.getheader("location", "").rstrip("/") + path
             connection.request(method, path, headers=headers)
             response = connection.getresponse()
             body = response.read().decode()

@@ -7,6 +7,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +81,9 @@ def test_docs_take_the_dashboard_session_read_only_and_send_a_browser_to_log_in(
 ) -> None:
     status, html = daemon.page("/docs")
     assert status == 200 and "swagger-ui" in html
+    assert re.search(r"url: '/d/[\w-]{32}/openapi.json'", html)  # under the session's key
     assert daemon.page("/openapi.json")[0] == 200
-    assert '<a class="api-docs" href="/docs">API docs</a>' in daemon.page("/")[1]
+    assert re.search(r'<a class="api-docs" href="/d/[\w-]+/docs">API docs</a>', daemon.page("/")[1])
     assert daemon.page("/docs", session=False) == (303, "/login")
     status, body = daemon.page("/api/token/rotate", method="POST")  # no CSRF header
     assert status == 403 and json.loads(body)["error"] == "csrf"

