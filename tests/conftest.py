@@ -7,6 +7,7 @@ carrying the marker may remain.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -315,7 +316,14 @@ def stop_cleanly(running: Daemon) -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    running = start_daemon(tmp_path / "home", "--poll-interval", "1")
+    with daemon_with(tmp_path / "home") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def daemon_with(home: Path, *flags: str) -> Iterator[Daemon]:
+    """A daemon on ``home`` polling every second, with ``flags``; stopped cleanly after."""
+    running = start_daemon(home, "--poll-interval", "1", *flags)
     try:
         yield running
     finally:

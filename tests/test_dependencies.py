@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.util import cache_from_source
 from pathlib import Path
 
 import pytest
 
-from bench.services import serve_wheels, wheel
-from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
+from bench.services import Wheels, serve_wheels, wheel
+from tests.conftest import Daemon, ServiceRepo, daemon_with, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,23 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 """
 
 
+@pytest.fixture
+def wheels(tmp_path: Path) -> Wheels:
+    """Wheels served by URL: an install's box shows none of this machine's files."""
+    return serve_wheels(tmp_path / "wheels")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, wheels: Wheels) -> Iterator[Daemon]:
+    """conftest's daemon, whose boxes reach the wheels' port (and nothing else here)."""
+    with daemon_with(tmp_path / "home", *wheels.flags) as running:
+        yield running
+
+
 def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path, wheels: Wheels
 ) -> None:
-    wheels = tmp_path / "wheels"
-    url = serve_wheels(wheels)  # by URL: the install's box does not show this machine's files
-    first = url(wheel(wheels, "1.0"))
+    first = wheels.requirement(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo("app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{first}\n"}))
     daemon.cli("repo", "add", str(app.origin))
     assert wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep") == "1.0"
@@ -49,7 +60,7 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     assert "reusing environment" in build_log
     assert "install" not in build_log
 
-    second = url(wheel(wheels, "2.0"))
+    second = wheels.requirement(wheel(tmp_path / "wheels", "2.0"))
     app.commit({"requirements.txt": f"{second}\n"}, "bump tinydep")
     app.push()
     assert wait_for(lambda: daemon.answer("app")["tinydep"] == "2.0", 60, "tinydep 2.0")
@@ -73,9 +84,9 @@ def no_bytecode_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_environment_holds_the_bytecode_of_what_it_installs_so_services_start_from_it(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path, wheels: Wheels
 ) -> None:
-    requirement = serve_wheels(tmp_path / "wheels")(wheel(tmp_path / "wheels", "1.0"))
+    requirement = wheels.requirement(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo(
         "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{requirement}\n"})
     )
