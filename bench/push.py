@@ -271,8 +271,8 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     plain_run = plain.export(workdir / "run-plain")
     plain_venv = make_venv(workdir / "venv-plain")
     wheels = workdir / "wheels"
-    url = serve_wheels(wheels)
-    requirement = url(wheel(wheels, "1.0"))
+    served = serve_wheels(wheels)
+    requirement = served.requirement(wheel(wheels, "1.0"))
     deps = ServiceRepo.create(workdir / "local", "depapp", dependency_service(requirement))
     deps_run = deps.export(workdir / "run-deps")
     deps_venv = make_venv(workdir / "venv-deps", deps.clone / "requirements.txt")
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     cold_with_deps: list[float] = []
 
     # The local path, then the dependency cases, on one daemon.
-    with Daemon.start(workdir / "home-local") as daemon:
+    with Daemon.start(workdir / "home-local", *served.flags) as daemon:
         first_plain = _first_deploy(daemon, plain, str(plain.origin), poll)
         local = _time_pushes(
             daemon,
@@ -316,7 +316,9 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
             daemon,
             deps,
             args.dep_commits,
-            lambda n: dependency_service(url(wheel(wheels, f"1.{n}")), args.commits + n),
+            lambda n: dependency_service(
+                served.requirement(wheel(wheels, f"1.{n}")), args.commits + n
+            ),
             poll,
             after_live=installed,
         )

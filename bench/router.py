@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import http.client
 import os
 import pwd
 import re
@@ -62,6 +63,7 @@ from bench.common import (
     wait_until,
 )
 from bench.results import Section
+from branchyard.runtime.netns import NetworkNamespace
 
 HOST = "svc.main.localhost"
 PAGE = "index.html"
@@ -205,7 +207,7 @@ class Nginx:
     formatted with ``port`` (a free loopback port), ``dir`` and ``backend``.
     """
 
-    def __init__(self, block: str, workers: str, backend: int = 0) -> None:
+    def __init__(self, block: str, workers: str, backend: int = 0, box: int | None = None) -> None:
         # A directory of its own, readable by the workers (which may run as another user).
         self.directory = directory = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
         directory.chmod(0o755)
@@ -218,12 +220,24 @@ class Nginx:
         config = self._configure(backend)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.process = subprocess.Popen(
-            [nginx, "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(config)],
+            _in_box(
+                box,
+                [
+                    nginx,
+                    "-e",
+                    str(directory / "error.log"),
+                    "-p",
+                    str(directory),
+                    "-c",
+                    str(config),
+                ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        self.box = box  # None, or the process in whose network namespace it runs
         try:
-            wait_until(lambda: _answers(self.port), 10, f"nginx on port {self.port}", 0.02)
+            wait_until(lambda: _answers(self.port, box), 10, f"nginx on port {self.port}", 0.02)
         except BenchError:
             self.stop()
             raise
@@ -280,20 +294,60 @@ def _user_directive() -> str:
     return "user nobody nogroup;\n"
 
 
-def _answers(port: int) -> bool:
+def _get_in(box: int, port: int) -> tuple[int, bytes]:
+    """One GET of the page on ``port`` inside the network namespace of the process ``box``."""
+    namespace = NetworkNamespace.of(box)
     try:
-        status, body = get(port, HOST, f"/{PAGE}", timeout=2)
+        sock = namespace.new_socket()
+    finally:
+        namespace.close()
+    sock.setblocking(True)
+    sock.settimeout(2)
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
+    try:
+        sock.connect((LOOPBACK, port))
+        connection.sock = sock
+        connection.request("GET", f"/{PAGE}", headers={"Host": HOST, "Connection": "close"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _answers(port: int, box: int | None = None) -> bool:
+    """Whether the page is served on ``port``, here or inside the box of the process ``box``."""
+    try:
+        status, body = get(port, HOST, f"/{PAGE}", timeout=2) if box is None else _get_in(box, port)
     except OSError:
         return False
     return status == 200 and body == BODY
 
 
-class StandaloneRouter:
-    """``bench/router_server.py`` in its own process, routing HOST to the nginx backend."""
+def _in_box(box: int | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside the network namespace of the process ``box`` (if any)."""
+    return argv if box is None else ["nsenter", f"--net=/proc/{box}/ns/net", "--", *argv]
 
-    def __init__(self, backend: int) -> None:
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether ``port`` listens in the network namespace of ``pid`` (its /proc/PID/net/tcp)."""
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(
+        int(row.split()[1].rsplit(":", 1)[1], 16) == port and row.split()[3] == "0A"
+        for row in table
+    )
+
+
+class StandaloneRouter:
+    """``bench/router_server.py`` in its own process, routing HOST to the nginx backend
+    (inside the box of the process ``box``, as the daemon reaches it, if there is one)."""
+
+    def __init__(self, backend: int, box: int | None) -> None:
+        inside = [] if box is None else ["--box", str(box)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.router_server", str(backend)],
+            [sys.executable, "-m", "bench.router_server", str(backend), *inside],
             stdout=subprocess.PIPE,
             cwd=ROOT,
             text=True,
@@ -311,7 +365,10 @@ class StandaloneRouter:
             self.process.wait(timeout=15)
 
 
-def _wrk(args: argparse.Namespace, port: int, mode: list[str], seconds: float) -> str:
+def _wrk(
+    args: argparse.Namespace, port: int, mode: list[str], seconds: float, box: int | None
+) -> str:
+    """wrk against ``port``, from inside the box of the process ``box`` if there is one."""
     command = [
         "wrk",
         f"-t{args.threads}",
@@ -323,7 +380,9 @@ def _wrk(args: argparse.Namespace, port: int, mode: list[str], seconds: float) -
         *mode,
         f"http://{LOOPBACK}:{port}/{PAGE}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(
+        _in_box(box, command), capture_output=True, text=True, timeout=seconds + 60
+    )
     if done.returncode != 0:
         raise BenchError(f"{' '.join(command)} failed: {done.stderr}")
     return done.stdout
@@ -385,6 +444,7 @@ class Backend:
 
     def __init__(self, workdir: Path, workers: str) -> None:
         self.workers_setting = workers
+        self.box: int | None = None  # an nginx of the live revision, in its box's network
         self.daemon = Daemon.start(workdir / "home")
         try:
             self.repo = ServiceRepo.create(workdir / "repos", "svc", _backend_files(workers, 0))
@@ -398,9 +458,19 @@ class Backend:
     def _wait_for_port(self, old: int | None) -> int:
         def serving() -> int | None:
             port = self.daemon.live_port("main", "svc")
-            return port if port != old and port and _answers(port) else None
+            if not port or port == old:
+                return None
+            self.box = self._box_of(port)
+            return port if _answers(port, self.box) else None
 
         return wait_until(serving, 60, "the nginx service to go live", 0.02)
+
+    def _box_of(self, port: int) -> int | None:
+        """The nginx serving ``port`` in a box of its own (its network), or None where the
+        daemon's boxes share the host's network."""
+        if "its own network" not in self.daemon.info.get("sandbox", ""):
+            return None
+        return next((pid for pid in self.nginx_pids() if _listening(pid, port)), None)
 
     def nginx_pids(self) -> list[int]:
         """The backend's nginx processes: descendants of the daemon (nginx writes its
@@ -443,6 +513,7 @@ def _measure(
     port: int,
     mode: list[str],
     pids: list[int],
+    box: int | None,
     during: Callable[[], None] | None = None,
 ) -> WrkRun:
     """One wrk run; ``during`` runs in a thread a third of the way into it."""
@@ -451,7 +522,7 @@ def _measure(
     if timer is not None:
         timer.start()
     began = time.monotonic()
-    output = _wrk(args, port, mode, args.duration)
+    output = _wrk(args, port, mode, args.duration, box)
     took = time.monotonic() - began
     if timer is not None:
         timer.join()
@@ -469,14 +540,20 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
     router: StandaloneRouter | None = None
     deploys: list[DeployRun] = []
     try:
-        proxy = Nginx(PROXY_BLOCK, args.nginx_workers, backend.port)
-        router = StandaloneRouter(backend.port)
+        proxy = Nginx(PROXY_BLOCK, args.nginx_workers, backend.port, backend.box)
+        router = StandaloneRouter(backend.port, backend.box)
         results: dict[tuple[str, str], list[WrkRun]] = {}
         for mode_name, mode in MODES:
             if mode_name != MODES[0][0]:  # the deploy moved the backend: follow it
-                proxy.reload(backend.port)
+                if backend.box is None:
+                    proxy.reload(backend.port)
+                else:  # into the new revision's box
+                    proxy.stop()
+                    proxy = Nginx(PROXY_BLOCK, args.nginx_workers, backend.port, backend.box)
                 router.stop()
-                router = StandaloneRouter(backend.port)
+                router = StandaloneRouter(backend.port, backend.box)
+            # wrk runs where each proxy can be reached: nginx only inside the backend's box
+            boxes = {"direct": backend.box, "nginx proxy": backend.box}
             ports = {
                 "direct": backend.port,
                 "nginx proxy": proxy.port,
@@ -490,10 +567,10 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
                 "router alone": [router.process.pid],
             }
             for name, port in ports.items():
-                if not _answers(port):
+                if not _answers(port, boxes.get(name)):
                     raise BenchError(f"the {name} path does not serve the page on port {port}")
             for name in PATHS:  # warm up: connections, caches, the interpreter
-                _wrk(args, ports[name], mode, min(1.0, args.duration))
+                _wrk(args, ports[name], mode, min(1.0, args.duration), boxes.get(name))
             for repeat in range(args.repeats):
                 for name in PATHS:  # interleaved, so drift hits every path alike
                     pushed: list[float] = []
@@ -503,7 +580,12 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
 
                     last = repeat == args.repeats - 1 and name == "branchyard up"
                     measured = _measure(
-                        args, ports[name], mode, cpus[name], deploy if last else None
+                        args,
+                        ports[name],
+                        mode,
+                        cpus[name],
+                        boxes.get(name),
+                        deploy if last else None,
                     )
                     results.setdefault((mode_name, name), []).append(measured)
                     if last and not pushed:
@@ -521,7 +603,12 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         f"{_version(['nginx', '-v'])}; {_version(['wrk', '-v']).split(' Copyright')[0]}. "
         f"Backend: nginx serving a {len(BODY)}-byte static file, run by a real "
         "`branchyard up` as its service `svc` (a Procfile that starts nginx on `$PORT`); "
-        "every path reaches that one backend. *nginx proxy*: a second nginx instance "
+        "every path reaches that one backend, which runs in a box with a network "
+        "namespace of its own (a root daemon's). *direct* and *nginx proxy* run inside "
+        "that namespace (`nsenter --net`: wrk, and the proxy nginx), as nginx has no other "
+        "way in; *branchyard up* and *router alone* reach in from the host with sockets "
+        "made inside it (`branchyard/runtime/netns.py`), as users' requests do. "
+        "*nginx proxy*: a second nginx instance "
         "(its own config and workers) proxying to it with upstream `keepalive 64`. "
         f"Both run with `worker_processes {args.nginx_workers}`. *branchyard up*: the "
         "router of that daemon, as users get it, on the one event loop it shares with "

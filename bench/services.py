@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -145,9 +144,25 @@ def wheel(directory: Path, version: str) -> Path:
     return directory / name
 
 
-def serve_wheels(directory: Path) -> Callable[[Path], str]:
-    """Serve ``directory`` on loopback for the rest of this process; the function it
-    returns names a wheel in it as a requirement, by URL."""
+@dataclass(frozen=True)
+class Wheels:
+    """A directory of wheels served on a loopback port, which a daemon must expose to its
+    boxes (``up --expose-host-port``): a box reaches nothing else of this machine."""
+
+    port: int
+
+    def requirement(self, wheel: Path) -> str:
+        """``wheel`` as a requirement, by URL."""
+        return f"tinydep @ http://{LOOPBACK}:{self.port}/{wheel.name}"
+
+    @property
+    def flags(self) -> tuple[str, str]:
+        """The ``up`` options that let a daemon's boxes reach these wheels."""
+        return ("--expose-host-port", str(self.port))
+
+
+def serve_wheels(directory: Path) -> Wheels:
+    """Serve ``directory`` on loopback for the rest of this process."""
 
     class Quiet(SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -158,8 +173,7 @@ def serve_wheels(directory: Path) -> Callable[[Path], str]:
 
     server = ThreadingHTTPServer((LOOPBACK, 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    return lambda wheel: f"tinydep @ http://{LOOPBACK}:{port}/{wheel.name}"
+    return Wheels(server.server_address[1])
 
 
 def make_venv(path: Path, requirements: Path | None = None) -> Path:

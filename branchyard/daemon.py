@@ -55,9 +55,11 @@ from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
 from branchyard.router.caps import process_budget
 from branchyard.runtime import RevisionSpec, Runtime, Traffic
+from branchyard.runtime.boxnet import BoxNetwork
 from branchyard.runtime.kube.options import KubeOptions as KubeOptions  # for `up`
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
+from branchyard.runtime.netns import can_enter
 from branchyard.runtime.sandbox import Sandbox, detect
 from branchyard.settings import SettingsRepo
 from branchyard.shapes import Info
@@ -173,6 +175,8 @@ class Options:
     sandbox: bool = True
     max_checkout: int = MAX_CHECKOUT
     """Bytes a commit's files may add up to before its checkout is refused."""
+    exposed: tuple[int, ...] = ()
+    """Host loopback ports every box reaches (``up --expose-host-port``)."""
     kube: KubeOptions = field(default_factory=KubeOptions)
     """How revisions map to Kubernetes objects (``k8s render`` reads them with the
     local runtime too)."""
@@ -245,6 +249,17 @@ def _sandbox(wanted: bool) -> Sandbox | None:
         log.warning("no sandbox (--no-sandbox): pushed code runs with the daemon's rights")
         return None
     return detect()
+
+
+def _networked(sandbox: Sandbox | None, router: Router, exposed: tuple[int, ...]) -> Sandbox | None:
+    """The sandbox with a network namespace per box, where this daemon can make one."""
+    if sandbox is None:
+        return None
+    cannot = can_enter()
+    if cannot is not None:
+        log.warning("boxes share the host's network: a network per box needs root (%s)", cannot)
+        return sandbox
+    return replace(sandbox, network=BoxNetwork(router, exposed))
 
 
 @contextlib.contextmanager
@@ -450,6 +465,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     sources = Sources(home / "mirrors")
     table = RouteTable()
     router = Router(table)
+    sandbox = _networked(sandbox, router, options.exposed)
     runtime, traffic = await _seams(options, sandbox, store, sources, table, router)
     engine, views = _engine(options, store, sources, runtime, traffic)
     auth.load_or_create(home)  # made at first start: an API off loopback is never open

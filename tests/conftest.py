@@ -7,6 +7,7 @@ carrying the marker may remain.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
+from bench.services import Wheels, serve_wheels
 from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
 
@@ -317,7 +319,28 @@ def stop_cleanly(running: Daemon) -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    running = start_daemon(tmp_path / "home", "--poll-interval", "1")
+    with daemon_with(tmp_path / "home") as running:
+        yield running
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> Wheels:
+    """Wheels served by URL on loopback: an install's box shows none of this machine's files."""
+    return serve_wheels(tmp_path / "wheels")
+
+
+@pytest.fixture
+def wheel_daemon(tmp_path: Path, wheels: Wheels) -> Iterator[Daemon]:
+    """The ``daemon`` fixture's daemon, whose boxes reach the wheels' port (and nothing else
+    of this machine: ``up --expose-host-port``)."""
+    with daemon_with(tmp_path / "home", *wheels.flags) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def daemon_with(home: Path, *flags: str) -> Iterator[Daemon]:
+    """A daemon on ``home`` polling every second, with ``flags``; stopped cleanly after."""
+    running = start_daemon(home, "--poll-interval", "1", *flags)
     try:
         yield running
     finally:

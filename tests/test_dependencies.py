@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.services import serve_wheels, wheel
+from bench.services import Wheels, wheel
 from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,11 +32,10 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 
 
 def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    wheel_daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path, wheels: Wheels
 ) -> None:
-    wheels = tmp_path / "wheels"
-    url = serve_wheels(wheels)  # by URL: the install's box does not show this machine's files
-    first = url(wheel(wheels, "1.0"))
+    daemon = wheel_daemon
+    first = wheels.requirement(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo("app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{first}\n"}))
     daemon.cli("repo", "add", str(app.origin))
     assert wait_for(lambda: daemon.answer("app")["tinydep"], 60, "app with tinydep") == "1.0"
@@ -49,7 +48,7 @@ def test_a_code_only_commit_installs_nothing_and_a_dependency_change_installs(
     assert "reusing environment" in build_log
     assert "install" not in build_log
 
-    second = url(wheel(wheels, "2.0"))
+    second = wheels.requirement(wheel(tmp_path / "wheels", "2.0"))
     app.commit({"requirements.txt": f"{second}\n"}, "bump tinydep")
     app.push()
     assert wait_for(lambda: daemon.answer("app")["tinydep"] == "2.0", 60, "tinydep 2.0")
@@ -73,9 +72,10 @@ def no_bytecode_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_environment_holds_the_bytecode_of_what_it_installs_so_services_start_from_it(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    wheel_daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path, wheels: Wheels
 ) -> None:
-    requirement = serve_wheels(tmp_path / "wheels")(wheel(tmp_path / "wheels", "1.0"))
+    daemon = wheel_daemon
+    requirement = wheels.requirement(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo(
         "app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{requirement}\n"})
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.services import serve_wheels, wheel
+from bench.services import Wheels, wheel
 from tests.conftest import Daemon, ServiceRepo, stdlib_service, wait_for
 
 pytestmark = pytest.mark.integration
@@ -118,10 +118,10 @@ def build_log(daemon: Daemon, service: str, namespace: str = "main") -> str:
 
 
 def test_a_branch_s_build_backend_cannot_change_what_main_installs_next(
-    daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path
+    wheel_daemon: Daemon, make_repo: Callable[..., ServiceRepo], tmp_path: Path, wheels: Wheels
 ) -> None:
-    wheels = tmp_path / "wheels"
-    tinydep = serve_wheels(wheels)(wheel(wheels, "1.0"))
+    daemon = wheel_daemon
+    tinydep = wheels.requirement(wheel(tmp_path / "wheels", "1.0"))
     app = make_repo("app", stdlib_service(**{"app.py": APP, "requirements.txt": f"{tinydep}\n"}))
     daemon.cli("repo", "add", str(app.origin))
     first = wait_for(lambda: daemon.answer("app")["tinydep"], 60, "main with tinydep")

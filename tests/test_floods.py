@@ -95,9 +95,10 @@ def test_a_flooded_peer_listener_refuses_past_its_cap_while_other_namespaces_and
     wait_for(lambda: daemon.ps_q() == ["main:app", "main:web"], 60, "the baseline")
     repos["web"].checkout("bugfix")
     repos["web"].push("bugfix")
-    wait_for(lambda: daemon.ps_q("bugfix") == ["bugfix:web"], 60, "web in bugfix")
+    wait_for(lambda: daemon.answer("web", "bugfix"), 60, "web live in bugfix")
     pid = daemon.process.pid
-    flooded = port_of(daemon.answer("web")["env"]["APP_URL"])  # (main, app)'s listener
+    web = wait_for(lambda: daemon.answer("web"), 30, "web live in main")
+    flooded = port_of(web["env"]["APP_URL"])  # (main, app)'s listener
     before = descriptors(pid)
     with connections(flooded, 4000) as flood:
         refused = first_answers(flood, 4000 - PEER_LISTENER_CONNECTIONS)

@@ -74,6 +74,15 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     help="Run pushed code without bubblewrap, with the daemon's rights (see docs/security.md).",
 )
 @click.option(
+    "--expose-host-port",
+    "exposed",
+    multiple=True,
+    metavar="PORT",
+    type=click.IntRange(1, 65535),
+    help="A port on this machine's loopback every box reaches at the same address "
+    "(a package index served here); repeatable. Boxes reach nothing else of the host.",
+)
+@click.option(
     "--git-listen",
     metavar="HOST:PORT",
     help="Serve local repos read-only over git's smart HTTP here, for Kubernetes pods "
@@ -118,6 +127,7 @@ def up(
     log_limit: int,
     max_checkout_size: int,
     no_sandbox: bool,
+    exposed: tuple[int, ...],
     git_listen: str | None,
     git_url: str | None,
     runtime: str,
@@ -162,6 +172,7 @@ def up(
         log_limit,
         not no_sandbox,
         max_checkout_size,
+        exposed=exposed,
         git=git,
         kube=KubeOptions(
             kubeconfig=kubeconfig,

@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import httptools
 
 from branchyard.router import limits
+from branchyard.router.dial import Dialer
 from branchyard.router.limits import (
     MAX_HEAD_BYTES,
     POOL_MAX_IDLE,
@@ -278,7 +279,8 @@ class _Backend:
 class _Pool:
     """Keep-alive backend connections, per backend address, shared by all listeners."""
 
-    def __init__(self) -> None:
+    def __init__(self, dialer: Dialer) -> None:
+        self.dialer = dialer  # how a new connection to a backend is made
         self.entries: dict[Address, _Backend] = {}
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None

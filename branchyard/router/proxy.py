@@ -380,8 +380,8 @@ class _ClientConnection(asyncio.Protocol):
         try:
             try:
                 async with asyncio.timeout(limits.CONNECT_TIMEOUT_SECONDS):
-                    _, connection = await asyncio.get_running_loop().create_connection(
-                        lambda: _BackendConnection(entry, pool), host, port
+                    _, connection = await pool.dialer.connect(
+                        lambda: _BackendConnection(entry, pool), entry.address
                     )
             except asyncio.CancelledError:  # drained or shut down
                 if request is self._current and not self.transport.is_closing():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from branchyard.router import limits
 from branchyard.router.caps import Admission, Budget, process_budget
+from branchyard.router.dial import Dialer
 from branchyard.router.limits import (
     LISTEN_BACKLOG,
     Address,
@@ -42,6 +44,12 @@ class _Listener:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
+
+    async def open_on(self, sock: socket.socket) -> None:
+        """Accept on ``sock``, a socket already listening (made in a box's namespace)."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _ClientConnection(self), sock=sock)
+        self.port = sock.getsockname()[1]
 
     def track(self, connection: _ClientConnection) -> bool:
         """Hold a new connection, or end it at once (False): the listener closes, or a
@@ -103,6 +111,25 @@ class _Listener:
             await server.wait_closed()
 
 
+class BoxListener(_Listener):
+    """A peer listener inside one box's namespace; it goes with the box."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        pool: _Pool,
+        peer_key: _Key,
+        admission: Admission,
+        owners: set[_Listener],
+    ) -> None:
+        super().__init__(table, pool, peer_key, admission)
+        self._owners = owners
+
+    async def close(self) -> None:
+        self._owners.discard(self)
+        await super().close()
+
+
 class Router:
     """Owns the listening sockets, the proxied connections and the backend connection
     pool; routes each request by a RouteTable.
@@ -115,10 +142,12 @@ class Router:
 
     def __init__(self, table: RouteTable, budget: Budget | None = None) -> None:
         self._table = table
-        self._pool = _Pool()
+        self.dialer = Dialer()
+        self._pool = _Pool(self.dialer)
         self._admission = Admission(budget or process_budget())
         self._main: _Listener | None = None
         self._peers: dict[_Key, _Listener] = {}
+        self._in_boxes: set[_Listener] = set()  # peer listeners inside boxes' namespaces
         self._peer_lock: asyncio.Lock | None = None
 
     async def serve(self, host: str, port: int) -> int:
@@ -160,6 +189,22 @@ class Router:
             self._peers[key] = listener
             return bound
 
+    async def serve_peer_in_box(
+        self, namespace: str, service: str, sock: socket.socket
+    ) -> BoxListener:
+        """Serve (namespace, service)'s peer address on ``sock``, a socket listening
+        inside a box's network namespace, until the returned listener is closed."""
+        listener = BoxListener(
+            self._table, self._pool, (namespace, service), self._admission, self._in_boxes
+        )
+        await listener.open_on(sock)
+        self._in_boxes.add(listener)
+        return listener
+
+    def peer_at(self, port: int) -> _Key | None:
+        """The (namespace, service) whose peer listener has ``port``, or None."""
+        return next((key for key, peer in self._peers.items() if peer.port == port), None)
+
     def peer_port(self, namespace: str, service: str) -> int | None:
         """The port of (namespace, service)'s peer listener, or None if it has none."""
         existing = self._peers.get((namespace, service))
@@ -189,10 +234,11 @@ class Router:
 
     async def close(self) -> None:
         """Close every listener, every open proxied connection and every pooled one."""
-        listeners = list(self._peers.values())
+        listeners = [*self._peers.values(), *self._in_boxes]
         if self._main is not None:
             listeners.append(self._main)
         self._peers.clear()
+        self._in_boxes.clear()
         self._main = None
         await asyncio.gather(*(listener.close() for listener in listeners))
         await self._pool.close()

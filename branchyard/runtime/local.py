@@ -48,6 +48,7 @@ from branchyard.errors import BuildFailed
 from branchyard.git import Source
 from branchyard.naming import dns_label
 from branchyard.router import Router
+from branchyard.router.dial import Dialer
 from branchyard.runtime import (
     LAST_LINES,
     Address,
@@ -84,11 +85,12 @@ HEALTH_INTERVAL = 0.02
 ROTATE_INTERVAL = 0.5
 
 
-async def probe(port: int, path: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status ``GET path`` gets from the local port, or None if no answer."""
+async def probe(dialer: Dialer, port: int, path: str, timeout: float = 1.0) -> int | None:
+    """The HTTP status ``GET path`` gets from the local port (reached as the router
+    reaches it: inside the service's box), or None if no answer."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            reader, writer = await dialer.open_connection((LOOPBACK, port))
             try:
                 writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
                 status_line = await reader.readline()
@@ -116,7 +118,8 @@ class HealthCheck:
     """``GET path`` on the port until it answers 2xx or 3xx, the process exits,
     or ``timeout`` seconds pass; ``failure`` says which, for the message."""
 
-    def __init__(self, port: int, path: str, timeout: float) -> None:
+    def __init__(self, dialer: Dialer, port: int, path: str, timeout: float) -> None:
+        self.dialer = dialer
         self.port = port
         self.path = path
         self.timeout = timeout
@@ -129,7 +132,7 @@ class HealthCheck:
             if process.returncode is not None:
                 self.failure = f"exited with code {process.returncode}"
                 return False
-            last = await probe(self.port, self.path) or last
+            last = await probe(self.dialer, self.port, self.path) or last
             if last is not None and 200 <= last < 400:
                 return True
             await asyncio.sleep(HEALTH_INTERVAL)
@@ -399,7 +402,9 @@ class LocalRuntime:
 
             return spawn
 
-        health = HealthCheck(port, spec.manifest.health_path, spec.manifest.health_timeout)
+        health = HealthCheck(
+            self._router.dialer, port, spec.manifest.health_path, spec.manifest.health_timeout
+        )
         web = Supervisor(
             f"{spec.name} web",
             spawner(spec.manifest.web, web_env, "web"),

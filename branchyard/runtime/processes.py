@@ -33,13 +33,19 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from branchyard.errors import TemporaryError
-from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
+from branchyard.runtime.sandbox import MARK, NOTHING, Attachment, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
-# Runs the command once a line comes on stdin; exits if the pipe closes first. Fixed text:
-# the command is its arguments, never part of the script.
-GATE = ["/bin/sh", "-c", 'read -r _ || exit 1; exec "$@" </dev/null', "branchyard-gate"]
+# Says it runs (on stdout, a pipe: the box is set up then), runs the command once a line
+# comes on stdin, and exits if the pipe closes first. The command's stdout is its stderr,
+# the log. Fixed text: the command is its arguments, never part of the script.
+GATE = [
+    "/bin/sh",
+    "-c",
+    'printf x || exit 1; read -r _ || exit 1; exec "$@" </dev/null >&2',
+    "branchyard-gate",
+]
 
 
 class Registry(Protocol):
@@ -116,8 +122,9 @@ def _free(port: int) -> bool:
     return True
 
 
-async def _read_to_end(fd: int) -> bytes:
-    """Everything written to the pipe ``fd`` until its writers close it, without blocking."""
+async def _read_to_end(fd: int, first: bool = False) -> bytes:
+    """Everything written to the pipe ``fd`` until its writers close it (with ``first``:
+    only what the first write brought, or nothing at the end), without blocking."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     chunks: list[bytes] = []
@@ -130,7 +137,7 @@ async def _read_to_end(fd: int) -> bytes:
             return
         if chunk:
             chunks.append(chunk)
-        elif not done.done():
+        if (first or not chunk) and not done.done():
             done.set_result(b"".join(chunks))
 
     loop.add_reader(fd, readable)
@@ -138,6 +145,12 @@ async def _read_to_end(fd: int) -> bytes:
         return await done
     finally:
         loop.remove_reader(fd)
+
+
+def _kill(process: asyncio.subprocess.Process, group: int) -> None:
+    """Kill a box (or process group) that is being started, and its outer process."""
+    signal_group(group, signal.SIGKILL)
+    signal_group(process.pid, signal.SIGKILL)
 
 
 class LocalProcess:
@@ -148,10 +161,17 @@ class LocalProcess:
     waits for the service to exit and reports its code).
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, registry: Registry, group: int) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        registry: Registry,
+        group: int,
+        network: Attachment | None = None,
+    ) -> None:
         self._process = process
         self._registry = registry
         self._group = group
+        self._network = network  # what the daemon opened in the box's network, closed at exit
 
     @classmethod
     async def spawn(
@@ -166,9 +186,11 @@ class LocalProcess:
         box: Box = NOTHING,
         keep: tuple[int, ...] = (),
     ) -> LocalProcess:
-        """``argv`` started, recorded in ``registry``, then let through its gate. The file
-        descriptors ``keep`` stay open in it, at the same numbers (``/dev/fd/N``)."""
+        """``argv`` started, recorded in ``registry``, its network opened (in a box with
+        one), then let through its gate. The file descriptors ``keep`` stay open in it, at
+        the same numbers (``/dev/fd/N``)."""
         gate, opener = os.pipe()
+        network: Attachment | None = None
         try:
             try:
                 process, group = await cls._start(
@@ -177,11 +199,19 @@ class LocalProcess:
             finally:
                 os.close(gate)
             registry.add_process(group, start_time(group), what)
+            if sandbox is not None and sandbox.network is not None and group != process.pid:
+                try:
+                    network = await sandbox.network.attach(group, env)
+                except BaseException:
+                    _kill(process, group)
+                    await process.wait()
+                    registry.remove_process(group)
+                    raise
             with contextlib.suppress(BrokenPipeError):  # it ended already: wait() says how
                 os.write(opener, b"\n")
         finally:
             os.close(opener)
-        return cls(process, registry, group)
+        return cls(process, registry, group, network)
 
     @classmethod
     async def _start(
@@ -195,15 +225,46 @@ class LocalProcess:
         box: Box,
         keep: tuple[int, ...],
     ) -> tuple[asyncio.subprocess.Process, int]:
-        """The process running ``argv`` (in a box if sandboxed), and its group."""
-        if sandbox is None:
-            process = await cls._exec(argv, cwd, env, log, stdin, *keep)
-            return process, process.pid
+        """The process running ``argv`` (in a box if sandboxed) once its gate runs (its
+        box set up), and its group."""
+        ready, ready_fd = os.pipe()
+        try:
+            if sandbox is None:
+                process = await cls._exec(argv, cwd, env, log, stdin, ready_fd, *keep)
+                group = process.pid
+            else:
+                process, group = await cls._boxed(
+                    argv, cwd, env, log, stdin, ready_fd, sandbox, box, keep
+                )
+        finally:
+            os.close(ready_fd)
+        try:
+            await _read_to_end(ready, first=True)  # "x"; nothing if it failed before its gate
+        except BaseException:
+            _kill(process, group)
+            raise
+        finally:
+            os.close(ready)
+        return process, group
+
+    @classmethod
+    async def _boxed(
+        cls,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        stdin: int,
+        stdout: int,
+        sandbox: Sandbox,
+        box: Box,
+        keep: tuple[int, ...],
+    ) -> tuple[asyncio.subprocess.Process, int]:
         info, info_fd = os.pipe()
         try:
             boxed = sandbox.command(argv, cwd, box, info_fd)
             process = await cls._exec(
-                boxed, Path("/"), sandbox.environment(env), log, stdin, info_fd, *keep
+                boxed, Path("/"), sandbox.environment(env), log, stdin, stdout, info_fd, *keep
             )
         finally:
             os.close(info_fd)
@@ -218,7 +279,13 @@ class LocalProcess:
 
     @staticmethod
     async def _exec(
-        argv: list[str], cwd: Path, env: dict[str, str], log: Path, stdin: int, *keep: int
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        stdin: int,
+        stdout: int,
+        *keep: int,
     ) -> asyncio.subprocess.Process:
         with log.open("ab") as out:
             return await asyncio.create_subprocess_exec(
@@ -226,8 +293,8 @@ class LocalProcess:
                 cwd=cwd,
                 env=env,
                 stdin=stdin,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
+                stdout=stdout,
+                stderr=out,
                 start_new_session=True,
                 pass_fds=keep,
             )
@@ -245,6 +312,9 @@ class LocalProcess:
         code = await self._process.wait()
         signal_group(self._group, signal.SIGKILL)  # whatever it left behind in its group
         self._registry.remove_process(self._group)
+        if self._network is not None:
+            network, self._network = self._network, None
+            await uninterrupted(asyncio.ensure_future(network.close()))
         return code
 
     async def terminate(self, grace: float) -> None:

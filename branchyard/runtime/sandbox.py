@@ -37,9 +37,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from branchyard.errors import UsageError
 
@@ -92,6 +93,20 @@ class Box:
 NOTHING = Box()
 
 
+class Attachment(Protocol):
+    async def close(self) -> None: ...
+
+
+class Network(Protocol):
+    """A box's own network (``boxnet``): what its environment says of it, and the
+    addresses the daemon opens inside it once it is set up."""
+
+    @property
+    def variables(self) -> Mapping[str, str]: ...
+
+    async def attach(self, pid: int, env: Mapping[str, str]) -> Attachment: ...
+
+
 @dataclass(frozen=True)
 class Sandbox:
     bwrap: str
@@ -99,10 +114,13 @@ class Sandbox:
     system_paths: tuple[Path, ...]  # where those mounts are
     user: int | None  # the uid and gid to drop to (as root); None: stay the daemon's user
     owner: str = ""  # the home (its absolute path) whose daemon starts these boxes
+    network: Network | None = None  # a network namespace per box; None: the host's
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
-        """bwrap's environment: ``env``, which the box gets, and the mark, which it does not."""
-        return {**env, MARK: self.owner}
+        """bwrap's environment: ``env`` and the way out of the box's own network, which
+        the box gets, and the mark, which it does not."""
+        network = self.network.variables if self.network is not None else {}
+        return {**env, **network, MARK: self.owner}
 
     def command(self, argv: Sequence[str], cwd: Path, box: Box, info_fd: int) -> list[str]:
         """The bwrap command line that runs ``argv`` in ``cwd`` inside ``box``."""
@@ -127,6 +145,7 @@ class Sandbox:
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
+            *(["--unshare-net"] if self.network is not None else []),
             *(["--unshare-user"] if self.user is None else []),
             "--info-fd",
             str(info_fd),
@@ -171,7 +190,12 @@ class Sandbox:
 
     def describe(self) -> str:
         who = f"uid {self.user}" if self.user is not None else "the daemon's user"
-        return f"bubblewrap: each process in its own box, as {who}"
+        network = (
+            "its own network"
+            if self.network is not None
+            else "the host's network (a network per box needs a root daemon)"
+        )
+        return f"bubblewrap: each process in its own box, as {who}, with {network}"
 
 
 def _reachable(paths: Sequence[Path], system: Sequence[Path]) -> list[str]:
