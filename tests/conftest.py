@@ -1,8 +1,9 @@
 """Shared fixtures: real git repos, a real daemon on free ports, the real CLI.
 
 Integration tests never fake git, processes or sockets. Every daemon gets a
-temp home and a unique marker in its environment; after it stops, no process
-carrying the marker may remain.
+temp home and a unique marker in its environment, which it hands to its boxes
+(``--pass-env``); after it stops, no process carrying the marker may remain, nor
+a cgroup of its home.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
+from branchyard.runtime import cgroups
 from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
 
@@ -287,6 +289,8 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
             "up",
             "--router-port",
             "0",
+            "--pass-env",  # boxes get none of the daemon's environment unless passed
+            "BY_TEST",
             *extra,
         ],
         stdout=log,
@@ -305,12 +309,19 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
 
 
 def stop_cleanly(running: Daemon) -> None:
-    """Stop a daemon: exit code 0, no traceback in its log, no process of it left."""
+    """Stop a daemon: exit code 0, no traceback in its log, no process of it left, and
+    no cgroup of its home."""
     code = running.stop()
     log = (running.home.parent / f"{running.home.name}-daemon.log").read_text(errors="replace")
     assert code == 0, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     no_process_left(running.marker)
+    assert no_cgroup_left(running.home) == []
+
+
+def no_cgroup_left(home: Path) -> list[Path]:
+    """The cgroups of ``home``'s daemon that are still there (it runs in the tests')."""
+    return [parent for parent in cgroups.parents(str(home.resolve())) if parent.exists()]
 
 
 @pytest.fixture

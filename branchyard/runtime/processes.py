@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from branchyard.errors import TemporaryError
+from branchyard.runtime.cgroups import Cgroup, Cgroups, Limits, MiB
 from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
@@ -148,10 +149,19 @@ class LocalProcess:
     waits for the service to exit and reports its code).
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, registry: Registry, group: int) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        registry: Registry,
+        group: int,
+        cgroup: Cgroup | None = None,
+        log: Path | None = None,
+    ) -> None:
         self._process = process
         self._registry = registry
         self._group = group
+        self._cgroup = cgroup
+        self._log = log
 
     @classmethod
     async def spawn(
@@ -164,8 +174,11 @@ class LocalProcess:
         what: str,
         sandbox: Sandbox | None = None,
         box: Box = NOTHING,
+        cgroups: Cgroups | None = None,
+        limits: Limits | None = None,
     ) -> LocalProcess:
-        """``argv`` started, recorded in ``registry``, then let through its gate."""
+        """``argv`` started, recorded in ``registry``, put in a cgroup of its own with
+        ``limits`` (see ``cgroups``), then let through its gate."""
         gate, opener = os.pipe()
         try:
             try:
@@ -173,11 +186,18 @@ class LocalProcess:
             finally:
                 os.close(gate)
             registry.add_process(group, start_time(group), what)
+            started = cls(process, registry, group, None, log)
+            if cgroups is not None:
+                try:
+                    started._cgroup = cgroups.confine(sorted({process.pid, group}), limits)
+                except OSError as exc:
+                    await started.terminate(0)
+                    raise TemporaryError(f"cannot limit {what}: {exc}") from None
             with contextlib.suppress(BrokenPipeError):  # it ended already: wait() says how
                 os.write(opener, b"\n")
         finally:
             os.close(opener)
-        return cls(process, registry, group)
+        return started
 
     @classmethod
     async def _start(
@@ -239,6 +259,15 @@ class LocalProcess:
     async def wait(self) -> int:
         code = await self._process.wait()
         signal_group(self._group, signal.SIGKILL)  # whatever it left behind in its group
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            if cgroup.out_of_memory() and self._log is not None:
+                with self._log.open("a") as out:
+                    out.write(
+                        f"branchyard: out of memory: the kernel killed a process of this box "
+                        f"at its limit of {cgroup.limits.memory // MiB} MiB\n"
+                    )
+            await cgroup.remove()  # and with it whatever is left in it
         self._registry.remove_process(self._group)
         return code
 

@@ -11,7 +11,8 @@ anyway), so without it every start compiles its imports again, which made a
 Flask service's cold start two to three times slower.
 
 In a sandbox, an install sees the checkout, writes only its environment and a
-uv cache of the home's own (``HOME/uv-cache``), and reaches the network.
+uv cache of the home's own (``HOME/uv-cache``), and reaches the network. Sandboxed
+or not, its environment is the one ``environment`` gives an install, with that cache.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 import uv
 
 from branchyard.errors import BuildFailed
+from branchyard.runtime.cgroups import Cgroups, Limits
+from branchyard.runtime.environment import NOTHING_OUTSIDE, Outside
 from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
 
@@ -46,8 +49,17 @@ def dependency_hash(checkout: Path) -> str:
 
 
 class VenvCache:
-    def __init__(self, root: Path, registry: Registry, sandbox: Sandbox | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: Registry,
+        sandbox: Sandbox | None = None,
+        outside: Outside = NOTHING_OUTSIDE,
+        cgroups: Cgroups | None = None,
+    ) -> None:
         self.root = root
+        self._outside = outside
+        self._cgroups = cgroups
         self._registry = registry
         self._sandbox = sandbox
         self._cache = root.with_name("uv-cache")
@@ -86,15 +98,17 @@ class VenvCache:
                 steps.append(
                     [uv_bin, "pip", "install", "--compile-bytecode", "--python", python, "-r", name]
                 )
-        env, box = dict(os.environ), NOTHING
+        own = {"UV_CACHE_DIR": str(self._cache), "UV_LINK_MODE": "copy"}
+        env, box = self._outside.box(own, NOTHING.home, install=True), NOTHING
         if self._sandbox is not None:
             for writable in (venv, self._cache):
                 writable.mkdir(exist_ok=True)
                 self._sandbox.give(writable)
-            env |= {"UV_CACHE_DIR": str(self._cache), "UV_LINK_MODE": "copy"}
             box = Box((checkout, Path(uv_bin)), (venv, self._cache))
         for argv in steps:
-            code = await run_logged(argv, checkout, log, env, self._registry, self._sandbox, box)
+            code = await run_logged(
+                argv, checkout, log, env, self._registry, self._sandbox, box, self._cgroups
+            )
             if code != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 what = "creating the environment" if argv[1] == "venv" else f"installing {argv[-1]}"
@@ -125,12 +139,15 @@ async def run_logged(
     registry: Registry,
     sandbox: Sandbox | None = None,
     box: Box = NOTHING,
+    cgroups: Cgroups | None = None,
+    limits: Limits | None = None,
 ) -> int:
-    """Run ``argv`` (in ``box`` if sandboxed) with its output appended to ``log``; its exit code."""
+    """Run ``argv`` (in ``box`` if sandboxed, in a cgroup with ``limits`` given ``cgroups``)
+    with its output appended to ``log``; its exit code."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
     process = await LocalProcess.spawn(
-        argv, cwd, env, log, registry, f"build: {argv[0]}", sandbox, box
+        argv, cwd, env, log, registry, f"build: {argv[0]}", sandbox, box, cgroups, limits
     )
     try:
         return await process.wait()
