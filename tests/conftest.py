@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -298,6 +299,7 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
         env={**os.environ, "BY_TEST": marker},
     )
     daemon = Daemon(home, process, marker)
+    STARTED.append((home, process))
 
     def ready() -> bool:
         assert process.poll() is None, "daemon exited early"
@@ -322,6 +324,32 @@ def stop_cleanly(running: Daemon) -> None:
 def no_cgroup_left(home: Path) -> list[Path]:
     """The cgroups of ``home``'s daemon that are still there (it runs in the tests')."""
     return [parent for parent in cgroups.parents(str(home.resolve())) if parent.exists()]
+
+
+STARTED: list[tuple[Path, subprocess.Popen[bytes]]] = []  # each daemon's home, and it
+
+
+@pytest.fixture(autouse=True)
+def cgroups_removed() -> Iterator[None]:
+    """After each test, the cgroups a daemon that was killed left (a daemon that stops
+    removes its own, which ``stop_cleanly`` checks; a next daemon of the home, a killed
+    one's). A daemon still running (a module's) is left to its own fixture."""
+    yield
+    for home, process in list(STARTED):
+        if process.poll() is None:
+            continue
+        STARTED.remove((home, process))
+        for parent in no_cgroup_left(home):
+            for cgroup in [*(d for d in parent.iterdir() if d.is_dir()), parent]:
+                wait_for(partial(_removed, cgroup), 15, f"{cgroup} emptied")
+
+
+def _removed(cgroup: Path) -> bool:
+    try:
+        cgroup.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

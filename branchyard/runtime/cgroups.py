@@ -47,7 +47,11 @@ DEFAULT_CPU = 1.0  # cores
 CPU_PERIOD = 100_000  # microseconds
 BOX_OOM_SCORE_ADJ = 1000
 REMOVE_TRIES = 500  # of 10 ms: what is killed in a cgroup takes a moment to leave it
-_WORDS = {"memory": "memory", "pids": "processes", "cpu": "CPU"}
+_UNBOUNDED = {
+    "memory": "a box's memory is not capped",
+    "pids": "a box's processes are not counted",
+    "cpu": "a box's CPU is not bounded",
+}
 
 
 @dataclass(frozen=True)
@@ -268,11 +272,7 @@ class Cgroups:
             "cpu": f"{limits.cpu:g} CPU",
         }
         parts = [", ".join(said[c] for c in CONTROLLERS if c in have) + " per box"] if have else []
-        parts += [
-            f"no {c} cgroup here: a box's {_WORDS[c]} is not bounded"
-            for c in CONTROLLERS
-            if c not in have
-        ]
+        parts += [f"no {c} cgroup here: {_UNBOUNDED[c]}" for c in CONTROLLERS if c not in have]
         return "; ".join(parts)
 
     def confine(self, pids: Sequence[int], limits: Limits | None = None) -> Cgroup:

@@ -10,7 +10,8 @@ pid is never mistaken for one of ours.
 
 A process is recorded before it runs anything of its own: it starts behind a
 gate (:data:`GATE`) that waits for a line on its stdin, which the daemon writes
-once the group is in the registry. A daemon killed before that closes the pipe
+once the group is in the registry and in a cgroup of its own (see ``cgroups``),
+so nothing pushed runs before it is limited. A daemon killed before that closes the pipe
 unwritten, and the gate exits. ``--die-with-parent`` alone does not cover that
 moment: bwrap's init asks for its parent-death signal only once the box is set
 up, so a daemon killed meanwhile left a box that ran on, recorded nowhere. A
@@ -33,14 +34,22 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from branchyard.errors import TemporaryError
-from branchyard.runtime.cgroups import Cgroup, Cgroups, Limits, MiB
+from branchyard.runtime.cgroups import BOX_OOM_SCORE_ADJ, Cgroup, Cgroups, Limits, MiB
 from branchyard.runtime.sandbox import MARK, NOTHING, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 # Runs the command once a line comes on stdin; exits if the pipe closes first. Fixed text:
-# the command is its arguments, never part of the script.
-GATE = ["/bin/sh", "-c", 'read -r _ || exit 1; exec "$@" </dev/null', "branchyard-gate"]
+# the command is its arguments, never part of the script. It raises its own oom_score_adj
+# first: the daemon raises those of the processes it finds, but a fork under way as it
+# looks copies the old value unseen (a cgroup's move has no such gap).
+GATE = [
+    "/bin/sh",
+    "-c",
+    f"echo {BOX_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; "
+    'read -r _ || exit 1; exec "$@" </dev/null',
+    "branchyard-gate",
+]
 
 
 class Registry(Protocol):
