@@ -33,7 +33,7 @@ LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 BRANCHYARD = Path(sys.executable).with_name("branchyard")  # the console script in the venv
 PORTS = Ports()
-MARKER_VARIABLE = "BENCH_MARK"  # not BRANCHYARD_*: the runtime strips those from services
+MARKER_VARIABLE = "BENCH_MARK"  # handed to the boxes with --pass-env
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Bench Mark",
@@ -244,10 +244,13 @@ class Daemon:
         home.mkdir(parents=True, exist_ok=True)
         marker = f"BENCH_{uuid.uuid4().hex}"
         log = (home / "daemon.log").open("wb")
+        # Boxes get the marker only when told (a checkout before --pass-env gave them all).
+        knows = "--pass-env" in (root / "branchyard" / "cli" / "admin.py").read_text()
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "branchyard", "--home", str(home), "up"),
                 *("--router-port", "0", "--api-port", "0", *extra),
+                *(("--pass-env", MARKER_VARIABLE) if knows else ()),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

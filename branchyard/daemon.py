@@ -15,9 +15,10 @@ SIGTERM stops every service process and closes every port before it exits.
 What the daemon keeps is private: the home is 0700 and everything it writes is
 0600 (umask 077). Pushed code runs in a sandbox (``runtime.sandbox``), and
 without one only when told ``--no-sandbox``. Secrets given in the environment
-(:data:`SECRET_VARIABLES`) do not stay in the one the kernel shows in
+(:data:`SECRET_VARIABLES`) do not stay in it, nor in the one the kernel shows in
 ``/proc/PID/environ``: :func:`hide_secrets` re-executes the daemon without them
-and hands them over through a pipe.
+and hands them over through a pipe, as values. Boxes get an explicit environment
+(``runtime.environment``), never the daemon's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -56,6 +57,9 @@ from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteT
 from branchyard.router.caps import process_budget
 from branchyard.runtime import RevisionSpec, Runtime, Traffic
 from branchyard.runtime.boxnet import BoxNetwork
+from branchyard.runtime.cgroups import CONTROLLERS, Cgroups
+from branchyard.runtime.cgroups import Limits as Limits  # for `up`
+from branchyard.runtime.environment import Outside
 from branchyard.runtime.kube.options import KubeOptions as KubeOptions  # for `up`
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
@@ -184,26 +188,32 @@ class Options:
     """Serve local repos to pods over git's smart HTTP; its URL becomes ``kube.git_url``."""
     runtime: str = "local"
     """What runs revisions: ``local`` (processes here) or ``kubernetes``."""
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    """:data:`SECRET_VARIABLES` the daemon was started with (:func:`hide_secrets`)."""
+    pass_env: frozenset[str] = frozenset()
+    """Variables of the daemon's environment every box gets (``up --pass-env``)."""
+    limits: Limits = field(default_factory=Limits)
+    """What a box may use where the manifest says nothing (``up --box-*``)."""
 
 
-def hide_secrets() -> None:
-    """Take :data:`SECRET_VARIABLES` out of the environment the kernel shows.
+def hide_secrets() -> dict[str, str]:
+    """Take :data:`SECRET_VARIABLES` out of the environment, and return them.
 
     ``/proc/PID/environ`` shows the environment a process started with, whatever
     it unsets later, and an unsandboxed child of the same user can read it. So a
     daemon started with any of them executes itself again without them, having
-    written them to a pipe; the new image reads them back into ``os.environ``
-    (memory, which ``environ`` does not show). Services never get them either way:
-    the runtime passes on no ``BRANCHYARD_*`` variable.
+    written them to a pipe; the new image reads them back as values, never into
+    ``os.environ``: whatever copies that (git, a box's environment) cannot carry
+    them. :class:`Options` hands them to the parts that use them.
     """
     handed = os.environ.pop(_SECRETS_FD, None)
     if handed is not None:
         with os.fdopen(int(handed)) as pipe:
-            os.environ.update(json.load(pipe))
-        return
+            secrets: dict[str, str] = json.load(pipe)
+        return secrets
     secrets = {name: os.environ[name] for name in SECRET_VARIABLES if name in os.environ}
     if not secrets:
-        return
+        return {}
     read, write = os.pipe()
     with os.fdopen(write, "w") as pipe:
         json.dump(secrets, pipe)
@@ -262,6 +272,22 @@ def _networked(sandbox: Sandbox | None, router: Router, exposed: tuple[int, ...]
     return replace(sandbox, network=BoxNetwork(router, exposed))
 
 
+def _limited(options: Options, sandbox: Sandbox | None) -> tuple[Cgroups | None, Sandbox | None]:
+    """The boxes' cgroups (None on Kubernetes, where each pod is limited instead), said
+    in one line; and the sandbox, without the shared process rlimit where a cgroup
+    counts each box's processes."""
+    if options.runtime != "local":
+        return None, sandbox
+    cgroups = Cgroups.detect(str(options.home.resolve()), options.limits)
+    (log.info if cgroups.controllers == set(CONTROLLERS) else log.warning)(
+        "limits: %s", cgroups.describe()
+    )
+    if sandbox is not None and "pids" in cgroups.controllers:
+        rlimits = tuple(limit for limit in sandbox.rlimits if limit[0] != "nproc")
+        sandbox = replace(sandbox, rlimits=rlimits)
+    return cgroups, sandbox
+
+
 @contextlib.contextmanager
 def _home_lock(home: Path) -> Iterator[IO[str]]:
     try:
@@ -295,9 +321,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _status_config() -> StatusConfig | None:
+def _status_config(secrets: Mapping[str, str]) -> StatusConfig | None:
     try:
-        return config_from_env(os.environ)
+        return config_from_env({**os.environ, **secrets})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -351,12 +377,14 @@ async def serve(options: Options) -> None:
         _make_private(home)
         _raise_fd_limit()
         local = options.runtime == "local"  # on Kubernetes, each pod is boxed instead
-        await _serve(options, _sandbox(options.sandbox) if local else None)
+        sandbox = _sandbox(options.sandbox) if local else None
+        await _serve(options, *_limited(options, sandbox))
 
 
 async def _seams(
     options: Options,
     sandbox: Sandbox | None,
+    cgroups: Cgroups | None,
     store: Store,
     sources: Sources,
     table: RouteTable,
@@ -385,6 +413,8 @@ async def _seams(
         options.log_limit,
         sandbox,
         options.max_checkout,
+        Outside(dict(os.environ), options.pass_env),
+        cgroups,
     )
     return runtime, LocalTraffic(table, router)
 
@@ -415,7 +445,9 @@ def _engine(
         await engine.on_heads(heads)
 
     watcher = Watcher(sources, on_heads, options.poll_interval)
-    status = StatusReporter(_status_config(), on_error=lambda text: store.event("status", text))
+    status = StatusReporter(
+        _status_config(options.secrets), on_error=lambda text: store.event("status", text)
+    )
     settings = SettingsRepo(home / "settings")
     engine = Engine(
         store, runtime, traffic, rollouts, watcher, sources, settings, vault, status, clock
@@ -429,7 +461,7 @@ def _engine(
         watcher,
         settings,
         partial(_review, options.kube),
-        os.environ.get("BRANCHYARD_WEBHOOK_SECRET", ""),
+        options.secrets.get("BRANCHYARD_WEBHOOK_SECRET", ""),
     )
 
 
@@ -458,7 +490,7 @@ def _git_socket(options: Options) -> tuple[socket.socket | None, Options]:
     return sock, replace(options, kube=replace(options.kube, git_url=url))
 
 
-async def _serve(options: Options, sandbox: Sandbox | None) -> None:
+async def _serve(options: Options, cgroups: Cgroups | None, sandbox: Sandbox | None) -> None:
     home = options.home
     git_socket, options = _git_socket(options)
     store = Store(home / "state.db")
@@ -466,7 +498,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
     table = RouteTable()
     router = Router(table)
     sandbox = _networked(sandbox, router, options.exposed)
-    runtime, traffic = await _seams(options, sandbox, store, sources, table, router)
+    runtime, traffic = await _seams(options, sandbox, cgroups, store, sources, table, router)
     engine, views = _engine(options, store, sources, runtime, traffic)
     auth.load_or_create(home)  # made at first start: an API off loopback is never open
     api_socket = _bind(options.api_host, options.api_port)
@@ -491,6 +523,7 @@ async def _serve(options: Options, sandbox: Sandbox | None) -> None:
             "router": f"http://{LOOPBACK}:{router_port}",
             "api": f"http://{_reachable(options.api_host)}:{api_socket.getsockname()[1]}",
             "sandbox": sandbox.describe() if sandbox else _pods(options),
+            "limits": cgroups.describe() if cgroups else None,
             "git": options.kube.git_url if git_socket is not None else None,
         }
         app = create_app(engine, views, info, home)

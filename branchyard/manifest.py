@@ -15,6 +15,8 @@ and a route, every other entry runs as a worker. ``branchyard.yaml`` may add::
       GREETING: hello
     image: python:3.12-slim  # on Kubernetes, the image the service runs in (the local
                              # runtime ignores it)
+    memory: 256Mi          # what each of its boxes may use (Ki, Mi, Gi or bytes); the
+                           # daemon's default (`up --box-memory`) where not said
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ CONFIG_FILE = "branchyard.yaml"
 _PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+)\s*:\s*(.+)$")
 _IMAGE = re.compile(r"[a-z0-9][A-Za-z0-9._/:@-]{0,254}")  # a registry/name:tag@digest
 DEFAULT_HEALTH_TIMEOUT = 30.0
+_SIZE = re.compile(r"([0-9]{1,15})(Ki|Mi|Gi|)")
+_UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+SMALLEST_MEMORY = 16 * 1024**2  # below it, not even a Python interpreter starts
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Manifest:
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT
     env: Mapping[str, str] = field(default_factory=dict)
     image: str | None = None  # None: the runtime's default image
+    memory: int | None = None  # bytes; None: the runtime's default
 
 
 def parse_procfile(text: str) -> dict[str, str]:
@@ -70,7 +76,7 @@ def _load_config(text: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ManifestError(f"{CONFIG_FILE} must be a mapping, not {type(data).__name__}")
-    unknown = set(data) - {"build", "run", "health", "env", "image"}
+    unknown = set(data) - {"build", "run", "health", "env", "image", "memory"}
     if unknown:
         names = ", ".join(sorted(map(str, unknown)))
         raise ManifestError(f"{CONFIG_FILE} has unknown keys: {names}")
@@ -134,6 +140,29 @@ def _image(value: Any) -> str | None:
     return value
 
 
+def parse_size(value: object) -> int:
+    """Bytes from ``256Mi``, ``1Gi``, ``512Ki`` or a plain number of bytes; ValueError
+    saying what is expected for anything else, or for less than :data:`SMALLEST_MEMORY`."""
+    plain = isinstance(value, int | str) and not isinstance(value, bool)
+    text = str(value).strip() if plain else ""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError("must be a size like 256Mi (a number of bytes, or with Ki, Mi or Gi)")
+    size = int(match.group(1)) * _UNITS[match.group(2)]
+    if size < SMALLEST_MEMORY:
+        raise ValueError(f"must be at least {SMALLEST_MEMORY // _UNITS['Mi']}Mi")
+    return size
+
+
+def _memory(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ManifestError(f"{CONFIG_FILE}: memory {exc}") from None
+
+
 def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
     """Combine the Procfile and ``branchyard.yaml`` (either may be missing)."""
     processes = parse_procfile(procfile) if procfile is not None else {}
@@ -154,4 +183,5 @@ def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
         health_timeout=health_timeout,
         env=_env(settings.get("env")),
         image=_image(settings.get("image")),
+        memory=_memory(settings.get("memory")),
     )

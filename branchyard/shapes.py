@@ -22,6 +22,7 @@ class Info(TypedDict):
     router: str
     api: str
     sandbox: str | None  # None: pushed code runs with the daemon's rights
+    limits: str | None  # what a box may use, and what is not bounded here; None: on Kubernetes
     git: str | None  # where pods fetch local repos (``up --git-listen``); None: not served
 
 

@@ -1,8 +1,9 @@
 """Shared fixtures: real git repos, a real daemon on free ports, the real CLI.
 
 Integration tests never fake git, processes or sockets. Every daemon gets a
-temp home and a unique marker in its environment; after it stops, no process
-carrying the marker may remain.
+temp home and a unique marker in its environment, which it hands to its boxes
+(``--pass-env``); after it stops, no process carrying the marker may remain, nor
+a cgroup of its home.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
 from bench.services import Wheels, serve_wheels
+from branchyard.runtime import cgroups
 from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
 
@@ -291,6 +294,8 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
             "up",
             "--router-port",
             "0",
+            "--pass-env",  # boxes get none of the daemon's environment unless passed
+            "BY_TEST",
             *extra,
         ],
         stdout=log,
@@ -298,6 +303,7 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
         env={**os.environ, "BY_TEST": marker},
     )
     daemon = Daemon(home, process, marker)
+    STARTED.append((home, process))
 
     def ready() -> bool:
         assert process.poll() is None, "daemon exited early"
@@ -309,12 +315,45 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
 
 
 def stop_cleanly(running: Daemon) -> None:
-    """Stop a daemon: exit code 0, no traceback in its log, no process of it left."""
+    """Stop a daemon: exit code 0, no traceback in its log, no process of it left, and
+    no cgroup of its home."""
     code = running.stop()
     log = (running.home.parent / f"{running.home.name}-daemon.log").read_text(errors="replace")
     assert code == 0, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     no_process_left(running.marker)
+    assert no_cgroup_left(running.home) == []
+
+
+def no_cgroup_left(home: Path) -> list[Path]:
+    """The cgroups of ``home``'s daemon that are still there (it runs in the tests')."""
+    return [parent for parent in cgroups.parents(str(home.resolve())) if parent.exists()]
+
+
+STARTED: list[tuple[Path, subprocess.Popen[bytes]]] = []  # each daemon's home, and it
+
+
+@pytest.fixture(autouse=True)
+def cgroups_removed() -> Iterator[None]:
+    """After each test, the cgroups a daemon that was killed left (a daemon that stops
+    removes its own, which ``stop_cleanly`` checks; a next daemon of the home, a killed
+    one's). A daemon still running (a module's) is left to its own fixture."""
+    yield
+    for home, process in list(STARTED):
+        if process.poll() is None:
+            continue
+        STARTED.remove((home, process))
+        for parent in no_cgroup_left(home):
+            for cgroup in [*(d for d in parent.iterdir() if d.is_dir()), parent]:
+                wait_for(partial(_removed, cgroup), 15, f"{cgroup} emptied")
+
+
+def _removed(cgroup: Path) -> bool:
+    try:
+        cgroup.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

@@ -431,3 +431,41 @@ def test_image_must_be_an_image_reference(config: str) -> None:
     assert caught.value.message == (
         "branchyard.yaml: image must be an image reference, like python:3.12"
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "memory"),
+    [
+        pytest.param("image: null", None, id="unsaid"),
+        pytest.param("memory: null", None, id="null"),
+        pytest.param("memory: 256Mi", 256 * 1024**2, id="mebibytes"),
+        pytest.param("memory: 1Gi", 1024**3, id="gibibytes"),
+        pytest.param("memory: 65536Ki", 64 * 1024**2, id="kibibytes"),
+        pytest.param("memory: 33554432", 32 * 1024**2, id="bytes"),
+        pytest.param("memory: ' 64Mi '", 64 * 1024**2, id="spaces"),
+    ],
+)
+def test_memory_in_branchyard_yaml_is_what_each_box_of_the_service_may_use(
+    config: str, memory: int | None
+) -> None:
+    assert parse_manifest(PROCFILE, config).memory == memory
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        pytest.param("memory: 256M", "must be a size like 256Mi", id="decimal-unit"),
+        pytest.param("memory: 1.5Gi", "must be a size like 256Mi", id="fraction"),
+        pytest.param("memory: -1Gi", "must be a size like 256Mi", id="negative"),
+        pytest.param("memory: true", "must be a size like 256Mi", id="boolean"),
+        pytest.param("memory: [1Gi]", "must be a size like 256Mi", id="list"),
+        pytest.param("memory: ''", "must be a size like 256Mi", id="empty"),
+        pytest.param("memory: 1Mi", "must be at least 16Mi", id="too-small"),
+        pytest.param("memory: 0", "must be at least 16Mi", id="zero"),
+    ],
+)
+def test_memory_that_is_not_a_size_is_refused_in_one_line(config: str, why: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(PROCFILE, config)
+    assert caught.value.message.startswith(f"branchyard.yaml: memory {why}")
+    assert "\n" not in caught.value.message

@@ -15,6 +15,7 @@ from branchyard.runtime.sandbox import (
     NOTHING,
     PRLIMIT,
     SETPRIV,
+    TMP_SIZE,
     Box,
     Sandbox,
     system_binds,
@@ -69,7 +70,14 @@ def test_the_system_is_read_only_and_tmp_proc_and_dev_are_the_boxs_own() -> None
     assert after(built, "--proc") == [("/proc",)]
     assert after(built, "--dev") == [("/dev",)]
     tmpfs = built.index("--tmpfs")
-    assert built[tmpfs - 2 : tmpfs + 2] == ["--perms", "1777", "--tmpfs", "/tmp"]
+    assert built[tmpfs - 4 : tmpfs + 2] == [
+        "--perms",
+        "1777",
+        "--size",
+        str(TMP_SIZE),
+        "--tmpfs",
+        "/tmp",
+    ]
     assert "--bind" not in built[: built.index("--proc")]
 
 
@@ -82,8 +90,11 @@ def test_the_checkout_and_environment_are_read_only_and_only_the_scratch_area_wr
     assert after(built, "--bind", 2) == [
         ("/srv/home/scratch/main/app/v1", "/srv/home/scratch/main/app/v1")
     ]
-    assert after(built, "--setenv", 2) == [("HOME", "/srv/home/scratch/main/app/v1")]
-    assert after(built, "--unsetenv") == [("TMPDIR",), (MARK,)]
+    assert after(built, "--setenv", 2) == [
+        ("HOME", "/srv/home/scratch/main/app/v1"),
+        ("TMPDIR", "/tmp"),
+    ]
+    assert after(built, "--unsetenv") == [(MARK,)]
 
 
 def test_bwrap_carries_the_mark_of_its_home_and_the_box_does_not() -> None:
@@ -140,6 +151,13 @@ def test_as_root_the_box_drops_to_nobody_without_capabilities_under_limits() -> 
         "--no-new-privs",
         "--",
     ]
+
+
+def test_where_a_cgroup_counts_processes_the_box_has_no_shared_process_rlimit() -> None:
+    built = command(replace(AS_ROOT, rlimits=(("nofile", 4096), ("core", 0))))
+    end = built.index("--")
+    assert built[end + 1 : end + 4] == [PRLIMIT, "--nofile=4096", "--core=0"]
+    assert not [arg for arg in built if arg.startswith("--nproc")]
 
 
 def test_as_another_user_the_box_is_a_user_namespace_of_that_user() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from bench.common import processes_with
+from branchyard.runtime.sandbox import TMP_SIZE
 from tests.conftest import Daemon, ServiceRepo, git, start_daemon, wait_for
 from tests.githttp import GitHttpServer
 from tests.test_api import call, github_push, signed
@@ -33,7 +35,7 @@ PROCFILE = (
     "web: setsid sleep 86399 & (sleep 86398 &) ; setsid -f sleep 86397 ; exec python3 app.py\n"
 )
 PROBE = """\
-import glob, json, os
+import glob, json, os, resource
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HOME = {home!r}
@@ -78,6 +80,10 @@ def probe():
         "tmp_writable": write("/tmp/mine"),
         "scratch_writable": write(os.environ["HOME"] + "/mine"),
         "etc_readable": read("/etc/hosts") is not None and read("/etc/passwd") is not None,
+        "oom_score_adj": read("/proc/self/oom_score_adj"),
+        "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+        "tmp_size": os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize,
+        "environ": dict(os.environ),
     }}
 
 
@@ -162,6 +168,11 @@ def test_a_sandboxed_probe_reads_nothing_of_the_daemon_or_its_neighbours_and_esc
     assert len(found["pids"]) <= 6, found["pids"]  # its box: bwrap's init, sh, python, sleeps
     assert found["uid"] == 65534
     assert found["tmp_writable"] and found["scratch_writable"] and found["etc_readable"]
+    assert found["oom_score_adj"] == "1000\n", found["oom_score_adj"]  # before the daemon
+    # A cgroup counts its processes instead of the rlimit all boxes' user shared (4096).
+    assert found["nproc"] == resource.getrlimit(resource.RLIMIT_NPROC)[0] != 4096
+    assert found["tmp_size"] == TMP_SIZE
+    assert WEBHOOK_SECRET not in found["environ"].values()
 
     killed(daemon)
     wait_for(lambda: not processes_with(daemon.marker), 15, "every box gone with the daemon")

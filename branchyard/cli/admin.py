@@ -83,6 +83,35 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     "(a package index served here); repeatable. Boxes reach nothing else of the host.",
 )
 @click.option(
+    "--pass-env",
+    "pass_env",
+    multiple=True,
+    metavar="NAME",
+    help="Hand this variable of the daemon's environment to every box (repeatable); "
+    "boxes get none of it otherwise (see docs/security.md).",
+)
+@click.option(
+    "--box-memory",
+    default="512Mi",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory a box may use where its branchyard.yaml says no `memory:` (Ki, Mi, Gi).",
+)
+@click.option(
+    "--box-processes",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="Processes and threads a box may have at once.",
+)
+@click.option(
+    "--box-cpu",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Cores a box may keep busy.",
+)
+@click.option(
     "--git-listen",
     metavar="HOST:PORT",
     help="Serve local repos read-only over git's smart HTTP here, for Kubernetes pods "
@@ -128,6 +157,10 @@ def up(
     max_checkout_size: int,
     no_sandbox: bool,
     exposed: tuple[int, ...],
+    pass_env: tuple[str, ...],
+    box_memory: str,
+    box_processes: int,
+    box_cpu: float,
     git_listen: str | None,
     git_url: str | None,
     runtime: str,
@@ -143,10 +176,27 @@ def up(
     import asyncio
     import logging
 
-    from branchyard.daemon import LOOPBACK, KubeOptions, Options, hide_secrets, serve
+    from branchyard.daemon import (
+        LOOPBACK,
+        SECRET_VARIABLES,
+        KubeOptions,
+        Limits,
+        Options,
+        hide_secrets,
+        serve,
+    )
     from branchyard.gitserve import address_of
+    from branchyard.manifest import parse_size
+    from branchyard.naming import is_env_name
 
-    hide_secrets()
+    secrets = hide_secrets()
+    for name in pass_env:
+        if not is_env_name(name) or name in SECRET_VARIABLES:
+            raise UsageError(f"--pass-env {name}: not a variable a box may be handed")
+    try:
+        limits = Limits(parse_size(box_memory), box_processes, box_cpu)
+    except ValueError as exc:
+        raise UsageError(f"--box-memory {exc}") from None
     if not 0.1 <= poll_interval <= 3600:
         raise UsageError("--poll-interval must be between 0.1 and 3600 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -184,6 +234,9 @@ def up(
             **({"image": image} if image else {}),
         ),
         runtime=runtime,
+        secrets=secrets,
+        pass_env=frozenset(pass_env),
+        limits=limits,
     )
     import uvloop  # libuv's event loop: about 1.5x the connections per second of asyncio's
 
@@ -198,6 +251,8 @@ def info(ctx: Context) -> None:
     data: shapes.Info = ctx.client.call("GET", path_of("info"))
     click.echo(f"router  {data['router']}\napi     {data['api']}\nhome    {data['home']}")
     click.echo(f"sandbox {data.get('sandbox') or 'none: ' + UNSANDBOXED}")
+    if data.get("limits"):
+        click.echo(f"limits  {data['limits']}")
     if data.get("git"):
         click.echo(f"git     {data['git']}")
 

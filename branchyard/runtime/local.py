@@ -18,7 +18,9 @@ Layout under the home::
 In a sandbox (see ``sandbox``) a build step sees its checkout (writable) and its
 environment; a service process sees both read-only and writes only its scratch
 area, which its web and workers share, and which goes when the revision stops
-(and at the daemon's start: nothing runs then).
+(and at the daemon's start: nothing runs then). Each box has an explicit
+environment (see ``environment``) and, given ``cgroups``, a cgroup of its own with
+the service's limits (the manifest's ``memory:``, else the defaults; see ``cgroups``).
 
 The runtime also holds what peers and people reach services through on the router:
 one peer listener per (namespace, peer), on the port the store kept for it, so a
@@ -60,6 +62,8 @@ from branchyard.runtime import (
     RevisionSpec,
 )
 from branchyard.runtime import logs as logfiles
+from branchyard.runtime.cgroups import Cgroups, Limits
+from branchyard.runtime.environment import NOTHING_OUTSIDE, Outside
 from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
 from branchyard.runtime.processes import (
     LOOPBACK,
@@ -70,7 +74,7 @@ from branchyard.runtime.processes import (
     reap_leftovers,
     uninterrupted,
 )
-from branchyard.runtime.sandbox import Box, Sandbox
+from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
 from branchyard.runtime.supervisor import FirstStartFailed, Process, Spawn, Supervisor
 from branchyard.runtime.unpack import check_out
 from branchyard.runtime.venvs import VenvCache, Wanted, run_logged, wanted
@@ -245,6 +249,8 @@ class LocalRuntime:
         log_limit: int = LOG_MAX,
         sandbox: Sandbox | None = None,
         max_checkout: int = MAX_CHECKOUT,
+        outside: Outside = NOTHING_OUTSIDE,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self._builds = home / "builds"
         self._logs = home / "logs"
@@ -264,7 +270,9 @@ class LocalRuntime:
         self._log_limit = log_limit
         self._max_checkout = max_checkout
         self._building: set[Path] = set()  # build logs being written
-        self.venvs = VenvCache(home / "venvs", records, self._sandbox)
+        self._outside = outside
+        self._cgroups = cgroups
+        self.venvs = VenvCache(home / "venvs", records, self._sandbox, outside, cgroups)
         self.venvs.root.mkdir(parents=True, exist_ok=True)
 
     def _log_path(self, log: LogName) -> Path:
@@ -328,6 +336,8 @@ class LocalRuntime:
                     self._records,
                     self._sandbox,
                     Box((venv,), (checkout,)),
+                    self._cgroups,
+                    self._limits(spec),
                 )
                 if code != 0:
                     raise BuildFailed(f"build step `{step}` exited {code}")
@@ -339,11 +349,18 @@ class LocalRuntime:
         done.write_text(needed.mark())
         return LocalBuild(spec, checkout, venv, env)
 
-    def _env(self, spec: RevisionSpec, venv: Path) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHYARD_")}
-        base.pop("PYTHONHOME", None)
-        path = f"{venv / 'bin'}{os.pathsep}{base.get('PATH', os.defpath)}"
-        return {**base, **spec.env, "PATH": path, "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1"}
+    def _env(self, spec: RevisionSpec, venv: Path, home: Path = NOTHING.home) -> dict[str, str]:
+        """A box's whole environment: only what ``environment`` lets through of the
+        daemon's, the spec's env, the environment's ``bin`` first on the search path."""
+        path = f"{venv / 'bin'}{os.pathsep}{self._outside.box({}, home)['PATH']}"
+        own = {**spec.env, "PATH": path, "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1"}
+        return self._outside.box(own, home)
+
+    def _limits(self, spec: RevisionSpec) -> Limits | None:
+        """What each box of ``spec`` may use: the defaults, with the manifest's memory."""
+        if self._cgroups is None or spec.manifest.memory is None:
+            return None
+        return replace(self._cgroups.defaults, memory=spec.manifest.memory)
 
     def release(self, build: Build) -> None:
         self.venvs.release(_local(build).venv)
@@ -378,7 +395,8 @@ class LocalRuntime:
         scratch = self._take_scratch(spec)
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
-        web_env = {**build.env, "PORT": str(port)}
+        env = {**build.env, "HOME": str(scratch)}
+        web_env = {**env, "PORT": str(port)}
         instance: LocalInstance | None = None
 
         def changed(web: Supervisor) -> None:
@@ -398,6 +416,8 @@ class LocalRuntime:
                     f"{spec.name} {what}",
                     self._sandbox,
                     box,
+                    self._cgroups,
+                    self._limits(spec),
                 )
 
             return spawn
@@ -413,9 +433,7 @@ class LocalRuntime:
             on_change=changed,
         )
         workers = [
-            Supervisor(
-                f"{spec.name} {name}", spawner(command, build.env, name), grace=self._stop_grace
-            )
+            Supervisor(f"{spec.name} {name}", spawner(command, env, name), grace=self._stop_grace)
             for name, command in spec.manifest.workers
         ]
         supervisors = [web, *workers]
@@ -484,6 +502,8 @@ class LocalRuntime:
         killed = reap_leftovers(left for left in leftovers if left[0] not in boxes)
         for pgid, _, _ in leftovers:
             self._records.remove_process(pgid)
+        if self._cgroups is not None:
+            await self._cgroups.clear()  # the boxes' cgroups it left, and what is in them
         for namespace, service, port in self._records.addresses():
             with contextlib.suppress(OSError):
                 await self._router.open_peer_listener(namespace, service, port=port)
@@ -555,3 +575,5 @@ class LocalRuntime:
             self._rotator.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rotator
+        if self._cgroups is not None:
+            await self._cgroups.close()

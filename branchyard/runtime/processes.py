@@ -10,7 +10,8 @@ pid is never mistaken for one of ours.
 
 A process is recorded before it runs anything of its own: it starts behind a
 gate (:data:`GATE`) that waits for a line on its stdin, which the daemon writes
-once the group is in the registry. A daemon killed before that closes the pipe
+once the group is in the registry and in a cgroup of its own (see ``cgroups``),
+so nothing pushed runs before it is limited. A daemon killed before that closes the pipe
 unwritten, and the gate exits. ``--die-with-parent`` alone does not cover that
 moment: bwrap's init asks for its parent-death signal only once the box is set
 up, so a daemon killed meanwhile left a box that ran on, recorded nowhere. A
@@ -33,16 +34,20 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from branchyard.errors import TemporaryError
+from branchyard.runtime.cgroups import BOX_OOM_SCORE_ADJ, Cgroup, Cgroups, Limits, MiB
 from branchyard.runtime.sandbox import MARK, NOTHING, Attachment, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
-# Says it runs (on stdout, a pipe: the box is set up then), runs the command once a line
-# comes on stdin, and exits if the pipe closes first. The command's stdout is its stderr,
-# the log. Fixed text: the command is its arguments, never part of the script.
+# Raises its own oom_score_adj (the daemon raises those of the processes it finds, but a
+# fork under way as it looks copies the old value unseen), says it runs (on stdout, a
+# pipe: the box is set up then), runs the command once a line comes on stdin, and exits
+# if the pipe closes first. The command's stdout is its stderr, the log. Fixed text: the
+# command is its arguments, never part of the script.
 GATE = [
     "/bin/sh",
     "-c",
+    f"echo {BOX_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; "
     'printf x || exit 1; read -r _ || exit 1; exec "$@" </dev/null >&2',
     "branchyard-gate",
 ]
@@ -166,12 +171,14 @@ class LocalProcess:
         process: asyncio.subprocess.Process,
         registry: Registry,
         group: int,
-        network: Attachment | None = None,
+        log: Path | None = None,
     ) -> None:
         self._process = process
         self._registry = registry
         self._group = group
-        self._network = network  # what the daemon opened in the box's network, closed at exit
+        self._log = log  # where an out-of-memory kill is told
+        self._cgroup: Cgroup | None = None  # its limits, removed at exit
+        self._network: Attachment | None = None  # opened in the box's network, closed at exit
 
     @classmethod
     async def spawn(
@@ -184,13 +191,15 @@ class LocalProcess:
         what: str,
         sandbox: Sandbox | None = None,
         box: Box = NOTHING,
+        cgroups: Cgroups | None = None,
+        limits: Limits | None = None,
         keep: tuple[int, ...] = (),
     ) -> LocalProcess:
-        """``argv`` started, recorded in ``registry``, its network opened (in a box with
-        one), then let through its gate. The file descriptors ``keep`` stay open in it, at
-        the same numbers (``/dev/fd/N``)."""
+        """``argv`` started, recorded in ``registry``, put in a cgroup of its own with
+        ``limits`` (see ``cgroups``), its network opened (in a box with one), then let
+        through its gate. The file descriptors ``keep`` stay open in it, at the same
+        numbers (``/dev/fd/N``)."""
         gate, opener = os.pipe()
-        network: Attachment | None = None
         try:
             try:
                 process, group = await cls._start(
@@ -199,19 +208,24 @@ class LocalProcess:
             finally:
                 os.close(gate)
             registry.add_process(group, start_time(group), what)
+            started = cls(process, registry, group, log)
+            if cgroups is not None:
+                try:
+                    started._cgroup = cgroups.confine(sorted({process.pid, group}), limits)
+                except OSError as exc:
+                    await started.terminate(0)
+                    raise TemporaryError(f"cannot limit {what}: {exc}") from None
             if sandbox is not None and sandbox.network is not None and group != process.pid:
                 try:
-                    network = await sandbox.network.attach(group, env)
+                    started._network = await sandbox.network.attach(group, env)
                 except BaseException:
-                    _kill(process, group)
-                    await process.wait()
-                    registry.remove_process(group)
+                    await started.terminate(0)
                     raise
             with contextlib.suppress(BrokenPipeError):  # it ended already: wait() says how
                 os.write(opener, b"\n")
         finally:
             os.close(opener)
-        return cls(process, registry, group, network)
+        return started
 
     @classmethod
     async def _start(
@@ -311,6 +325,15 @@ class LocalProcess:
     async def wait(self) -> int:
         code = await self._process.wait()
         signal_group(self._group, signal.SIGKILL)  # whatever it left behind in its group
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            if cgroup.out_of_memory() and self._log is not None:
+                with self._log.open("a") as out:
+                    out.write(
+                        f"branchyard: out of memory: the kernel killed a process of this box "
+                        f"at its limit of {cgroup.limits.memory // MiB} MiB\n"
+                    )
+            await cgroup.remove()  # and with it whatever is left in it
         self._registry.remove_process(self._group)
         if self._network is not None:
             network, self._network = self._network, None

@@ -5,8 +5,10 @@ process, build step and dependency install runs under ``bwrap`` with its own PID
 and IPC namespaces, a private /tmp, a read-only view of the system (/usr, the
 parts of /etc programs need, the Python the environments link to), and of the
 home only what it is given (:class:`Box`): its checkout, its environment, its
-scratch area. Paths are bound at the place they have outside, so what a venv
-records (its interpreter, its scripts' shebangs) holds inside. The network is
+scratch area. Its /tmp is a tmpfs of :data:`TMP_SIZE` bytes at most, whose pages
+count against the box's memory cgroup as well (see ``cgroups``). Paths are bound at
+the place they have outside, so what a venv records (its interpreter, its scripts'
+shebangs) holds inside. The network is
 shared: services bind ``$PORT`` on loopback and reach their peers through it.
 
 As root, bwrap sets the box up (mounts need it), then ``setpriv`` drops to
@@ -50,6 +52,7 @@ MARK = "BRANCHYARD_BOX_OF"  # in bwrap's environment, not the box's: the home it
 PRLIMIT = "/usr/bin/prlimit"
 SETPRIV = "/usr/bin/setpriv"
 LIMITS = (("nofile", 4096), ("nproc", 4096), ("core", 0))
+TMP_SIZE = 256 * 1024 * 1024
 # What programs read from /etc: users and groups, name resolution, TLS roots, time, linker.
 ETC = (
     "passwd",
@@ -115,6 +118,8 @@ class Sandbox:
     user: int | None  # the uid and gid to drop to (as root); None: stay the daemon's user
     owner: str = ""  # the home (its absolute path) whose daemon starts these boxes
     network: Network | None = None  # a network namespace per box; None: the host's
+    rlimits: tuple[tuple[str, int], ...] = LIMITS  # without nproc where a cgroup counts them
+    tmp_size: int = TMP_SIZE  # bytes the box's /tmp holds (its pages count as its memory too)
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """bwrap's environment: ``env`` and the way out of the box's own network, which
@@ -156,6 +161,8 @@ class Sandbox:
             "/dev",
             "--perms",
             "1777",
+            "--size",
+            str(self.tmp_size),
             "--tmpfs",
             "/tmp",
             *_reachable([*box.read_only, *box.writable], self.system_paths),
@@ -166,8 +173,9 @@ class Sandbox:
             "--setenv",
             "HOME",
             str(box.home),
-            "--unsetenv",
+            "--setenv",
             "TMPDIR",
+            "/tmp",
             "--unsetenv",
             MARK,
             *(
@@ -177,7 +185,7 @@ class Sandbox:
             ),
             "--",
             PRLIMIT,
-            *(f"--{name}={value}" for name, value in LIMITS),
+            *(f"--{name}={value}" for name, value in self.rlimits),
             *drop,
             *argv,
         ]

@@ -73,7 +73,7 @@ async def _unpack(
         argv = [TAR, "-x", "--no-same-owner", "--no-same-permissions", "-f", f"/dev/fd/{read}"]
         note_command(log, ["git", "archive", "--format=tar", sha, "|", *argv])
         tar = await LocalProcess.spawn(
-            argv, dest, ENV, log, registry, "checkout: tar", sandbox, Box((), (dest,)), (read,)
+            argv, dest, ENV, log, registry, "checkout: tar", sandbox, Box((), (dest,)), keep=(read,)
         )
     except BaseException:
         os.close(write)

@@ -32,7 +32,8 @@ anyway), so without it every start compiles its imports again, which made a
 Flask service's cold start two to three times slower.
 
 In a sandbox, an install sees the checkout, writes only its environment and its
-uv cache, and reaches the network.
+uv cache, and reaches the network. Sandboxed or not, its environment is the one
+``environment`` gives an install, with that cache.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import uv
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
 from branchyard.naming import BASELINE
+from branchyard.runtime.cgroups import Cgroups, Limits
+from branchyard.runtime.environment import NOTHING_OUTSIDE, Outside
 from branchyard.runtime.logs import note_command
 from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 from branchyard.runtime.requirements import pyproject_references, requirement_references, resolve
@@ -139,8 +142,17 @@ async def wanted(source: Source, sha: str, tree: Tree, namespace: str) -> Wanted
 
 
 class VenvCache:
-    def __init__(self, root: Path, registry: Registry, sandbox: Sandbox | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: Registry,
+        sandbox: Sandbox | None = None,
+        outside: Outside = NOTHING_OUTSIDE,
+        cgroups: Cgroups | None = None,
+    ) -> None:
         self.root = root
+        self._outside = outside
+        self._cgroups = cgroups
         self._registry = registry
         self._sandbox = sandbox
         self.caches = root.with_name("uv-cache")
@@ -192,8 +204,8 @@ class VenvCache:
             steps.append(
                 [uv_bin, "pip", "install", "--compile-bytecode", "--python", python, "-r", name]
             )
-        env = dict(os.environ) | {"UV_CACHE_DIR": str(cache), "UV_LINK_MODE": "copy"}
-        box = NOTHING
+        own = {"UV_CACHE_DIR": str(cache), "UV_LINK_MODE": "copy"}
+        env, box = self._outside.box(own, NOTHING.home, install=True), NOTHING
         cache.mkdir(parents=True, exist_ok=True)
         venv.mkdir()
         if self._sandbox is not None:
@@ -201,7 +213,9 @@ class VenvCache:
                 self._sandbox.give(writable)
             box = Box((checkout, Path(uv_bin)), (venv, cache))
         for argv in steps:
-            code = await run_logged(argv, checkout, log, env, self._registry, self._sandbox, box)
+            code = await run_logged(
+                argv, checkout, log, env, self._registry, self._sandbox, box, self._cgroups
+            )
             if code != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 what = "creating the environment" if argv[1] == "venv" else f"installing {argv[-1]}"
@@ -232,11 +246,14 @@ async def run_logged(
     registry: Registry,
     sandbox: Sandbox | None = None,
     box: Box = NOTHING,
+    cgroups: Cgroups | None = None,
+    limits: Limits | None = None,
 ) -> int:
-    """Run ``argv`` (in ``box`` if sandboxed) with its output appended to ``log``; its exit code."""
+    """Run ``argv`` (in ``box`` if sandboxed, in a cgroup with ``limits`` given ``cgroups``)
+    with its output appended to ``log``; its exit code."""
     note_command(log, argv)
     process = await LocalProcess.spawn(
-        argv, cwd, env, log, registry, f"build: {argv[0]}", sandbox, box
+        argv, cwd, env, log, registry, f"build: {argv[0]}", sandbox, box, cgroups, limits
     )
     try:
         return await process.wait()
