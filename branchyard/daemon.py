@@ -273,15 +273,12 @@ def _networked(sandbox: Sandbox | None, router: Router, exposed: tuple[int, ...]
 
 
 def _limited(options: Options, sandbox: Sandbox | None) -> tuple[Cgroups | None, Sandbox | None]:
-    """The boxes' cgroups (None on Kubernetes, where each pod is limited instead), said
-    in one line; and the sandbox, without the shared process rlimit where a cgroup
+    """The boxes' cgroups (None on Kubernetes, where each pod is limited instead); and
+    the sandbox, without the shared process rlimit where a cgroup
     counts each box's processes."""
     if options.runtime != "local":
         return None, sandbox
     cgroups = Cgroups.detect(str(options.home.resolve()), options.limits)
-    (log.info if cgroups.controllers == set(CONTROLLERS) else log.warning)(
-        "limits: %s", cgroups.describe()
-    )
     if sandbox is not None and "pids" in cgroups.controllers:
         rlimits = tuple(limit for limit in sandbox.rlimits if limit[0] != "nproc")
         sandbox = replace(sandbox, rlimits=rlimits)
@@ -526,6 +523,10 @@ async def _serve(options: Options, cgroups: Cgroups | None, sandbox: Sandbox | N
             "limits": cgroups.describe() if cgroups else None,
             "git": options.kube.git_url if git_socket is not None else None,
         }
+        if cgroups is not None:  # said once the daemon could start, not above its error
+            (log.info if cgroups.controllers == set(CONTROLLERS) else log.warning)(
+                "limits: %s", cgroups.describe()
+            )
         app = create_app(engine, views, info, home)
         dashboard.mount(app, views, home)  # the pages, beside the API on its app
         table.set_home((_reachable(options.api_host), api_socket.getsockname()[1]))

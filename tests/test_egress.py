@@ -10,7 +10,15 @@ import socket
 
 import pytest
 
-from branchyard.runtime.egress import Policy, forwarded_head, refusal, serve_proxy, target_of
+from branchyard.runtime.egress import (
+    Policy,
+    forwarded_head,
+    parse_routes,
+    refusal,
+    serve_proxy,
+    target_of,
+    this_machine,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,13 +37,64 @@ from branchyard.runtime.egress import Policy, forwarded_head, refusal, serve_pro
         ("169.254.169.254", "a link-local address"),  # a cloud's metadata service
         ("fe80::1", "a link-local address"),
         ("224.0.0.1", "a multicast address"),
-        ("192.0.2.1", "a private address"),  # documentation range, not global
+        ("192.0.2.1", None),  # a documentation range: some sites' mirrors answer there
+        ("203.0.113.80", None),
         ("151.101.0.223", None),  # pypi.org
         ("2a04:4e42::223", None),
     ],
 )
-def test_a_box_leaves_only_for_the_public_internet(address: str, why: str | None) -> None:
+def test_a_box_leaves_only_for_the_internet_beyond_this_machine(
+    address: str, why: str | None
+) -> None:
     assert refusal(ipaddress.ip_address(address)) == why
+
+
+NEARBY = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("fd00::/64"))
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("192.0.2.2", "on this machine's own network"),
+        ("192.0.2.77", "on this machine's own network"),
+        ("::ffff:192.0.2.1", "on this machine's own network"),
+        ("fd00::2", "on this machine's own network"),
+        ("192.0.3.1", None),
+        ("203.0.113.80", None),
+    ],
+)
+def test_nor_for_the_networks_this_machine_is_on(address: str, why: str | None) -> None:
+    assert refusal(ipaddress.ip_address(address), NEARBY) == why
+
+
+ROUTES = """\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+"""
+IPV6_ROUTES = (
+    "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n"
+    "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+    "fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0\n"
+    "00000000000000000000000000000001 80 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 00000000 00000004 00000000 80200001       lo\n"
+)
+
+
+def test_this_machines_networks_are_its_routes_without_a_gateway() -> None:
+    assert parse_routes(ROUTES, IPV6_ROUTES) == (
+        ipaddress.ip_network("192.0.2.0/24"),
+        ipaddress.ip_network("fd00::/64"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+def test_this_machines_policy_refuses_its_own_addresses() -> None:
+    policy = this_machine()
+    assert policy(ipaddress.ip_address("127.0.0.1")) == "a loopback address"
+    own = ipaddress.ip_address(socket.gethostbyname(socket.gethostname()))
+    assert policy(own) is not None
 
 
 @pytest.mark.parametrize(
@@ -121,5 +180,5 @@ def test_the_proxy_forwards_a_plain_request_with_connection_close() -> None:
 def test_the_proxy_refuses_this_machine_in_one_line() -> None:
     answer = _through(b"CONNECT localhost:%d HTTP/1.1\r\n\r\n", False)
     assert answer.startswith(b"HTTP/1.1 403 Forbidden")
-    assert answer.endswith(b": a box reaches only the public internet\n")
+    assert answer.endswith(b": a box reaches only the internet beyond this machine\n")
     assert answer.count(b"\n", answer.index(b"\r\n\r\n") + 4) == 1

@@ -67,6 +67,7 @@ class BoxNetwork:
     def __init__(self, router: Router, exposed: Collection[int] = ()) -> None:
         self._router = router
         self._exposed = tuple(exposed)
+        self._policy = egress.this_machine()  # its networks as they are at the start
 
     async def attach(self, pid: int, env: Mapping[str, str]) -> Attached:
         """Open the addresses of the box whose init is ``pid``, which runs with ``env``."""
@@ -86,7 +87,9 @@ class BoxNetwork:
         for port in self._exposed:
             forward = await egress.serve_forward(namespace.listen(LOOPBACK, port), port)
             attached.closers.append(partial(egress.close_server, forward))
-        proxy = await egress.serve_proxy(namespace.listen(LOOPBACK, egress.PROXY_PORT))
+        proxy = await egress.serve_proxy(
+            namespace.listen(LOOPBACK, egress.PROXY_PORT), self._policy
+        )
         attached.closers.append(partial(egress.close_server, proxy))
         if "PORT" in env:
             address = (LOOPBACK, int(env["PORT"]))

@@ -6,10 +6,11 @@ through the daemon, which decides:
 
 - **the proxy** (:data:`PROXY_PORT` on the box's loopback, in ``HTTP_PROXY`` and
   ``HTTPS_PROXY``): ``CONNECT host:port`` for HTTPS and absolute ``http://`` requests
-  for plain HTTP, to addresses on the public internet only (:func:`refusal`): never
-  this machine's loopback, private networks, link-local or multicast addresses, so
-  not the API, the dashboard, the git server, other boxes or a cloud's metadata
-  service. Installs reach a package index through it; services their outside APIs.
+  for plain HTTP, to addresses beyond this machine and its networks only
+  (:func:`refusal`): never this machine's own addresses and networks, private
+  networks, link-local or multicast addresses, so not the API, the dashboard, the
+  git server, other boxes or a cloud's metadata service. Installs reach a package
+  index through it; services their outside APIs.
 - **exposed ports** (``up --expose-host-port PORT``): a host loopback port that
   every box reaches at the same address, for a package index served on this
   machine (``devpi``, a wheel directory), forwarded byte for byte.
@@ -24,6 +25,7 @@ import logging
 import socket
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlsplit
 
 LOOPBACK = "127.0.0.1"
@@ -45,19 +47,79 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Policy = Callable[[Address], "str | None"]
 
 
-def refusal(address: Address) -> str | None:
-    """Why the proxy does not connect to ``address``, or None: only public addresses."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PRIVATE = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        *("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"),
+        *("fc00::/7", "::/128"),
+    )
+)
+"""Networks that are someone's own: RFC 1918, carrier-grade NAT, unique local, unspecified."""
+
+
+def refusal(address: Address, nearby: tuple[Network, ...] = ()) -> str | None:
+    """Why the proxy does not connect to ``address``, or None. It refuses this machine
+    (loopback, and ``nearby``: the networks its interfaces are on), private networks,
+    link-local (a cloud's metadata service) and multicast addresses. Documentation
+    ranges are not refused: some sites' package mirrors answer there."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return refusal(address.ipv4_mapped, nearby)
     if address.is_loopback:
         return "a loopback address"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return refusal(address.ipv4_mapped)
     if address.is_link_local:
         return "a link-local address"
     if address.is_multicast:
         return "a multicast address"
-    if not address.is_global:
+    if any(address in network for network in nearby):
+        return "on this machine's own network"
+    if any(address in network for network in PRIVATE):
         return "a private address"
     return None
+
+
+def parse_routes(ipv4: str, ipv6: str) -> tuple[Network, ...]:
+    """The networks reached without a gateway (this machine's own) in ``/proc/net/route``
+    and ``/proc/net/ipv6_route``, but the default route."""
+    found: list[Network] = []
+    for line in ipv4.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[2], 16) == 0 and int(fields[7], 16) != 0:
+            four = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+            mask = bin(int(fields[7], 16)).count("1")
+            found.append(ipaddress.IPv4Network((four, mask), strict=False))
+    for line in ipv6.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and int(fields[4], 16) == 0 and int(fields[1], 16) != 0:
+            six = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+            found.append(ipaddress.IPv6Network((six, int(fields[1], 16)), strict=False))
+    return tuple(found)
+
+
+def this_machine() -> Policy:
+    """The proxy's policy on this machine: :func:`refusal` with its own networks, and
+    any address one of its interfaces has (it can be bound here)."""
+    try:
+        nearby = parse_routes(
+            Path("/proc/net/route").read_text(), Path("/proc/net/ipv6_route").read_text()
+        )
+    except OSError:
+        nearby = ()
+
+    def policy(address: Address) -> str | None:
+        return refusal(address, nearby) or ("this machine" if _local(address) else None)
+
+    return policy
+
+
+def _local(address: Address) -> bool:
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def target_of(head: bytes) -> tuple[str, int, bool] | str:
@@ -131,7 +193,7 @@ async def _connect_allowed(host: str, port: int, policy: Policy) -> Stream:
         if reason is None:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 return await asyncio.open_connection(str(address), port)
-        why = f"{host} is {reason} ({address}): a box reaches only the public internet"
+        why = f"{host} is {reason} ({address}): a box reaches only the internet beyond this machine"
     raise ConnectionRefusedError(why)
 
 
@@ -176,7 +238,7 @@ async def _forward(port: int, reader: asyncio.StreamReader, writer: asyncio.Stre
     await _splice((reader, writer), upstream)
 
 
-async def serve_proxy(sock: socket.socket, policy: Policy = refusal) -> asyncio.Server:
+async def serve_proxy(sock: socket.socket, policy: Policy) -> asyncio.Server:
     """Serve the proxy on ``sock`` (listening inside a box), to what ``policy`` allows."""
     return await asyncio.start_server(partial(_proxy, policy), sock=sock, limit=HEAD_LIMIT)
 
