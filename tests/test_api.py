@@ -136,6 +136,17 @@ def test_a_webhook_for_a_repo_without_a_secret_says_how_to_set_one_and_repo_set_
     assert "main" in daemon.cli("repo", "ls").stdout  # the default branch is kept
 
 
+def added_then_pushed(running: Daemon, app: ServiceRepo, url: str) -> str:
+    """Add ``app`` by ``url`` with the webhook secret ``s3cret``, wait until main serves,
+    then push a commit to a new branch bugfix (which a webhook has to announce): its sha."""
+    running.cli("repo", "add", url, "--webhook-secret", "s3cret")
+    wait_for(lambda: running.answer("app"), 60, "app live")
+    app.checkout("bugfix")
+    sha = app.commit({"x": "1"}, "on bugfix")
+    app.push("bugfix")
+    return sha
+
+
 def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
@@ -144,11 +155,7 @@ def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
     try:
         with GitHttpServer(app.origin.parent) as server:
             url = f"{server.url}/app.git"
-            running.cli("repo", "add", url, "--webhook-secret", "s3cret")
-            wait_for(lambda: running.answer("app"), 60, "app live")
-            app.checkout("bugfix")
-            sha = app.commit({"x": "1"}, "on bugfix")
-            app.push("bugfix")
+            sha = added_then_pushed(running, app, url)
             body = github_push(url, "bugfix", sha)
 
             status, answer = call(running, "POST", "/hooks/github", body, signed(body, "wrong"))
@@ -233,11 +240,7 @@ def test_a_signed_gitlab_or_gitea_push_is_deployed_without_waiting_for_the_poll(
         daemon_with(tmp_path / "home", "--poll-interval", "3600") as running,
     ):
         url = f"{server.url}/app.git"
-        running.cli("repo", "add", url, "--webhook-secret", "s3cret")
-        wait_for(lambda: running.answer("app"), 60, "app live")
-        app.checkout("bugfix")
-        sha = app.commit({"x": "1"}, "on bugfix")
-        app.push("bugfix")
+        sha = added_then_pushed(running, app, url)
         body = forge_push(provider, url, "bugfix", sha)
 
         for wrong in ("wrong", "s3cre", "s3cretx"):
