@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, start_daemon, stop_cleanly, wait_for
+from tests.conftest import (
+    SERVICE,
+    Daemon,
+    ServiceRepo,
+    start_daemon,
+    stdlib_service,
+    stop_cleanly,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +68,43 @@ def test_demo_registers_three_wired_sample_services(daemon: Daemon, tmp_path: Pa
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
+# The test service, saying the path of each request it answers (before answering it).
+SAYS_EACH_REQUEST = SERVICE.replace(
+    "    def log_message(self, *args):\n        pass\n",
+    "    def log_message(self, *args):\n        print(self.command, self.path, flush=True)\n",
+)
+assert SAYS_EACH_REQUEST != SERVICE
+
+
 def test_logs_follow_prints_the_output_and_keeps_the_stream_open(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    app = make_repo("app")
+    app = make_repo("app", stdlib_service(**{"app.py": SAYS_EACH_REQUEST}))
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
+    daemon.answer("app", path="/before")  # written before following began
     follower = daemon.follow("logs", "-f", "app")
+    lines: queue.Queue[str] = queue.Queue()
+    assert follower.stdout is not None
+    output = follower.stdout
+
+    def read() -> None:
+        for line in output:
+            if line != "GET /\n":  # health checks and the waits for app
+                lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        assert follower.stdout is not None
-        assert follower.stdout.readline().startswith("listening on")
+        assert lines.get(timeout=30).startswith("listening on")
+        assert lines.get(timeout=30) == "GET /before\n"
+        for number in range(3):  # written while it follows, each seen before the next
+            daemon.answer("app", path=f"/after/{number}")
+            assert lines.get(timeout=30) == f"GET /after/{number}\n"
         assert follower.poll() is None
     finally:
         follower.kill()
         follower.wait()
+    assert lines.empty()  # nothing repeated
 
 
 LOUD_SERVICE = """\
