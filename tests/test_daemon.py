@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -143,3 +145,35 @@ def test_the_daemon_stops_while_a_log_follower_reads_nothing(
         client.close()
     finally:
         running.stop()
+
+
+def test_a_home_made_with_a_loose_umask_is_private_once_the_daemon_started(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    home = tmp_path / "home"
+    loose = os.umask(0)
+    try:
+        home.mkdir(0o777)
+        (home / "mirrors").mkdir(0o777)  # as a first daemon with no umask of its own left it
+        (home / "token").write_text("a token someone set\n")
+        (home / "token").chmod(0o666)
+    finally:
+        os.umask(loose)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o777
+    running = start_daemon(home, wrap=["sh", "-c", 'umask 000 && exec "$@"', "sh"])
+    try:
+        running.cli("repo", "add", str(make_repo("app").origin))
+        running.cli("env", "set", "app", "--secret", "X=1")  # makes secrets.json
+        wait_for(lambda: running.answer("app"), 30, "app live")
+        looked_at = [*home.iterdir(), *(home / "logs" / "main" / "app").iterdir()]
+        modes = {
+            str(path.relative_to(home)): oct(stat.S_IMODE(path.lstat().st_mode))
+            for path in looked_at
+            if not path.is_symlink()
+        }
+        assert {"token", "mirrors", "secrets.json", "state.db", "logs"} <= set(modes)
+        assert [name for name in modes if name.endswith(".build.log")], modes
+        private = {n: oct(0o700 if (home / n).is_dir() else 0o600) for n in modes}
+        assert (oct(stat.S_IMODE(home.stat().st_mode)), modes) == (oct(0o700), private)
+    finally:
+        stop_cleanly(running)
