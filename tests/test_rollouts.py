@@ -308,6 +308,23 @@ signal.signal(signal.SIGTERM, finish)
 """
 
 
+def test_the_logs_of_the_last_ten_revisions_are_kept(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    for number in range(11):  # v2 to v12
+        sha = app.commit({"n": str(number)}, f"c{number}")
+        app.push()
+        wait_for(partial(daemon.serves, "app", "main", sha), 30, f"commit {number}")
+    logs = daemon.home / "logs" / "main" / "app"
+    kept = {int(log.name[1:].split(".")[0]) for log in logs.iterdir()}
+    assert kept == set(range(3, 13)), sorted(kept)
+    assert {log.name for log in logs.glob("v12.*")} == {"v12.log", "v12.build.log"}
+    assert daemon.cli("logs", "--revision", "3", "app").stdout.startswith("listening on")
+    assert daemon.cli("logs", "--revision", "2", "app").stdout == ""  # v2's deleted
+
+
 def replaced(running: Daemon, app: ServiceRepo) -> int:
     """Add ``app``, then push a commit and wait until it serves: the pid of v1's process."""
     running.cli("repo", "add", str(app.origin))
