@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, start_daemon, wait_for
+from tests.conftest import Daemon, ServiceRepo, daemon_with, git, start_daemon, wait_for
 from tests.githttp import GitHttpServer
 
 pytestmark = pytest.mark.integration
@@ -136,6 +136,17 @@ def test_a_webhook_for_a_repo_without_a_secret_says_how_to_set_one_and_repo_set_
     assert "main" in daemon.cli("repo", "ls").stdout  # the default branch is kept
 
 
+def added_then_pushed(running: Daemon, app: ServiceRepo, url: str) -> str:
+    """Add ``app`` by ``url`` with the webhook secret ``s3cret``, wait until main serves,
+    then push a commit to a new branch bugfix (which a webhook has to announce): its sha."""
+    running.cli("repo", "add", url, "--webhook-secret", "s3cret")
+    wait_for(lambda: running.answer("app"), 60, "app live")
+    app.checkout("bugfix")
+    sha = app.commit({"x": "1"}, "on bugfix")
+    app.push("bugfix")
+    return sha
+
+
 def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
@@ -144,11 +155,7 @@ def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
     try:
         with GitHttpServer(app.origin.parent) as server:
             url = f"{server.url}/app.git"
-            running.cli("repo", "add", url, "--webhook-secret", "s3cret")
-            wait_for(lambda: running.answer("app"), 60, "app live")
-            app.checkout("bugfix")
-            sha = app.commit({"x": "1"}, "on bugfix")
-            app.push("bugfix")
+            sha = added_then_pushed(running, app, url)
             body = github_push(url, "bugfix", sha)
 
             status, answer = call(running, "POST", "/hooks/github", body, signed(body, "wrong"))
@@ -186,6 +193,74 @@ def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
         assert "github push of bugfix in app" in events and "live" in events
     finally:
         assert running.stop() == 0
+
+
+def forge_push(provider: str, url: str, branch: str, sha: str | None) -> bytes:
+    """The example payload of GitLab's or Gitea's push webhook for ``url``'s ``branch`` at
+    ``sha`` (None: the push deleted the branch), every URL it names for the repo ``url``."""
+    name = {"gitlab": "gitlab_delete.json", "gitea": "gitea_push_delete.json"}
+    pushed = {"gitlab": "gitlab_push.json", "gitea": "gitea_push.json"}
+    payload = json.loads((PAYLOADS / (pushed if sha else name)[provider]).read_text())
+    payload["ref"] = f"refs/heads/{branch}"
+    payload["after"] = sha or "0" * 40
+    if provider == "gitlab":
+        payload["checkout_sha"] = sha
+        for repository in (payload["project"], payload["repository"]):
+            for key in ("git_http_url", "git_ssh_url", "http_url", "ssh_url", "url"):
+                repository[key] = url
+            for key in ("web_url", "homepage"):
+                repository[key] = url.removesuffix(".git")
+            repository["path_with_namespace"] = "app"
+    else:
+        payload["repository"].update(
+            clone_url=url, ssh_url=url, html_url=url.removesuffix(".git"), name="app"
+        )
+    return json.dumps(payload).encode()
+
+
+def forge_signed(provider: str, body: bytes, secret: str) -> dict[str, str]:
+    """The headers GitLab (its secret token, as is) or Gitea (an HMAC-SHA256 of the body,
+    in hex) sends with ``body``."""
+    if provider == "gitlab":
+        return {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": secret}
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"X-Gitea-Event": "push", "X-Gitea-Signature": digest}
+
+
+@pytest.mark.parametrize(
+    ("provider", "header"), [("gitlab", "X-Gitlab-Token"), ("gitea", "X-Gitea-Signature")]
+)
+def test_a_signed_gitlab_or_gitea_push_is_deployed_without_waiting_for_the_poll(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], provider: str, header: str
+) -> None:
+    app = make_repo("app")
+    hook = f"/hooks/{provider}"
+    with (
+        GitHttpServer(app.origin.parent) as server,
+        daemon_with(tmp_path / "home", "--poll-interval", "3600") as running,
+    ):
+        url = f"{server.url}/app.git"
+        sha = added_then_pushed(running, app, url)
+        body = forge_push(provider, url, "bugfix", sha)
+
+        for wrong in ("wrong", "s3cre", "s3cretx"):
+            status, answer = call(running, "POST", hook, body, forge_signed(provider, body, wrong))
+            assert status == 401 and header in answer["message"], answer
+        if provider == "gitea":  # GitLab sends its token as it is: it signs no body
+            changed = body.replace(b"refs/heads/bugfix", b"refs/heads/bugfiy")
+            headers = forge_signed(provider, body, "s3cret")
+            assert call(running, "POST", hook, changed, headers)[0] == 401
+        assert "bugfix" not in running.cli("ns", "ls").stdout  # none of them checked the repo
+        status, answer = call(running, "POST", hook, body, forge_signed(provider, body, "s3cret"))
+        assert (status, answer["checking"]) == (202, "app")
+        wait_for(lambda: running.serves("app", "bugfix", sha), 30, f"deployed via {provider}")
+
+        git("push", "-q", "origin", "--delete", "bugfix", cwd=app.clone)
+        body = forge_push(provider, url, "bugfix", None)
+        assert call(running, "POST", hook, body, forge_signed(provider, body, "s3cret"))[0] == 202
+        wait_for(lambda: "bugfix" not in running.cli("ns", "ls").stdout, 30, "removed")
+        events = running.cli("events").stdout
+    assert f"{provider} push of bugfix in app" in events
 
 
 def test_secrets_are_given_to_the_service_and_never_shown(
@@ -234,11 +309,22 @@ def test_events_stream_as_server_sent_events(
     assert response.getheader("content-type", "").startswith("text/event-stream")
     app = make_repo("app")
     daemon.cli("repo", "add", str(app.origin))
-    seen = ""
-    while "event: live" not in seen:
-        seen += response.readline().decode()
-    assert "data: {" in seen
+    events: list[dict[str, str]] = []  # each event's fields, as they come
+    fields: dict[str, str] = {}
+    while not events or events[-1].get("event") != "live":
+        line = response.readline().decode()
+        assert line, f"the stream ended before a live event, after {events}"
+        if line == "\n":
+            events.append(fields)
+            fields = {}
+        else:
+            name, _, value = line.rstrip("\n").partition(": ")
+            fields[name] = value
     connection.close()
+    live = json.loads(events[-1]["data"])
+    assert (live["kind"], live["namespace"], live["service"]) == ("live", "main", "app")
+    ids = [int(event["id"]) for event in events]
+    assert ids == sorted(set(ids)) and live["id"] == ids[-1]  # each once, in order
 
 
 class StatusRecorder:

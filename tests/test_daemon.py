@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import socket
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, start_daemon, stop_cleanly, wait_for
+from tests.conftest import (
+    SERVICE,
+    Daemon,
+    ServiceRepo,
+    start_daemon,
+    stdlib_service,
+    stop_cleanly,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +70,43 @@ def test_demo_registers_three_wired_sample_services(daemon: Daemon, tmp_path: Pa
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
+# The test service, saying the path of each request it answers (before answering it).
+SAYS_EACH_REQUEST = SERVICE.replace(
+    "    def log_message(self, *args):\n        pass\n",
+    "    def log_message(self, *args):\n        print(self.command, self.path, flush=True)\n",
+)
+assert SAYS_EACH_REQUEST != SERVICE
+
+
 def test_logs_follow_prints_the_output_and_keeps_the_stream_open(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    app = make_repo("app")
+    app = make_repo("app", stdlib_service(**{"app.py": SAYS_EACH_REQUEST}))
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
+    daemon.answer("app", path="/before")  # written before following began
     follower = daemon.follow("logs", "-f", "app")
+    lines: queue.Queue[str] = queue.Queue()
+    assert follower.stdout is not None
+    output = follower.stdout
+
+    def read() -> None:
+        for line in output:
+            if line != "GET /\n":  # health checks and the waits for app
+                lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        assert follower.stdout is not None
-        assert follower.stdout.readline().startswith("listening on")
+        assert lines.get(timeout=30).startswith("listening on")
+        assert lines.get(timeout=30) == "GET /before\n"
+        for number in range(3):  # written while it follows, each seen before the next
+            daemon.answer("app", path=f"/after/{number}")
+            assert lines.get(timeout=30) == f"GET /after/{number}\n"
         assert follower.poll() is None
     finally:
         follower.kill()
         follower.wait()
+    assert lines.empty()  # nothing repeated
 
 
 LOUD_SERVICE = """\
@@ -110,3 +145,35 @@ def test_the_daemon_stops_while_a_log_follower_reads_nothing(
         client.close()
     finally:
         running.stop()
+
+
+def test_a_home_made_with_a_loose_umask_is_private_once_the_daemon_started(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    home = tmp_path / "home"
+    loose = os.umask(0)
+    try:
+        home.mkdir(0o777)
+        (home / "mirrors").mkdir(0o777)  # as a first daemon with no umask of its own left it
+        (home / "token").write_text("a token someone set\n")
+        (home / "token").chmod(0o666)
+    finally:
+        os.umask(loose)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o777
+    running = start_daemon(home, wrap=["sh", "-c", 'umask 000 && exec "$@"', "sh"])
+    try:
+        running.cli("repo", "add", str(make_repo("app").origin))
+        running.cli("env", "set", "app", "--secret", "X=1")  # makes secrets.json
+        wait_for(lambda: running.answer("app"), 30, "app live")
+        looked_at = [*home.iterdir(), *(home / "logs" / "main" / "app").iterdir()]
+        modes = {
+            str(path.relative_to(home)): oct(stat.S_IMODE(path.lstat().st_mode))
+            for path in looked_at
+            if not path.is_symlink()
+        }
+        assert {"token", "mirrors", "secrets.json", "state.db", "logs"} <= set(modes)
+        assert [name for name in modes if name.endswith(".build.log")], modes
+        private = {n: oct(0o700 if (home / n).is_dir() else 0o600) for n in modes}
+        assert (oct(stat.S_IMODE(home.stat().st_mode)), modes) == (oct(0o700), private)
+    finally:
+        stop_cleanly(running)

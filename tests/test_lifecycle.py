@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, no_process_left, stdlib_service, wait_for
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    daemon_with,
+    git,
+    no_process_left,
+    stdlib_service,
+    wait_for,
+)
+from tests.githttp import GitHttpServer
 
 pytestmark = pytest.mark.integration
 
@@ -122,24 +131,75 @@ def test_rm_stops_a_service_until_the_next_push(
 ) -> None:
     app = make_repo("app")
     daemon.cli("repo", "add", str(app.origin))
-    wait_for(lambda: daemon.answer("app"), 30, "app live")
+    pid = wait_for(lambda: daemon.host_pid("app"), 30, "app live")
     done = daemon.cli("rm", "app")
     assert "until" in done.stdout or "next push" in done.stdout
     wait_for(lambda: daemon.get("app.main.localhost")[0] == 404, 30, "app removed")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "its process stopped")
+    assert daemon.ps_json("-A") == []
 
     sha = app.commit({"x.txt": "1"})
     app.push()
     wait_for(lambda: daemon.serves("app", "main", sha), 30, "back after a push")
 
 
-def test_repo_rm_removes_its_services_from_every_namespace(
+def in_main_and_bugfix(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
-) -> None:
+) -> tuple[ServiceRepo, ServiceRepo]:
+    """Repos app and web, added, each with a branch bugfix pushed."""
     app, web = make_repo("app"), make_repo("web")
     for repo in (app, web):
         daemon.cli("repo", "add", str(repo.origin))
         repo.checkout("bugfix")
         repo.push("bugfix")
+    return app, web
+
+
+def reached(daemon: Daemon, service: str, namespace: str, peer: str) -> str:
+    """The namespace of the ``peer`` that ``service`` in ``namespace`` reaches by its URL."""
+    called = daemon.answer(service, namespace, f"/call/{peer.upper()}_URL")
+    return str(called["env"]["BRANCHYARD_NAMESPACE"])
+
+
+def test_rm_in_a_branch_falls_back_to_main_without_restarting_its_peers(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    in_main_and_bugfix(daemon, make_repo)
+    wait_for(lambda: reached(daemon, "web", "bugfix", "app") == "bugfix", 60, "wired in bugfix")
+    before, revision = daemon.answer("web", "bugfix"), daemon.row("bugfix", "web")["live"]
+
+    daemon.cli("-n", "bugfix", "rm", "app")
+    wait_for(lambda: reached(daemon, "web", "bugfix", "app") == "main", 30, "app of main reached")
+    after = daemon.answer("web", "bugfix")
+    assert after["started"] == before["started"], "web restarted for the fallback"
+    assert after["env"] == before["env"]  # the same PORT and APP_URL: its peer port moved
+    assert daemon.row("bugfix", "web")["live"] == revision
+    assert daemon.ps_q("bugfix") == ["bugfix:web"]
+
+
+def test_repo_rm_deletes_a_remote_repos_mirror_and_leaves_a_local_repo_alone(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app, web = make_repo("app"), make_repo("web")
+    with GitHttpServer(app.origin.parent) as server:
+        daemon.cli("repo", "add", f"{server.url}/app.git")
+        daemon.cli("repo", "add", str(web.origin))
+        wait_for(lambda: daemon.ps_q() == ["main:app", "main:web"], 60, "both deployed")
+        (mirror,) = (daemon.home / "mirrors").iterdir()  # the remote's; a local repo has none
+        assert git("--git-dir", str(mirror), "rev-parse", "main") == git(
+            "rev-parse", "main", cwd=app.clone
+        )
+        daemon.cli("repo", "rm", "app")
+        daemon.cli("repo", "rm", "web")
+        wait_for(lambda: daemon.ps_json("-A") == [], 30, "both removed")
+    assert list((daemon.home / "mirrors").iterdir()) == []
+    assert git("rev-parse", "main", cwd=web.origin) == git("rev-parse", "main", cwd=web.clone)
+
+
+def test_repo_rm_removes_its_services_from_every_namespace(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    in_main_and_bugfix(daemon, make_repo)
     wait_for(lambda: len(daemon.ps_json("-A")) == 4, 30, "four services")
     listed = [line.split()[0] for line in daemon.cli("ps", "-A").stdout.splitlines()[1:]]
     assert listed == ["main:app", "main:web", "bugfix:app", "bugfix:web"]  # the baseline first
@@ -210,11 +270,7 @@ def test_a_namespace_that_goes_away_closes_its_peer_ports(
 ) -> None:
     import socket
 
-    app, web = make_repo("app"), make_repo("web")
-    for repo in (app, web):
-        daemon.cli("repo", "add", str(repo.origin))
-        repo.checkout("bugfix")
-        repo.push("bugfix")
+    app, web = in_main_and_bugfix(daemon, make_repo)
     app_url = wait_for(lambda: daemon.answer("web", "bugfix")["env"]["APP_URL"], 30, "wired")
     port = int(app_url.rsplit(":", 1)[1])
     socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -259,3 +315,34 @@ def test_a_restarted_daemon_brings_everything_back_with_its_settings(
     finally:
         assert second.stop() == 0
     no_process_left(second.marker)
+
+
+def test_peer_ports_stay_the_same_across_daemon_restarts(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """A peer's URL is part of a revision's env: the revisions brought back, and those
+    built after the restart, reach their peers at the URLs they had."""
+    app, web = make_repo("app"), make_repo("web")
+    web.checkout("bugfix")
+    web.push("bugfix")  # bugfix has no app: its APP_URL falls back to main's
+    with daemon_with(tmp_path / "home") as first:
+        for repo in (app, web):
+            first.cli("repo", "add", str(repo.origin))
+        for namespace in ("main", "bugfix"):
+            wait_for(partial(reached_in_main, first, namespace), 60, f"web wired in {namespace}")
+        urls = {ns: first.answer("web", ns)["env"]["APP_URL"] for ns in ("main", "bugfix")}
+
+    with daemon_with(tmp_path / "home") as second:
+        for namespace in ("main", "bugfix"):
+            wait_for(partial(reached_in_main, second, namespace), 60, f"web back in {namespace}")
+            assert second.answer("web", namespace)["env"]["APP_URL"] == urls[namespace]
+        sha = web.commit({"x": "after the restart"}, "a new revision")
+        web.push("bugfix")
+        wait_for(lambda: second.serves("web", "bugfix", sha), 30, "the new revision live")
+        assert second.answer("web", "bugfix")["env"]["APP_URL"] == urls["bugfix"]
+        assert reached_in_main(second, "bugfix")
+
+
+def reached_in_main(daemon: Daemon, namespace: str) -> bool:
+    """Whether web in ``namespace`` reaches app in main by its APP_URL."""
+    return reached(daemon, "web", namespace, "app") == "main"

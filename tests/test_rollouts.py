@@ -19,6 +19,7 @@ from tests.conftest import (
     SERVICE,
     Daemon,
     ServiceRepo,
+    daemon_with,
     git,
     no_process_left,
     processes_with,
@@ -290,19 +291,73 @@ def test_builds_are_kept_for_the_last_five_revisions_and_gc_reports(
     assert again == kept, "the kept build of v4 served the rollback, not a new build"
 
 
+# A service that says it got SIGTERM and goes on: only SIGKILL ends it.
+STUBBORN = """\
+import signal
+signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+"""
+# A service that cleans up for a second when told to stop, then exits 0.
+GRACEFUL = """\
+import signal, sys, time
+def finish(*_):
+    print("got SIGTERM", flush=True)
+    time.sleep(1)
+    print("cleaned up, exiting 0", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, finish)
+"""
+
+
+def test_the_logs_of_the_last_ten_revisions_are_kept(
+    daemon: Daemon, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    app = make_repo("app")
+    daemon.cli("repo", "add", str(app.origin))
+    for number in range(11):  # v2 to v12
+        sha = app.commit({"n": str(number)}, f"c{number}")
+        app.push()
+        wait_for(partial(daemon.serves, "app", "main", sha), 30, f"commit {number}")
+    logs = daemon.home / "logs" / "main" / "app"
+    kept = {int(log.name[1:].split(".")[0]) for log in logs.iterdir()}
+    assert kept == set(range(3, 13)), sorted(kept)
+    assert {log.name for log in logs.glob("v12.*")} == {"v12.log", "v12.build.log"}
+    assert daemon.cli("logs", "--revision", "3", "app").stdout.startswith("listening on")
+    assert daemon.cli("logs", "--revision", "2", "app").stdout == ""  # v2's deleted
+
+
+def replaced(running: Daemon, app: ServiceRepo) -> int:
+    """Add ``app``, then push a commit and wait until it serves: the pid of v1's process."""
+    running.cli("repo", "add", str(app.origin))
+    pid = wait_for(lambda: running.host_pid("app"), 30, "app live")
+    sha = app.commit({"n": "1"}, "next")
+    app.push()
+    wait_for(lambda: running.serves("app", "main", sha), 30, "next live")
+    return pid
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-sandbox",)], ids=["sandboxed", "unsandboxed"])
+def test_a_replaced_service_gets_sigterm_and_its_grace_to_finish(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo], flags: tuple[str, ...]
+) -> None:
+    """Its shell and its box stay until it is done (they ended at once, and it with them)."""
+    app = make_repo("app", stdlib_service(**{"app.py": GRACEFUL + SERVICE}))
+    with daemon_with(tmp_path / "home", "--stop-grace", "60", *flags) as running:
+        pid = replaced(running, app)
+        # well before the grace ends: it exited by itself, SIGKILL never came
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "the old one to exit")
+        said = running.cli("logs", "--revision", "1", "app").stdout.splitlines()
+    assert said[-2:] == ["got SIGTERM", "cleaned up, exiting 0"], said
+
+
 def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    stubborn = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    app = make_repo("app", stdlib_service(**{"app.py": stubborn + stdlib_service()["app.py"]}))
+    app = make_repo("app", stdlib_service(**{"app.py": STUBBORN + SERVICE}))
     running = start_daemon(tmp_path / "home", "--stop-grace", "1", "--drain-grace", "1")
     try:
-        running.cli("repo", "add", str(app.origin))
-        pid = wait_for(lambda: running.host_pid("app"), 30, "app live")
-        sha = app.commit({"n": "1"}, "next")
-        app.push()
-        wait_for(lambda: running.serves("app", "main", sha), 30, "next live")
+        pid = replaced(running, app)
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "the stubborn one killed")
+        assert "ignoring SIGTERM" in running.cli("logs", "--revision", "1", "app").stdout
     finally:
         assert running.stop() == 0
     no_process_left(running.marker, 15)

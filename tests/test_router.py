@@ -143,21 +143,24 @@ class Backend(BaseHTTPRequestHandler):
     """Answers ``NAME PATH PEERPORT`` and a few special paths; echoes bodies; upgrades.
 
     Each subclass (one per backend) records the router-side port of every request it
-    served (``seen``) and of every connection that ended (``closed``).
+    served (``seen``) and of every connection that ended (``closed``). ``/held`` answers
+    once the test sets ``release``: a request in flight for as long as a test needs,
+    whatever the machine's speed.
     """
 
     protocol_version = "HTTP/1.1"
     name = "backend"
     seen: ClassVar[list[int]]
     closed: ClassVar[list[int]]
+    release: ClassVar[threading.Event]
 
     def do_GET(self) -> None:
         type(self).seen.append(self.client_address[1])
         if self.headers.get("Upgrade"):
             self._upgrade()
             return
-        if self.path.startswith("/sleep/"):
-            time.sleep(float(self.path.rsplit("/", 1)[1]))
+        if self.path == "/held":
+            type(self).release.wait(60)  # bounded: a test that fails never sets it
         if self.path.startswith("/status/"):
             self.send_response(int(self.path.rsplit("/", 1)[1]))
             self.end_headers()
@@ -243,7 +246,11 @@ class Backends:
     handlers: dict[Address, type[Backend]] = field(default_factory=dict)
 
     def http(self, name: str) -> Address:
-        handler = type(f"Backend_{name}", (Backend,), {"name": name, "seen": [], "closed": []})
+        handler = type(
+            f"Backend_{name}",
+            (Backend,),
+            {"name": name, "seen": [], "closed": [], "release": threading.Event()},
+        )
         address = self._start(QuietServer(("127.0.0.1", 0), handler))
         self.handlers[address] = handler
         return address
@@ -264,6 +271,8 @@ class Backends:
         return str(host), int(port)
 
     def stop(self) -> None:
+        for handler in self.handlers.values():
+            handler.release.set()
         for server in self.servers:
             server.shutdown()
             server.server_close()
@@ -1022,15 +1031,17 @@ def test_drain_lets_an_in_flight_request_finish_while_new_requests_go_to_the_new
 ) -> None:
     old, new = backends.http("old"), backends.http("new")
     proxy.set_backend("main", "web", old)
-    slow = in_thread(lambda: proxy.get(WEB, "/sleep/0.5"))
+    slow = in_thread(lambda: proxy.get(WEB, "/held"))
     wait_until(lambda: len(backends.stats(old).seen) == 1, "the slow request to reach old")
     assert proxy.in_flight(old) == 1
 
     proxy.set_backend("main", "web", new)
-    draining = proxy.loop.start(proxy.router.drain(old, 5.0))
+    draining = proxy.loop.start(proxy.router.drain(old, 3600))  # a grace no test outlasts
     assert who(proxy.get(WEB)[2]) == b"new"
     assert not draining.done()
+    assert proxy.in_flight(old) == 1
 
+    backends.stats(old).release.set()  # the request finishes: the drain ends with it
     status, _, body = slow()
     assert (status, who(body)) == (200, b"old")
     assert draining.result(TIMEOUT) == 0
@@ -1065,11 +1076,11 @@ def test_drain_aborts_a_request_that_outlasts_the_grace_and_counts_it(
 ) -> None:
     old, new = backends.http("old"), backends.http("new")
     proxy.set_backend("main", "web", old)
-    slow = in_thread(lambda: proxy.get(WEB, "/sleep/2"))
+    slow = in_thread(lambda: proxy.get(WEB, "/held"))  # answers only once released
     wait_until(lambda: len(backends.stats(old).seen) == 1, "the slow request to reach old")
     proxy.set_backend("main", "web", new)
 
-    assert proxy.drain(old, 0.2) == 1  # the grace, not the 2 s request: it is cut off
+    assert proxy.drain(old, 0.2) == 1  # the grace ends it: it is cut off
 
     status, _, body = slow()
     assert status == 502
@@ -1192,7 +1203,7 @@ def test_close_leaves_nothing_listening_and_no_connection_open(
     web = backends.http("web")
     proxy.set_backend("main", "web", web)
     peer_port = proxy.loop.run(proxy.router.open_peer_listener("main", "web"))
-    slow = in_thread(lambda: http_get(peer_port, "x", "/sleep/0.3"))
+    slow = in_thread(lambda: http_get(peer_port, "x", "/held"))  # in flight until the close
     wait_until(lambda: len(backends.stats(web).seen) == 1, "the slow request to arrive")
     conn = keep_alive(proxy.port)
     ask(conn)  # on a second backend connection, idle in the pool afterwards
@@ -1201,6 +1212,7 @@ def test_close_leaves_nothing_listening_and_no_connection_open(
     assert proxy.router.main_port == proxy.port
 
     proxy.loop.run(proxy.router.close())
+    backends.stats(web).release.set()  # its answer now meets a closed connection
 
     for port in [proxy.port, peer_port]:
         with pytest.raises(ConnectionRefusedError):

@@ -60,10 +60,21 @@ def test_repo_path_reads_the_forge_path_from_remote_urls_and_none_from_local_pat
     assert repo_path(url) == path
 
 
-def test_every_revision_state_has_a_word_in_every_forge() -> None:
-    for forge in Forge:
-        for state in RevisionState:
-            forge_state(forge, state)  # raises for a state without a mapping
+# What each forge's commit status API accepts as a state, from its documentation.
+FORGE_WORDS = {
+    Forge.GITHUB: {"error", "failure", "pending", "success"},
+    Forge.GITLAB: {"pending", "running", "success", "failed", "canceled", "skipped"},
+    Forge.GITEA: {"pending", "success", "error", "failure", "warning"},
+}
+NOTHING_TO_SAY = {RevisionState.SUPERSEDED, RevisionState.STOPPED}  # never reported
+
+
+@pytest.mark.parametrize("forge", list(Forge), ids=lambda forge: forge.value)
+def test_every_revision_state_has_a_word_in_every_forge(forge: Forge) -> None:
+    said = {state: forge_state(forge, state) for state in RevisionState}
+    assert {state for state, word in said.items() if word is None} == NOTHING_TO_SAY
+    spoken = {word for word in said.values() if word is not None}
+    assert spoken <= FORGE_WORDS[forge], spoken - FORGE_WORDS[forge]
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,9 @@ def test_a_service_flooding_its_log_keeps_it_bounded(
 def test_a_burst_of_fifty_pushes_builds_only_what_is_newest(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    app = make_repo("app", stdlib_service(**{"branchyard.yaml": "build: sleep 1\n"}))
+    # A build a poll (every second) cuts short: a target superseded later than that built.
+    build = "build: echo building && sleep 3 && echo built\n"
+    app = make_repo("app", stdlib_service(**{"branchyard.yaml": build}))
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
     commits = [app.commit({"n": str(number)}, f"burst {number}") for number in range(50)]
@@ -84,8 +86,18 @@ def test_a_burst_of_fifty_pushes_builds_only_what_is_newest(
     history = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
     times = [round(r["created_at"] - history[-1]["created_at"], 2) for r in history]
     assert len(history) <= 5, f"{len(history)} revisions for 50 pushes: {times}"
-    assert history[0]["state"] == "live"
-    assert all(r["state"] in ("stopped", "superseded") for r in history[1:])
+    assert (history[0]["state"], history[0]["sha"]) == ("live", last)
+    assert history[-1]["state"] == "stopped"  # v1, replaced by the newest
+    assert all(r["state"] == "superseded" for r in history[1:-1]), history
+    logs = daemon.home / "logs" / "main" / "app"
+    built = sorted(
+        int(log.name[1:].split(".")[0])
+        for log in logs.glob("v*.build.log")
+        if "\nbuilt\n" in log.read_text()
+    )
+    assert built == [history[-1]["ordinal"], history[0]["ordinal"]]  # v1 and the newest
+    kept = sorted(p.name for p in (daemon.home / "builds" / "main" / "app").glob("*.ok"))
+    assert kept == [f"v{r['ordinal']}-{r['sha'][:7]}.ok" for r in (history[-1], history[0])]
 
 
 def test_no_file_descriptor_leaks_across_a_hundred_deploys(

@@ -6,7 +6,6 @@ then resolves the service, as the proxy does for each request.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -73,6 +72,18 @@ def test_a_removed_service_is_no_longer_one_the_router_knows() -> None:
     assert table.resolve_host("web.main.localhost") == ("main", "web")
 
 
-def test_draining_a_backend_nothing_is_connected_to_returns_at_once() -> None:
+@pytest.mark.parametrize(
+    "before",
+    [
+        [],
+        [lambda t: t.route("main", "app", [(A, 100)]), lambda t: t.route("main", "app", [(B, 1)])],
+    ],
+    ids=["never routed", "routed, then routed away"],
+)
+def test_draining_a_backend_nothing_is_connected_to_returns_at_once(before: list[Call]) -> None:
     layer, _ = traffic()
-    asyncio.run(layer.drain(A, grace=3600))
+    for call in before:
+        call(layer)
+    drain = layer.drain(A, grace=3600)
+    with pytest.raises(StopIteration):  # done at its first step: it waits for nothing
+        drain.send(None)

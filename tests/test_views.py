@@ -1,22 +1,27 @@
 """The read side (:class:`branchyard.views.Views`) over the engine on the fake seams.
 
-What the API and the dashboard read: the slots and namespaces (the baseline
-first), the repos, a ``ps`` row with a failed revision's output, which log
-``logs`` reads, where a rollback goes, a repo's webhook secret. Each test runs
-the engine of ``test_engine_fake`` for a few milliseconds.
+What the API and the dashboard read: the Kubernetes objects ``k8s render`` prints
+(from the real renderer), the slots and namespaces (the baseline first), the repos,
+a ``ps`` row with a failed revision's output, which log ``logs`` reads, where a
+rollback goes, a repo's webhook secret. Each test runs the engine of
+``test_engine_fake`` for a few milliseconds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Repo, RepoHeads
 from branchyard.runtime import LogName
+from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.render import review
 from branchyard.views import Views
 from tests.test_engine_fake import (
     C1,
@@ -41,7 +46,8 @@ BUGFIX = ("bugfix", "web")
 def views_of(
     world: World, engine: Engine, watcher: StillWatcher | None = None, webhook_secret: str = ""
 ) -> Views:
-    """The read side as ``daemon`` builds it, over the world's parts and the engine's."""
+    """The read side as ``daemon`` builds it, over the world's parts and the engine's, with
+    the renderer ``k8s render`` uses."""
     return Views(
         engine,
         world.store,
@@ -49,7 +55,7 @@ def views_of(
         engine.rollouts,
         watcher or StillWatcher(),
         engine.settings_repo,
-        lambda spec: f"{spec.namespace}:{spec.service} v{spec.ordinal} {spec.sha}",
+        partial(review, KubeOptions()),
         webhook_secret,
     )
 
@@ -80,7 +86,15 @@ def test_the_kubernetes_objects_are_the_newest_revisions(tmp_path: Path) -> None
         await settled(world, 2, LIVE)
 
     async def check(views: Views) -> None:
-        assert await views.kubernetes(SLOT) == f"main:web v2 {C2}"
+        objects = {o["kind"]: o for o in yaml.safe_load_all(await views.kubernetes(SLOT))}
+        deployment = objects["Deployment"]
+        assert (deployment["metadata"]["namespace"], deployment["metadata"]["name"]) == (
+            "main",
+            "web-v2",
+        )
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert (labels["branchyard.dev/revision"], labels["branchyard.dev/commit"]) == ("2", C2)
+        assert objects["ConfigMap"]["data"]["BRANCHYARD_REVISION"] == C2
         with pytest.raises(NotFound, match=r"no service 'nope' in main \(services: web\)"):
             await views.kubernetes(("main", "nope"))
 

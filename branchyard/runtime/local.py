@@ -84,6 +84,12 @@ Slot = tuple[str, str]
 logger = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+# Put before a process's command: its shell outlives the SIGTERM its process group gets
+# (a trap, which the commands it runs do not inherit) and exits with the command, once
+# that has finished. A shell that died of it at once ended its box's PID namespace (or,
+# unboxed, had the rest of its group killed as it ended), so a service never had the
+# grace to finish what it does on SIGTERM.
+OUTLIVE_SIGTERM = "trap : TERM\n"
 KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
 ROTATE_INTERVAL = 0.5
@@ -408,7 +414,7 @@ class LocalRuntime:
         def spawner(command: str, env: dict[str, str], what: str) -> Spawn:
             async def spawn() -> LocalProcess:
                 return await LocalProcess.spawn(
-                    ["/bin/sh", "-c", command],
+                    ["/bin/sh", "-c", OUTLIVE_SIGTERM + command],
                     build.checkout,
                     env,
                     log,
