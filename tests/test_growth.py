@@ -23,6 +23,7 @@ from tests.conftest import (
     ServiceRepo,
     start_daemon,
     stdlib_service,
+    stop_cleanly,
     wait_for,
 )
 from tests.test_api import call, github_push, signed, token_of
@@ -155,7 +156,7 @@ def test_api_clients_that_never_finish_a_request_head_are_closed(tmp_path: Path)
         for sock in [stream, silent, *slow, kept_alive]:
             sock.close()
     finally:
-        assert daemon.stop() == 0
+        stop_cleanly(daemon)
 
 
 LOUD = """\
@@ -194,7 +195,7 @@ def test_a_build_step_printing_30_mb_leaves_a_capped_build_log_served_by_its_tai
         )
         assert "line 00299999" in whole and "line 00000000" not in whole
     finally:
-        assert daemon.stop() == 0
+        stop_cleanly(daemon)
 
 
 TICKER = (
@@ -255,4 +256,4 @@ def test_logs_follow_goes_on_across_rotations_of_the_log(
         if follower is not None:
             follower.kill()
             follower.wait()
-        assert daemon.stop() == 0
+        stop_cleanly(daemon)
