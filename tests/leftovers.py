@@ -134,7 +134,8 @@ def descendants(pid: int) -> dict[int, str]:
     todo = list(parents.get(pid, []))
     while todo:
         child = todo.pop()
-        found[child] = start_time(child)
+        if started := start_time(child):  # not gone meanwhile
+            found[child] = started
         todo += parents.get(child, [])
     return found
 
