@@ -248,10 +248,8 @@ def test_logs_follow_goes_on_across_rotations_of_the_log(
         ticks = ticks_followed(follower, 1500)  # about ten rotations
         assert rotated.exists()
         assert ticks == sorted(set(ticks)), "a tick came twice or out of order"
-        missing = ticks[-1] - ticks[0] + 1 - len(ticks)
-        # A line written in the microseconds between the copy and the truncation of a
-        # rotation is lost (copytruncate); the follower itself loses nothing.
-        assert missing <= 3, f"{missing} ticks missing"
+        missing = sorted(set(range(ticks[0], ticks[-1] + 1)) - set(ticks))
+        assert missing == [], f"{len(missing)} ticks lost: {missing[:10]}"
     finally:
         if follower is not None:
             follower.kill()
