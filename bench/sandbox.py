@@ -22,6 +22,7 @@ from bench.common import LOOPBACK, BenchError, ServiceRepo, Summary, free_port, 
 from bench.results import LATENCY_HEADER, Section, latency_row, ms
 from bench.services import PROCFILE, make_venv, stdlib_service
 from branchyard.errors import UsageError
+from branchyard.runtime.logs import Appender
 from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.sandbox import Box, Sandbox, detect
 
@@ -52,7 +53,8 @@ async def _cold_start(
     a command that serves nothing (no ``PORT``)."""
     sandbox, inside = box if box else (None, Box())
     started = time.monotonic()
-    process = await LocalProcess.spawn(argv, cwd, env, log, _Nowhere(), "bench", sandbox, inside)
+    output = Appender(log)
+    process = await LocalProcess.spawn(argv, cwd, env, output, _Nowhere(), "bench", sandbox, inside)
     try:
         if "PORT" not in env:
             await process.wait()
@@ -70,6 +72,7 @@ async def _cold_start(
         raise BenchError("the sample service did not answer within 30 s")
     finally:
         await process.terminate(1.0)
+        output.close()
 
 
 def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:

@@ -2,8 +2,12 @@
 
 Integration tests never fake git, processes or sockets. Every daemon gets a
 temp home and a unique marker in its environment, which it hands to its boxes
-(``--pass-env``); after it stops, no process carrying the marker may remain, nor
-a cgroup of its home.
+(``--pass-env``), so a test can find its services' processes. Every daemon a test
+starts goes through one check, :func:`stop_cleanly`: exit code 0, no traceback in
+its log, and nothing left of it, found by what it made (see ``leftovers``). A daemon
+killed on purpose (:meth:`Daemon.kill`) is answered for by the next daemon on its
+home, which must stop cleanly; the fixture :func:`every_daemon_checked` fails a
+test that leaves a daemon unchecked.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
 from bench.services import Wheels, serve_wheels
-from branchyard.runtime import cgroups
 from branchyard.runtime.processes import Ports
 from tests import k8s_cluster, k8s_crds
+from tests.leftovers import NOTHING_MADE, Made, home_cgroups, left_behind
 
 T = TypeVar("T")
 
@@ -75,21 +79,6 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 def git(*args: str, cwd: Path | None = None) -> str:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
     return done.stdout.strip()
-
-
-def no_process_left(marker: str, timeout: float = 10.0) -> None:
-    """Wait until no process carries ``marker``; fail naming the ones that stayed."""
-    deadline = time.monotonic() + timeout
-    while pids := processes_with(marker):
-        if time.monotonic() > deadline:
-            left = []
-            for pid in pids:
-                try:
-                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
-                except OSError:
-                    continue
-            raise AssertionError(f"processes left behind: {left}")
-        time.sleep(0.05)
 
 
 def wait_for(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
@@ -175,6 +164,7 @@ class Daemon:
     process: subprocess.Popen[bytes]
     marker: str
     info: dict[str, Any] = field(default_factory=dict)
+    checked: bool = False  # went through stop_cleanly
 
     @property
     def router_port(self) -> int:
@@ -278,6 +268,17 @@ class Daemon:
             self.process.wait(timeout=60)
         return self.process.returncode
 
+    def kill(self) -> None:
+        """Kill it with SIGKILL, on purpose: the next daemon on its home answers for what
+        it left (that one's :func:`stop_cleanly` finds it)."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    @property
+    def log(self) -> str:
+        """What it printed (its log, beside its home)."""
+        return (self.home.parent / f"{self.home.name}-daemon.log").read_text(errors="replace")
+
 
 def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
     """A daemon on ``home``; ``wrap`` is a command that execs it (``unshare --mount``)."""
@@ -303,7 +304,7 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
         env={**os.environ, "BY_TEST": marker},
     )
     daemon = Daemon(home, process, marker)
-    STARTED.append((home, process))
+    STARTED.append(daemon)
 
     def ready() -> bool:
         assert process.poll() is None, "daemon exited early"
@@ -315,37 +316,60 @@ def start_daemon(home: Path, *extra: str, wrap: Sequence[str] = ()) -> Daemon:
 
 
 def stop_cleanly(running: Daemon) -> None:
-    """Stop a daemon: exit code 0, no traceback in its log, no process of it left, and
-    no cgroup of its home."""
-    code = running.stop()
-    log = (running.home.parent / f"{running.home.name}-daemon.log").read_text(errors="replace")
-    assert code == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    no_process_left(running.marker)
-    assert no_cgroup_left(running.home) == []
+    """Stop a daemon, and check that it stopped cleanly: exit code 0, no traceback in its
+    log, and nothing left of it or of an earlier daemon of its home (``leftovers``): no
+    process it ran, no bwrap with its home's mark, no running process group of its
+    store's table, no cgroup of its home, no mount under it, no network namespace its
+    boxes had."""
+    running_now = running.process.poll() is None
+    made = Made.by(running.process.pid, running.home) if running_now else NOTHING_MADE
+    try:
+        code = running.stop()
+        log = running.log
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log, log[max(0, log.index("Traceback") - 300) :][:6000]
+        nothing_left(running.home, made)
+    finally:
+        made.close()
+    running.checked = True
 
 
-def no_cgroup_left(home: Path) -> list[Path]:
-    """The cgroups of ``home``'s daemon that are still there (it runs in the tests')."""
-    return [parent for parent in cgroups.parents(str(home.resolve())) if parent.exists()]
+def nothing_left(home: Path, made: Made = NOTHING_MADE) -> None:
+    """Wait until nothing is left of ``home``'s daemons (and of what one ``made``); fail
+    naming what stayed."""
+    deadline = time.monotonic() + 15
+    while left := left_behind(home, made):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind by the daemons of {home}: {left}")
+        time.sleep(0.05)
 
 
-STARTED: list[tuple[Path, subprocess.Popen[bytes]]] = []  # each daemon's home, and it
+STARTED: list[Daemon] = []  # every daemon the tests started, in order
 
 
 @pytest.fixture(autouse=True)
-def cgroups_removed() -> Iterator[None]:
-    """After each test, the cgroups a daemon that was killed left (a daemon that stops
-    removes its own, which ``stop_cleanly`` checks; a next daemon of the home, a killed
-    one's). A daemon still running (a module's) is left to its own fixture."""
+def every_daemon_checked() -> Iterator[None]:
+    """Every daemon a test starts goes through :func:`stop_cleanly`, or was killed on
+    purpose and a later daemon of its home did. After the test, the cgroups a killed
+    daemon left are removed either way (so that one failure does not spill into the
+    next tests). A daemon a module's fixture started is that fixture's to check."""
+    first = len(STARTED)
     yield
-    for home, process in list(STARTED):
-        if process.poll() is None:
-            continue
-        STARTED.remove((home, process))
-        for parent in no_cgroup_left(home):
+    started = STARTED[first:]
+    unchecked = []
+    for index, daemon in enumerate(started):
+        if daemon.process.poll() is None:
+            daemon.stop()
+        answered = daemon.process.returncode == -signal.SIGKILL and any(
+            later.checked and later.home == daemon.home for later in started[index + 1 :]
+        )
+        if not (daemon.checked or answered):
+            unchecked.append(f"{daemon.home} (exit {daemon.process.returncode})")
+    for home in {daemon.home for daemon in started}:
+        for parent in home_cgroups(home):
             for cgroup in [*(d for d in parent.iterdir() if d.is_dir()), parent]:
                 wait_for(partial(_removed, cgroup), 15, f"{cgroup} emptied")
+    assert not unchecked, f"daemons not stopped through stop_cleanly: {unchecked}"
 
 
 def _removed(cgroup: Path) -> bool:

@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, daemon_with, git, start_daemon, wait_for
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    daemon_with,
+    git,
+    start_daemon,
+    stop_cleanly,
+    wait_for,
+)
 from tests.githttp import GitHttpServer
 
 pytestmark = pytest.mark.integration
@@ -73,7 +81,7 @@ def test_an_api_off_loopback_has_a_token_from_the_first_start_and_needs_it(
         good = {"Authorization": f"Bearer {token_of(running)}"}
         assert call(running, "GET", "/api/info", headers=good)[0] == 200
     finally:
-        assert running.stop() == 0
+        stop_cleanly(running)
 
 
 def test_docs_take_the_dashboard_session_read_only_and_send_a_browser_to_log_in(
@@ -192,7 +200,7 @@ def test_a_signed_github_push_is_deployed_without_waiting_for_the_poll(
         assert "not a registered repo" not in events and "over the limit" not in events
         assert "github push of bugfix in app" in events and "live" in events
     finally:
-        assert running.stop() == 0
+        stop_cleanly(running)
 
 
 def forge_push(provider: str, url: str, branch: str, sha: str | None) -> bytes:
@@ -379,7 +387,7 @@ def test_revision_states_are_reported_as_github_commit_statuses(
                 "a success status",
             )
         finally:
-            assert running.stop() == 0
+            stop_cleanly(running)
     forge.server.shutdown()
     path, headers, body = next(r for r in forge.requests if r[2]["state"] == "success")
     assert path == f"/repos/acme/app/statuses/{sha}"

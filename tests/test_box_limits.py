@@ -5,7 +5,6 @@ rest; the kernel takes a box before the daemon; no cgroup outlives its daemon.""
 from __future__ import annotations
 
 import http.client
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,13 @@ from branchyard.runtime.cgroups import Cgroups, Hierarchy, Limits, hierarchies, 
 from tests.conftest import (
     Daemon,
     ServiceRepo,
-    no_cgroup_left,
     processes_with,
     start_daemon,
     stdlib_service,
     stop_cleanly,
     wait_for,
 )
+from tests.leftovers import home_cgroups
 
 SERVING = """\
 import json, os
@@ -188,10 +187,9 @@ def test_the_next_daemon_removes_the_cgroups_a_killed_one_left(
     home = tmp_path / "home"
     first = start_daemon(home)
     deploy(first, make_repo("app"), "main")
-    boxes = [box for parent in no_cgroup_left(home) for box in parent.iterdir() if box.is_dir()]
+    boxes = [box for parent in home_cgroups(home) for box in parent.iterdir() if box.is_dir()]
     assert boxes
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait()
+    first.kill()
     assert all(box.exists() for box in boxes), "nothing removed them"
     second = start_daemon(home)
     try:

@@ -29,7 +29,6 @@ import pytest
 from tests.conftest import (
     Daemon,
     ServiceRepo,
-    no_process_left,
     start_daemon,
     stop_cleanly,
     wait_for,
@@ -99,9 +98,8 @@ def test_a_read_only_home_gives_json_errors_and_loses_nothing(
         assert daemon.cli("env", "ls", "app").stdout == "GREETING=after\n"
         assert "token rotated" in daemon.cli("token", "rotate").stdout
     finally:
-        assert daemon.stop() == 0
-    log = (tmp_path / "home-daemon.log").read_text()
-    assert "Traceback" not in log and "Read-only file system" in log
+        stop_cleanly(daemon)
+    assert "Read-only file system" in (tmp_path / "home-daemon.log").read_text()
 
 
 def up(home: Path, read_only: bool = False) -> subprocess.CompletedProcess[str]:
@@ -151,11 +149,9 @@ def test_a_daemon_stopped_while_its_home_is_read_only_still_stops_every_service(
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 60, "app live")
     make_read_only(daemon)
-    assert daemon.stop() == 0
+    stop_cleanly(daemon)
     log = (tmp_path / "home-daemon.log").read_text()
-    assert "Traceback" not in log, log[-2000:]
     assert "cannot remove" in log and "daemon.json: Read-only file system" in log
-    no_process_left(daemon.marker)
 
 
 @contextlib.contextmanager

@@ -21,9 +21,17 @@ from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Secret
 from lightkube.types import PatchType
 
 from tests import k8s_node
-from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
+from tests.conftest import (
+    Cluster,
+    Daemon,
+    ServiceRepo,
+    free_port,
+    start_daemon,
+    stop_cleanly,
+    wait_for,
+)
 from tests.test_kube_workflow import client as client  # the fixture
-from tests.test_kube_workflow import gone, names_of, replicas, services, stop
+from tests.test_kube_workflow import gone, names_of, replicas, services
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -77,7 +85,7 @@ def running(
         wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
         yield Running(daemon, app, f"{prefix}main")
     finally:
-        stop(daemon)
+        stop_cleanly(daemon)
 
 
 def pod_of(client: Client, namespace: str, service: str, ordinal: int) -> str:
@@ -166,7 +174,7 @@ def test_logs_read_a_revisions_pod_follow_it_and_say_when_there_is_no_pod(
             said = daemon.cli("logs", *flags, "--revision", "1", "app", check=False)
             assert (said.returncode, said.stderr) == (gone.returncode, gone.stderr)
     finally:
-        stop(daemon)
+        stop_cleanly(daemon)
 
 
 @dataclass(frozen=True)
@@ -250,12 +258,12 @@ def test_a_failed_revision_says_why_and_keeps_its_last_lines_once_its_pod_is_gon
             none = daemon.cli("logs", "--revision", "2", *flags, "app", check=False)
             assert (none.returncode, none.stderr) == (1, f"error: {NO_POD % 2}\n")
 
-        stop(daemon)  # a new daemon finds them on the Deployment
+        stop_cleanly(daemon)  # a new daemon finds them on the Deployment
         daemon = kube_daemon(k8s, tmp_path / "home", prefix, git=port)
         again = wait_for(lambda: daemon.row("main", "app"), 60, "ps")
         assert again["last_lines"] == shown
     finally:
-        stop(daemon)
+        stop_cleanly(daemon)
 
 
 def pods(client: Client, namespace: str, ordinal: int) -> list[str]:
@@ -347,7 +355,7 @@ def test_gc_deletes_what_the_store_no_longer_knows_and_nothing_else(
         assert services(client, bugfix) == served
         assert daemon.row("bugfix", "app")["state"] == "live"
     finally:
-        stop(daemon)
+        stop_cleanly(daemon)
         for name in (f"{other}ghost", f"{prefix}plain"):
             if exists(client, Namespace, name):  # made, unless the test failed before
                 client.delete(Namespace, name)

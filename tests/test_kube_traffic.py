@@ -18,8 +18,16 @@ from lightkube.resources.core_v1 import Namespace
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.runtime.kube.render import HTTPRoute
-from tests.conftest import Cluster, Daemon, ServiceRepo, free_port, start_daemon, wait_for
-from tests.test_kube_workflow import OTHER, names_of, replicas, repo_files, services, stop
+from tests.conftest import (
+    Cluster,
+    Daemon,
+    ServiceRepo,
+    free_port,
+    start_daemon,
+    stop_cleanly,
+    wait_for,
+)
+from tests.test_kube_workflow import OTHER, names_of, replicas, repo_files, services
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -72,7 +80,7 @@ def kube(
     made = Kube(k8s, client, tmp_path / "home", make_repo)
     yield made
     for daemon in made.started:
-        stop(daemon)
+        stop_cleanly(daemon)
     for namespace in client.list(Namespace):
         name = namespace.metadata.name if namespace.metadata else None
         if name and name.startswith(made.prefix):
@@ -192,8 +200,7 @@ def test_a_split_a_daemon_left_goes_once_the_next_one_serves_the_pin_alone(kube:
 
     # a restart keeps the pin and drops the split: the route and the Services per
     # revision the daemon before made go too (it was killed: it could clean up nothing)
-    daemon.process.kill()
-    daemon.process.wait()
+    daemon.kill()
     kube.started.remove(daemon)
     assert backends(kube.client, where, "app") == {"app-v1": 30, "app-v2": 70}
     again = kube.start("--git-listen", port)

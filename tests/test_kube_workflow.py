@@ -4,8 +4,6 @@ server, controllers and kwok node (commands marked ``sim-ready`` pass their prob
 
 from __future__ import annotations
 
-import os
-import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from tests.conftest import (
     free_port,
     git,
     start_daemon,
+    stop_cleanly,
     wait_for,
 )
 
@@ -173,8 +172,7 @@ def test_the_seed_workflow_runs_on_kubernetes(
         # rolling out then, as its `live` row does not show a deploy not yet planned)
         main_live = wait_for(lambda: settled(daemon, client, prefix, "main", 3), 60, "main")
         before = uids(client, [main, bugfix])
-        os.kill(daemon.process.pid, signal.SIGKILL)
-        daemon.process.wait()
+        daemon.kill()
         daemon = start_daemon(tmp_path / "home", *arguments)
         wait_for(lambda: settled(daemon, client, prefix, "bugfix", 2), 60, "adopted")
         assert uids(client, [main, bugfix]) == before
@@ -186,11 +184,4 @@ def test_the_seed_workflow_runs_on_kubernetes(
         wait_for(lambda: gone(client, bugfix), 60, "the Namespace gone")
         assert settled(daemon, client, prefix, "main", 3) == main_live
     finally:
-        stop(daemon)
-
-
-def stop(daemon: Daemon) -> None:
-    code = daemon.stop()
-    log = (daemon.home.parent / f"{daemon.home.name}-daemon.log").read_text(errors="replace")
-    assert code == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+        stop_cleanly(daemon)

@@ -14,8 +14,9 @@ from tests.conftest import (
     ServiceRepo,
     daemon_with,
     git,
-    no_process_left,
+    start_daemon,
     stdlib_service,
+    stop_cleanly,
     wait_for,
 )
 from tests.githttp import GitHttpServer
@@ -248,15 +249,12 @@ def test_workers_run_beside_the_web_process_with_its_env_but_no_port(
 def test_stopping_the_daemon_stops_every_service_and_port(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    from tests.conftest import start_daemon
-
     app = make_repo("app")
     running = start_daemon(tmp_path / "home")
     running.cli("repo", "add", str(app.origin))
     wait_for(lambda: running.answer("app"), 30, "app live")
     port = running.router_port
-    assert running.stop() == 0
-    no_process_left(running.marker)
+    stop_cleanly(running)
     assert not (running.home / "daemon.json").exists()
     with pytest.raises(OSError):
         running.get("app.main.localhost", port=port)
@@ -291,8 +289,6 @@ def test_a_namespace_that_goes_away_closes_its_peer_ports(
 def test_a_restarted_daemon_brings_everything_back_with_its_settings(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo]
 ) -> None:
-    from tests.conftest import start_daemon
-
     app, web = make_repo("app"), make_repo("web")
     first = start_daemon(tmp_path / "home")
     try:
@@ -303,8 +299,7 @@ def test_a_restarted_daemon_brings_everything_back_with_its_settings(
         wait_for(lambda: first.answer("web")["env"].get("GREETING") == "kept", 30, "setting")
         ordinal = first.row("main", "web")["live"]["ordinal"]
     finally:
-        assert first.stop() == 0
-    no_process_left(first.marker)
+        stop_cleanly(first)
 
     second = start_daemon(tmp_path / "home")
     try:
@@ -313,8 +308,7 @@ def test_a_restarted_daemon_brings_everything_back_with_its_settings(
         assert "env set GREETING" in second.cli("history", "web").stdout
         assert second.ps_q() == ["main:app", "main:web"]
     finally:
-        assert second.stop() == 0
-    no_process_left(second.marker)
+        stop_cleanly(second)
 
 
 def test_peer_ports_stay_the_same_across_daemon_restarts(

@@ -25,6 +25,7 @@ from branchyard.manifest import Manifest
 from branchyard.router import Router, RouteTable
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.local import LocalBuild, LocalRuntime
+from branchyard.runtime.logs import Appender, Pump
 from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.sandbox import NOTHING, detect
 from tests.conftest import wait_for
@@ -182,7 +183,8 @@ def test_a_box_stopped_while_it_sets_itself_up_is_stopped_at_once(tmp_path: Path
         with os.fdopen(info, "rb") as report:
             init = int(json.loads(report.read())["child-pid"])
         assert not group_alive(init) and group_alive(outer.pid)  # the init makes none yet
-        process = LocalProcess(outer, Registry(), init)
+        log = Appender(tmp_path / "box.log")
+        process = LocalProcess(outer, Registry(), init, log, Pump(log))
         async with asyncio.timeout(20):
             await process.terminate(0.5)
         return init

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 
 from branchyard.runtime import logs
-from branchyard.runtime.logs import rotate
+from branchyard.runtime.logs import Appender, Pump
 
 
 def write(log: Path, older: bytes | None, current: bytes | None) -> None:
@@ -66,55 +67,72 @@ def test_tail_reads_across_the_rotated_part(
     assert logs.tail(log, size) == expected
 
 
-def test_rotate_keeps_the_last_bytes_and_empties_the_log(tmp_path: Path) -> None:
-    log = tmp_path / "v1.log"
-    log.write_bytes(b"0123456789")
-    assert not rotate(log, 10)
-    log.write_bytes(b"0123456789abc")
-    assert rotate(log, 10)
-    assert (logs.rotated(log).read_bytes(), log.read_bytes()) == (b"3456789abc", b"")
-
-
-BIG = bytes(range(256)) * 40  # 10,240 bytes: the cut comes at 8,192 (4 KiB blocks)
-
-
-def test_rotate_cuts_a_big_log_at_a_block_and_keeps_what_follows_the_cut(tmp_path: Path) -> None:
-    log = tmp_path / "v1.log"
-    log.write_bytes(BIG)
-    assert rotate(log, 3000)
-    assert (logs.rotated(log).read_bytes(), log.read_bytes()) == (BIG[5192:8192], BIG[8192:])
-
-
-def test_what_a_process_writes_while_a_log_is_rotated_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("before", "limit", "writes", "older", "current"),
+    [
+        (None, 10, [b"0123456789"], None, b"0123456789"),
+        (None, 10, [b"0123456789", b"abc"], b"0123456789", b"abc"),
+        (None, 10, [b"01234", b"56789", b"abcdefghijkl", b"m"], b"abcdefghijkl", b"m"),
+        (b"old\n", 10, [b"new\n"], None, b"old\nnew\n"),
+        (b"old\n", 5, [b"new\n"], b"old\n", b"new\n"),
+        (None, 10, [b""], None, b""),
+    ],
+)
+def test_an_appender_renames_its_log_before_a_write_that_would_take_it_past_its_limit(
+    tmp_path: Path,
+    before: bytes | None,
+    limit: int,
+    writes: list[bytes],
+    older: bytes | None,
+    current: bytes,
 ) -> None:
     log = tmp_path / "v1.log"
-    log.write_bytes(BIG)
-    copy = logs._copy
+    write(log, None, before)
+    with Appender(log, limit) as appender:
+        for data in writes:
+            appender.write(data)
+    rotated = logs.rotated(log)
+    found = (rotated.read_bytes() if rotated.exists() else None, log.read_bytes())
+    assert found == (older, current)
+    if before is None:
+        assert log.stat().st_mode & 0o777 == 0o600
 
-    def copy_while_written(source: BinaryIO, target: BinaryIO, start: int, end: int | None) -> int:
-        copied = copy(source, target, start, end)
-        with log.open("ab") as process:  # as a service does, between the copy and the cut
-            process.write(b"written during the copy\n")
-        return copied
 
-    monkeypatch.setattr(logs, "_copy", copy_while_written)
-    assert rotate(log, 3000)
-    assert logs.rotated(log).read_bytes() + log.read_bytes() == (
-        BIG[5192:] + b"written during the copy\n"
-    )
+LINES = 20_000  # about 110 KB through a log of 4 KiB: 27 rotations
+
+
+def test_what_a_process_writes_through_a_pump_reaches_its_log_whole_across_rotations(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "v1.log"
+    code = f"import os\nfor n in range({LINES}):\n    os.write(1, b'%d\\n' % n)\n"
+
+    async def run() -> None:
+        with Appender(log, 4096) as appender:
+            pump = Pump(appender)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, stdout=pump.writer
+            )
+            pump.started()
+            await process.wait()
+            pump.finish()
+
+    asyncio.run(run())
+    written = b"".join(b"%d\n" % n for n in range(LINES))
+    kept = logs.rotated(log).read_bytes() + log.read_bytes()
+    assert logs._cuts[log].total + log.stat().st_size == len(written)  # every byte, once
+    assert written.endswith(kept) and len(kept) > 4096  # the end of it, in order
+
+
+BIG = bytes(range(256)) * 40  # 10,240 bytes
 
 
 def test_follow_goes_on_where_it_was_when_the_cut_came_before_it(tmp_path: Path) -> None:
     log = tmp_path / "v1.log"
     log.write_bytes(BIG)
-
-    def rotate_then_append() -> None:
-        rotate(log, 3000)
-        with log.open("ab") as file:
-            file.write(b"next\n")
-
-    assert asyncio.run(followed(log, None, [rotate_then_append])) == BIG + b"next\n"
+    with Appender(log, len(BIG)) as appender:
+        steps = [lambda: appender.write(b"next\n")]  # the log renamed first
+        assert asyncio.run(followed(log, None, steps)) == BIG + b"next\n"
 
 
 async def followed(log: Path, lines: int | None, steps: Sequence[Callable[[], object]]) -> bytes:
@@ -133,54 +151,40 @@ async def followed(log: Path, lines: int | None, steps: Sequence[Callable[[], ob
 
 def test_follow_goes_on_across_rotations(tmp_path: Path) -> None:
     log = tmp_path / "v1.log"
-    log.write_bytes(b"one\ntwo\n")
-
-    def append(text: bytes) -> Callable[[], None]:
-        def step() -> None:
-            with log.open("ab") as file:
-                file.write(text)
-
-        return step
-
-    steps = [
-        append(b"three\n"),
-        lambda: rotate(log, 4),
-        append(b"four\n"),
-        append(b"five\nsix\nseven\n"),
-        lambda: rotate(log, 4),
-        append(b"eight\n"),
-    ]
-    seen = asyncio.run(followed(log, 1, steps))
+    with Appender(log, 8) as appender:
+        appender.write(b"one\ntwo\n")
+        steps = [
+            partial(appender.write, text)  # each write renames the log first
+            for text in (b"three\n", b"four\n", b"five\nsix\nseven\n", b"eight\n")
+        ]
+        seen = asyncio.run(followed(log, 1, steps))
     assert seen == b"two\nthree\nfour\nfive\nsix\nseven\neight\n"  # nothing twice, nothing lost
 
 
 def test_follow_sends_what_was_written_just_before_a_rotation(tmp_path: Path) -> None:
     log = tmp_path / "v1.log"
-    log.write_bytes(b"a\n")
+    with Appender(log, 6) as appender:
+        appender.write(b"a\n")
 
-    def write_then_rotate() -> None:
-        with log.open("ab") as file:
-            file.write(b"b\nc\n")
-        rotate(log, 4)
-        with log.open("ab") as file:
-            file.write(b"d\n")
+        def write_then_rotate() -> None:
+            appender.write(b"b\nc\n")
+            appender.write(b"d\n")  # a, b and c renamed first
 
-    assert asyncio.run(followed(log, None, [write_then_rotate])) == b"a\nb\nc\nd\n"
+        assert asyncio.run(followed(log, None, [write_then_rotate])) == b"a\nb\nc\nd\n"
 
 
 def test_follow_after_several_rotations_between_looks_sends_the_last_rotated_part(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "v1.log"
-    log.write_bytes(b"a\n")
+    with Appender(log, 6) as appender:
+        appender.write(b"a\n")
 
-    def two_rotations() -> None:
-        log.write_bytes(b"a\nb\nc\n")
-        rotate(log, 2)
-        log.write_bytes(b"d\ne\nf\n")
-        rotate(log, 4)
+        def two_rotations() -> None:
+            for text in (b"b\nc\n", b"d\ne\nf\n", b"g\n"):
+                appender.write(text)
 
-    assert asyncio.run(followed(log, None, [two_rotations])) == b"a\ne\nf\n"
+        assert asyncio.run(followed(log, None, [two_rotations])) == b"a\nd\ne\nf\ng\n"
 
 
 def test_follow_reads_a_log_someone_else_emptied_from_its_start(tmp_path: Path) -> None:

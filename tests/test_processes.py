@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from branchyard.errors import TemporaryError
+from branchyard.runtime.logs import Appender
 from branchyard.runtime.processes import LocalProcess, Ports, ephemeral_range, service_ports
 from branchyard.runtime.sandbox import Sandbox, detect
 from tests.conftest import processes_with, wait_for
@@ -45,6 +46,7 @@ KILLED_BEFORE_RECORDING = """\
 import asyncio, os, signal, sys
 from pathlib import Path
 from branchyard.errors import TemporaryError
+from branchyard.runtime.logs import Appender
 from branchyard.runtime.processes import LocalProcess, Ports, ephemeral_range, service_ports
 from branchyard.runtime.sandbox import detect
 
@@ -59,7 +61,8 @@ mode, log, marker = sys.argv[1:]
 argv = ["/bin/sh", "-c", "echo ran; exec sleep 60"]
 env = {"PATH": "/usr/bin:/bin", "MARK": marker}
 sandbox = detect() if mode == "sandboxed" else None
-spawn = LocalProcess.spawn(argv, Path("/"), env, Path(log), KilledWhileRecording(), "x", sandbox)
+log = Appender(Path(log))
+spawn = LocalProcess.spawn(argv, Path("/"), env, log, KilledWhileRecording(), "x", sandbox)
 asyncio.run(spawn)
 """
 
@@ -80,7 +83,9 @@ async def spawn_ready(
 ) -> LocalProcess:
     """``code`` running under python3, once it printed ``ready`` (its handler is set)."""
     argv, env = ["python3", "-c", code], {"PATH": "/usr/bin:/bin"}
-    process = await LocalProcess.spawn(argv, Path("/"), env, log, registry, "child", sandbox)
+    process = await LocalProcess.spawn(
+        argv, Path("/"), env, Appender(log), registry, "child", sandbox
+    )
     assert registry.live == {process.pid}
     async with asyncio.timeout(30):
         while b"ready\n" not in log.read_bytes():

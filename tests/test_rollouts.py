@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,10 @@ from tests.conftest import (
     ServiceRepo,
     daemon_with,
     git,
-    no_process_left,
     processes_with,
     start_daemon,
     stdlib_service,
+    stop_cleanly,
     wait_for,
 )
 
@@ -32,7 +33,14 @@ pytestmark = pytest.mark.integration
 
 
 class Load:
-    """Bounded request loops through the router: keep-alive and a new connection each."""
+    """Bounded request loops through the router: keep-alive and a new connection each.
+
+    Whatever goes wrong in a loop is an error of the load, an exception of any kind
+    included (a loop that died of one would make fewer requests, and fewer errors): on
+    leaving, the load fails unless each loop ran to the end without one and answered
+    requests until then (see :meth:`answered_since`)."""
+
+    LOOPS = ("keep-alive", "new connection")
 
     def __init__(self, port: int, host: str) -> None:
         self.port = port
@@ -42,9 +50,11 @@ class Load:
         # thread after the stop was reported, when the machine is busy.
         self.answers: list[tuple[float, str]] = []
         self.errors: list[str] = []
+        self.made = dict.fromkeys(self.LOOPS, 0)  # answers per loop
         self._stop = threading.Event()
+        self._ended: list[str] = []  # loops that ran until told to stop
         self._threads = [
-            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (True, False)
+            threading.Thread(target=self._run, args=(name,), daemon=True) for name in self.LOOPS
         ]
 
     def __enter__(self) -> Load:
@@ -56,14 +66,33 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
+        if exc[0] is None:
+            assert self.errors == []
+            assert sorted(self._ended) == sorted(self.LOOPS), f"loops ended early: {self._ended}"
 
     def answered_last_by(self, sha: str) -> bool:
         return bool(self.answers) and self.answers[-1][1] == sha
 
-    def _loop(self, keep_alive: bool) -> None:
+    def answered_since(self, made: dict[str, int], count: int) -> bool:
+        """Each loop answered ``count`` more requests than it had made when ``made``
+        (a copy of :attr:`made`) was taken."""
+        return all(self.made[name] >= made[name] + count for name in self.LOOPS)
+
+    def _run(self, name: str) -> None:
+        try:
+            self._loop(name)
+        except Exception as exc:
+            self.errors.append(f"{name} loop died: {type(exc).__name__}: {exc}")
+        else:
+            self._ended.append(name)
+
+    def _loop(self, name: str) -> None:
+        keep_alive = name == "keep-alive"
         connection: http.client.HTTPConnection | None = None
         deadline = time.monotonic() + 120  # bounded whatever happens
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError("not stopped within 120 s")
             started = time.monotonic()
             sent = time.time()
             try:
@@ -80,15 +109,56 @@ class Load:
                 else:
                     sha = json.loads(body)["env"]["BRANCHYARD_REVISION"]
                     self.answers.append((sent, sha))
+                    self.made[name] += 1
                 if not keep_alive or response.will_close:
                     connection.close()
                     connection = None
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except Exception as exc:  # any of them: a KeyError is a wrong answer too
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 if connection is not None:
                     connection.close()
                 connection = None
             time.sleep(max(0.0, 0.01 - (time.monotonic() - started)))  # ~100/s per loop
+
+
+NONE_YET = dict.fromkeys(Load.LOOPS, 0)
+
+
+class Answers(BaseHTTPRequestHandler):
+    """Answers every GET with 200 and the JSON body of the server's ``body``."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps(getattr(self.server, "body", {})).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"started": "x"}, "KeyError: 'env'"),  # a thread that died of it made no error once
+        ({"env": {}}, "KeyError: 'BRANCHYARD_REVISION'"),
+        ([], "TypeError: list indices must be integers or slices, not str"),
+    ],
+)
+def test_a_load_whose_requests_get_a_wrong_answer_fails(body: object, error: str) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    server.body = body  # type: ignore[attr-defined]
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        with pytest.raises(AssertionError), Load(server.server_port, "app") as load:
+            wait_for(lambda: len(load.errors) >= 10, 30, "errors")
+        assert set(load.errors) == {error}, set(load.errors)
+        assert load.made == dict.fromkeys(Load.LOOPS, 0)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_twenty_pushes_under_load_drop_no_request(
@@ -98,15 +168,14 @@ def test_twenty_pushes_under_load_drop_no_request(
     daemon.cli("repo", "add", str(app.origin))
     wait_for(lambda: daemon.answer("app"), 30, "app live")
     with Load(daemon.router_port, "app.main.localhost") as load:
-        wait_for(lambda: len(load.answers) >= 20, 30, "answers before the pushes")
+        wait_for(lambda: load.answered_since(NONE_YET, 10), 30, "answers before the pushes")
         for number in range(20):
             sha = app.commit({"n.txt": str(number)}, f"push {number}")
             app.push()
             wait_for(partial(daemon.serves, "app", "main", sha), 30, f"push {number}")
             wait_for(partial(load.answered_last_by, sha), 30, f"push {number} answers the load")
-        pushed = len(load.answers)
-        wait_for(lambda: len(load.answers) >= pushed + 20, 30, "answers after the pushes")
-    assert load.errors == []
+        pushed = dict(load.made)
+        wait_for(lambda: load.answered_since(pushed, 20), 30, "answers after the pushes")
     revisions = json.loads(daemon.cli("revisions", "app", "--format", "json").stdout)
     stopped_at = {r["sha"]: r["changed_at"] for r in revisions if r["state"] == "stopped"}
     late = [(at, sha) for at, sha in load.answers if sha in stopped_at and at > stopped_at[sha]]
@@ -212,7 +281,7 @@ def test_a_daemon_restart_keeps_the_pin_of_a_split_but_not_the_split(
         seen = {first.answer("app")["env"]["BRANCHYARD_REVISION"] for _ in range(100)}
         assert seen == {one, two}
     finally:
-        assert first.stop() == 0
+        stop_cleanly(first)
 
     second = start_daemon(tmp_path / "home")
     try:
@@ -221,7 +290,7 @@ def test_a_daemon_restart_keeps_the_pin_of_a_split_but_not_the_split(
         ps = second.cli("ps").stdout
         assert "pinned v1" in ps and "split" not in ps, ps
     finally:
-        assert second.stop() == 0
+        stop_cleanly(second)
 
 
 def test_a_live_revision_that_crashes_is_restarted_and_gives_up_after_too_many(
@@ -359,8 +428,7 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace(
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "the stubborn one killed")
         assert "ignoring SIGTERM" in running.cli("logs", "--revision", "1", "app").stdout
     finally:
-        assert running.stop() == 0
-    no_process_left(running.marker, 15)
+        stop_cleanly(running)
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-sandbox",)], ids=["sandboxed", "unsandboxed"])
@@ -377,8 +445,7 @@ def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
     first.cli("env", "set", "web", "GREETING=survives")
     wait_for(lambda: first.answer("web")["env"].get("GREETING") == "survives", 30, "set")
     old_pids = set(processes_with(first.marker))
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait()
+    first.kill()
     if flags:
         assert old_pids & set(processes_with(first.marker)), "services outlive the daemon"
     else:
@@ -396,8 +463,7 @@ def test_a_daemon_killed_with_sigkill_is_cleaned_up_by_the_next_one(
         services = [a for a in argvs if a[0].endswith(b"python") and b"app.py" in a]
         assert len(services) == 2, "one process per revision"
     finally:
-        assert second.stop() == 0
-    wait_for(lambda: not processes_with(first.marker), 15, "nothing left")
+        stop_cleanly(second)
 
 
 def test_restart_starts_new_processes_of_the_same_revision_without_a_gap(
@@ -408,11 +474,10 @@ def test_restart_starts_new_processes_of_the_same_revision_without_a_gap(
     before = wait_for(lambda: daemon.answer("app"), 30, "app live")
     before_pid = daemon.host_pid("app")
     with Load(daemon.router_port, "app.main.localhost") as load:
-        wait_for(lambda: len(load.answers) >= 20, 30, "answers before the restart")
+        wait_for(lambda: load.answered_since(NONE_YET, 10), 30, "answers before the restart")
         assert "v1 restarted" in daemon.cli("restart", "app").stdout
-        restarted = len(load.answers)
-        wait_for(lambda: len(load.answers) >= restarted + 20, 30, "answers after the restart")
-    assert load.errors == []
+        restarted = dict(load.made)
+        wait_for(lambda: load.answered_since(restarted, 20), 30, "answers after the restart")
     after = daemon.answer("app")
     assert after["started"] != before["started"]
     assert after["env"]["BRANCHYARD_REVISION"] == before["env"]["BRANCHYARD_REVISION"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,8 +21,9 @@ import pytest
 
 from bench.common import processes_with
 from branchyard.runtime.sandbox import TMP_SIZE
-from tests.conftest import Daemon, ServiceRepo, git, start_daemon, wait_for
+from tests.conftest import Daemon, ServiceRepo, git, start_daemon, stop_cleanly, wait_for
 from tests.githttp import GitHttpServer
+from tests.leftovers import boxes
 from tests.test_api import call, github_push, signed
 
 WEBHOOK_SECRET = "hook-secret-of-the-daemon"
@@ -121,12 +121,12 @@ def hostile(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., tuple[Daemon, dict[str, Any]]]]:
     """A daemon (with ``flags``) running ``vault`` with a secret in main, and the probe in evil."""
-    started: list[Daemon] = []
+    started: list[tuple[Daemon, tuple[str, ...]]] = []
 
     def run(*flags: str) -> tuple[Daemon, dict[str, Any]]:
         monkeypatch.setenv("BRANCHYARD_WEBHOOK_SECRET", WEBHOOK_SECRET)
         daemon = start_daemon(tmp_path / "home", *flags)
-        started.append(daemon)
+        started.append((daemon, flags))
         vault, probe = make_repo("vault"), make_repo("probe")
         daemon.cli("repo", "add", str(vault.origin), "--webhook-secret", REPO_SECRET)
         daemon.cli("env", "set", "vault", "--secret", f"DB_PASSWORD={DB_PASSWORD}")
@@ -141,16 +141,11 @@ def hostile(
         return daemon, found
 
     yield run
-    for daemon in started:
+    for daemon, flags in started:
         if daemon.process.poll() is None:
-            daemon.stop()
-        for pid in processes_with(daemon.marker):
-            os.kill(pid, signal.SIGKILL)
-
-
-def killed(daemon: Daemon) -> None:
-    daemon.process.send_signal(signal.SIGKILL)
-    daemon.process.wait()
+            stop_cleanly(daemon)
+        elif not daemon.checked:  # killed by the test: the next daemon answers for it
+            stop_cleanly(start_daemon(daemon.home, *flags))
 
 
 def test_a_sandboxed_probe_reads_nothing_of_the_daemon_or_its_neighbours_and_escapes_nothing(
@@ -174,8 +169,8 @@ def test_a_sandboxed_probe_reads_nothing_of_the_daemon_or_its_neighbours_and_esc
     assert found["tmp_size"] == TMP_SIZE
     assert WEBHOOK_SECRET not in found["environ"].values()
 
-    killed(daemon)
-    wait_for(lambda: not processes_with(daemon.marker), 15, "every box gone with the daemon")
+    daemon.kill()
+    wait_for(lambda: not boxes(daemon.home), 15, "every box gone with the daemon")
 
 
 def test_a_sandboxed_revision_that_stops_takes_its_escaped_processes_along(
@@ -205,7 +200,7 @@ def test_an_unsandboxed_probe_reads_it_all_and_its_escapers_outlive_the_daemon(
     assert found["uid"] == os.geteuid()
 
     escaped = set(escapers(daemon.marker))
-    killed(daemon)
+    daemon.kill()
     assert escaped & set(escapers(daemon.marker)), "unsandboxed escapers outlive the daemon"
 
 
@@ -252,7 +247,7 @@ def test_an_unsandboxed_daemon_says_so_in_info_above_ps_and_on_the_dashboard(
         with urllib.request.urlopen(f"{daemon.info['api']}/login") as page:
             assert 'id="unsandboxed"' in page.read().decode()
     finally:
-        assert daemon.stop() == 0
+        stop_cleanly(daemon)
 
 
 def test_a_sandboxed_daemon_says_which_box_and_warns_nowhere(daemon: Daemon) -> None:
@@ -282,7 +277,7 @@ def test_the_global_webhook_secret_works_but_is_gone_from_the_daemons_proc_envir
             hooked = call(running, "POST", "/hooks/github", body, signed(body, WEBHOOK_SECRET))
             assert hooked[0] == 202
     finally:
-        assert running.stop() == 0
+        stop_cleanly(running)
 
 
 def test_the_scratch_area_lives_as_long_as_its_revision_restarts_included(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, ServiceRepo, git, processes_with, start_daemon, wait_for
+from tests.conftest import (
+    Daemon,
+    ServiceRepo,
+    git,
+    processes_with,
+    start_daemon,
+    stop_cleanly,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -175,8 +182,7 @@ def test_a_daemon_killed_mid_write_comes_back_on_head_with_the_leftover_set_asid
         hook = blocking_hook(settings, reached, release)
         writers = [start_cli(first, "env", "set", "app", f"LOST{i}=no") for i in range(5)]
         wait_for(reached.exists, 30, "a commit under way")
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait()
+        first.kill()
     finally:
         release.touch()
         first.stop()
@@ -201,7 +207,7 @@ def test_a_daemon_killed_mid_write_comes_back_on_head_with_the_leftover_set_asid
         assert commits(second)[0] == ("env set NEXT", "+  NEXT: '1'")
         assert second.cli("env", "ls", "app").stdout == kept + "NEXT=1\n"
     finally:
-        assert second.stop() == 0
+        stop_cleanly(second)
     assert os.path.isdir(folder)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from branchyard.runtime import InstanceState
+from branchyard.runtime.logs import Appender
 from branchyard.runtime.processes import LocalProcess
 from branchyard.runtime.supervisor import (
     TRANSITIONS,
@@ -596,7 +597,7 @@ def local(code: str, log: Path, registry: Registry) -> Spawn:
 
     async def spawn() -> Process:
         argv = [sys.executable, "-c", code]
-        return await LocalProcess.spawn(argv, Path("/"), {}, log, registry, "child")
+        return await LocalProcess.spawn(argv, Path("/"), {}, Appender(log), registry, "child")
 
     return spawn
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,11 +15,12 @@ from tests.conftest import (
     Daemon,
     ServiceRepo,
     git,
-    processes_with,
     start_daemon,
     stdlib_service,
+    stop_cleanly,
     wait_for,
 )
+from tests.leftovers import Made, held
 
 pytestmark = pytest.mark.integration
 
@@ -137,10 +137,10 @@ def test_no_file_descriptor_leaks_across_a_hundred_deploys(
 @pytest.mark.parametrize(
     ("files", "moment"),
     [
-        ({"branchyard.yaml": "build: echo mid-build && sleep 30\n"}, "mid-build"),
+        ({"branchyard.yaml": "build: echo mid-build && sleep 10\n"}, "mid-build"),
         (
             {
-                "app.py": "import time\nprint('mid-health-check', flush=True)\ntime.sleep(30)\n"
+                "app.py": "import time\nprint('mid-health-check', flush=True)\ntime.sleep(10)\n"
                 + stdlib_service()["app.py"],
                 "branchyard.yaml": "health:\n  timeout: 60\n",
             },
@@ -152,28 +152,49 @@ def test_no_file_descriptor_leaks_across_a_hundred_deploys(
 def test_a_daemon_killed_mid_deploy_converges_on_restart(
     tmp_path: Path, make_repo: Callable[..., ServiceRepo], files: dict[str, str], moment: str
 ) -> None:
+    """Converged: the deploy the kill cut short is done as the same revision (v2 live, v1
+    stopped, no v3), ``ps`` shows what a daemon never killed shows, nothing of the first
+    daemon runs, and the second one stops cleanly."""
     app = make_repo("app")
-    first = start_daemon(tmp_path / "home")
+    home = tmp_path / "home"
+    first = start_daemon(home)
     first.cli("repo", "add", str(app.origin))
     stable = wait_for(lambda: first.answer("app")["env"]["BRANCHYARD_REVISION"], 30)
-    app.commit(files, moment)
+    listed, before = first.ps_q(), first.row("main", "app")  # v1 live, as never killed
+    pushed = app.commit(files, moment)
     app.push()
     suffix = ".build.log" if moment == "mid-build" else ".log"
-    log = first.home / "logs" / "main" / "app" / f"v2{suffix}"
+    log = home / "logs" / "main" / "app" / f"v2{suffix}"
     wait_for(lambda: log.exists() and moment in log.read_text(), 30, moment)  # it says so
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait()
-    second = start_daemon(tmp_path / "home")
+    made = Made.by(first.process.pid, home)
+    assert made.processes, "the first daemon runs v1 and v2's build or start"
+    first.kill()
+    second = start_daemon(home)
     try:
-        wait_for(lambda: not processes_with(first.marker), 15, "leftovers of the first stopped")
-        wait_for(
-            lambda: second.answer("app")["env"]["BRANCHYARD_REVISION"] == stable,
-            60,
-            "the stable revision serves again",
+        wait_for(lambda: not made.running(), 15, "the first daemon's processes gone")
+        wait_for(lambda: not held(made.namespaces), 15, "the first daemon's box networks gone")
+        wait_for(lambda: second.serves("app", "main", stable), 60, "the stable revision again")
+        wait_for(lambda: second.serves("app", "main", pushed), 60, "the push deployed")
+        row = wait_for(lambda: (r := second.row("main", "app"))["state"] == "live" and r, 30)
+        assert (row["live"]["ordinal"], row["live"]["sha"]) == (2, pushed), row["live"]
+        assert row["latest"] == row["live"] and (row["weights"], before["weights"]) == (
+            {"2": 100},
+            {"1": 100},
         )
+        assert row["url"] == f"http://app.main.localhost:{second.router_port}/"  # port 0: new
+        revision = ("live", "latest", "weights", "since", "url")
+        assert {k: v for k, v in row.items() if k not in revision} == {
+            k: v for k, v in before.items() if k not in revision
+        }  # state live, no reason, no restart, no pin: what v1 showed
+        assert second.ps_q() == listed == ["main:app"]
+        found = json.loads(second.cli("revisions", "app", "--format", "json").stdout)
+        assert [(r["ordinal"], r["sha"], r["state"]) for r in found] == [
+            (2, pushed, "live"),
+            (1, stable, "stopped"),
+        ]
     finally:
-        second.stop()
-    wait_for(lambda: not processes_with(second.marker), 15, "nothing left")
+        made.close()
+        stop_cleanly(second)
 
 
 def test_a_stale_git_lock_left_in_the_settings_is_removed_at_start(
@@ -188,7 +209,7 @@ def test_a_stale_git_lock_left_in_the_settings_is_removed_at_start(
         first.cli("env", "set", "app", "GREETING=before")
         wait_for(lambda: first.answer("app")["env"].get("GREETING") == "before", 30, "set")
     finally:
-        assert first.stop() == 0
+        stop_cleanly(first)
     dot_git = first.home / "settings" / ".git"
     stale = [dot_git / "index.lock", dot_git / "refs" / "heads" / "main.lock"]
     for lock in stale:
@@ -202,4 +223,4 @@ def test_a_stale_git_lock_left_in_the_settings_is_removed_at_start(
         wait_for(lambda: second.answer("app")["env"].get("GREETING") == "after", 30, "changed")
         assert "GREETING=after" in second.cli("env", "ls", "app").stdout
     finally:
-        assert second.stop() == 0
+        stop_cleanly(second)

@@ -21,6 +21,7 @@ import pytest
 
 from branchyard.errors import BuildFailed
 from branchyard.git import Source
+from branchyard.runtime.logs import Appender
 from branchyard.runtime.sandbox import BOX_USER, detect
 from branchyard.runtime.unpack import check_out
 from tests.conftest import ServiceRepo, git, start_daemon, stop_cleanly, wait_for
@@ -113,9 +114,8 @@ def checked_out(repo: Path, sha: str, dest: Path, limit: int = 1 << 30) -> None:
     async def scenario() -> None:
         source = Source(str(repo), repo / "unused")
         try:
-            await check_out(
-                source, sha, dest, limit, dest.parent / "build.log", Unrecorded(), detect()
-            )
+            with Appender(dest.parent / "build.log") as log:
+                await check_out(source, sha, dest, limit, log, Unrecorded(), detect())
         finally:
             await source.close()
 

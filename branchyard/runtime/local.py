@@ -8,7 +8,8 @@ Layout under the home::
                                                its environment (``venvs.Wanted``)
     venvs/KEY/                                 environments by what goes in and who wrote
                                                them; the baseline's read by branches (``venvs``)
-    logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output, rotated at 10 MiB
+    logs/NAMESPACE/SERVICE/vORDINAL.log        the processes' output (the daemon writes it), rotated
+                                               at 10 MiB
     logs/NAMESPACE/SERVICE/vORDINAL.build.log  fetch, install and build output, the same
     logs/NAMESPACE/SERVICE/vORDINAL*.log.1     the older part of a rotated log (see ``logs``)
     scratch/NAMESPACE/SERVICE/vORDINAL/        the running revision's writable area (its HOME)
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shutil
 import time
@@ -64,7 +64,7 @@ from branchyard.runtime import (
 from branchyard.runtime import logs as logfiles
 from branchyard.runtime.cgroups import Cgroups, Limits
 from branchyard.runtime.environment import NOTHING_OUTSIDE, Outside
-from branchyard.runtime.logs import LOG_MAX, last_lines, rotate
+from branchyard.runtime.logs import LOG_MAX, Appender, Appenders, last_lines
 from branchyard.runtime.processes import (
     LOOPBACK,
     LocalProcess,
@@ -81,7 +81,6 @@ from branchyard.runtime.venvs import VenvCache, Wanted, run_logged, wanted
 from branchyard.trees import MAX_CHECKOUT
 
 Slot = tuple[str, str]
-logger = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 # Put before a process's command: its shell outlives the SIGTERM its process group gets
@@ -92,7 +91,6 @@ STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 OUTLIVE_SIGTERM = "trap : TERM\n"
 KEEP_LOGS = 10  # revisions per service whose logs are kept
 HEALTH_INTERVAL = 0.02
-ROTATE_INTERVAL = 0.5
 
 
 async def probe(dialer: Dialer, port: int, path: str, timeout: float = 1.0) -> int | None:
@@ -209,7 +207,7 @@ class LocalInstance:
         web: Supervisor,
         workers: list[Supervisor],
         port: int,
-        log: Path,
+        log: Appender,
         give_back: Callable[[], None],
     ) -> None:
         self._web = web
@@ -272,10 +270,8 @@ class LocalRuntime:
         self._stop_grace = stop_grace
         self._ports = Ports()
         self._running: set[LocalInstance] = set()
-        self._rotator: asyncio.Task[None] | None = None
-        self._log_limit = log_limit
+        self._appenders = Appenders(log_limit)  # every log's one writer, rotating it
         self._max_checkout = max_checkout
-        self._building: set[Path] = set()  # build logs being written
         self._outside = outside
         self._cgroups = cgroups
         self.venvs = VenvCache(home / "venvs", records, self._sandbox, outside, cgroups)
@@ -291,20 +287,14 @@ class LocalRuntime:
     # building
 
     async def build(self, spec: RevisionSpec) -> LocalBuild:
-        """Build ``spec``; its build log is rotated like a service's, and once more at the end."""
-        build_log = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal, build=True))
-        if self._rotator is None:
-            self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
-        self._building.add(build_log)
-        try:
+        """Build ``spec``, its output in its build log."""
+        path = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal, build=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _prune_logs(path.parent, spec.ordinal - KEEP_LOGS)
+        with self._appenders.opened(path) as build_log:
             return await self._build(spec, build_log)
-        finally:
-            self._building.discard(build_log)
-            rotate(build_log, self._log_limit)
 
-    async def _build(self, spec: RevisionSpec, build_log: Path) -> LocalBuild:
-        build_log.parent.mkdir(parents=True, exist_ok=True)
-        _prune_logs(build_log.parent, spec.ordinal - KEEP_LOGS)
+    async def _build(self, spec: RevisionSpec, build_log: Appender) -> LocalBuild:
         checkout = self._checkout(spec)
         done = checkout.with_name(checkout.name + ".ok")
         kept = Wanted.from_mark(done.read_text()) if done.exists() and checkout.is_dir() else None
@@ -396,8 +386,9 @@ class LocalRuntime:
     async def start(self, build: Build, on_change: OnChange) -> LocalInstance:
         build = _local(build)
         spec = build.spec
-        log = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal))
-        log.parent.mkdir(parents=True, exist_ok=True)
+        path = self._log_path(LogName(spec.namespace, spec.service, spec.ordinal))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = self._appenders.open(path)
         scratch = self._take_scratch(spec)
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
@@ -408,7 +399,7 @@ class LocalRuntime:
         def changed(web: Supervisor) -> None:
             if instance is not None:
                 if web.state is InstanceState.FAILED:
-                    instance.last_output = tuple(last_lines(log))
+                    instance.last_output = tuple(last_lines(path))
                 on_change(instance)
 
         def spawner(command: str, env: dict[str, str], what: str) -> Spawn:
@@ -453,20 +444,20 @@ class LocalRuntime:
             finally:
                 self._ports.give_back(port)
                 self._drop_scratch(scratch)
+                self._appenders.close(log)
             if isinstance(exc, FirstStartFailed):
-                raise BuildFailed(_first_start_message(web, health, exc, log)) from None
+                raise BuildFailed(_first_start_message(web, health, exc, path)) from None
             raise
 
         def give_back() -> None:
             self._ports.give_back(port)
             self._drop_scratch(scratch)
+            self._appenders.close(log)
             if instance is not None:
                 self._running.discard(instance)
 
         instance = LocalInstance(web, workers, port, log, give_back)
         self._running.add(instance)
-        if self._rotator is None:
-            self._rotator = asyncio.create_task(self._rotate_logs(), name="rotate logs")
         return instance
 
     def _take_scratch(self, spec: RevisionSpec) -> Path:
@@ -488,15 +479,6 @@ class LocalRuntime:
             self._scratch_users[scratch] = left
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-
-    async def _rotate_logs(self) -> None:
-        while True:
-            await asyncio.sleep(ROTATE_INTERVAL)
-            for log in [*(instance.log for instance in self._running), *self._building]:
-                try:
-                    rotate(log, self._log_limit)
-                except OSError as exc:  # a home made read-only or full: tried again later
-                    logger.warning("cannot rotate %s: %s", log, exc.strerror)
 
     # after a daemon ended
 
@@ -577,9 +559,5 @@ class LocalRuntime:
         return None  # processes here end with the daemon: the engine stops them
 
     async def close(self) -> None:
-        if self._rotator:
-            self._rotator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rotator
         if self._cgroups is not None:
             await self._cgroups.close()

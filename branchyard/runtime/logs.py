@@ -1,36 +1,44 @@
-"""Log files on this machine: kept bounded, and read as one across a rotation.
+"""Log files on this machine: written by the daemon alone, kept bounded, read as one.
 
-Processes write their output straight into a log file opened with O_APPEND.
-:func:`rotate` keeps it bounded: past ``limit`` bytes, it picks a cut at a
-block boundary near the end, copies the ``limit`` bytes before the cut to
-``NAME.1`` (:func:`rotated`), and removes everything before the cut from the
-file in place with ``fallocate(FALLOC_FL_COLLAPSE_RANGE)``, which the kernel
-does under the lock appends take: what the processes write meanwhile stays,
-after the cut, and nothing is lost. Where the file system cannot collapse a
-range (tmpfs, overlayfs, btrfs; or a log under one block), it falls back to
-logrotate's copytruncate, which loses what is written between the copy's end
-and the truncation. What a reader calls "the log" is ``NAME.1`` followed by
-``NAME``, and every reader here reads it so: :func:`tail` (the last bytes),
-:func:`read` (all of it, or its last lines, in blocks, never whole in memory)
-and :func:`follow` (new output as it comes, across rotations).
+No process writes its log itself. Its stdout and stderr are a pipe (:class:`Pump`)
+the daemon reads on its event loop, and every byte of a log, the daemon's own
+notes included, goes through the log's one :class:`Appender` (shared by every
+process writing it: a revision's web and workers, the old and new processes of a
+restart). So the appender rotates between two writes: past ``limit`` bytes it
+renames ``NAME`` to ``NAME.1`` (:func:`rotated`, replacing the one before) and
+opens a new ``NAME``. Nothing written is lost or copied, on any file system.
+(When a process wrote the file itself, the daemon could only cut a file it did not
+own the writes to: logrotate's copytruncate loses what comes between the copy and
+the truncation, and a renamed file goes on growing under the process's open
+descriptor.) The price is the daemon's reads and writes of every service's output,
+kept low by reading each pipe in large chunks, at most every 10 ms (see :class:`Pump`;
+docs/commands.md says what it measured). A process writing faster than the daemon
+reads waits on the full pipe, as it would on a slow terminal.
 
-Rotating and following both happen in the daemon, on one event loop, so
-:func:`rotate` notes where it cut each log (:data:`_cuts`) and :func:`follow`
-uses that to pick up, from the end of ``NAME.1``, exactly what it had not read
-yet when the cut came, and to go on in ``NAME`` where it was, less the cut.
+What a reader calls "the log" is ``NAME.1`` followed by ``NAME``, and every reader
+here reads it so: :func:`tail` (the last bytes), :func:`read` (all of it, or its last
+lines, in blocks, never whole in memory) and :func:`follow` (new output as it comes,
+across rotations).
+
+Rotating and following both happen in the daemon, on one event loop, so the
+appender notes where it cut each log (:data:`_cuts`) and :func:`follow` uses that
+to pick up, from ``NAME.1``, exactly what it had not read yet when the cut came,
+and to go on in the new ``NAME`` from its start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
+import contextlib
+import fcntl
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 from branchyard.runtime import LAST_LINES
@@ -38,6 +46,7 @@ from branchyard.text import without_escapes
 
 LOG_MAX = 10 * 1024 * 1024  # bytes a log may reach before it is rotated
 BLOCK = 64 * 1024
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,63 +58,168 @@ class _Cut:
 _cuts: dict[Path, _Cut] = {}
 
 
-def note_command(log: Path, argv: Sequence[str]) -> None:
-    """Append the command a build runs next to its log, and the time, as a shell shows it."""
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]\n".encode())
-
-
 def rotated(log: Path) -> Path:
-    """Where :func:`rotate` keeps the older part of ``log``."""
+    """Where the older part of ``log`` is kept once it is rotated."""
     return log.with_name(log.name + ".1")
 
 
-def rotate(log: Path, limit: int = LOG_MAX) -> bool:
-    """Keep ``log`` bounded: past ``limit`` bytes its tail moves to ``log.1``."""
-    try:
-        if log.stat().st_size <= limit:
-            return False
-        file = log.open("r+b")
-    except FileNotFoundError:
-        return False
-    with file, rotated(log).open("wb") as target:
-        status = os.fstat(file.fileno())
-        # The cut: a block boundary before the end (a collapse must leave a byte).
-        end = cut = (status.st_size - 1) // status.st_blksize * status.st_blksize
-        _copy(file, target, max(0, cut - limit), cut)
-        if not (cut and _collapse(file, cut)):
-            end = _copy(file, target, status.st_size - limit, None)
-            os.truncate(log, 0)
-    before = _cuts.get(log, _Cut(0, 0))
-    _cuts[log] = _Cut(before.total + end, end)
-    return True
+def _open_for_append(log: Path) -> int:
+    return os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
-def _copy(source: BinaryIO, target: BinaryIO, start: int, end: int | None) -> int:
-    """Copy ``source`` from ``start`` to ``end`` (None: to its end, as it grows) over
-    what ``target`` had; where the copy ended."""
-    target.seek(0)
-    target.truncate()
-    source.seek(start)
-    while chunk := source.read(BLOCK if end is None else min(BLOCK, end - source.tell())):
-        target.write(chunk)
-    return source.tell()
+class Appender:
+    """The one writer of a log: appends, and keeps the log under ``limit`` bytes by
+    rotating it before a write that would take it past (see the module's docstring).
+
+    A write the file system refuses (a full disk, a home made read-only) is dropped,
+    and said once in the daemon's log until a write succeeds again: the service goes
+    on, and its output resumes when there is room.
+    """
+
+    def __init__(self, log: Path, limit: int = LOG_MAX) -> None:
+        self.path = log
+        self._limit = limit
+        self._fd = _open_for_append(log)
+        self._size = os.fstat(self._fd).st_size
+        self._refused = False
+        self.users = 0  # see Appenders
+
+    def write(self, data: bytes) -> None:
+        try:
+            if self._size and self._size + len(data) > self._limit:
+                self._rotate()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            if not self._refused:
+                logger.warning("output dropped: cannot write %s: %s", self.path, exc.strerror)
+            self._refused = True
+            return
+        self._size += len(data)
+        self._refused = False
+
+    def note(self, text: str) -> None:
+        """Write a line of the daemon's own into the log."""
+        self.write(text.encode() + b"\n")
+
+    def _rotate(self) -> None:
+        os.replace(self.path, rotated(self.path))
+        fd, self._fd = self._fd, _open_for_append(self.path)
+        os.close(fd)
+        before = _cuts.get(self.path, _Cut(0, 0))
+        _cuts[self.path] = _Cut(before.total + self._size, self._size)
+        self._size = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> Appender:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
-FALLOC_FL_COLLAPSE_RANGE = 0x08
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+class Appenders:
+    """The open appenders of one daemon, one per log, whoever writes it."""
+
+    def __init__(self, limit: int = LOG_MAX) -> None:
+        self._limit = limit
+        self._open: dict[Path, Appender] = {}
+
+    def open(self, log: Path) -> Appender:
+        """``log``'s appender, opened if no one has it open; :meth:`close` it after."""
+        appender = self._open.get(log)
+        if appender is None:
+            appender = self._open[log] = Appender(log, self._limit)
+        appender.users += 1
+        return appender
+
+    def close(self, appender: Appender) -> None:
+        appender.users -= 1
+        if appender.users <= 0 and self._open.get(appender.path) is appender:
+            del self._open[appender.path]
+            appender.close()
+
+    @contextlib.contextmanager
+    def opened(self, log: Path) -> Iterator[Appender]:
+        appender = self.open(log)
+        try:
+            yield appender
+        finally:
+            self.close(appender)
 
 
-def _collapse(file: BinaryIO, length: int) -> bool:
-    """Remove the first ``length`` bytes of ``file`` in place; False if its file system
-    cannot."""
-    if _libc.fallocate(file.fileno(), FALLOC_FL_COLLAPSE_RANGE, 0, length) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-        return False
-    raise OSError(code, os.strerror(code))
+PIPE_SIZE = 1024 * 1024  # bytes a pump's pipe holds (Linux's pipe-max-size by default)
+PUMP_PAUSE = 0.01  # seconds a pump waits after a read, so that the next one reads much
+
+
+class Pump:
+    """A pipe whose write end a process gets as its stdout and stderr (:attr:`writer`),
+    read on the event loop into an :class:`Appender` as its output comes.
+
+    After each read it waits :data:`PUMP_PAUSE` before it looks again: a process that
+    writes line by line would otherwise wake the daemon for every line (a service
+    printing 290,000 lines a second took half of a core). Its pipe holds
+    :data:`PIPE_SIZE` meanwhile, so that up to 100 MB/s go through without making the
+    process wait; output reaches the log within the pause.
+    """
+
+    def __init__(self, appender: Appender) -> None:
+        self._appender = appender
+        self._read, self.writer = os.pipe()
+        os.set_blocking(self._read, False)
+        with contextlib.suppress(OSError):  # over the limit: the kernel's default, 64 KiB
+            fcntl.fcntl(self._read, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._read, self._readable)
+        self._again: asyncio.TimerHandle | None = None
+        self._open = True
+
+    def started(self) -> None:
+        """The process has its copy of the write end: the daemon's is closed, so the pipe
+        ends when the process and what it started are gone."""
+        if self.writer >= 0:
+            os.close(self.writer)
+            self.writer = -1
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._read, PIPE_SIZE)
+        except BlockingIOError:
+            return
+        self._loop.remove_reader(self._read)
+        if chunk:  # else its end: finish() closes it
+            self._appender.write(chunk)
+            self._again = self._loop.call_later(PUMP_PAUSE, self._look_again)
+
+    def _look_again(self) -> None:
+        self._again = None
+        self._loop.add_reader(self._read, self._readable)
+
+    def finish(self) -> None:
+        """Write what is left in the pipe, then close it. For after the process ended
+        (and its box, so nothing more comes): what a process that escaped still writes
+        is not waited for."""
+        if not self._open:
+            return
+        self._open = False
+        self.started()
+        if self._again is not None:
+            self._again.cancel()
+        self._loop.remove_reader(self._read)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._read, PIPE_SIZE):
+                self._appender.write(chunk)
+        os.close(self._read)
+
+
+def note_command(log: Appender, argv: Sequence[str]) -> None:
+    """Note the command a build runs next in its log, and the time, as a shell shows it."""
+    log.note(f"$ {' '.join(argv)}  [{time.strftime('%H:%M:%S')}]")
 
 
 Part = tuple[Path, BinaryIO, int]

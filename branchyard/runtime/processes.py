@@ -1,5 +1,8 @@
 """Processes on this machine: spawning, stopping, ports, and leftovers (logs: see ``logs``).
 
+A process's stdout and stderr are a pipe into its log's appender (``logs.Pump``): the
+daemon writes every log, so it can rotate one without losing a line.
+
 Every process branchyard starts runs in a session of its own, so stopping it
 signals the whole process group; a boxed one (see ``sandbox``) is the session of
 its box's init, which the PID namespace and ``--die-with-parent`` back up. Each
@@ -35,6 +38,7 @@ from typing import Protocol, TypeVar
 
 from branchyard.errors import TemporaryError
 from branchyard.runtime.cgroups import BOX_OOM_SCORE_ADJ, Cgroup, Cgroups, Limits, MiB
+from branchyard.runtime.logs import Appender, Pump
 from branchyard.runtime.sandbox import MARK, NOTHING, Attachment, Box, Sandbox
 
 LOOPBACK = "127.0.0.1"
@@ -42,7 +46,7 @@ T = TypeVar("T")
 # Raises its own oom_score_adj (the daemon raises those of the processes it finds, but a
 # fork under way as it looks copies the old value unseen), says it runs (on stdout, a
 # pipe: the box is set up then), runs the command once a line comes on stdin, and exits
-# if the pipe closes first. The command's stdout is its stderr, the log. Fixed text: the
+# if the pipe closes first. The command's stdout is its stderr, the log's pipe. Fixed text: the
 # command is its arguments, never part of the script.
 GATE = [
     "/bin/sh",
@@ -171,12 +175,14 @@ class LocalProcess:
         process: asyncio.subprocess.Process,
         registry: Registry,
         group: int,
-        log: Path | None = None,
+        log: Appender,
+        pump: Pump,
     ) -> None:
         self._process = process
         self._registry = registry
         self._group = group
         self._log = log  # where an out-of-memory kill is told
+        self._pump = pump  # its output, into the log
         self._cgroup: Cgroup | None = None  # its limits, removed at exit
         self._network: Attachment | None = None  # opened in the box's network, closed at exit
 
@@ -186,7 +192,7 @@ class LocalProcess:
         argv: list[str],
         cwd: Path,
         env: dict[str, str],
-        log: Path,
+        log: Appender,
         registry: Registry,
         what: str,
         sandbox: Sandbox | None = None,
@@ -198,17 +204,22 @@ class LocalProcess:
         """``argv`` started, recorded in ``registry``, put in a cgroup of its own with
         ``limits`` (see ``cgroups``), its network opened (in a box with one), then let
         through its gate. The file descriptors ``keep`` stay open in it, at the same
-        numbers (``/dev/fd/N``)."""
+        numbers (``/dev/fd/N``). Its output goes to ``log``."""
         gate, opener = os.pipe()
+        pump = Pump(log)
         try:
             try:
                 process, group = await cls._start(
-                    [*GATE, *argv], cwd, env, log, gate, sandbox, box, keep
+                    [*GATE, *argv], cwd, env, pump.writer, gate, sandbox, box, keep
                 )
+            except BaseException:
+                pump.finish()
+                raise
             finally:
+                pump.started()
                 os.close(gate)
             registry.add_process(group, start_time(group), what)
-            started = cls(process, registry, group, log)
+            started = cls(process, registry, group, log, pump)
             if cgroups is not None:
                 try:
                     started._cgroup = cgroups.confine(sorted({process.pid, group}), limits)
@@ -233,7 +244,7 @@ class LocalProcess:
         argv: list[str],
         cwd: Path,
         env: dict[str, str],
-        log: Path,
+        output: int,
         stdin: int,
         sandbox: Sandbox | None,
         box: Box,
@@ -244,11 +255,11 @@ class LocalProcess:
         ready, ready_fd = os.pipe()
         try:
             if sandbox is None:
-                process = await cls._exec(argv, cwd, env, log, stdin, ready_fd, *keep)
+                process = await cls._exec(argv, cwd, env, output, stdin, ready_fd, *keep)
                 group = process.pid
             else:
                 process, group = await cls._boxed(
-                    argv, cwd, env, log, stdin, ready_fd, sandbox, box, keep
+                    argv, cwd, env, output, stdin, ready_fd, sandbox, box, keep
                 )
         finally:
             os.close(ready_fd)
@@ -267,7 +278,7 @@ class LocalProcess:
         argv: list[str],
         cwd: Path,
         env: dict[str, str],
-        log: Path,
+        output: int,
         stdin: int,
         stdout: int,
         sandbox: Sandbox,
@@ -278,7 +289,7 @@ class LocalProcess:
         try:
             boxed = sandbox.command(argv, cwd, box, info_fd)
             process = await cls._exec(
-                boxed, Path("/"), sandbox.environment(env), log, stdin, stdout, info_fd, *keep
+                boxed, Path("/"), sandbox.environment(env), output, stdin, stdout, info_fd, *keep
             )
         finally:
             os.close(info_fd)
@@ -296,22 +307,21 @@ class LocalProcess:
         argv: list[str],
         cwd: Path,
         env: dict[str, str],
-        log: Path,
+        output: int,
         stdin: int,
         stdout: int,
         *keep: int,
     ) -> asyncio.subprocess.Process:
-        with log.open("ab") as out:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=out,
-                start_new_session=True,
-                pass_fds=keep,
-            )
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=output,
+            start_new_session=True,
+            pass_fds=keep,
+        )
 
     @property
     def pid(self) -> int:
@@ -326,14 +336,17 @@ class LocalProcess:
         code = await self._process.wait()
         signal_group(self._group, signal.SIGKILL)  # whatever it left behind in its group
         cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
-            if cgroup.out_of_memory() and self._log is not None:
-                with self._log.open("a") as out:
-                    out.write(
-                        f"branchyard: out of memory: the kernel killed a process of this box "
-                        f"at its limit of {cgroup.limits.memory // MiB} MiB\n"
-                    )
-            await cgroup.remove()  # and with it whatever is left in it
+        try:
+            if cgroup is not None:
+                out_of_memory = cgroup.out_of_memory()
+                await cgroup.remove()  # and with it whatever is left in it
+        finally:
+            self._pump.finish()  # the box is gone: all it wrote is in the pipe
+        if cgroup is not None and out_of_memory:
+            self._log.note(
+                f"branchyard: out of memory: the kernel killed a process of this box "
+                f"at its limit of {cgroup.limits.memory // MiB} MiB"
+            )
         self._registry.remove_process(self._group)
         if self._network is not None:
             network, self._network = self._network, None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from branchyard.errors import BranchyardError, BuildFailed
 from branchyard.git import Source
-from branchyard.runtime.logs import last_lines, note_command
+from branchyard.runtime.logs import Appender, last_lines, note_command
 from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 from branchyard.runtime.sandbox import Box, Sandbox
 from branchyard.trees import Tree
@@ -45,7 +45,7 @@ async def check_out(
     sha: str,
     dest: Path,
     limit: int,
-    log: Path,
+    log: Appender,
     registry: Registry,
     sandbox: Sandbox | None,
 ) -> Tree:
@@ -64,7 +64,7 @@ async def check_out(
 
 
 async def _unpack(
-    source: Source, sha: str, dest: Path, log: Path, registry: Registry, sandbox: Sandbox | None
+    source: Source, sha: str, dest: Path, log: Appender, registry: Registry, sandbox: Sandbox | None
 ) -> None:
     read, write = os.pipe()
     try:
@@ -93,7 +93,7 @@ async def _unpack(
         await uninterrupted(asyncio.ensure_future(tar.terminate(0)))
         raise
     if code != 0:
-        failures.insert(0, _tar_said(log) or f"tar exited {code}")
+        failures.insert(0, _tar_said(log.path) or f"tar exited {code}")
     if failures:
         raise BuildFailed(f"cannot check out {sha[:7]}: {'; '.join(failures)}")
 

@@ -54,7 +54,7 @@ from branchyard.git import Source
 from branchyard.naming import BASELINE
 from branchyard.runtime.cgroups import Cgroups, Limits
 from branchyard.runtime.environment import NOTHING_OUTSIDE, Outside
-from branchyard.runtime.logs import note_command
+from branchyard.runtime.logs import Appender, note_command
 from branchyard.runtime.processes import LocalProcess, Registry, uninterrupted
 from branchyard.runtime.requirements import pyproject_references, requirement_references, resolve
 from branchyard.runtime.sandbox import NOTHING, Box, Sandbox
@@ -164,7 +164,7 @@ class VenvCache:
         return self.caches / namespace / service
 
     async def acquire(
-        self, wanted: Wanted, checkout: Path, log: Path, namespace: str, service: str
+        self, wanted: Wanted, checkout: Path, log: Appender, namespace: str, service: str
     ) -> Path:
         """The environment ``wanted`` names: the baseline's if it built it, else this
         namespace's own, made if missing (its install sees ``checkout``)."""
@@ -175,8 +175,7 @@ class VenvCache:
         async with self._locks.setdefault(venv.name, asyncio.Lock()):
             if (venv / _READY).exists():
                 os.utime(venv / _READY)
-                with log.open("a") as out:
-                    out.write(f"dependencies unchanged: reusing environment {venv.name}{whose}\n")
+                log.note(f"dependencies unchanged: reusing environment {venv.name}{whose}")
             else:
                 await self._create(
                     venv, wanted.files, checkout, log, self.cache(namespace, service)
@@ -193,7 +192,7 @@ class VenvCache:
             self._in_use.pop(venv, None)
 
     async def _create(
-        self, venv: Path, files: tuple[str, ...], checkout: Path, log: Path, cache: Path
+        self, venv: Path, files: tuple[str, ...], checkout: Path, log: Appender, cache: Path
     ) -> None:
         shutil.rmtree(venv, ignore_errors=True)
         uv_bin = uv.find_uv_bin()
@@ -241,7 +240,7 @@ class VenvCache:
 async def run_logged(
     argv: list[str],
     cwd: Path,
-    log: Path,
+    log: Appender,
     env: dict[str, str],
     registry: Registry,
     sandbox: Sandbox | None = None,
