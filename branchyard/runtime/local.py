@@ -124,14 +124,18 @@ def _size(path: Path) -> int:
 
 class HealthCheck:
     """``GET path`` on the port until it answers 2xx or 3xx, the process exits,
-    or ``timeout`` seconds pass; ``failure`` says which, for the message."""
+    or ``timeout`` seconds pass; ``failure`` says which, for the message, and
+    ``output`` holds the log's last lines as it gave up: what the process said
+    before it was stopped, not what its shell says of the stop."""
 
-    def __init__(self, dialer: Dialer, port: int, path: str, timeout: float) -> None:
+    def __init__(self, dialer: Dialer, port: int, path: str, timeout: float, log: Path) -> None:
         self.dialer = dialer
         self.port = port
         self.path = path
         self.timeout = timeout
+        self.log = log
         self.failure = ""
+        self.output: list[str] = []
 
     async def __call__(self, process: Process) -> bool:
         deadline = time.monotonic() + self.timeout
@@ -149,6 +153,7 @@ class HealthCheck:
             f"health check GET {self.path} on port {self.port} did not pass "
             f"within {self.timeout:g} s ({answer})"
         )
+        self.output = last_lines(self.log, 3)
         return False
 
 
@@ -163,7 +168,7 @@ def _first_start_message(
         message = f"exited with code {code} before passing its health check"
     else:
         message = health.failure or exc.message
-    lines = last_lines(log, 3)
+    lines = health.output or last_lines(log, 3)
     return message + (f"; last output: {' | '.join(lines)}" if lines else "")
 
 
@@ -420,7 +425,11 @@ class LocalRuntime:
             return spawn
 
         health = HealthCheck(
-            self._router.dialer, port, spec.manifest.health_path, spec.manifest.health_timeout
+            self._router.dialer,
+            port,
+            spec.manifest.health_path,
+            spec.manifest.health_timeout,
+            path,
         )
         web = Supervisor(
             f"{spec.name} web",
