@@ -110,6 +110,7 @@ def deployment(
     observed: int,
     *conditions: tuple[str, str, str],
     annotations: dict[str, str] | None = None,
+    pods: int = 1,
 ) -> Deployment:
     found = Deployment.from_dict(
         {
@@ -117,6 +118,7 @@ def deployment(
             "spec": {"selector": {}, "template": {"metadata": {"annotations": annotations}}},
             "status": {
                 "observedGeneration": observed,
+                "replicas": pods,
                 "updatedReplicas": 1,
                 "availableReplicas": 1,
                 "conditions": [
@@ -137,6 +139,7 @@ def deployment(
         (deployment(2, 2, UP), P.AVAILABLE),
         (deployment(2, 2, DOWN), P.PROGRESSING),
         (deployment(2, 2, LATE), P.STALLED),
+        (deployment(2, 2, UP, pods=2), P.PROGRESSING),  # a restart: the old pod is the one up
     ],
 )  # fmt: skip
 def test_a_deployment_is_available_only_at_the_generation_applied(

@@ -66,9 +66,11 @@ def progress(
     deployment: Deployment | None, generation: int, replicas: int = 1, pods: Sequence[Pod] = ()
 ) -> Progress:
     """Where a Deployment applied at ``generation`` is: the controller has seen that
-    generation and it is Available with ``replicas`` pods ready; it stalled; or the
-    newest of ``pods`` (the revision's) made from its template as it is now is in a crash
-    loop (:func:`crash_looping`), which fails it long before its deadline."""
+    generation and it is Available with ``replicas`` pods of it ready and no pod of an
+    older template left (a restart's old pod keeps it Available while the new one is not
+    Ready); it stalled; or the newest of ``pods`` (the revision's) made from its template
+    as it is now is in a crash loop (:func:`crash_looping`), which fails it long before
+    its deadline."""
     if deployment is None or deployment.status is None or deployment.metadata is None:
         return Progress.PROGRESSING
     status = deployment.status
@@ -80,11 +82,13 @@ def progress(
     if crash_looping(_of_template(deployment, pods)):
         return Progress.CRASHING
     available = _condition(deployment, "Available")
+    updated = status.updatedReplicas or 0
     if (
         available is not None
         and available[0] == "True"
-        and (status.updatedReplicas or 0) >= replicas
+        and updated >= replicas
         and (status.availableReplicas or 0) >= replicas
+        and (status.replicas or 0) <= updated  # an older template's pod counts as available
     ):
         return Progress.AVAILABLE
     return Progress.PROGRESSING
