@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from branchyard import auth, readmodel, sessions, shapes, webhooks
+from branchyard.client import WARNING
 from branchyard.engine import Engine
 from branchyard.errors import BranchyardError, HomeError, UsageError
 from branchyard.model import Overlay, Repo
@@ -343,8 +344,12 @@ def create_app(engine: Engine, views: Views, info: shapes.Info, home: Path) -> F
     @app.get("/api/namespaces/{namespace}/services/{service}/kubernetes")
     async def kubernetes(namespace: str, service: str) -> PlainTextResponse:
         """The Kubernetes objects of the newest revision, as YAML (``k8s render``)."""
-        text = await views.kubernetes((namespace, service))
-        return PlainTextResponse(text, media_type="text/yaml")
+        reviewed = await views.kubernetes((namespace, service))
+        answer = PlainTextResponse(reviewed.text, media_type="text/yaml")
+        for warning in reviewed.warnings:  # one header each; the CLI prints them on stderr
+            # escaped: a value (an env value a person set) may hold what a header cannot
+            answer.headers.append(WARNING, warning.encode("unicode_escape").decode("ascii"))
+        return answer
 
     @app.post("/api/namespaces/{namespace}/services/{service}/rollback")
     async def rollback(namespace: str, service: str, body: RevisionIn) -> shapes.Pinned:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # importing the shapes costs a command ~20 ms (see branchyard
 
 DAEMON_FILE = "daemon.json"
 TIMEOUT = 60.0
+WARNING = "Branchyard-Warning"
+"""A header of an answer, one per warning: a line the CLI prints on stderr (``k8s
+render``: an address in the objects that no pod reaches)."""
 
 
 def default_home() -> Path:
@@ -109,6 +112,11 @@ class Client:
         """A GET's answer that is text, not JSON (YAML, a log)."""
         return self._send("GET", path, None).read().decode()
 
+    def warned_text(self, path: str) -> tuple[str, list[str]]:
+        """:meth:`text`, and the answer's warnings (its :data:`WARNING` headers)."""
+        answer = self._send("GET", path, None)
+        return answer.read().decode(), answer.warnings
+
     def lines(self, path: str) -> Iterator[str]:
         """The lines of a streamed answer (server-sent events), as they come."""
         rest = b""
@@ -130,6 +138,7 @@ class _Answer:
         self._sock = sock
         self._http = h11.Connection(h11.CLIENT)
         self.status = 0
+        self.warnings: list[str] = []
 
     def send(self, request: h11.Request, payload: bytes) -> None:
         try:
@@ -146,6 +155,8 @@ class _Answer:
             self._sock.close()
             raise BranchyardError("the daemon closed the connection without answering")
         self.status = response.status_code
+        header = WARNING.lower().encode()
+        self.warnings = [v.decode(errors="replace") for k, v in response.headers if k == header]
 
     def chunks(self) -> Iterator[bytes]:
         try:

@@ -55,7 +55,7 @@ from branchyard.model import Clock, RepoHeads
 from branchyard.rollout import DRAIN_GRACE, Rollouts
 from branchyard.router import HEAD_TIMEOUT_SECONDS, LocalTraffic, Router, RouteTable
 from branchyard.router.caps import process_budget
-from branchyard.runtime import RevisionSpec, Runtime, Traffic
+from branchyard.runtime import Reviewed, RevisionSpec, Runtime, Traffic
 from branchyard.runtime.boxnet import BoxNetwork
 from branchyard.runtime.cgroups import CONTROLLERS, Cgroups
 from branchyard.runtime.cgroups import Limits as Limits  # for `up`
@@ -469,12 +469,12 @@ def _pods(options: Options) -> str | None:
     return "Kubernetes pods (non-root, no capabilities, Pod Security restricted)"
 
 
-def _review(options: KubeOptions, spec: RevisionSpec) -> str:
-    """``k8s render``'s YAML; the renderer (and lightkube) imported at its first use, not
-    at every daemon's start."""
-    from branchyard.runtime.kube.render import review
+def _review(options: KubeOptions, spec: RevisionSpec, peers: Mapping[str, str]) -> Reviewed:
+    """``k8s render``'s YAML and warnings; the renderer (and lightkube) imported at its
+    first use, not at every daemon's start."""
+    from branchyard.runtime.kube.review import review
 
-    return review(options, spec)
+    return review(options, spec, peers)
 
 
 def _git_socket(options: Options) -> tuple[socket.socket | None, Options]:

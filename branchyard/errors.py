@@ -29,7 +29,7 @@ next try is; permanent ones are shown and never retried.
     ├── BuildFailed                 a revision could not be fetched, built or started (500)
     │   ├── runtime.supervisor.FirstStartFailed   a new process ended before it was ready
     │   ├── runtime.kube.namespaces.NameTaken     a Kubernetes Namespace that is not ours
-    │   └── runtime.kube.runtime.Stalled          a Deployment past its progress deadline
+    │   └── runtime.kube.runtime.Stalled          a start crash-looping or past its deadline
     ├── HomeError                   the home cannot be written (read-only, full) (500)
     ├── webhooks.WebhookError       a webhook delivery refused (its own status and code)
     └── client.ApiError             an error the daemon answered, as the CLI meets it

@@ -20,11 +20,11 @@ from branchyard import readmodel, shapes
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Overlay, Repo, Revision, Target
-from branchyard.naming import BASELINE
+from branchyard.naming import BASELINE, env_var_for
 from branchyard.planner import Slot
 from branchyard.readmodel import Head, Snapshot, Status
 from branchyard.rollout import FailureLog, Rollouts
-from branchyard.runtime import InstanceState, LogName, Pause, Review, Runtime
+from branchyard.runtime import InstanceState, LogName, Pause, Review, Reviewed, Runtime
 from branchyard.settings import Change, Settings
 from branchyard.store import Store
 from branchyard.text import redacted_url
@@ -171,15 +171,18 @@ class Views:
         """The commits that changed the slot's settings, newest first."""
         return await self._settings.history(slot)
 
-    async def kubernetes(self, slot: Slot) -> str:
+    async def kubernetes(self, slot: Slot) -> Reviewed:
         """The Kubernetes objects the slot's newest revision would be applied as (YAML,
-        secrets redacted); NotFound before its first revision."""
+        secrets redacted), its peer URLs as the Kubernetes runtime gives them, and what
+        in them no pod reaches; NotFound before its first revision."""
         namespace, service = slot
-        self.target(namespace, service)
+        target = self.target(namespace, service)
         latest = next(iter(self._store.revisions(slot, limit=1)), None)
         if latest is None:
             raise NotFound(f"{service} in {namespace} has no revision yet")
-        return self._review(await self._rollouts.spec(latest))
+        given = {env_var_for(peer): peer for peer in target.peers}
+        peers = {key: peer for key, peer in given.items() if key not in target.settings.env}
+        return self._review(await self._rollouts.spec(latest), peers)
 
     # logs
 

@@ -266,6 +266,68 @@ def test_a_failed_revision_says_why_and_keeps_its_last_lines_once_its_pod_is_gon
         stop_cleanly(daemon)
 
 
+FAR = 3600  # --build-timeout: a progress deadline an hour away, beyond the test's time
+CRASH_LOOPS = {
+    "web": Failure(repo_files(CRASH), "CrashLoopBackOff: exited with code 1 ("),
+    "install": Failure(
+        repo_files(GOOD, "build:\n  - echo sim-crash\n"),
+        "init container install failed (exit code 1)",
+    ),
+}
+
+
+def stalled(deployment: Deployment) -> bool:
+    conditions = (deployment.status.conditions if deployment.status else None) or ()
+    return any(c.reason == "ProgressDeadlineExceeded" for c in conditions)
+
+
+@pytest.mark.parametrize("failure", CRASH_LOOPS.values(), ids=CRASH_LOOPS.keys())
+def test_a_crash_looping_revision_fails_at_its_pods_crash_loop_not_at_its_deadline(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+    failure: Failure,
+) -> None:
+    """As locally, where a first start that exits fails at once: the pod's second exit in
+    a row (CrashLoopBackOff) fails the start, while its Deployment's progress deadline,
+    an hour away, has not passed."""
+    where = f"{prefix}main"
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix, build_timeout=FAR)
+    try:
+        app = make_repo("app", repo_files())
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live")
+        listing = client.list(Deployment, namespace=where)
+        assert [d.metadata.name for d in listing if d.metadata] == ["app-v1"]
+        before = listing.resourceVersion
+        app.commit(failure.files, "crashes")
+        app.push()
+        # every version of v2's Deployment, in the API server's order, until the daemon
+        # gave up on it and scaled it to 0: its deadline is never reached on the way
+        versions = []
+        named: dict[str, Any] = {"metadata.name": "app-v2"}
+        for _, deployment in client.watch(
+            Deployment, namespace=where, resource_version=before, fields=named
+        ):
+            versions.append(deployment)
+            assert deployment.spec is not None
+            if deployment.spec.replicas == 0:
+                break
+        assert versions[0].spec is not None
+        assert versions[0].spec.progressDeadlineSeconds == FAR + 1  # the health timeout's 1
+        assert not any(stalled(d) for d in versions)
+        row = wait_for(lambda: (r := daemon.row("main", "app"))["reason"] and r, 60, "failed")
+        assert (row["state"], row["latest"]["state"]) == ("live (v2 failed)", "failed")
+        assert row["reason"].startswith(failure.reason), row["reason"]
+        assert services(client, where)["app"] == "1"
+        assert f"app-v2 in {where} failed: {failure.reason}" in daemon.cli("events").stdout
+        assert not stalled(client.get(Deployment, "app-v2", namespace=where))
+    finally:
+        stop_cleanly(daemon)
+
+
 def pods(client: Client, namespace: str, ordinal: int) -> list[str]:
     labels: dict[str, Any] = {"branchyard.dev/revision": str(ordinal)}
     return [

@@ -4,15 +4,19 @@ service's newest revision, and the CLI prints them, as ``helm template`` does.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import Daemon, ServiceRepo, wait_for
+from branchyard.runtime.kube import names
+from tests.conftest import Daemon, ServiceRepo, daemon_with, wait_for
 from tests.githttp import GitHttpServer
 
 pytestmark = pytest.mark.integration
+
+LOOPBACK = "a loopback address, which in a pod is the pod itself"
 
 
 def documents(text: str) -> dict[str, dict[str, Any]]:
@@ -35,6 +39,9 @@ def test_render_prints_the_objects_of_the_newest_revision_of_a_branch(
         wait_for(lambda: (daemon.row("bugfix", "app")["live"] or {}).get("ordinal") == 2, 60, "v2")
 
         done = daemon.cli("k8s", "render", "-n", "bugfix", "app")
+    assert done.stderr == (  # the test's git server is on loopback, as pods would see it
+        f"warning: pods fetch app from {url}, {LOOPBACK}: register the repo by a URL pods reach\n"
+    )
     objects = documents(done.stdout)
     assert [name.split("/")[0] for name in objects] == [
         "Namespace", "ConfigMap", "Secret", "Deployment", "Service"
@@ -70,3 +77,43 @@ def test_render_of_a_local_repo_without_a_git_server_or_an_unknown_service_fails
     unknown = daemon.cli("k8s", "render", "-n", "bugfix", "app", check=False)
     assert (unknown.returncode, unknown.stdout) == (1, "")
     assert unknown.stderr.startswith("error: no ") and unknown.stderr.count("\n") == 1
+
+
+def live(daemon: Daemon) -> int:
+    return int((daemon.row("main", "app")["live"] or {}).get("ordinal", 0))
+
+
+def test_render_from_a_local_daemon_shows_peer_urls_as_pods_reach_them_and_warns_of_loopback(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """A local daemon gives its services loopback peer URLs and serves its git on
+    loopback: the render shows the peer URLs the Kubernetes runtime gives (a peer's
+    Service name), keeps what a person set, and says on stderr, one line each, what
+    else in it no pod reaches."""
+    with daemon_with(tmp_path / "home", "--git-listen", "127.0.0.1:0") as daemon:
+        app, other = make_repo("app"), make_repo("other_app")
+        for repo in (app, other):
+            daemon.cli("repo", "add", str(repo.origin))
+        wait_for(lambda: "OTHER_APP_URL" in daemon.answer("app", "main")["env"], 60, "its peer")
+        ordinal = live(daemon) + 1
+        daemon.cli(
+            "env", "set", "app", "CACHE_URL=http://localhost:6379", "DOCS_URL=http://[::1]/café"
+        )
+        wait_for(lambda: live(daemon) == ordinal, 60, f"v{ordinal}")
+        runs = daemon.answer("app", "main")["env"]
+        done = daemon.cli("k8s", "render", "app")
+        git = daemon.info["git"]
+    assert runs["OTHER_APP_URL"].startswith("http://127.0.0.1:")  # what the local one gives
+    objects = documents(done.stdout)
+    config = next(o for name, o in objects.items() if name.startswith("ConfigMap/app-env-"))
+    peer = names.object_name("other_app")  # other-app-181558: its Service's name
+    assert config["data"]["OTHER_APP_URL"] == f"http://{peer}"
+    assert config["data"]["CACHE_URL"] == "http://localhost:6379"  # set by a person: kept
+    fetch = objects[f"Deployment/app-v{ordinal}"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetch["command"][-2] == f"{git}/app"
+    assert done.stderr.splitlines() == [
+        f"warning: pods fetch app from {git}/app, {LOOPBACK}: serve the daemon's git server "
+        "where pods reach it (up --git-listen, --git-url)",
+        f"warning: CACHE_URL is http://localhost:6379, {LOOPBACK}",
+        f"warning: DOCS_URL is http://[::1]/caf\\xe9, {LOOPBACK}",  # a header is ASCII
+    ]

@@ -20,6 +20,8 @@ def pod(
     web: dict[str, Any] | None = None,
     init: list[dict[str, Any]] | None = None,
     scheduled: str | None = None,
+    created: str = "2026-01-01T00:00:00Z",
+    annotations: dict[str, str] | None = None,
 ) -> Pod:
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     if scheduled is not None:
@@ -33,7 +35,7 @@ def pod(
         status["initContainerStatuses"] = [
             {"image": "i", "imageID": "", "ready": False, "restartCount": 0, **c} for c in init
         ]
-    meta = {"name": "app-v1-x", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    meta = {"name": "app-v1-x", "creationTimestamp": created, "annotations": annotations}
     return cast(Pod, Pod.from_dict({"metadata": meta, "status": status}))
 
 
@@ -103,13 +105,20 @@ def test_why_a_revision_is_not_available_is_one_line_from_its_newest_pod(
     assert states.failure(None, pods, HEALTH) == reason
 
 
-def deployment(generation: int, observed: int, *conditions: tuple[str, str, str]) -> Deployment:
+def deployment(
+    generation: int,
+    observed: int,
+    *conditions: tuple[str, str, str],
+    annotations: dict[str, str] | None = None,
+    pods: int = 1,
+) -> Deployment:
     found = Deployment.from_dict(
         {
             "metadata": {"name": "app-v1", "generation": generation},
-            "spec": {"selector": {}, "template": {}},
+            "spec": {"selector": {}, "template": {"metadata": {"annotations": annotations}}},
             "status": {
                 "observedGeneration": observed,
+                "replicas": pods,
                 "updatedReplicas": 1,
                 "availableReplicas": 1,
                 "conditions": [
@@ -130,6 +139,7 @@ def deployment(generation: int, observed: int, *conditions: tuple[str, str, str]
         (deployment(2, 2, UP), P.AVAILABLE),
         (deployment(2, 2, DOWN), P.PROGRESSING),
         (deployment(2, 2, LATE), P.STALLED),
+        (deployment(2, 2, UP, pods=2), P.PROGRESSING),  # a restart: the old pod is the one up
     ],
 )  # fmt: skip
 def test_a_deployment_is_available_only_at_the_generation_applied(
@@ -141,3 +151,52 @@ def test_a_deployment_is_available_only_at_the_generation_applied(
 def test_a_deployment_that_could_not_make_its_pod_says_why() -> None:
     refused = deployment(1, 1, ("ReplicaFailure", "True", "FailedCreate"))
     assert states.failure(refused, [], HEALTH) == "no pod could be made: m"
+
+
+EXITED = {"state": {"terminated": {"exitCode": 3}}}  # the first exit: started again at once
+AGAIN = {"state": {"running": {}}, "restartCount": 1, "lastState": EXITED["state"]}
+INIT_CRASHED = [
+    {"name": "fetch", "state": {"terminated": {"exitCode": 0}}},
+    {"name": "install", **CRASHED},
+]
+RESTARTED = {"branchyard.dev/restarted-at": "2026-01-01T00:01:00Z"}
+NEWER = "2026-01-01T00:01:00Z"
+
+
+@pytest.mark.parametrize(
+    ("found", "pods", "expected"),
+    [
+        (deployment(2, 2, DOWN), [pod(web=CRASHED)], P.CRASHING),
+        (deployment(2, 2, DOWN), [pod(init=INIT_CRASHED, web=WAITING)], P.CRASHING),
+        (deployment(2, 2, DOWN), [pod(web=EXITED)], P.PROGRESSING),
+        (deployment(2, 2, DOWN), [pod(web=AGAIN)], P.PROGRESSING),
+        (deployment(2, 2, DOWN), [pod(web=waiting("CrashLoopBackOff"))], P.PROGRESSING),
+        (deployment(2, 2, DOWN), [pod(web=PULL)], P.PROGRESSING),
+        (deployment(2, 2, DOWN), [pod(web={}, created=NEWER), pod(web=CRASHED)], P.PROGRESSING),
+        (deployment(2, 2, DOWN, annotations=RESTARTED), [pod(web=CRASHED)], P.PROGRESSING),
+        (
+            deployment(2, 2, DOWN, annotations=RESTARTED),
+            [pod(web=CRASHED, annotations={**RESTARTED, "kubectl.kubernetes.io/x": "y"})],
+            P.CRASHING,
+        ),
+        (deployment(2, 1, DOWN), [pod(web=CRASHED)], P.PROGRESSING),
+        (deployment(2, 2, LATE), [pod(web=CRASHED)], P.STALLED),
+    ],
+)  # fmt: skip
+def test_a_start_fails_once_its_newest_pod_crash_loops_not_at_its_deadline(
+    found: Deployment, pods: list[Pod], expected: states.Progress
+) -> None:
+    """As a first start that exits fails locally: a container (or an init container) that
+    ended and waits in CrashLoopBackOff, in the newest pod of the template applied. Not a
+    first exit, which the kubelet follows with a start at once, nor a container that runs
+    again, nor an image it cannot pull yet, nor an older pod's, nor one a restart replaces."""
+    assert states.progress(found, 2, pods=pods) is expected
+
+
+def test_the_reason_a_crash_looping_start_fails_names_the_container_and_its_exit_code() -> None:
+    once = {**CRASHED, "restartCount": 1}  # a kubelet's first back-off
+    assert states.failure(None, [pod(web=once)], HEALTH) == (
+        "CrashLoopBackOff: exited with code 1 (1 restart)"
+    )
+    crashed = [pod(init=INIT_CRASHED, web=WAITING)]
+    assert states.failure(None, crashed, HEALTH) == "init container install failed (exit code 1)"

@@ -21,7 +21,7 @@ from branchyard.errors import NotFound
 from branchyard.model import Repo, RepoHeads
 from branchyard.runtime import LogName
 from branchyard.runtime.kube.options import KubeOptions
-from branchyard.runtime.kube.render import review
+from branchyard.runtime.kube.review import review
 from branchyard.views import Views
 from tests.test_engine_fake import (
     C1,
@@ -86,7 +86,7 @@ def test_the_kubernetes_objects_are_the_newest_revisions(tmp_path: Path) -> None
         await settled(world, 2, LIVE)
 
     async def check(views: Views) -> None:
-        objects = {o["kind"]: o for o in yaml.safe_load_all(await views.kubernetes(SLOT))}
+        objects = {o["kind"]: o for o in yaml.safe_load_all((await views.kubernetes(SLOT)).text)}
         deployment = objects["Deployment"]
         assert (deployment["metadata"]["namespace"], deployment["metadata"]["name"]) == (
             "main",

@@ -1,7 +1,8 @@
 """``k8s``: what branchyard does on Kubernetes, seen from here. ``k8s render -n NS
 SERVICE`` prints the objects the newest revision of a service would be applied as, the
-way ``helm template`` does: the daemon renders them (with its Kubernetes options), so
-this module imports nothing of the Kubernetes runtime."""
+way ``helm template`` does: the daemon renders them (with its Kubernetes options, peer
+URLs as that runtime gives them), so this module imports nothing of the Kubernetes
+runtime. Each address in them that no pod reaches is one line of warning on stderr."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def k8s() -> None:
 @pass_context
 def render(ctx: Context, service: str, ns: str | None) -> None:
     """Print the Kubernetes objects of SERVICE's newest revision (YAML, secrets redacted)."""
-    click.echo(ctx.client.text(ctx.service_path(ns, service, "kubernetes")), nl=False)
+    text, warnings = ctx.client.warned_text(ctx.service_path(ns, service, "kubernetes"))
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(text, nl=False)
 
 
 COMMANDS = (k8s,)

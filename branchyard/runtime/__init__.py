@@ -120,9 +120,20 @@ class Instance(Protocol):
 
 OnChange = Callable[[Instance], None]
 
-Review = Callable[[RevisionSpec], str]
-"""The objects a runtime would apply for a revision, as text for a person to read
-(``branchyard k8s render``), secrets left out."""
+
+@dataclass(frozen=True)
+class Reviewed:
+    """The objects a runtime would apply for a revision, as text for a person to read,
+    and a line for each thing in them that would not work where they are applied."""
+
+    text: str
+    warnings: tuple[str, ...] = ()
+
+
+Review = Callable[[RevisionSpec, Mapping[str, str]], Reviewed]
+"""The objects a runtime would apply for a revision (``branchyard k8s render``), secrets
+left out; the mapping names the env keys that are peer URLs the daemon's runtime gave
+(``APP_URL`` -> ``app``), which the review shows as that runtime gives them."""
 
 
 class Runtime(Protocol):

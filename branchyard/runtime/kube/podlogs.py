@@ -39,9 +39,9 @@ KEPT_LINE = 500  # characters of a line kept in an annotation
 
 def kept_output(build: bool, lines: Sequence[str]) -> dict[str, str]:
     """The annotations that keep the last ``lines`` of a revision's output (``build``: of
-    its build) on its web Deployment."""
+    its build) on its web Deployment; kept empty, it still says which log failed."""
     key = names.LAST_BUILD_OUTPUT if build else names.LAST_OUTPUT
-    return {key: "\n".join(line[:KEPT_LINE] for line in lines)} if lines else {}
+    return {key: "\n".join(line[:KEPT_LINE] for line in lines)}  # empty: that log says none
 
 
 class PodLogs:
@@ -68,16 +68,24 @@ class PodLogs:
         where = self._namespaces.name(name.namespace)
         return self._watch.deployment(where, names.revision_name(name.service, name.ordinal))
 
-    def _kept(self, name: LogName) -> list[str]:
-        """The lines kept when the revision failed, if it did."""
+    def _annotations(self, name: LogName) -> dict[str, str]:
         deployment = self._deployment(name)
         meta = deployment.metadata if deployment is not None else None
+        return dict((meta.annotations if meta else None) or {})
+
+    def _kept(self, name: LogName) -> list[str]:
+        """The lines kept when the revision failed, if it did."""
         key = names.LAST_BUILD_OUTPUT if name.build else names.LAST_OUTPUT
-        kept = ((meta.annotations if meta else None) or {}).get(key)
+        kept = self._annotations(name).get(key)
         return kept.split("\n") if kept else []
 
     async def has_log(self, name: LogName) -> bool:
-        return self._pod(name) is not None or bool(self._kept(name))
+        """Whether there is a log to read: a failed revision's is what it kept (of its
+        build or of its web container, whichever said why, even while its pod, on its
+        way out, still serves both); else its pod's."""
+        if {names.LAST_OUTPUT, names.LAST_BUILD_OUTPUT} & self._annotations(name).keys():
+            return bool(self._kept(name))
+        return self._pod(name) is not None
 
     def missing(self, name: LogName) -> str | None:
         """Why the revision has no log to read, in one line; None if it has one, or its

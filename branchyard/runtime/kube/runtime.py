@@ -5,7 +5,9 @@
 - ``start`` makes the Namespace if needed (never touching one that is not
   branchyard's), applies the revision's ConfigMap, Secret and Deployments (server-side,
   field manager ``branchyard``) and returns once the web Deployment is Available; one
-  whose progress deadline passes fails with a one-line reason from its pods.
+  whose newest pod crash-loops (a container, or an init container, that exited twice in
+  a row: ``states.crash_looping``), or whose progress deadline passes, fails with a
+  one-line reason from its pods.
   Cancelled or failed, it scales what it applied to 0.
 - An instance's state, restarts and exit code come from its pods, seen by the two
   watches of :mod:`~branchyard.runtime.kube.watch`; the engine hears of each change.
@@ -70,8 +72,9 @@ RESTARTED_AT = "branchyard.dev/restarted-at"
 
 
 class Stalled(BuildFailed):
-    """A start whose progress deadline passed, with the last lines of the log that says
-    why (kept on the Deployment as it is scaled to 0)."""
+    """A start that failed, its pod in a crash loop or its progress deadline passed,
+    with the last lines of the log that says why (kept on the Deployment as it is scaled
+    to 0)."""
 
     def __init__(self, message: str, kept: dict[str, str]) -> None:
         super().__init__(message)
@@ -240,10 +243,12 @@ class KubeRuntime:
         spec = instance.spec
 
         def reached() -> states.Progress | None:
-            found = states.progress(self.watch.deployment(namespace, name), generation)
+            deployment = self.watch.deployment(namespace, name)
+            pods = self.watch.pods_of(instance.key)
+            found = states.progress(deployment, generation, pods=pods)
             return None if found is states.Progress.PROGRESSING else found
 
-        if await self.watch.until(instance.key, reached) is states.Progress.STALLED:
+        if await self.watch.until(instance.key, reached) is not states.Progress.AVAILABLE:
             deadline = self._options.build_timeout + spec.manifest.health_timeout
             health = (
                 f"health check GET {spec.manifest.health_path} did not pass within {deadline:g} s"

@@ -2,7 +2,8 @@
 Deployment and Pod objects, no API server.
 
 - :func:`progress`: whether a Deployment just applied is Available yet, still on its
-  way, or stalled (its ``progressDeadlineSeconds`` passed);
+  way, stalled (its ``progressDeadlineSeconds`` passed), or crashing (its newest pod in
+  a crash loop: failed at once, as a first start that exits fails locally);
 - :func:`instance_state`: the ``InstanceState`` ``ps`` shows, the restarts and the last
   exit code of a revision's web container, from its pods;
 - :func:`failure`: why a revision is not Available, in one line, from its pods (a
@@ -40,6 +41,7 @@ class Progress(enum.Enum):
     PROGRESSING = "progressing"
     AVAILABLE = "available"
     STALLED = "stalled"  # its progress deadline passed
+    CRASHING = "crashing"  # a container of its newest pod exited, and the kubelet backs off
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,15 @@ def _condition(deployment: Deployment, kind: str) -> tuple[str, str, str] | None
     return None
 
 
-def progress(deployment: Deployment | None, generation: int, replicas: int = 1) -> Progress:
+def progress(
+    deployment: Deployment | None, generation: int, replicas: int = 1, pods: Sequence[Pod] = ()
+) -> Progress:
     """Where a Deployment applied at ``generation`` is: the controller has seen that
-    generation and it is Available with ``replicas`` pods ready, or it stalled."""
+    generation and it is Available with ``replicas`` pods of it ready and no pod of an
+    older template left (a restart's old pod keeps it Available while the new one is not
+    Ready); it stalled; or the newest of ``pods`` (the revision's) made from its template
+    as it is now is in a crash loop (:func:`crash_looping`), which fails it long before
+    its deadline."""
     if deployment is None or deployment.status is None or deployment.metadata is None:
         return Progress.PROGRESSING
     status = deployment.status
@@ -71,15 +79,51 @@ def progress(deployment: Deployment | None, generation: int, replicas: int = 1) 
     stalled = _condition(deployment, "Progressing")
     if stalled is not None and stalled[:2] == ("False", "ProgressDeadlineExceeded"):
         return Progress.STALLED
+    if crash_looping(_of_template(deployment, pods)):
+        return Progress.CRASHING
     available = _condition(deployment, "Available")
+    updated = status.updatedReplicas or 0
     if (
         available is not None
         and available[0] == "True"
-        and (status.updatedReplicas or 0) >= replicas
+        and updated >= replicas
         and (status.availableReplicas or 0) >= replicas
+        and (status.replicas or 0) <= updated  # an older template's pod counts as available
     ):
         return Progress.AVAILABLE
     return Progress.PROGRESSING
+
+
+def crash_looping(pods: Sequence[Pod]) -> bool:
+    """Whether the newest of ``pods`` shows a crash loop: one of its containers, or of its
+    init containers, ran, ended, and waits in ``CrashLoopBackOff`` for the kubelet to start
+    it again. A kubelet starts a container that ended at once the first time, and backs
+    off from the second (10 s, 20 s, ... 5 min): so this is its second exit in a row, a
+    second or so after the first, where waiting for ``replicas`` restarts would take
+    minutes."""
+    live = _live(pods)
+    if not live or live[0].status is None:
+        return False
+    status = live[0].status
+    return any(
+        _waiting(found)[0] == "CrashLoopBackOff"
+        and found.lastState is not None
+        and found.lastState.terminated is not None
+        for found in [*(status.initContainerStatuses or ()), *(status.containerStatuses or ())]
+    )
+
+
+def _of_template(deployment: Deployment, pods: Sequence[Pod]) -> list[Pod]:
+    """The pods made from the Deployment's pod template as it is now: they carry its
+    annotations (a restart changes one, ``branchyard.dev/restarted-at``; the pods before
+    it carry the old value)."""
+    template = deployment.spec.template.metadata if deployment.spec else None
+    wanted = (template.annotations if template else None) or {}
+    return [
+        pod
+        for pod in pods
+        if wanted.items() <= ((pod.metadata.annotations if pod.metadata else None) or {}).items()
+    ]
 
 
 def _ready(pod: Pod) -> bool:
@@ -187,7 +231,8 @@ def _pod_failure(pod: Pod, container: str, health: str) -> str:
     if reason == "CrashLoopBackOff":
         code = _exit_code(web)
         restarts = web.restartCount if web is not None else 0
-        return f"CrashLoopBackOff: exited with code {code} ({restarts} restarts)"
+        counted = f"{restarts} restart" + ("" if restarts == 1 else "s")
+        return f"CrashLoopBackOff: exited with code {code} ({counted})"
     if reason in BACKING_OFF:
         return _said(reason, message)
     code = _exit_code(web)
