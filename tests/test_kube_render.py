@@ -272,7 +272,8 @@ def test_the_web_deployment_is_ready_on_its_health_path_within_the_deadline(
     container = web_pod(web).containers[0]
     assert container.readinessProbe.httpGet.path == "/healthz"
     assert container.readinessProbe.httpGet.port == 8080
-    assert {e.name: e.value for e in container.env}["PORT"] == "8080"
+    env = {e.name: e.value for e in container.env}
+    assert (env["HOST"], env["PORT"]) == ("0.0.0.0", "8080")  # the probe reaches the pod's IP
 
 
 def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
@@ -288,7 +289,7 @@ def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
         container = web_pod(worker).containers[0]
         assert container.readinessProbe is None and container.ports is None
         assert container.command[-1] == command
-        assert "PORT" not in {e.name for e in container.env}
+        assert not {"HOST", "PORT"} & {e.name for e in container.env}
     (service,) = [thing for thing in made if isinstance(thing, Service)]
     assert service.spec is not None and service.spec.selector is not None
     assert service.spec.selector["branchyard.dev/process"] == "web"

@@ -398,7 +398,7 @@ class LocalRuntime:
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
         env = {**build.env, "HOME": str(scratch)}
-        web_env = {**env, "PORT": str(port)}
+        web_env = {**env, "HOST": LOOPBACK, "PORT": str(port)}
         instance: LocalInstance | None = None
 
         def changed(web: Supervisor) -> None:

@@ -85,6 +85,9 @@ KubeObject: TypeAlias = (
 
 PORT = 8080
 """The port every web process listens on (its ``PORT``)."""
+HOST = "0.0.0.0"
+"""Where it binds (its ``HOST``): every interface, as the kubelet's probe and the Service's
+endpoints reach the pod at its IP (locally, ``HOST`` is loopback, in the service's box)."""
 SERVICE_PORT = 80
 CLUSTER_DOMAIN = "svc.cluster.local"
 UID = 65534
@@ -248,7 +251,9 @@ def _pod(
         image=image,
         command=["sh", "-c", RUN, process, command],
         workingDir=CHECKOUT,
-        env=[*env, EnvVar(name="PORT", value=str(PORT))] if web else env,
+        env=[*env, EnvVar(name="HOST", value=HOST), EnvVar(name="PORT", value=str(PORT))]
+        if web
+        else env,
         envFrom=env_from,
         ports=[ContainerPort(name="http", containerPort=PORT)] if web else None,
         readinessProbe=Probe(
