@@ -371,6 +371,67 @@ def test_pods_run_as_nobody_without_a_service_account_token() -> None:
             assert container.securityContext.capabilities.drop == ["ALL"]
 
 
+def test_every_container_has_a_read_only_root_and_writes_only_tmp_home_and_its_workspace() -> None:
+    revision = spec(workers=(("clock", "c"),), build=("make",))
+    for deployment in deployments(KubeOptions(), revision):
+        pod = web_pod(deployment)
+        volumes = {v.name: v for v in pod.volumes}
+        assert all(v.emptyDir is not None for v in volumes.values())
+        assert {volumes[n].emptyDir.sizeLimit for n in ("tmp", "home")} == {"256Mi"}
+        for container in [*pod.initContainers, *pod.containers]:
+            assert container.securityContext.readOnlyRootFilesystem is True
+            mounts = {m.mountPath: m for m in container.volumeMounts}
+            writable = {path for path, m in mounts.items() if not m.readOnly}
+            env = {e.name: e.value for e in container.env}
+            assert env["HOME"] == "/home/service" and "/home/service" in writable
+            if container in pod.initContainers:  # they fetch, install and build
+                assert writable == {"/tmp", "/home/service", "/workspace"}
+            else:  # what runs reads its checkout and venv, and cannot change them
+                assert writable == {"/tmp", "/home/service"}
+                assert mounts["/workspace"].readOnly is True
+
+
+@pytest.mark.parametrize(
+    ("manifest", "options", "limits", "requests"),
+    [
+        pytest.param({}, KubeOptions(), ("1000m", "512Mi"), ("250m", "128Mi"), id="the-defaults"),
+        pytest.param(
+            {},
+            KubeOptions(memory=2 * 1024**3, cpu=2.5),
+            ("2500m", "2Gi"),
+            ("625m", "512Mi"),
+            id="up-box-memory-and-box-cpu",
+        ),
+        pytest.param(
+            {"memory": 256 * 1024**2, "cpu": 0.5},
+            KubeOptions(memory=2 * 1024**3, cpu=2),
+            ("500m", "256Mi"),
+            ("125m", "64Mi"),
+            id="branchyard-yaml-wins",
+        ),
+        pytest.param(
+            {"memory": 100 * 1024**2 + 512, "cpu": 0.01},
+            KubeOptions(),
+            ("10m", "104858112"),
+            ("2m", "26214528"),
+            id="odd-sizes-stay-exact",
+        ),
+    ],
+)
+def test_every_container_requests_a_quarter_of_its_cpu_and_memory_limits(
+    manifest: dict[str, Any],
+    options: KubeOptions,
+    limits: tuple[str, str],
+    requests: tuple[str, str],
+) -> None:
+    for deployment in deployments(options, spec(workers=(("clock", "c"),), **manifest)):
+        pod = web_pod(deployment)
+        for container in [*pod.initContainers, *pod.containers]:
+            got = container.resources
+            assert (got.limits["cpu"], got.limits["memory"]) == limits
+            assert (got.requests["cpu"], got.requests["memory"]) == requests
+
+
 # traffic
 
 

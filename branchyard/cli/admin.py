@@ -95,7 +95,8 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     default="512Mi",
     show_default=True,
     metavar="SIZE",
-    help="Memory a box may use where its branchyard.yaml says no `memory:` (Ki, Mi, Gi).",
+    help="Memory a box (on Kubernetes, a pod's container) may use where its branchyard.yaml "
+    "says no `memory:` (Ki, Mi, Gi).",
 )
 @click.option(
     "--box-processes",
@@ -109,7 +110,7 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=0.01),
-    help="Cores a box may keep busy.",
+    help="Cores a box (a pod's container) may keep busy where its branchyard.yaml says no `cpu:`.",
 )
 @click.option(
     "--git-listen",
@@ -231,6 +232,8 @@ def up(
             ingress_class=ingress_class,
             namespace_prefix=namespace_prefix,
             build_timeout=build_timeout,
+            memory=limits.memory,
+            cpu=limits.cpu,
             **({"image": image} if image else {}),
         ),
         runtime=runtime,

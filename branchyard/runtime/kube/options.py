@@ -12,6 +12,11 @@ DEFAULT_GIT_IMAGE = "alpine/git:2.47.2"
 """The image of the init container that fetches a revision's commit (the default
 image has no git)."""
 
+DEFAULT_MEMORY = 512 * 1024**2
+DEFAULT_CPU = 1.0
+"""A container's limits where ``branchyard.yaml`` says none: a local box's defaults
+(``up --box-memory``, ``--box-cpu``, which ``up`` hands to both runtimes)."""
+
 
 @dataclass(frozen=True)
 class KubeOptions:
@@ -27,6 +32,11 @@ class KubeOptions:
     """The Ingress class of those Ingresses; None: the cluster's default class."""
     image: str = DEFAULT_IMAGE
     git_image: str = DEFAULT_GIT_IMAGE
+    memory: int = DEFAULT_MEMORY
+    """Bytes each container of a pod may use where its ``branchyard.yaml`` says no
+    ``memory:`` (``up --box-memory``, as for a local box)."""
+    cpu: float = DEFAULT_CPU
+    """Cores each may keep busy where it says no ``cpu:`` (``up --box-cpu``)."""
     build_timeout: int = 300
     """Seconds a pod's init containers (fetch the commit, install, build) may take: a
     Deployment's ``progressDeadlineSeconds`` is this plus the manifest's health timeout,

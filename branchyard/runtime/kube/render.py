@@ -46,6 +46,7 @@ from lightkube.models.core_v1 import (
     PodSpec,
     PodTemplateSpec,
     Probe,
+    ResourceRequirements,
     SeccompProfile,
     SecretEnvSource,
     SecurityContext,
@@ -92,6 +93,14 @@ SERVICE_PORT = 80
 CLUSTER_DOMAIN = "svc.cluster.local"
 UID = 65534
 """Every container runs as ``nobody``: pushed code is untrusted."""
+TMP = "/tmp"
+HOME = "/home/service"
+SCRATCH_SIZE = "256Mi"
+"""What ``/tmp`` and ``HOME`` may each hold (a pod over it is evicted); the local runtime's
+``/tmp`` is as large."""
+REQUESTED = 4
+"""A container requests a quarter of its limits: a preview idles most of the time, so a
+node packs four times what the limits would let it, and each may still burst to its limit."""
 WORKSPACE = "/workspace"
 CHECKOUT = f"{WORKSPACE}/src"
 VENV = f"{WORKSPACE}/venv"
@@ -211,7 +220,44 @@ def source_url(options: KubeOptions, spec: RevisionSpec) -> str:
 
 
 def _locked_down() -> SecurityContext:
-    return SecurityContext(allowPrivilegeEscalation=False, capabilities=Capabilities(drop=["ALL"]))
+    return SecurityContext(
+        allowPrivilegeEscalation=False,
+        capabilities=Capabilities(drop=["ALL"]),
+        readOnlyRootFilesystem=True,
+    )
+
+
+def _memory(size: int) -> str:
+    """Bytes as a Kubernetes quantity, in the largest binary unit that holds them whole."""
+    for unit, factor in (("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def resources(options: KubeOptions, spec: RevisionSpec) -> ResourceRequirements:
+    """What each container of the revision may use: the manifest's ``memory:`` and
+    ``cpu:``, else the options' (``up --box-memory``, ``--box-cpu``), as limits; a quarter
+    of them as requests (:data:`REQUESTED`)."""
+    memory = spec.manifest.memory or options.memory
+    millicores = max(1, round((spec.manifest.cpu or options.cpu) * 1000))
+    return ResourceRequirements(
+        limits={"cpu": f"{millicores}m", "memory": _memory(memory)},
+        requests={
+            "cpu": f"{max(1, millicores // REQUESTED)}m",
+            "memory": _memory(memory // REQUESTED),
+        },
+    )
+
+
+def _mounts(workspace_read_only: bool) -> list[VolumeMount]:
+    """The only places a container writes: ``/tmp``, ``HOME`` and, but in the run
+    container, the workspace (the checkout and the venv, read-only to what runs)."""
+    return [
+        VolumeMount(name="workspace", mountPath=WORKSPACE, readOnly=workspace_read_only),
+        VolumeMount(name="tmp", mountPath=TMP),
+        VolumeMount(name="home", mountPath=HOME),
+    ]
 
 
 def _pod(
@@ -222,17 +268,19 @@ def _pod(
     command: str,
 ) -> PodSpec:
     """A pod of the revision: fetch, install and build in init containers, then run
-    ``command`` (the web process's, with its port and probe), all as ``nobody`` in a
-    shared ``emptyDir``."""
+    ``command`` (the web process's, with its port and probe), all as ``nobody`` on a
+    read-only root file system; the init containers write the workspace, the process
+    reads it."""
     image = spec.manifest.image or options.image
-    workspace = [VolumeMount(name="workspace", mountPath=WORKSPACE)]
-    env = [EnvVar(name="HOME", value="/tmp"), EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    limits = resources(options, spec)
+    env = [EnvVar(name="HOME", value=HOME), EnvVar(name="PYTHONUNBUFFERED", value="1")]
     fetch = Container(
         name="fetch",
         image=options.git_image,
         command=["sh", "-c", FETCH, "fetch", source_url(options, spec), spec.sha],
         env=env[:1],
-        volumeMounts=workspace,
+        resources=limits,
+        volumeMounts=_mounts(False),
         securityContext=_locked_down(),
     )
     install = Container(
@@ -242,7 +290,8 @@ def _pod(
         workingDir=CHECKOUT,
         env=env,
         envFrom=env_from,
-        volumeMounts=workspace,
+        resources=limits,
+        volumeMounts=_mounts(False),
         securityContext=_locked_down(),
     )
     web = process == names.WEB
@@ -261,13 +310,19 @@ def _pod(
         )
         if web
         else None,
-        volumeMounts=workspace,
+        resources=limits,
+        volumeMounts=_mounts(True),
         securityContext=_locked_down(),
     )
+    scratch = EmptyDirVolumeSource(sizeLimit=SCRATCH_SIZE)
     return PodSpec(
         initContainers=[fetch, install],
         containers=[run],
-        volumes=[Volume(name="workspace", emptyDir=EmptyDirVolumeSource())],
+        volumes=[
+            Volume(name="workspace", emptyDir=EmptyDirVolumeSource()),
+            Volume(name="tmp", emptyDir=scratch),
+            Volume(name="home", emptyDir=scratch),
+        ],
         automountServiceAccountToken=False,
         enableServiceLinks=False,  # no docker-link variables (APP_PORT=tcp://...) in the env
         securityContext=PodSecurityContext(
