@@ -24,9 +24,9 @@ and a route, every other entry runs as a worker. ``branchyard.yaml`` may add::
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -43,6 +43,7 @@ _UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 SMALLEST_MEMORY = 16 * 1024**2  # below it, not even a Python interpreter starts
 _CPU = re.compile(r"([0-9]{1,6})m|[0-9]{1,4}(\.[0-9]{1,3})?")  # millicores, or cores
 SMALLEST_CPU, LARGEST_CPU = 0.01, 1024.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,6 @@ def parse_size(value: object) -> int:
     return size
 
 
-def _memory(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise ManifestError(f"{CONFIG_FILE}: memory {exc}") from None
-
-
 def parse_cpu(value: object) -> float:
     """Cores from ``0.5``, ``2`` or ``500m`` (millicores, as Kubernetes writes them);
     ValueError saying what is expected for anything else, or for less than
@@ -183,13 +175,15 @@ def parse_cpu(value: object) -> float:
     return cores
 
 
-def _cpu(value: Any) -> float | None:
+def _limit(settings: Mapping[str, Any], key: str, parse: Callable[[object], T]) -> T | None:
+    """``settings[key]`` parsed (None if unsaid); a ManifestError that says why not."""
+    value = settings.get(key)
     if value is None:
         return None
     try:
-        return parse_cpu(value)
+        return parse(value)
     except ValueError as exc:
-        raise ManifestError(f"{CONFIG_FILE}: cpu {exc}") from None
+        raise ManifestError(f"{CONFIG_FILE}: {key} {exc}") from None
 
 
 def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
@@ -212,6 +206,6 @@ def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
         health_timeout=health_timeout,
         env=_env(settings.get("env")),
         image=_image(settings.get("image")),
-        memory=_memory(settings.get("memory")),
-        cpu=_cpu(settings.get("cpu")),
+        memory=_limit(settings, "memory", parse_size),
+        cpu=_limit(settings, "cpu", parse_cpu),
     )
