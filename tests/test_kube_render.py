@@ -30,7 +30,7 @@ from tests import k8s_crds, k8s_rbac
 SHA = "3f2c1ab" + "0" * 33
 APP = "https://git.example.com/team/app.git"
 DNS_1035 = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
-OLDEST, NEWEST = "1.25.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
+OLDEST, NEWEST = "1.30.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
 
 
 def spec(
@@ -389,6 +389,26 @@ def test_every_container_has_a_read_only_root_and_writes_only_tmp_home_and_its_w
             else:  # what runs reads its checkout and venv, and cannot change them
                 assert writable == {"/tmp", "/home/service"}
                 assert mounts["/workspace"].readOnly is True
+
+
+@pytest.mark.parametrize(
+    ("stop_grace", "web_grace", "worker_grace"),
+    [
+        pytest.param(10, 15, 10, id="the-default-stop-grace"),
+        pytest.param(30, 35, 30, id="up-stop-grace"),
+        pytest.param(0, 5, 0, id="none"),
+    ],
+)
+def test_a_web_pod_keeps_serving_until_kube_proxy_moved_then_gets_its_stop_grace(
+    stop_grace: int, web_grace: int, worker_grace: int
+) -> None:
+    made = deployments(KubeOptions(stop_grace=stop_grace), spec(workers=(("clock", "c"),)))
+    web, worker = (web_pod(d) for d in made)
+    pause = web.containers[0].lifecycle.preStop
+    assert (pause.sleep.seconds, pause.exec, pause.httpGet) == (render.UNROUTED, None, None)
+    assert web.terminationGracePeriodSeconds == web_grace
+    assert worker.containers[0].lifecycle is None  # no Service sends to a worker
+    assert worker.terminationGracePeriodSeconds == worker_grace
 
 
 @pytest.mark.parametrize(

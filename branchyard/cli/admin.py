@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     "--stop-grace",
     default=10.0,
     show_default=True,
-    help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
+    help="Seconds between SIGTERM and SIGKILL when a process (a pod's) is stopped.",
 )
 @click.option(
     "--api-head-timeout",
@@ -176,6 +176,7 @@ def up(
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
     import logging
+    import math
 
     from branchyard.daemon import (
         LOOPBACK,
@@ -234,6 +235,7 @@ def up(
             build_timeout=build_timeout,
             memory=limits.memory,
             cpu=limits.cpu,
+            stop_grace=math.ceil(stop_grace),
             **({"image": image} if image else {}),
         ),
         runtime=runtime,

@@ -42,6 +42,10 @@ class KubeOptions:
     Deployment's ``progressDeadlineSeconds`` is this plus the manifest's health timeout,
     since on Kubernetes the build runs in the pod (locally the health timeout starts
     after the build)."""
+    stop_grace: int = 10
+    """Seconds a pod's process has from SIGTERM to its exit before it is killed (``up
+    --stop-grace``, rounded up); a web pod's grace adds the pause before the SIGTERM
+    (``render.UNROUTED``)."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

@@ -41,6 +41,8 @@ from lightkube.models.core_v1 import (
     EnvFromSource,
     EnvVar,
     HTTPGetAction,
+    Lifecycle,
+    LifecycleHandler,
     NamespaceSpec,
     PodSecurityContext,
     PodSpec,
@@ -52,6 +54,7 @@ from lightkube.models.core_v1 import (
     SecurityContext,
     ServicePort,
     ServiceSpec,
+    SleepAction,
     Volume,
     VolumeMount,
 )
@@ -98,6 +101,11 @@ HOME = "/home/service"
 SCRATCH_SIZE = "256Mi"
 """What ``/tmp`` and ``HOME`` may each hold (a pod over it is evicted); the local runtime's
 ``/tmp`` is as large."""
+UNROUTED = 5
+"""Seconds a web pod keeps serving once told to stop, before its process gets SIGTERM
+(a ``preStop`` sleep, done by the kubelet: the image needs no ``sleep``): the Service's
+endpoints drop it at once, but each node's kube-proxy (and an Ingress controller) moves
+its rules a moment later, and until then requests still arrive."""
 REQUESTED = 4
 """A container requests a quarter of its limits: a preview idles most of the time, so a
 node packs four times what the limits would let it, and each may still burst to its limit."""
@@ -116,7 +124,8 @@ rm -rf .git
 """The fetch init container's script: ``$1`` the repo's URL, ``$2`` the commit."""
 
 INSTALL = f"""set -e
-python -m venv {VENV}
+if command -v python > /dev/null; then python=python; else python=python3; fi
+"$python" -m venv {VENV}
 export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
 if [ -f requirements.txt ]; then
   pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
@@ -131,12 +140,33 @@ for step in "$@"; do
   sh -c "$step"
 done
 """
-"""The install init container's script: the venv, the dependencies (as the local
-runtime installs them: ``requirements.txt``, ``pyproject.toml``'s), then each build
-step given as an argument."""
+"""The install init container's script: the venv (made by ``python``, else ``python3``,
+as Debian's images have only that), the dependencies (as the local runtime installs
+them: ``requirements.txt``, ``pyproject.toml``'s), then each build step given as an
+argument."""
 
-RUN = f'export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}; exec sh -c "$1"'
-"""A process's script: the venv first on the PATH, then ``$1``, its command."""
+RUN = f"""export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
+trap 'trap "" TERM; kill -s TERM -- -1' TERM
+sh -c "trap : TERM
+$1" &
+child=$!
+wait "$child"
+code=$?
+while kill -0 "$child" 2> /dev/null; do
+  wait "$child"
+  code=$?
+done
+exit "$code"
+"""
+"""A process's script: the venv first on the PATH, then ``$1``, its command, as a child.
+The script is the container's PID 1, which the kernel shields from every signal it has
+no handler for: a command run as PID 1 (``exec``) that sets none, as Python does not
+for SIGTERM, ignores the kubelet's SIGTERM and holds the pod for its whole grace. So the
+script traps SIGTERM and hands it to every other process of the container (``kill -1``
+from PID 1: its PID namespace's, the command and whatever it started, ``setsid`` or
+not), then waits for the command and exits with its status. The command's own shell
+outlives the SIGTERM (``trap : TERM``, as the local runtime's Procfile shell does), so
+a process that handles it and exits 0 leaves the status 0, on both runtimes alike."""
 
 
 def peer_url(peer: str) -> str:
@@ -310,6 +340,9 @@ def _pod(
         )
         if web
         else None,
+        lifecycle=Lifecycle(preStop=LifecycleHandler(sleep=SleepAction(seconds=UNROUTED)))
+        if web
+        else None,
         resources=limits,
         volumeMounts=_mounts(True),
         securityContext=_locked_down(),
@@ -323,6 +356,7 @@ def _pod(
             Volume(name="tmp", emptyDir=scratch),
             Volume(name="home", emptyDir=scratch),
         ],
+        terminationGracePeriodSeconds=(UNROUTED if web else 0) + options.stop_grace,
         automountServiceAccountToken=False,
         enableServiceLinks=False,  # no docker-link variables (APP_PORT=tcp://...) in the env
         securityContext=PodSecurityContext(
