@@ -22,7 +22,7 @@ from branchyard.manifest import Manifest
 from branchyard.naming import short_hash
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names, render
-from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.options import KubeOptions, index_settings
 from branchyard.runtime.kube.render import KubeObject
 from branchyard.serving import MAX_SPLIT, MAX_WEIGHT
 from tests import k8s_crds, k8s_rbac
@@ -150,6 +150,14 @@ def test_a_namespace_name_over_63_characters_is_a_clear_error() -> None:
             "http://web.by-bugfix.svc.cluster.local",
             "http://web",
             id="in-the-cluster",
+        ),
+        pytest.param(
+            KubeOptions(cluster_domain="k8s.internal"),
+            "bugfix",
+            "web",
+            "http://web.bugfix.svc.k8s.internal",
+            "http://web",
+            id="the-clusters-own-domain",
         ),
     ],
 )
@@ -300,6 +308,9 @@ def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
     [
         pytest.param(None, KubeOptions(), "python:3.11-slim", id="the-default"),
         pytest.param(None, KubeOptions(image="python:3.13-slim"), "python:3.13-slim", id="option"),
+        pytest.param(
+            None, KubeOptions(git_image="mirror.test/git:2"), "python:3.11-slim", id="git-image"
+        ),
         pytest.param("registry.test/web:1", KubeOptions(), "registry.test/web:1", id="manifest"),
     ],
 )
@@ -309,6 +320,51 @@ def test_the_image_comes_from_the_manifest_else_the_options(
     pod = web_pod(deployments(options, spec(image=manifest_image))[0])
     assert [c.image for c in pod.initContainers] == [options.git_image, image]
     assert pod.containers[0].image == image
+
+
+def test_the_install_and_only_it_gets_the_daemons_index_settings_unless_the_env_sets_them() -> None:
+    index = {"PIP_INDEX_URL": "http://10.0.0.1:3141/simple", "PIP_TRUSTED_HOST": "10.0.0.1"}
+    options = KubeOptions(install_env={**index, "UV_INDEX_URL": "http://10.0.0.1/uv"})
+    revision = spec(env={"UV_INDEX_URL": "https://own.test/simple"}, workers=(("clock", "c"),))
+    for deployment in deployments(options, revision):
+        pod = web_pod(deployment)
+        fetch, install = pod.initContainers
+        got = {e.name: e.value for e in install.env}
+        assert got.items() >= index.items()
+        assert "UV_INDEX_URL" not in got  # the revision's own, from its ConfigMap, wins
+        for container in (fetch, *pod.containers):
+            assert not {e.name for e in container.env} & {*index, "UV_INDEX_URL"}
+
+
+@pytest.mark.parametrize(
+    ("environment", "settings"),
+    [
+        pytest.param({}, {}, id="none"),
+        pytest.param(
+            {"PIP_INDEX_URL": "http://i.test/simple", "HOME": "/root", "PIP_FIND_LINKS": "/w"},
+            {"PIP_INDEX_URL": "http://i.test/simple"},
+            id="only-index-urls-no-paths",
+        ),
+        pytest.param(
+            {"UV_INDEX_URL": "http://i.test/", "PIP_EXTRA_INDEX_URL": "http://a.test/ http://b/"},
+            {"UV_INDEX_URL": "http://i.test/", "PIP_EXTRA_INDEX_URL": "http://a.test/ http://b/"},
+            id="uv-and-a-list",
+        ),
+    ],
+)
+def test_index_settings_are_the_index_variables_of_the_daemons_environment(
+    environment: dict[str, str], settings: dict[str, str]
+) -> None:
+    assert index_settings(environment) == settings
+
+
+def test_an_index_url_with_credentials_is_refused_without_showing_them() -> None:
+    with pytest.raises(ValueError) as caught:
+        index_settings({"PIP_EXTRA_INDEX_URL": "http://a.test/ https://u:S3CRET@b.test/simple"})
+    assert str(caught.value) == (
+        "PIP_EXTRA_INDEX_URL carries credentials (http://a.test/ https://u:***@b.test/simple), "
+        "which every install container's spec would show: name an index pods reach without them"
+    )
 
 
 def test_user_text_reaches_a_shell_only_as_an_argument() -> None:
@@ -468,14 +524,20 @@ def test_the_live_service_selects_one_revision_on_port_80() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prefix", "target"),
+    ("prefix", "domain", "target"),
     [
-        pytest.param("", "other-app-{h}.main.svc.cluster.local", id="baseline"),
-        pytest.param("by-", "other-app-{h}.by-main.svc.cluster.local", id="prefixed"),
+        pytest.param("", "cluster.local", "other-app-{h}.main.svc.cluster.local", id="baseline"),
+        pytest.param(
+            "by-", "cluster.local", "other-app-{h}.by-main.svc.cluster.local", id="prefixed"
+        ),
+        pytest.param("", "corp.test", "other-app-{h}.main.svc.corp.test", id="a-cluster-domain"),
     ],
 )
-def test_a_missing_peer_falls_back_to_the_baseline_by_dns(prefix: str, target: str) -> None:
-    made = render.fallback(KubeOptions(namespace_prefix=prefix), "bugfix", "other_app")
+def test_a_missing_peer_falls_back_to_the_baseline_by_dns(
+    prefix: str, domain: str, target: str
+) -> None:
+    options = KubeOptions(namespace_prefix=prefix, cluster_domain=domain)
+    made = render.fallback(options, "bugfix", "other_app")
     assert made.metadata is not None and made.spec is not None
     assert made.metadata.name == names.object_name("other_app")
     assert made.metadata.namespace == f"{prefix}bugfix"

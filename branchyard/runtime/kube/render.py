@@ -93,7 +93,6 @@ HOST = "0.0.0.0"
 """Where it binds (its ``HOST``): every interface, as the kubelet's probe and the Service's
 endpoints reach the pod at its IP (locally, ``HOST`` is loopback, in the service's box)."""
 SERVICE_PORT = 80
-CLUSTER_DOMAIN = "svc.cluster.local"
 UID = 65534
 """Every container runs as ``nobody``: pushed code is untrusted."""
 TMP = "/tmp"
@@ -175,13 +174,19 @@ def peer_url(peer: str) -> str:
     return f"http://{names.object_name(peer)}"
 
 
+def in_cluster(options: KubeOptions, name: str, namespace: str) -> str:
+    """The cluster DNS name of the Service ``name`` in branchyard namespace ``namespace``:
+    ``NAME.NAMESPACE.svc.CLUSTER_DOMAIN`` (``up --cluster-domain``)."""
+    where = names.namespace_name(options.namespace_prefix, namespace)
+    return f"{name}.{where}.svc.{options.cluster_domain}"
+
+
 def public_url(options: KubeOptions, namespace: str, service: str) -> str:
     """Where people reach a service: ``http://SERVICE.NS.DOMAIN`` (its host name as the
     local router's) with a domain, else its Service's name in the cluster."""
     if options.domain:
         return f"http://{dns_label(service)}.{namespace}.{options.domain}"
-    where = names.namespace_name(options.namespace_prefix, namespace)
-    return f"http://{names.object_name(service)}.{where}.{CLUSTER_DOMAIN}"
+    return f"http://{in_cluster(options, names.object_name(service), namespace)}"
 
 
 def namespace(options: KubeOptions, name: str) -> Namespace:
@@ -280,6 +285,13 @@ def resources(options: KubeOptions, spec: RevisionSpec) -> ResourceRequirements:
     )
 
 
+def _index_settings(options: KubeOptions, spec: RevisionSpec) -> list[EnvVar]:
+    """The daemon's package index settings for the install, but those the revision's env
+    sets itself (its own win, as locally; ``env`` would beat its ``envFrom``)."""
+    given = sorted(options.install_env.items())
+    return [EnvVar(name=k, value=v) for k, v in given if k not in spec.env]
+
+
 def _mounts(workspace_read_only: bool) -> list[VolumeMount]:
     """The only places a container writes: ``/tmp``, ``HOME`` and, but in the run
     container, the workspace (the checkout and the venv, read-only to what runs)."""
@@ -318,7 +330,7 @@ def _pod(
         image=image,
         command=["sh", "-c", INSTALL, "install", *spec.manifest.build],
         workingDir=CHECKOUT,
-        env=env,
+        env=[*env, *_index_settings(options, spec)],
         envFrom=env_from,
         resources=limits,
         volumeMounts=_mounts(False),
@@ -457,13 +469,12 @@ def revision_service(options: KubeOptions, spec: RevisionSpec) -> Service:
 def fallback(options: KubeOptions, namespace: str, peer: str) -> Service:
     """In a namespace without ``peer`` of its own, the Service ``PEER`` that points at
     the baseline's, so ``http://PEER`` reaches it there (DNS does the fallback)."""
-    baseline = names.namespace_name(options.namespace_prefix, BASELINE)
     name = names.object_name(peer)
     return Service(
         metadata=_meta(
             options, namespace, name, {**names.service_labels(peer), names.FALLBACK: "true"}
         ),
-        spec=ServiceSpec(type="ExternalName", externalName=f"{name}.{baseline}.{CLUSTER_DOMAIN}"),
+        spec=ServiceSpec(type="ExternalName", externalName=in_cluster(options, name, BASELINE)),
     )
 
 
