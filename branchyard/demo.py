@@ -7,10 +7,12 @@ repository, on branch `main`, already pushed. `workflow_text` returns the comman
 DESIGN.md workflow adapted to those paths and to the router's real port.
 
 The services are standard-library Python with a Procfile `web: python app.py`, so they need
-no dependency install. They listen on 127.0.0.1:$PORT and show the environment branchyard
-gives them: `app` and `other_app` answer JSON naming their service, namespace, revision and
-branch; `web` calls both through `APP_URL` and `OTHER_APP_URL`, so one page shows whether the
-wiring of a namespace works, and `GET /env` answers the variables it was given as JSON.
+no dependency install. They listen on $HOST:$PORT (where branchyard says: loopback locally,
+every interface in a Kubernetes pod, so the same repo runs on both) and show the environment
+branchyard gives them: `app` and `other_app` answer JSON naming their service, namespace,
+revision and branch; `web` calls both through `APP_URL` and `OTHER_APP_URL`, so one page shows
+whether the wiring of a namespace works, and `GET /env` answers the variables it was given as
+JSON.
 
 Git runs as a child process with argument lists (never through a shell), with a fixed author
 and committer in its environment, so the demo works on a machine with no git identity set.
@@ -247,7 +249,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     port = int(os.environ.get("PORT", "8000"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), port), Handler)
     print(f"listening on {port}", flush=True)
     try:
         server.serve_forever()
@@ -347,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     port = int(os.environ.get("PORT", "8000"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), port), Handler)
     print(f"listening on {port}", flush=True)
     try:
         server.serve_forever()

@@ -15,16 +15,18 @@ and a route, every other entry runs as a worker. ``branchyard.yaml`` may add::
       GREETING: hello
     image: python:3.12-slim  # on Kubernetes, the image the service runs in (the local
                              # runtime ignores it)
-    memory: 256Mi          # what each of its boxes may use (Ki, Mi, Gi or bytes); the
-                           # daemon's default (`up --box-memory`) where not said
+    memory: 256Mi          # what each of its boxes (or pod's containers) may use (Ki, Mi,
+                           # Gi or bytes); the daemon's default (`up --box-memory`) where not said
+    cpu: 0.5               # cores each may keep busy (or millicores: 500m); the daemon's
+                           # default (`up --box-cpu`) where not said
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -39,6 +41,9 @@ DEFAULT_HEALTH_TIMEOUT = 30.0
 _SIZE = re.compile(r"([0-9]{1,15})(Ki|Mi|Gi|)")
 _UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 SMALLEST_MEMORY = 16 * 1024**2  # below it, not even a Python interpreter starts
+_CPU = re.compile(r"([0-9]{1,6})m|[0-9]{1,4}(\.[0-9]{1,3})?")  # millicores, or cores
+SMALLEST_CPU, LARGEST_CPU = 0.01, 1024.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Manifest:
     env: Mapping[str, str] = field(default_factory=dict)
     image: str | None = None  # None: the runtime's default image
     memory: int | None = None  # bytes; None: the runtime's default
+    cpu: float | None = None  # cores; None: the runtime's default
 
 
 def parse_procfile(text: str) -> dict[str, str]:
@@ -76,7 +82,7 @@ def _load_config(text: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ManifestError(f"{CONFIG_FILE} must be a mapping, not {type(data).__name__}")
-    unknown = set(data) - {"build", "run", "health", "env", "image", "memory"}
+    unknown = set(data) - {"build", "run", "health", "env", "image", "memory", "cpu"}
     if unknown:
         names = ", ".join(sorted(map(str, unknown)))
         raise ManifestError(f"{CONFIG_FILE} has unknown keys: {names}")
@@ -154,13 +160,30 @@ def parse_size(value: object) -> int:
     return size
 
 
-def _memory(value: Any) -> int | None:
+def parse_cpu(value: object) -> float:
+    """Cores from ``0.5``, ``2`` or ``500m`` (millicores, as Kubernetes writes them);
+    ValueError saying what is expected for anything else, or for less than
+    :data:`SMALLEST_CPU` or more than :data:`LARGEST_CPU` cores."""
+    plain = isinstance(value, int | float | str) and not isinstance(value, bool)
+    text = str(value).strip() if plain else ""
+    match = _CPU.fullmatch(text)
+    if match is None:
+        raise ValueError("must be a number of cores like 0.5, or millicores like 500m")
+    cores = int(match.group(1)) / 1000 if match.group(1) else float(text)
+    if not SMALLEST_CPU <= cores <= LARGEST_CPU:
+        raise ValueError(f"must be at least {SMALLEST_CPU:g} and at most {LARGEST_CPU:g} cores")
+    return cores
+
+
+def _limit(settings: Mapping[str, Any], key: str, parse: Callable[[object], T]) -> T | None:
+    """``settings[key]`` parsed (None if unsaid); a ManifestError that says why not."""
+    value = settings.get(key)
     if value is None:
         return None
     try:
-        return parse_size(value)
+        return parse(value)
     except ValueError as exc:
-        raise ManifestError(f"{CONFIG_FILE}: memory {exc}") from None
+        raise ManifestError(f"{CONFIG_FILE}: {key} {exc}") from None
 
 
 def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
@@ -183,5 +206,6 @@ def parse_manifest(procfile: str | None, config: str | None) -> Manifest:
         health_timeout=health_timeout,
         env=_env(settings.get("env")),
         image=_image(settings.get("image")),
-        memory=_memory(settings.get("memory")),
+        memory=_limit(settings, "memory", parse_size),
+        cpu=_limit(settings, "cpu", parse_cpu),
     )

@@ -76,3 +76,11 @@ def service_name_from_url(url: str) -> str:
 
 def is_env_name(name: str) -> bool:
     return bool(_ENV_NAME.fullmatch(name))
+
+
+_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def is_domain(name: str) -> bool:
+    """Whether ``name`` is a DNS name of lowercase labels (``cluster.local``)."""
+    return len(name) <= 253 and _DOMAIN.fullmatch(name) is not None

@@ -40,7 +40,7 @@ from branchyard.model import Overlay
 from branchyard.naming import is_env_name
 
 Slot = tuple[str, str]
-RESERVED = ("PORT",)
+RESERVED = ("PORT", "HOST")
 RESERVED_PREFIX = "BRANCHYARD_"
 SHORT_VERSION = 7  # git's shortest abbreviation; versions are compared on what both show
 NAMES_IN_MESSAGE = 5  # a commit message names this many variables, then counts the rest

@@ -70,7 +70,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+ThreadingHTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
 """
 FILES = {
     "Procfile": f"web: python app.py\nworker: python -c '{DUMP}' worker; sleep 600\n",
@@ -139,6 +139,7 @@ def test_no_box_gets_the_daemons_environment_and_nothing_it_starts_gets_its_secr
     for what in ("service", "worker", "build"):
         assert found[what]["GREETING"] == "hi" and found[what]["BRANCHYARD_SERVICE"] == "app"
     assert found["service"]["PORT"] and "PORT" not in found["worker"]
+    assert found["service"]["HOST"] == "127.0.0.1" and "HOST" not in found["worker"]
     assert found["service"]["HOME"] == found["worker"]["HOME"] != "/tmp"  # its scratch area
     assert "UV_CACHE_DIR" in found["install"]
     assert not set(SECRETS.values()) & set(found["git"].values())

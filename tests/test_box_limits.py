@@ -149,12 +149,15 @@ def test_a_box_forking_thousands_stops_at_its_own_limit_and_another_still_deploy
         stop_cleanly(daemon)
 
 
-def test_a_busy_box_has_a_bounded_cpu_share_and_the_kernel_takes_it_before_the_daemon(
+def test_a_busy_box_has_the_cpu_share_its_yaml_says_and_the_kernel_takes_it_first(
     daemon: Daemon, make_repo: Callable[..., ServiceRepo]
 ) -> None:
     busy = make_repo(
         "busy",
-        stdlib_service(Procfile=f"web: python app.py\nworker: python -c '{BUSY}'\n"),
+        stdlib_service(
+            Procfile=f"web: python app.py\nworker: python -c '{BUSY}'\n",
+            **{"branchyard.yaml": "cpu: 500m\n"},
+        ),
     )
     deploy(daemon, busy, "main")
     pid = wait_for(lambda: busy_pid(daemon), 15, "the busy loop")
@@ -162,7 +165,7 @@ def test_a_busy_box_has_a_bounded_cpu_share_and_the_kernel_takes_it_before_the_d
     assert box.parent == cgroup_of(daemon.process.pid, "cpu") / box.parent.name
     assert str(pid) in (box / "tasks").read_text().split()
     assert (box / "cpu.cfs_period_us").read_text() == "100000\n"
-    assert (box / "cpu.cfs_quota_us").read_text() == "100000\n"  # one core
+    assert (box / "cpu.cfs_quota_us").read_text() == "50000\n"  # half a core, as it says
     wait_for(
         lambda: (
             int(
@@ -178,7 +181,8 @@ def test_a_busy_box_has_a_bounded_cpu_share_and_the_kernel_takes_it_before_the_d
     daemons = int(Path(f"/proc/{daemon.process.pid}/oom_score_adj").read_text())
     boxes = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
     assert daemons < boxes == 1000
-    assert "limits  memory 512 MiB, 1024 processes, 1 CPU per box\n" in daemon.cli("info").stdout
+    info = daemon.cli("info").stdout  # the defaults, for boxes whose yaml says nothing
+    assert "limits  memory 512 MiB, 1024 processes, 1 CPU per box\n" in info
 
 
 def test_the_next_daemon_removes_the_cgroups_a_killed_one_left(

@@ -32,13 +32,14 @@ class Services:
     def __init__(self) -> None:
         self.children: list[subprocess.Popen[str]] = []
 
-    def start(self, repo: DemoRepo, env: Mapping[str, str]) -> str:
-        """Run the repo's app.py on a free port with `env`; return its base URL once it listens."""
+    def start(self, repo: DemoRepo, env: Mapping[str, str], host: str = "127.0.0.1") -> str:
+        """Run the repo's app.py on a free port with `env` and `HOST` (as the local runtime
+        gives it: loopback); return its base URL once it listens."""
         port = free_port()
         child = subprocess.Popen(
             [sys.executable, "app.py"],
             cwd=repo.clone,
-            env={"PATH": os.environ.get("PATH", ""), "PORT": str(port), **env},
+            env={"PATH": os.environ.get("PATH", ""), "HOST": host, "PORT": str(port), **env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -48,7 +49,7 @@ class Services:
         assert child.stdout is not None
         first_line = child.stdout.readline()
         assert first_line == f"listening on {port}\n", child.stderr and child.stderr.read()
-        return f"http://127.0.0.1:{port}"
+        return f"http://{host}:{port}"
 
     def kill_all(self) -> None:
         for child in self.children:
@@ -138,6 +139,19 @@ def test_app_and_other_app_answer_who_they_are(demo: list[DemoRepo], services: S
             "revision": env["BRANCHYARD_REVISION"][:7],
             "branch": "bugfix",
         }
+
+
+def test_every_demo_service_binds_the_host_branchyard_gives(
+    demo: list[DemoRepo], services: Services
+) -> None:
+    # 127.0.0.2 is loopback too, but not 127.0.0.1: a service that binds HOST answers
+    # there and only there, as one in a pod answers on HOST=0.0.0.0, at the pod's IP
+    for repo in demo:
+        url = services.start(repo, namespace_env(repo), host="127.0.0.2")
+        assert get(url + "/")
+        port = int(url.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            get(f"http://127.0.0.1:{port}/")
 
 
 def test_web_page_shows_both_peers_answers_and_env_lists_its_wiring(

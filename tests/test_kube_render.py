@@ -22,7 +22,7 @@ from branchyard.manifest import Manifest
 from branchyard.naming import short_hash
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names, render
-from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.options import KubeOptions, index_settings
 from branchyard.runtime.kube.render import KubeObject
 from branchyard.serving import MAX_SPLIT, MAX_WEIGHT
 from tests import k8s_crds, k8s_rbac
@@ -30,7 +30,7 @@ from tests import k8s_crds, k8s_rbac
 SHA = "3f2c1ab" + "0" * 33
 APP = "https://git.example.com/team/app.git"
 DNS_1035 = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
-OLDEST, NEWEST = "1.25.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
+OLDEST, NEWEST = "1.30.0", "1.37.0"  # the Kubernetes versions we support (docs/kubernetes.md)
 
 
 def spec(
@@ -150,6 +150,14 @@ def test_a_namespace_name_over_63_characters_is_a_clear_error() -> None:
             "http://web.by-bugfix.svc.cluster.local",
             "http://web",
             id="in-the-cluster",
+        ),
+        pytest.param(
+            KubeOptions(cluster_domain="k8s.internal"),
+            "bugfix",
+            "web",
+            "http://web.bugfix.svc.k8s.internal",
+            "http://web",
+            id="the-clusters-own-domain",
         ),
     ],
 )
@@ -272,7 +280,8 @@ def test_the_web_deployment_is_ready_on_its_health_path_within_the_deadline(
     container = web_pod(web).containers[0]
     assert container.readinessProbe.httpGet.path == "/healthz"
     assert container.readinessProbe.httpGet.port == 8080
-    assert {e.name: e.value for e in container.env}["PORT"] == "8080"
+    env = {e.name: e.value for e in container.env}
+    assert (env["HOST"], env["PORT"]) == ("0.0.0.0", "8080")  # the probe reaches the pod's IP
 
 
 def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
@@ -288,7 +297,7 @@ def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
         container = web_pod(worker).containers[0]
         assert container.readinessProbe is None and container.ports is None
         assert container.command[-1] == command
-        assert "PORT" not in {e.name for e in container.env}
+        assert not {"HOST", "PORT"} & {e.name for e in container.env}
     (service,) = [thing for thing in made if isinstance(thing, Service)]
     assert service.spec is not None and service.spec.selector is not None
     assert service.spec.selector["branchyard.dev/process"] == "web"
@@ -299,6 +308,9 @@ def test_workers_get_a_deployment_each_without_probe_port_or_service() -> None:
     [
         pytest.param(None, KubeOptions(), "python:3.11-slim", id="the-default"),
         pytest.param(None, KubeOptions(image="python:3.13-slim"), "python:3.13-slim", id="option"),
+        pytest.param(
+            None, KubeOptions(git_image="mirror.test/git:2"), "python:3.11-slim", id="git-image"
+        ),
         pytest.param("registry.test/web:1", KubeOptions(), "registry.test/web:1", id="manifest"),
     ],
 )
@@ -308,6 +320,51 @@ def test_the_image_comes_from_the_manifest_else_the_options(
     pod = web_pod(deployments(options, spec(image=manifest_image))[0])
     assert [c.image for c in pod.initContainers] == [options.git_image, image]
     assert pod.containers[0].image == image
+
+
+def test_the_install_and_only_it_gets_the_daemons_index_settings_unless_the_env_sets_them() -> None:
+    index = {"PIP_INDEX_URL": "http://10.0.0.1:3141/simple", "PIP_TRUSTED_HOST": "10.0.0.1"}
+    options = KubeOptions(install_env={**index, "UV_INDEX_URL": "http://10.0.0.1/uv"})
+    revision = spec(env={"UV_INDEX_URL": "https://own.test/simple"}, workers=(("clock", "c"),))
+    for deployment in deployments(options, revision):
+        pod = web_pod(deployment)
+        fetch, install = pod.initContainers
+        got = {e.name: e.value for e in install.env}
+        assert got.items() >= index.items()
+        assert "UV_INDEX_URL" not in got  # the revision's own, from its ConfigMap, wins
+        for container in (fetch, *pod.containers):
+            assert not {e.name for e in container.env} & {*index, "UV_INDEX_URL"}
+
+
+@pytest.mark.parametrize(
+    ("environment", "settings"),
+    [
+        pytest.param({}, {}, id="none"),
+        pytest.param(
+            {"PIP_INDEX_URL": "http://i.test/simple", "HOME": "/root", "PIP_FIND_LINKS": "/w"},
+            {"PIP_INDEX_URL": "http://i.test/simple"},
+            id="only-index-urls-no-paths",
+        ),
+        pytest.param(
+            {"UV_INDEX_URL": "http://i.test/", "PIP_EXTRA_INDEX_URL": "http://a.test/ http://b/"},
+            {"UV_INDEX_URL": "http://i.test/", "PIP_EXTRA_INDEX_URL": "http://a.test/ http://b/"},
+            id="uv-and-a-list",
+        ),
+    ],
+)
+def test_index_settings_are_the_index_variables_of_the_daemons_environment(
+    environment: dict[str, str], settings: dict[str, str]
+) -> None:
+    assert index_settings(environment) == settings
+
+
+def test_an_index_url_with_credentials_is_refused_without_showing_them() -> None:
+    with pytest.raises(ValueError) as caught:
+        index_settings({"PIP_EXTRA_INDEX_URL": "http://a.test/ https://u:S3CRET@b.test/simple"})
+    assert str(caught.value) == (
+        "PIP_EXTRA_INDEX_URL carries credentials (http://a.test/ https://u:***@b.test/simple), "
+        "which every install container's spec would show: name an index pods reach without them"
+    )
 
 
 def test_user_text_reaches_a_shell_only_as_an_argument() -> None:
@@ -370,6 +427,87 @@ def test_pods_run_as_nobody_without_a_service_account_token() -> None:
             assert container.securityContext.capabilities.drop == ["ALL"]
 
 
+def test_every_container_has_a_read_only_root_and_writes_only_tmp_home_and_its_workspace() -> None:
+    revision = spec(workers=(("clock", "c"),), build=("make",))
+    for deployment in deployments(KubeOptions(), revision):
+        pod = web_pod(deployment)
+        volumes = {v.name: v for v in pod.volumes}
+        assert all(v.emptyDir is not None for v in volumes.values())
+        assert {volumes[n].emptyDir.sizeLimit for n in ("tmp", "home")} == {"256Mi"}
+        for container in [*pod.initContainers, *pod.containers]:
+            assert container.securityContext.readOnlyRootFilesystem is True
+            mounts = {m.mountPath: m for m in container.volumeMounts}
+            writable = {path for path, m in mounts.items() if not m.readOnly}
+            env = {e.name: e.value for e in container.env}
+            assert env["HOME"] == "/home/service" and "/home/service" in writable
+            if container in pod.initContainers:  # they fetch, install and build
+                assert writable == {"/tmp", "/home/service", "/workspace"}
+            else:  # what runs reads its checkout and venv, and cannot change them
+                assert writable == {"/tmp", "/home/service"}
+                assert mounts["/workspace"].readOnly is True
+
+
+@pytest.mark.parametrize(
+    ("stop_grace", "web_grace", "worker_grace"),
+    [
+        pytest.param(10, 15, 10, id="the-default-stop-grace"),
+        pytest.param(30, 35, 30, id="up-stop-grace"),
+        pytest.param(0, 5, 0, id="none"),
+    ],
+)
+def test_a_web_pod_keeps_serving_until_kube_proxy_moved_then_gets_its_stop_grace(
+    stop_grace: int, web_grace: int, worker_grace: int
+) -> None:
+    made = deployments(KubeOptions(stop_grace=stop_grace), spec(workers=(("clock", "c"),)))
+    web, worker = (web_pod(d) for d in made)
+    pause = web.containers[0].lifecycle.preStop
+    assert (pause.sleep.seconds, pause.exec, pause.httpGet) == (render.UNROUTED, None, None)
+    assert web.terminationGracePeriodSeconds == web_grace
+    assert worker.containers[0].lifecycle is None  # no Service sends to a worker
+    assert worker.terminationGracePeriodSeconds == worker_grace
+
+
+@pytest.mark.parametrize(
+    ("manifest", "options", "limits", "requests"),
+    [
+        pytest.param({}, KubeOptions(), ("1000m", "512Mi"), ("250m", "128Mi"), id="the-defaults"),
+        pytest.param(
+            {},
+            KubeOptions(memory=2 * 1024**3, cpu=2.5),
+            ("2500m", "2Gi"),
+            ("625m", "512Mi"),
+            id="up-box-memory-and-box-cpu",
+        ),
+        pytest.param(
+            {"memory": 256 * 1024**2, "cpu": 0.5},
+            KubeOptions(memory=2 * 1024**3, cpu=2),
+            ("500m", "256Mi"),
+            ("125m", "64Mi"),
+            id="branchyard-yaml-wins",
+        ),
+        pytest.param(
+            {"memory": 100 * 1024**2 + 512, "cpu": 0.01},
+            KubeOptions(),
+            ("10m", "104858112"),
+            ("2m", "26214528"),
+            id="odd-sizes-stay-exact",
+        ),
+    ],
+)
+def test_every_container_requests_a_quarter_of_its_cpu_and_memory_limits(
+    manifest: dict[str, Any],
+    options: KubeOptions,
+    limits: tuple[str, str],
+    requests: tuple[str, str],
+) -> None:
+    for deployment in deployments(options, spec(workers=(("clock", "c"),), **manifest)):
+        pod = web_pod(deployment)
+        for container in [*pod.initContainers, *pod.containers]:
+            got = container.resources
+            assert (got.limits["cpu"], got.limits["memory"]) == limits
+            assert (got.requests["cpu"], got.requests["memory"]) == requests
+
+
 # traffic
 
 
@@ -386,14 +524,20 @@ def test_the_live_service_selects_one_revision_on_port_80() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prefix", "target"),
+    ("prefix", "domain", "target"),
     [
-        pytest.param("", "other-app-{h}.main.svc.cluster.local", id="baseline"),
-        pytest.param("by-", "other-app-{h}.by-main.svc.cluster.local", id="prefixed"),
+        pytest.param("", "cluster.local", "other-app-{h}.main.svc.cluster.local", id="baseline"),
+        pytest.param(
+            "by-", "cluster.local", "other-app-{h}.by-main.svc.cluster.local", id="prefixed"
+        ),
+        pytest.param("", "corp.test", "other-app-{h}.main.svc.corp.test", id="a-cluster-domain"),
     ],
 )
-def test_a_missing_peer_falls_back_to_the_baseline_by_dns(prefix: str, target: str) -> None:
-    made = render.fallback(KubeOptions(namespace_prefix=prefix), "bugfix", "other_app")
+def test_a_missing_peer_falls_back_to_the_baseline_by_dns(
+    prefix: str, domain: str, target: str
+) -> None:
+    options = KubeOptions(namespace_prefix=prefix, cluster_domain=domain)
+    made = render.fallback(options, "bugfix", "other_app")
     assert made.metadata is not None and made.spec is not None
     assert made.metadata.name == names.object_name("other_app")
     assert made.metadata.namespace == f"{prefix}bugfix"

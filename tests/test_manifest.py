@@ -469,3 +469,46 @@ def test_memory_that_is_not_a_size_is_refused_in_one_line(config: str, why: str)
         parse_manifest(PROCFILE, config)
     assert caught.value.message.startswith(f"branchyard.yaml: memory {why}")
     assert "\n" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("config", "cpu"),
+    [
+        pytest.param("image: null", None, id="unsaid"),
+        pytest.param("cpu: null", None, id="null"),
+        pytest.param("cpu: 2", 2.0, id="cores"),
+        pytest.param("cpu: 0.5", 0.5, id="a-fraction"),
+        pytest.param("cpu: .25", 0.25, id="no-leading-zero"),
+        pytest.param("cpu: 500m", 0.5, id="millicores"),
+        pytest.param("cpu: 10m", 0.01, id="the-least"),
+        pytest.param("cpu: '1.5'", 1.5, id="a-string"),
+        pytest.param("cpu: ' 250m '", 0.25, id="spaces"),
+    ],
+)
+def test_cpu_in_branchyard_yaml_is_the_cores_each_box_of_the_service_may_keep_busy(
+    config: str, cpu: float | None
+) -> None:
+    assert parse_manifest(PROCFILE, config).cpu == cpu
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        pytest.param("cpu: 1 core", "must be a number of cores like 0.5", id="a-word"),
+        pytest.param("cpu: 500M", "must be a number of cores like 0.5", id="mega-not-milli"),
+        pytest.param("cpu: 0.5m", "must be a number of cores like 0.5", id="a-fraction-of-milli"),
+        pytest.param("cpu: -1", "must be a number of cores like 0.5", id="negative"),
+        pytest.param("cpu: true", "must be a number of cores like 0.5", id="boolean"),
+        pytest.param("cpu: [1]", "must be a number of cores like 0.5", id="list"),
+        pytest.param("cpu: ''", "must be a number of cores like 0.5", id="empty"),
+        pytest.param("cpu: 0.0001", "must be a number of cores like 0.5", id="too-precise"),
+        pytest.param("cpu: 0", "must be at least 0.01 and at most 1024 cores", id="zero"),
+        pytest.param("cpu: 5m", "must be at least 0.01 and at most 1024 cores", id="too-little"),
+        pytest.param("cpu: 2048", "must be at least 0.01 and at most 1024 cores", id="too-much"),
+    ],
+)
+def test_cpu_that_is_not_a_number_of_cores_is_refused_in_one_line(config: str, why: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(PROCFILE, config)
+    assert caught.value.message.startswith(f"branchyard.yaml: cpu {why}")
+    assert "\n" not in caught.value.message

@@ -14,6 +14,7 @@ from branchyard.naming import (
     MAX_LABEL,
     dns_label,
     env_var_for,
+    is_domain,
     is_env_name,
     namespace_for_branch,
     service_name_from_url,
@@ -214,3 +215,23 @@ def test_env_names_are_letters_digits_and_underscores(name: str, valid: bool) ->
 def test_a_service_name_starting_with_a_digit_gives_a_valid_variable_name() -> None:
     assert env_var_for("2fa") == "_2FA_URL"
     assert is_env_name(env_var_for("2fa"))
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        pytest.param("cluster.local", True, id="the-default"),
+        pytest.param("k8s-prod.example.com", True, id="dashes-and-dots"),
+        pytest.param("local", True, id="one-label"),
+        pytest.param("Cluster.local", False, id="capitals"),
+        pytest.param("cluster..local", False, id="an-empty-label"),
+        pytest.param(".cluster.local", False, id="a-leading-dot"),
+        pytest.param("cluster.local.", False, id="a-trailing-dot"),
+        pytest.param("-a.local", False, id="a-leading-dash"),
+        pytest.param("a" * 64 + ".local", False, id="a-label-over-63"),
+        pytest.param("cluster.local\n", False, id="trailing-newline"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_a_domain_is_dot_separated_lowercase_dns_labels(name: str, valid: bool) -> None:
+    assert is_domain(name) is valid

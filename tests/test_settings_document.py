@@ -83,6 +83,11 @@ def test_a_valid_document_gives_its_env(text: str, env: dict[str, str]) -> None:
             id="reserved-PORT",
         ),
         pytest.param(
+            "env:\n  HOST: 0.0.0.0\n",
+            "HOST is set by branchyard and cannot be changed",
+            id="reserved-HOST",
+        ),
+        pytest.param(
             "env:\n  BRANCHYARD_X: a\n",
             "BRANCHYARD_X is set by branchyard and cannot be changed",
             id="reserved-prefix",
@@ -189,7 +194,7 @@ def test_a_rendered_document_parses_back_to_the_same_env(env: dict[str, str]) ->
 
 
 ENV_NAMES = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,12}\Z").filter(
-    lambda name: name != "PORT" and not name.startswith("BRANCHYARD_")
+    lambda name: name not in ("PORT", "HOST") and not name.startswith("BRANCHYARD_")
 )
 ENV_VALUES = st.text(st.characters(codec="utf-8", exclude_characters="\0"))
 

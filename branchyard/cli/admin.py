@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     "--stop-grace",
     default=10.0,
     show_default=True,
-    help="Seconds between SIGTERM and SIGKILL when a process is stopped.",
+    help="Seconds between SIGTERM and SIGKILL when a process (a pod's) is stopped.",
 )
 @click.option(
     "--api-head-timeout",
@@ -95,7 +95,8 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     default="512Mi",
     show_default=True,
     metavar="SIZE",
-    help="Memory a box may use where its branchyard.yaml says no `memory:` (Ki, Mi, Gi).",
+    help="Memory a box (on Kubernetes, a pod's container) may use where its branchyard.yaml "
+    "says no `memory:` (Ki, Mi, Gi).",
 )
 @click.option(
     "--box-processes",
@@ -109,7 +110,7 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=0.01),
-    help="Cores a box may keep busy.",
+    help="Cores a box (a pod's container) may keep busy where its branchyard.yaml says no `cpu:`.",
 )
 @click.option(
     "--git-listen",
@@ -135,6 +136,16 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
 @click.option("--domain", metavar="D", help="Kubernetes: an Ingress per service at SERVICE.NS.D.")
 @click.option("--ingress-class", metavar="C", help="Kubernetes: the Ingresses' class.")
 @click.option("--image", metavar="I", help="Kubernetes: [python:3.11-slim]")
+@click.option(
+    "--git-image", metavar="I", help="Kubernetes: the fetch step's image [alpine/git:2.47.2]"
+)
+@click.option(
+    "--cluster-domain",
+    default="cluster.local",
+    show_default=True,
+    metavar="D",
+    help="Kubernetes: the cluster's DNS domain (Services are NAME.NS.svc.D).",
+)
 @click.option("--namespace-prefix", default="", metavar="P", help="Kubernetes: before names")
 @click.option(
     "--build-timeout",
@@ -169,12 +180,16 @@ def up(
     domain: str | None,
     ingress_class: str | None,
     image: str | None,
+    git_image: str | None,
+    cluster_domain: str,
     namespace_prefix: str,
     build_timeout: int,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it and everything it started)."""
     import asyncio
     import logging
+    import math
+    import os
 
     from branchyard.daemon import (
         LOOPBACK,
@@ -183,11 +198,12 @@ def up(
         Limits,
         Options,
         hide_secrets,
+        index_settings,
         serve,
     )
     from branchyard.gitserve import address_of
     from branchyard.manifest import parse_size
-    from branchyard.naming import is_env_name
+    from branchyard.naming import is_domain, is_env_name
 
     secrets = hide_secrets()
     for name in pass_env:
@@ -204,6 +220,14 @@ def up(
         raise UsageError("--drain-grace and --stop-grace must not be negative")
     if api_head_timeout <= 0:
         raise UsageError("--api-head-timeout must be more than 0 seconds")
+    try:
+        indexes = index_settings(os.environ)
+    except ValueError as exc:
+        if runtime == "kubernetes":
+            raise UsageError(str(exc)) from None
+        indexes = {}  # the local runtime's installs get them; k8s render shows none
+    if not is_domain(cluster_domain):
+        raise UsageError(f"--cluster-domain {cluster_domain!r} is not a DNS name")
     if git_url is not None and git_listen is None:
         raise UsageError("--git-url needs --git-listen: it names where that server is reached")
     try:
@@ -231,7 +255,13 @@ def up(
             ingress_class=ingress_class,
             namespace_prefix=namespace_prefix,
             build_timeout=build_timeout,
+            memory=limits.memory,
+            cpu=limits.cpu,
+            stop_grace=math.ceil(stop_grace),
+            cluster_domain=cluster_domain,
+            install_env=indexes,
             **({"image": image} if image else {}),
+            **({"git_image": git_image} if git_image else {}),
         ),
         runtime=runtime,
         secrets=secrets,

@@ -198,7 +198,8 @@ def edit(ctx: Context, service: str, ns: str | None) -> None:
     path = _env_path(namespace, service)
     header = (
         f"# env of {service} in namespace {namespace}. Save to roll out a new revision;\n"
-        "# save it unchanged or empty to cancel. PORT, BRANCHYARD_* and *_URL are set for you.\n"
+        "# save it unchanged or empty to cancel. HOST, PORT, BRANCHYARD_* and *_URL are set for "
+        "you.\n"
     )
     note = ""
     while True:

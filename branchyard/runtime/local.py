@@ -358,10 +358,15 @@ class LocalRuntime:
         return self._outside.box(own, home)
 
     def _limits(self, spec: RevisionSpec) -> Limits | None:
-        """What each box of ``spec`` may use: the defaults, with the manifest's memory."""
-        if self._cgroups is None or spec.manifest.memory is None:
+        """What each box of ``spec`` may use: the defaults, with the manifest's memory and
+        CPU where it says them."""
+        manifest = spec.manifest
+        if self._cgroups is None or (manifest.memory is None and manifest.cpu is None):
             return None
-        return replace(self._cgroups.defaults, memory=spec.manifest.memory)
+        defaults = self._cgroups.defaults
+        return replace(
+            defaults, memory=manifest.memory or defaults.memory, cpu=manifest.cpu or defaults.cpu
+        )
 
     def release(self, build: Build) -> None:
         self.venvs.release(_local(build).venv)
@@ -398,7 +403,7 @@ class LocalRuntime:
         box = Box((build.checkout, build.venv), (scratch,), home=scratch)
         port = self._ports.take()
         env = {**build.env, "HOME": str(scratch)}
-        web_env = {**env, "PORT": str(port)}
+        web_env = {**env, "HOST": LOOPBACK, "PORT": str(port)}
         instance: LocalInstance | None = None
 
         def changed(web: Supervisor) -> None:

@@ -3,7 +3,10 @@ render the objects of a revision there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from branchyard.text import redacted_url
 
 DEFAULT_IMAGE = "python:3.11-slim"
 """The image a revision runs in unless its ``branchyard.yaml`` names one."""
@@ -11,6 +14,39 @@ DEFAULT_IMAGE = "python:3.11-slim"
 DEFAULT_GIT_IMAGE = "alpine/git:2.47.2"
 """The image of the init container that fetches a revision's commit (the default
 image has no git)."""
+
+DEFAULT_MEMORY = 512 * 1024**2
+DEFAULT_CPU = 1.0
+"""A container's limits where ``branchyard.yaml`` says none: a local box's defaults
+(``up --box-memory``, ``--box-cpu``, which ``up`` hands to both runtimes)."""
+
+
+INDEX_VARIABLES = (
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_TRUSTED_HOST",
+    "UV_INDEX",
+    "UV_INDEX_URL",
+    "UV_DEFAULT_INDEX",
+    "UV_EXTRA_INDEX_URL",
+)
+"""The package index settings of pip and uv that the daemon's environment hands to every
+install container, as the local runtime hands them to every install: a cluster with its
+own package index (or none but a mirror) is named where the daemon starts."""
+
+
+def index_settings(environment: Mapping[str, str]) -> dict[str, str]:
+    """The :data:`INDEX_VARIABLES` of ``environment``; a ValueError naming one whose value
+    carries credentials, which a pod's spec (and ``k8s render``) would show."""
+    found = {name: environment[name] for name in INDEX_VARIABLES if name in environment}
+    for name, value in found.items():
+        if any(redacted_url(url) != url for url in value.split()):
+            raise ValueError(
+                f"{name} carries credentials ({' '.join(map(redacted_url, value.split()))}), "
+                "which every install container's spec would show: name an index pods reach "
+                "without them"
+            )
+    return found
 
 
 @dataclass(frozen=True)
@@ -27,11 +63,25 @@ class KubeOptions:
     """The Ingress class of those Ingresses; None: the cluster's default class."""
     image: str = DEFAULT_IMAGE
     git_image: str = DEFAULT_GIT_IMAGE
+    install_env: Mapping[str, str] = field(default_factory=dict)
+    """What the install container gets besides the revision's env: the package index
+    settings of the daemon's environment (:func:`index_settings`)."""
+    cluster_domain: str = "cluster.local"
+    """The cluster's DNS domain: a Service is ``NAME.NAMESPACE.svc.CLUSTER_DOMAIN``."""
+    memory: int = DEFAULT_MEMORY
+    """Bytes each container of a pod may use where its ``branchyard.yaml`` says no
+    ``memory:`` (``up --box-memory``, as for a local box)."""
+    cpu: float = DEFAULT_CPU
+    """Cores each may keep busy where it says no ``cpu:`` (``up --box-cpu``)."""
     build_timeout: int = 300
     """Seconds a pod's init containers (fetch the commit, install, build) may take: a
     Deployment's ``progressDeadlineSeconds`` is this plus the manifest's health timeout,
     since on Kubernetes the build runs in the pod (locally the health timeout starts
     after the build)."""
+    stop_grace: int = 10
+    """Seconds a pod's process has from SIGTERM to its exit before it is killed (``up
+    --stop-grace``, rounded up); a web pod's grace adds the pause before the SIGTERM
+    (``render.UNROUTED``)."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

@@ -41,16 +41,20 @@ from lightkube.models.core_v1 import (
     EnvFromSource,
     EnvVar,
     HTTPGetAction,
+    Lifecycle,
+    LifecycleHandler,
     NamespaceSpec,
     PodSecurityContext,
     PodSpec,
     PodTemplateSpec,
     Probe,
+    ResourceRequirements,
     SeccompProfile,
     SecretEnvSource,
     SecurityContext,
     ServicePort,
     ServiceSpec,
+    SleepAction,
     Volume,
     VolumeMount,
 )
@@ -85,10 +89,25 @@ KubeObject: TypeAlias = (
 
 PORT = 8080
 """The port every web process listens on (its ``PORT``)."""
+HOST = "0.0.0.0"
+"""Where it binds (its ``HOST``): every interface, as the kubelet's probe and the Service's
+endpoints reach the pod at its IP (locally, ``HOST`` is loopback, in the service's box)."""
 SERVICE_PORT = 80
-CLUSTER_DOMAIN = "svc.cluster.local"
 UID = 65534
 """Every container runs as ``nobody``: pushed code is untrusted."""
+TMP = "/tmp"
+HOME = "/home/service"
+SCRATCH_SIZE = "256Mi"
+"""What ``/tmp`` and ``HOME`` may each hold (a pod over it is evicted); the local runtime's
+``/tmp`` is as large."""
+UNROUTED = 5
+"""Seconds a web pod keeps serving once told to stop, before its process gets SIGTERM
+(a ``preStop`` sleep, done by the kubelet: the image needs no ``sleep``): the Service's
+endpoints drop it at once, but each node's kube-proxy (and an Ingress controller) moves
+its rules a moment later, and until then requests still arrive."""
+REQUESTED = 4
+"""A container requests a quarter of its limits: a preview idles most of the time, so a
+node packs four times what the limits would let it, and each may still burst to its limit."""
 WORKSPACE = "/workspace"
 CHECKOUT = f"{WORKSPACE}/src"
 VENV = f"{WORKSPACE}/venv"
@@ -104,7 +123,8 @@ rm -rf .git
 """The fetch init container's script: ``$1`` the repo's URL, ``$2`` the commit."""
 
 INSTALL = f"""set -e
-python -m venv {VENV}
+if command -v python > /dev/null; then python=python; else python=python3; fi
+"$python" -m venv {VENV}
 export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
 if [ -f requirements.txt ]; then
   pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
@@ -119,12 +139,33 @@ for step in "$@"; do
   sh -c "$step"
 done
 """
-"""The install init container's script: the venv, the dependencies (as the local
-runtime installs them: ``requirements.txt``, ``pyproject.toml``'s), then each build
-step given as an argument."""
+"""The install init container's script: the venv (made by ``python``, else ``python3``,
+as Debian's images have only that), the dependencies (as the local runtime installs
+them: ``requirements.txt``, ``pyproject.toml``'s), then each build step given as an
+argument."""
 
-RUN = f'export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}; exec sh -c "$1"'
-"""A process's script: the venv first on the PATH, then ``$1``, its command."""
+RUN = f"""export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
+trap 'trap "" TERM; kill -s TERM -- -1' TERM
+sh -c "trap : TERM
+$1" &
+child=$!
+wait "$child"
+code=$?
+while kill -0 "$child" 2> /dev/null; do
+  wait "$child"
+  code=$?
+done
+exit "$code"
+"""
+"""A process's script: the venv first on the PATH, then ``$1``, its command, as a child.
+The script is the container's PID 1, which the kernel shields from every signal it has
+no handler for: a command run as PID 1 (``exec``) that sets none, as Python does not
+for SIGTERM, ignores the kubelet's SIGTERM and holds the pod for its whole grace. So the
+script traps SIGTERM and hands it to every other process of the container (``kill -1``
+from PID 1: its PID namespace's, the command and whatever it started, ``setsid`` or
+not), then waits for the command and exits with its status. The command's own shell
+outlives the SIGTERM (``trap : TERM``, as the local runtime's Procfile shell does), so
+a process that handles it and exits 0 leaves the status 0, on both runtimes alike."""
 
 
 def peer_url(peer: str) -> str:
@@ -133,13 +174,19 @@ def peer_url(peer: str) -> str:
     return f"http://{names.object_name(peer)}"
 
 
+def in_cluster(options: KubeOptions, name: str, namespace: str) -> str:
+    """The cluster DNS name of the Service ``name`` in branchyard namespace ``namespace``:
+    ``NAME.NAMESPACE.svc.CLUSTER_DOMAIN`` (``up --cluster-domain``)."""
+    where = names.namespace_name(options.namespace_prefix, namespace)
+    return f"{name}.{where}.svc.{options.cluster_domain}"
+
+
 def public_url(options: KubeOptions, namespace: str, service: str) -> str:
     """Where people reach a service: ``http://SERVICE.NS.DOMAIN`` (its host name as the
     local router's) with a domain, else its Service's name in the cluster."""
     if options.domain:
         return f"http://{dns_label(service)}.{namespace}.{options.domain}"
-    where = names.namespace_name(options.namespace_prefix, namespace)
-    return f"http://{names.object_name(service)}.{where}.{CLUSTER_DOMAIN}"
+    return f"http://{in_cluster(options, names.object_name(service), namespace)}"
 
 
 def namespace(options: KubeOptions, name: str) -> Namespace:
@@ -208,7 +255,51 @@ def source_url(options: KubeOptions, spec: RevisionSpec) -> str:
 
 
 def _locked_down() -> SecurityContext:
-    return SecurityContext(allowPrivilegeEscalation=False, capabilities=Capabilities(drop=["ALL"]))
+    return SecurityContext(
+        allowPrivilegeEscalation=False,
+        capabilities=Capabilities(drop=["ALL"]),
+        readOnlyRootFilesystem=True,
+    )
+
+
+def _memory(size: int) -> str:
+    """Bytes as a Kubernetes quantity, in the largest binary unit that holds them whole."""
+    for unit, factor in (("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def resources(options: KubeOptions, spec: RevisionSpec) -> ResourceRequirements:
+    """What each container of the revision may use: the manifest's ``memory:`` and
+    ``cpu:``, else the options' (``up --box-memory``, ``--box-cpu``), as limits; a quarter
+    of them as requests (:data:`REQUESTED`)."""
+    memory = spec.manifest.memory or options.memory
+    millicores = max(1, round((spec.manifest.cpu or options.cpu) * 1000))
+    return ResourceRequirements(
+        limits={"cpu": f"{millicores}m", "memory": _memory(memory)},
+        requests={
+            "cpu": f"{max(1, millicores // REQUESTED)}m",
+            "memory": _memory(memory // REQUESTED),
+        },
+    )
+
+
+def _index_settings(options: KubeOptions, spec: RevisionSpec) -> list[EnvVar]:
+    """The daemon's package index settings for the install, but those the revision's env
+    sets itself (its own win, as locally; ``env`` would beat its ``envFrom``)."""
+    given = sorted(options.install_env.items())
+    return [EnvVar(name=k, value=v) for k, v in given if k not in spec.env]
+
+
+def _mounts(workspace_read_only: bool) -> list[VolumeMount]:
+    """The only places a container writes: ``/tmp``, ``HOME`` and, but in the run
+    container, the workspace (the checkout and the venv, read-only to what runs)."""
+    return [
+        VolumeMount(name="workspace", mountPath=WORKSPACE, readOnly=workspace_read_only),
+        VolumeMount(name="tmp", mountPath=TMP),
+        VolumeMount(name="home", mountPath=HOME),
+    ]
 
 
 def _pod(
@@ -219,17 +310,19 @@ def _pod(
     command: str,
 ) -> PodSpec:
     """A pod of the revision: fetch, install and build in init containers, then run
-    ``command`` (the web process's, with its port and probe), all as ``nobody`` in a
-    shared ``emptyDir``."""
+    ``command`` (the web process's, with its port and probe), all as ``nobody`` on a
+    read-only root file system; the init containers write the workspace, the process
+    reads it."""
     image = spec.manifest.image or options.image
-    workspace = [VolumeMount(name="workspace", mountPath=WORKSPACE)]
-    env = [EnvVar(name="HOME", value="/tmp"), EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    limits = resources(options, spec)
+    env = [EnvVar(name="HOME", value=HOME), EnvVar(name="PYTHONUNBUFFERED", value="1")]
     fetch = Container(
         name="fetch",
         image=options.git_image,
         command=["sh", "-c", FETCH, "fetch", source_url(options, spec), spec.sha],
         env=env[:1],
-        volumeMounts=workspace,
+        resources=limits,
+        volumeMounts=_mounts(False),
         securityContext=_locked_down(),
     )
     install = Container(
@@ -237,9 +330,10 @@ def _pod(
         image=image,
         command=["sh", "-c", INSTALL, "install", *spec.manifest.build],
         workingDir=CHECKOUT,
-        env=env,
+        env=[*env, *_index_settings(options, spec)],
         envFrom=env_from,
-        volumeMounts=workspace,
+        resources=limits,
+        volumeMounts=_mounts(False),
         securityContext=_locked_down(),
     )
     web = process == names.WEB
@@ -248,7 +342,9 @@ def _pod(
         image=image,
         command=["sh", "-c", RUN, process, command],
         workingDir=CHECKOUT,
-        env=[*env, EnvVar(name="PORT", value=str(PORT))] if web else env,
+        env=[*env, EnvVar(name="HOST", value=HOST), EnvVar(name="PORT", value=str(PORT))]
+        if web
+        else env,
         envFrom=env_from,
         ports=[ContainerPort(name="http", containerPort=PORT)] if web else None,
         readinessProbe=Probe(
@@ -256,13 +352,23 @@ def _pod(
         )
         if web
         else None,
-        volumeMounts=workspace,
+        lifecycle=Lifecycle(preStop=LifecycleHandler(sleep=SleepAction(seconds=UNROUTED)))
+        if web
+        else None,
+        resources=limits,
+        volumeMounts=_mounts(True),
         securityContext=_locked_down(),
     )
+    scratch = EmptyDirVolumeSource(sizeLimit=SCRATCH_SIZE)
     return PodSpec(
         initContainers=[fetch, install],
         containers=[run],
-        volumes=[Volume(name="workspace", emptyDir=EmptyDirVolumeSource())],
+        volumes=[
+            Volume(name="workspace", emptyDir=EmptyDirVolumeSource()),
+            Volume(name="tmp", emptyDir=scratch),
+            Volume(name="home", emptyDir=scratch),
+        ],
+        terminationGracePeriodSeconds=(UNROUTED if web else 0) + options.stop_grace,
         automountServiceAccountToken=False,
         enableServiceLinks=False,  # no docker-link variables (APP_PORT=tcp://...) in the env
         securityContext=PodSecurityContext(
@@ -363,13 +469,12 @@ def revision_service(options: KubeOptions, spec: RevisionSpec) -> Service:
 def fallback(options: KubeOptions, namespace: str, peer: str) -> Service:
     """In a namespace without ``peer`` of its own, the Service ``PEER`` that points at
     the baseline's, so ``http://PEER`` reaches it there (DNS does the fallback)."""
-    baseline = names.namespace_name(options.namespace_prefix, BASELINE)
     name = names.object_name(peer)
     return Service(
         metadata=_meta(
             options, namespace, name, {**names.service_labels(peer), names.FALLBACK: "true"}
         ),
-        spec=ServiceSpec(type="ExternalName", externalName=f"{name}.{baseline}.{CLUSTER_DOMAIN}"),
+        spec=ServiceSpec(type="ExternalName", externalName=in_cluster(options, name, BASELINE)),
     )
 
 

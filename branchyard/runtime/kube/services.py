@@ -93,9 +93,8 @@ class Switchboard:
     def address(self, spec: RevisionSpec) -> Address:
         """How the traffic layer names a revision's pods: its in-cluster name, and the
         port its web process listens on (a started revision is known by it)."""
-        namespace = self._namespaces.name(spec.namespace)
         name = names.revision_name(spec.service, spec.ordinal)
-        host = f"{name}.{namespace}.{render.CLUSTER_DOMAIN}"
+        host = render.in_cluster(self._options, name, spec.namespace)
         address = (host, render.PORT)
         self._revisions[address] = spec
         return address
