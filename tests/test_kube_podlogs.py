@@ -56,3 +56,26 @@ def test_a_failed_revision_has_the_log_it_kept_even_while_its_pod_is_still_there
     found = logs(kept, pod)
     assert asyncio.run(found.has_log(WEB)) is web
     assert asyncio.run(found.has_log(BUILD)) is build
+
+
+async def _read(logs: PodLogs, name: LogName) -> list[str]:
+    return [line.decode() async for line in logs.read(name)]
+
+
+@pytest.mark.parametrize(
+    ("kept", "web", "build"),
+    [
+        (kept_output(True, ["fetched", "ERROR: nope"]), [], ["fetched\n", "ERROR: nope\n"]),
+        (kept_output(False, ["boom"]), ["boom\n"], []),
+        (kept_output(True, []), [], []),
+    ],
+)
+def test_a_failed_revision_reads_the_lines_it_kept_not_its_pod_on_its_way_out(
+    kept: dict[str, str], web: list[str], build: list[str]
+) -> None:
+    """Its pod, scaled away, may already be deleted while the watch still holds it: the
+    API server would serve no log of it. Nothing here reaches the API server (there is
+    none), so a read that asked the pod would fail."""
+    found = logs(kept, pod=True)
+    assert asyncio.run(_read(found, WEB)) == web
+    assert asyncio.run(_read(found, BUILD)) == build

@@ -79,18 +79,24 @@ class PodLogs:
         kept = self._annotations(name).get(key)
         return kept.split("\n") if kept else []
 
+    def _failed(self, name: LogName) -> bool:
+        return bool({names.LAST_OUTPUT, names.LAST_BUILD_OUTPUT} & self._annotations(name).keys())
+
+    def _serving(self, name: LogName) -> tuple[str, str] | None:
+        """The pod whose logs are the revision's: none once it failed, whose log is what it
+        kept, not what its pod, on its way out, still serves (or, deleted, no longer)."""
+        return None if self._failed(name) else self._pod(name)
+
     async def has_log(self, name: LogName) -> bool:
         """Whether there is a log to read: a failed revision's is what it kept (of its
         build or of its web container, whichever said why, even while its pod, on its
         way out, still serves both); else its pod's."""
-        if {names.LAST_OUTPUT, names.LAST_BUILD_OUTPUT} & self._annotations(name).keys():
-            return bool(self._kept(name))
-        return self._pod(name) is not None
+        return self._serving(name) is not None or bool(self._kept(name))
 
     def missing(self, name: LogName) -> str | None:
         """Why the revision has no log to read, in one line; None if it has one, or its
         pod is on its way."""
-        if self._pod(name) is not None or self._kept(name):
+        if self._serving(name) is not None or self._kept(name):
             return None
         deployment = self._deployment(name)
         which = f"{name.service} v{name.ordinal} in {name.namespace}"
@@ -103,7 +109,7 @@ class PodLogs:
     async def _lines(
         self, name: LogName, lines: int | None, follow: bool = False
     ) -> AsyncIterator[str]:
-        pod = self._pod(name)
+        pod = self._serving(name)
         if pod is None:
             kept = self._kept(name)
             for line in kept if lines is None else kept[max(len(kept) - lines, 0) :]:
@@ -138,7 +144,7 @@ class PodLogs:
     ) -> AsyncIterator[bytes]:
         """The log as it is (its last ``lines``); with ``pause``, followed until
         ``pause()`` says to stop."""
-        if pause is None or self._pod(name) is None:  # without a pod, nothing comes
+        if pause is None or self._serving(name) is None:  # without a pod, nothing comes
             async for line in self._lines(name, lines):
                 yield line.encode()
             return

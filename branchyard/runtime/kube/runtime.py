@@ -285,6 +285,14 @@ class KubeRuntime:
         await self._apply(spec, replicas, kept)
         name = names.revision_name(spec.service, spec.ordinal)
         where = self.namespaces.name(spec.namespace)
+        if kept:  # until the watch holds them, a read of the log would ask the pod, going
+
+            def holds() -> bool | None:
+                deployment = self.watch.deployment(where, name)
+                meta = deployment.metadata if deployment is not None else None
+                return kept.items() <= ((meta.annotations if meta else None) or {}).items() or None
+
+            await self.watch.until(self._key(spec), holds)
         said = f"scaled {name} in {where} to {replicas}" + (f": {why}" if why else "")
         self._report(EVENT, said, (spec.namespace, spec.service))
 
