@@ -62,6 +62,8 @@ from branchyard.runtime.cgroups import Limits as Limits  # for `up`
 from branchyard.runtime.environment import Outside
 from branchyard.runtime.kube.options import KubeOptions as KubeOptions  # for `up`
 from branchyard.runtime.kube.options import index_settings as index_settings
+from branchyard.runtime.kube.options import node_label as node_label
+from branchyard.runtime.kube.options import toleration as toleration
 from branchyard.runtime.local import STOP_GRACE, LocalRuntime
 from branchyard.runtime.logs import LOG_MAX
 from branchyard.runtime.netns import can_enter

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,3 +262,25 @@ def _post(daemon: Daemon, path: str, body: object) -> tuple[int, dict[str, str]]
         return response.status, json.loads(response.read())
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--node-selector", "pool"], "--node-selector 'pool' is not KEY=VALUE"),
+        (["--toleration", "pool:Never"], "--toleration 'pool:Never' is not KEY[=VALUE]:EFFECT"),
+    ],
+)
+def test_up_refuses_a_node_label_or_taint_kubernetes_would_not_take(
+    tmp_path: Path, flags: list[str], said: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "branchyard", "--home", str(tmp_path), "up", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.startswith(f"error: {said}")
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "token").exists()  # nothing started

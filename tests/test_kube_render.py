@@ -22,7 +22,13 @@ from branchyard.manifest import Manifest
 from branchyard.naming import short_hash
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names, render
-from branchyard.runtime.kube.options import KubeOptions, index_settings
+from branchyard.runtime.kube.options import (
+    KubeOptions,
+    Toleration,
+    index_settings,
+    node_label,
+    toleration,
+)
 from branchyard.runtime.kube.render import KubeObject
 from branchyard.serving import MAX_SPLIT, MAX_WEIGHT
 from tests import k8s_crds, k8s_rbac
@@ -320,6 +326,69 @@ def test_the_image_comes_from_the_manifest_else_the_options(
     pod = web_pod(deployments(options, spec(image=manifest_image))[0])
     assert [c.image for c in pod.initContainers] == [options.git_image, image]
     assert pod.containers[0].image == image
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("pool=previews", ("pool", "previews")),
+        ("branchyard.test/node=real", ("branchyard.test/node", "real")),
+        ("example.com/gpu=", ("example.com/gpu", "")),
+        ("pool", "'pool' is not KEY=VALUE"),
+        ("=x", "'' is not a label key"),
+        ("Bad_Prefix/x=y", "'Bad_Prefix/x' is not a label key"),
+        ("pool=no spaces", "'no spaces' is not a label value"),
+        ("pool=" + "v" * 64, f"'{'v' * 64}' is not a label value"),
+    ],
+)
+def test_a_node_label_is_key_equals_value_as_kubernetes_allows_them(
+    text: str, label: tuple[str, str] | str
+) -> None:
+    if isinstance(label, str):
+        with pytest.raises(ValueError, match=re.escape(label)):
+            node_label(text)
+    else:
+        assert node_label(text) == label
+
+
+@pytest.mark.parametrize(
+    ("text", "tolerated"),
+    [
+        ("dedicated=previews:NoSchedule", Toleration("dedicated", "previews", "NoSchedule")),
+        ("real-node:NoSchedule", Toleration("real-node", None, "NoSchedule")),
+        ("spot=true:NoExecute", Toleration("spot", "true", "NoExecute")),
+        ("dedicated=previews", "'dedicated=previews' is not KEY[=VALUE]:EFFECT"),
+        ("dedicated:Never", "'dedicated:Never' is not KEY[=VALUE]:EFFECT"),
+        ("a b:NoSchedule", "'a b' is not a label key"),
+    ],
+)  # fmt: skip
+def test_a_toleration_is_written_as_kubectl_taint_writes_a_taint(
+    text: str, tolerated: Toleration | str
+) -> None:
+    if isinstance(tolerated, str):
+        with pytest.raises(ValueError, match=re.escape(tolerated)):
+            toleration(text)
+    else:
+        assert toleration(text) == tolerated
+
+
+def test_every_pod_runs_only_on_the_nodes_it_is_told_and_tolerates_their_taints() -> None:
+    options = KubeOptions(
+        node_selector={"pool": "previews"},
+        tolerations=(
+            Toleration("pool", "previews", "NoSchedule"),
+            Toleration("spot", None, "NoExecute"),
+        ),
+    )
+    for deployment in deployments(options, spec(workers=(("clock", "c"),))):
+        pod = web_pod(deployment)
+        assert pod.nodeSelector == {"pool": "previews"}
+        assert [t.to_dict() for t in pod.tolerations] == [
+            {"key": "pool", "operator": "Equal", "value": "previews", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Exists", "effect": "NoExecute"},
+        ]
+    anywhere = web_pod(deployments(KubeOptions(), spec())[0])
+    assert (anywhere.nodeSelector, anywhere.tolerations) == (None, None)
 
 
 def test_the_install_and_only_it_gets_the_daemons_index_settings_unless_the_env_sets_them() -> None:
@@ -657,7 +726,11 @@ def seed_workflow() -> list[KubeObject]:
     branched into bugfix (a secret, a worker, split 90/10 between two revisions), with
     fallbacks there for the other two; Ingresses."""
     options = KubeOptions(
-        domain="preview.example.com", ingress_class="nginx", git_url="http://by.test:9418"
+        domain="preview.example.com",
+        ingress_class="nginx",
+        git_url="http://by.test:9418",
+        node_selector={"pool": "previews"},
+        tolerations=(Toleration("pool", None, "NoSchedule"),),
     )
     made: list[KubeObject] = []
     for service in ("app", "other_app", "web"):

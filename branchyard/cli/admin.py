@@ -146,6 +146,20 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     metavar="D",
     help="Kubernetes: the cluster's DNS domain (Services are NAME.NS.svc.D).",
 )
+@click.option(
+    "--node-selector",
+    "node_labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Kubernetes: run pods only on nodes with this label (repeatable).",
+)
+@click.option(
+    "--toleration",
+    "tolerated",
+    multiple=True,
+    metavar="KEY[=VALUE]:EFFECT",
+    help="Kubernetes: pods tolerate this taint, as kubectl taint writes it (repeatable).",
+)
 @click.option("--namespace-prefix", default="", metavar="P", help="Kubernetes: before names")
 @click.option(
     "--build-timeout",
@@ -182,6 +196,8 @@ def up(
     image: str | None,
     git_image: str | None,
     cluster_domain: str,
+    node_labels: tuple[str, ...],
+    tolerated: tuple[str, ...],
     namespace_prefix: str,
     build_timeout: int,
 ) -> None:
@@ -199,7 +215,9 @@ def up(
         Options,
         hide_secrets,
         index_settings,
+        node_label,
         serve,
+        toleration,
     )
     from branchyard.gitserve import address_of
     from branchyard.manifest import parse_size
@@ -228,6 +246,14 @@ def up(
         indexes = {}  # the local runtime's installs get them; k8s render shows none
     if not is_domain(cluster_domain):
         raise UsageError(f"--cluster-domain {cluster_domain!r} is not a DNS name")
+    try:
+        node_selector = dict(node_label(label) for label in node_labels)
+    except ValueError as exc:
+        raise UsageError(f"--node-selector {exc}") from None
+    try:
+        tolerations = tuple(toleration(taint) for taint in tolerated)
+    except ValueError as exc:
+        raise UsageError(f"--toleration {exc}") from None
     if git_url is not None and git_listen is None:
         raise UsageError("--git-url needs --git-listen: it names where that server is reached")
     try:
@@ -260,6 +286,8 @@ def up(
             stop_grace=math.ceil(stop_grace),
             cluster_domain=cluster_domain,
             install_env=indexes,
+            node_selector=node_selector,
+            tolerations=tolerations,
             **({"image": image} if image else {}),
             **({"git_image": git_image} if git_image else {}),
         ),

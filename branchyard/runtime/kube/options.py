@@ -3,9 +3,11 @@ render the objects of a revision there."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from branchyard.naming import is_domain
 from branchyard.text import redacted_url
 
 DEFAULT_IMAGE = "python:3.11-slim"
@@ -49,6 +51,48 @@ def index_settings(environment: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
+EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A taint the revisions' pods tolerate: ``KEY[=VALUE]:EFFECT``, as ``kubectl taint``
+    writes it (without a value, any value of the key)."""
+
+    key: str
+    value: str | None
+    effect: str
+
+
+def _label(key: str, value: str) -> tuple[str, str]:
+    prefix, slash, name = key.rpartition("/")
+    if (slash and not is_domain(prefix)) or not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"{key!r} is not a label key")
+    if value and not _LABEL_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a label value")
+    return key, value
+
+
+def node_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``, a label of the nodes the revisions' pods may run on; a ValueError
+    saying what is wrong with it."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ValueError(f"{text!r} is not KEY=VALUE")
+    return _label(key, value)
+
+
+def toleration(text: str) -> Toleration:
+    """``KEY[=VALUE]:EFFECT``; a ValueError saying what is wrong with it."""
+    taint, colon, effect = text.rpartition(":")
+    if not colon or effect not in EFFECTS:
+        raise ValueError(f"{text!r} is not KEY[=VALUE]:EFFECT, EFFECT one of {', '.join(EFFECTS)}")
+    key, equals, value = taint.partition("=")
+    _label(key, value)
+    return Toleration(key, value if equals else None, effect)
+
+
 @dataclass(frozen=True)
 class KubeOptions:
     kubeconfig: str | None = None
@@ -82,6 +126,11 @@ class KubeOptions:
     """Seconds a pod's process has from SIGTERM to its exit before it is killed (``up
     --stop-grace``, rounded up); a web pod's grace adds the pause before the SIGTERM
     (``render.UNROUTED``)."""
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    """Labels a node must have for the revisions' pods to run on it (``up --node-selector``:
+    nodes kept for branch environments)."""
+    tolerations: tuple[Toleration, ...] = ()
+    """Taints of such nodes the pods tolerate (``up --toleration``)."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

@@ -55,6 +55,7 @@ from lightkube.models.core_v1 import (
     ServicePort,
     ServiceSpec,
     SleepAction,
+    Toleration,
     Volume,
     VolumeMount,
 )
@@ -78,6 +79,7 @@ from branchyard.naming import BASELINE, dns_label
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names
 from branchyard.runtime.kube.options import KubeOptions
+from branchyard.runtime.kube.options import Toleration as Tolerated
 from branchyard.text import redacted_url
 
 HTTPRoute = create_namespaced_resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
@@ -302,6 +304,12 @@ def _mounts(workspace_read_only: bool) -> list[VolumeMount]:
     ]
 
 
+def _toleration(given: Tolerated) -> Toleration:
+    if given.value is None:
+        return Toleration(key=given.key, operator="Exists", effect=given.effect)
+    return Toleration(key=given.key, operator="Equal", value=given.value, effect=given.effect)
+
+
 def _pod(
     options: KubeOptions,
     spec: RevisionSpec,
@@ -370,6 +378,8 @@ def _pod(
         ],
         terminationGracePeriodSeconds=(UNROUTED if web else 0) + options.stop_grace,
         automountServiceAccountToken=False,
+        nodeSelector=dict(options.node_selector) or None,
+        tolerations=[_toleration(t) for t in options.tolerations] or None,
         enableServiceLinks=False,  # no docker-link variables (APP_PORT=tcp://...) in the env
         securityContext=PodSecurityContext(
             runAsNonRoot=True,
