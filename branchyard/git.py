@@ -66,6 +66,27 @@ _CREDENTIAL_HELPER = (
 
 
 @dataclass(frozen=True)
+class Login:
+    """What an http(s) URL's userinfo held (``user:TOKEN@``, or ``TOKEN@``: a token
+    given as the user, the password empty), percent-decoded, as git's basic auth sends it."""
+
+    username: str
+    password: str
+
+
+def split_login(url: str) -> tuple[str, Login | None]:
+    """``url`` without an http(s) URL's userinfo, and what that held (None without one;
+    any other URL as it is: an ssh URL's ``git@`` is no secret)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not (sep and at and scheme.lower() in ("http", "https")):
+        return url, None
+    user, _, password = userinfo.partition(":")
+    return f"{scheme}://{host}{slash}{path}", Login(unquote(user), unquote(password))
+
+
+@dataclass(frozen=True)
 class Remote:
     """A URL as git is given it: without credentials in it, which would show in the argv
     of git and its helpers (``ps``), and the environment that hands them over instead."""
@@ -77,22 +98,19 @@ class Remote:
 def remote(url: str) -> Remote:
     """``url`` for git: an http(s) URL's userinfo (``user:TOKEN@``) taken out and given
     to git by a credential helper through the environment; any other URL as it is."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not (sep and at and scheme.lower() in ("http", "https")):
+    bare, login = split_login(url)
+    if login is None:
         return Remote(url, {})
-    user, _, password = userinfo.partition(":")
     return Remote(
-        f"{scheme}://{host}{slash}{path}",
+        bare,
         {
             "GIT_CONFIG_COUNT": "2",
             "GIT_CONFIG_KEY_0": "credential.helper",
             "GIT_CONFIG_VALUE_0": "",  # no other helper: they would be asked, or store it
             "GIT_CONFIG_KEY_1": "credential.helper",
             "GIT_CONFIG_VALUE_1": _CREDENTIAL_HELPER,
-            "BRANCHYARD_GIT_USERNAME": unquote(user),
-            "BRANCHYARD_GIT_PASSWORD": unquote(password),
+            "BRANCHYARD_GIT_USERNAME": login.username,
+            "BRANCHYARD_GIT_PASSWORD": login.password,
         },
     )
 

@@ -5,8 +5,9 @@ request, so a test can tell a cheap ref listing from a full fetch, and while
 ``refusing_fetches`` is set it answers every fetch 503, as a server that is
 overloaded or restarting does, but still lists refs. Given ``credentials``, it
 asks for them (HTTP basic auth, 401 without them), as a private repo's forge does,
-and records the command line of every git process that shows the password while a
-request is served (the client's git and its ``git-remote-http`` wait on it then).
+and records the command line of every git process that shows the password (or the user
+name, where the password is empty: a token given as the user) while a request is served
+(the client's git and its ``git-remote-http`` wait on it then).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class GitHttpServer:
         self.root = root
         self.credentials = credentials
         self.unauthorized = 0  # requests answered 401
-        self.shown_in_argv: list[str] = []  # command lines that held the password
+        self.shown_in_argv: list[str] = []  # command lines that held the secret
         self.processes_seen = 0  # git processes looked at while requests were served
         self.requests: list[tuple[str, str, bytes]] = []  # method, path, body
         self.refusing_fetches = False
@@ -91,7 +92,7 @@ class GitHttpServer:
 
             def _authorized(self, credentials: tuple[str, str]) -> bool:
                 user, password = credentials
-                server.look_for(password)
+                server.look_for(password or user)
                 expected = base64.b64encode(f"{user}:{password}".encode()).decode()
                 return self.headers.get("Authorization", "") == f"Basic {expected}"
 
@@ -102,8 +103,8 @@ class GitHttpServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def look_for(self, password: str) -> None:
-        """Record every running git process whose command line holds ``password``."""
+    def look_for(self, secret: str) -> None:
+        """Record every running git process whose command line holds ``secret``."""
         for entry in Path("/proc").iterdir():
             try:
                 argv = (entry / "cmdline").read_bytes()
@@ -111,7 +112,7 @@ class GitHttpServer:
                 continue
             if b"git" in argv.split(b"\0")[0]:
                 self.processes_seen += 1
-                if password.encode() in argv:
+                if secret.encode() in argv:
                     self.shown_in_argv.append(argv.replace(b"\0", b" ").decode())
 
     def fetches(self) -> int:

@@ -12,12 +12,14 @@ import pytest
 from branchyard.errors import BuildFailed, GitError
 from branchyard.git import (
     Heads,
+    Login,
     Source,
     choose_default_branch,
     commit_subject,
     ls_remote,
     parse_ls_remote,
     remote,
+    split_login,
 )
 from tests.conftest import git, wait_for
 
@@ -292,6 +294,7 @@ def processes_with(text: str) -> list[int]:
 def test_credentials_in_a_url_reach_git_through_its_environment_not_its_argv(
     url: str, given: str, credentials: tuple[str, str] | None
 ) -> None:
+    assert split_login(url) == (given, Login(*credentials) if credentials else None)
     found = remote(url)
     assert found.url == given
     handed = (found.env.get("BRANCHYARD_GIT_USERNAME"), found.env.get("BRANCHYARD_GIT_PASSWORD"))

@@ -45,13 +45,17 @@ def options(config: KubeConfig) -> Iterator[KubeOptions]:
             client.delete(Namespace, made.metadata.name)
 
 
-def pod_specs(options: KubeOptions) -> list[PodSpec]:
+PUBLIC = "https://git.example/app.git"
+PRIVATE = "https://deployer:t0ken@git.example/app.git"  # its fetch mounts the login's Secret
+
+
+def pod_specs(options: KubeOptions, repo_url: str = PUBLIC) -> list[PodSpec]:
     """The pods of a revision with a worker, a build step and a secret."""
     revision = RevisionSpec(
         "main",
         "app",
         1,
-        "https://git.example/app.git",
+        repo_url,
         SHA,
         Manifest(web="python app.py", workers=(("clock", "python clock.py"),), build=("make",)),
         {"GREETING": "hi", "TOKEN": "t"},
@@ -73,10 +77,11 @@ def create(config: KubeConfig, options: KubeOptions, spec: PodSpec) -> None:
         client.create(pod)
 
 
+@pytest.mark.parametrize("repo_url", [PUBLIC, PRIVATE], ids=["public", "private"])
 def test_every_pod_branchyard_renders_is_admitted_in_its_restricted_namespace(
-    config: KubeConfig, options: KubeOptions
+    config: KubeConfig, options: KubeOptions, repo_url: str
 ) -> None:
-    specs = pod_specs(options)
+    specs = pod_specs(options, repo_url)
     assert len(specs) == 2  # web and the worker
     for spec in specs:
         create(config, options, spec)

@@ -4,6 +4,8 @@ and every object of the seed workflow, and deploy/, against the API's schemas.""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import Service
+from lightkube.resources.core_v1 import Secret, Service
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard import gitserve
@@ -180,7 +182,11 @@ def test_public_and_peer_urls(
 def test_every_object_carries_the_labels_of_what_it_belongs_to() -> None:
     options = KubeOptions(domain="preview.example.com")
     revision = spec(
-        "other_app", "bugfix", env={"A": "1", "TOKEN": "t"}, secrets=frozenset({"TOKEN"})
+        "other_app",
+        "bugfix",
+        env={"A": "1", "TOKEN": "t"},
+        secrets=frozenset({"TOKEN"}),
+        repo_url="https://deployer:t0ken@forge.example/other_app.git",
     )
     service = names.object_name("other_app")
     made = [
@@ -473,16 +479,116 @@ def test_a_local_repo_without_a_git_server_is_a_clear_error() -> None:
     )
 
 
+# a private repo's login
+
+TOKEN = "t0ken-8d1f0c"
+LOGINS = [
+    pytest.param(
+        f"https://deployer:{TOKEN}@forge.example/team/app.git", "deployer", TOKEN, id="user-token"
+    ),
+    pytest.param(f"https://{TOKEN}@forge.example/team/app.git", TOKEN, "", id="a-token-as-user"),
+    pytest.param(
+        "https://deployer:t0ken%40%2F8d1f0c@forge.example/team/app.git",
+        "deployer",
+        "t0ken@/8d1f0c",
+        id="percent-encoded",
+    ),
+]
+
+
+def shown_anywhere(text: str, login: tuple[str, str]) -> list[str]:
+    """The parts of ``login`` (its token) that ``text`` shows, as given or in base64."""
+    secret = [part for part in login if part.startswith("t0ken")]
+    encoded = [base64.b64encode(part.encode()).decode() for part in secret]
+    return [part for part in [*secret, *encoded] if part in text]
+
+
+@pytest.mark.parametrize(("repo_url", "username", "password"), LOGINS)
+def test_a_private_repos_login_is_a_secret_of_its_service_and_in_no_pod_spec(
+    repo_url: str, username: str, password: str
+) -> None:
+    options = KubeOptions(namespace_prefix="by-")
+    revision = spec("other_app", "bugfix", repo_url=repo_url, workers=(("clock", "c"),))
+    login = render.login_secret(options, revision)
+    assert login is not None and login.metadata is not None and login.data is not None
+    service = names.object_name("other_app")
+    assert (login.metadata.name, login.metadata.namespace) == (f"{service}-git", "by-bugfix")
+    assert login.metadata.labels == names.service_labels("other_app")  # no revision's own
+    assert login.type == "kubernetes.io/basic-auth" and not login.immutable  # kept up to date
+    decoded = {k: base64.b64decode(v).decode() for k, v in login.data.items()}
+    assert decoded == {"username": username, "password": password}
+    made = render.revision_objects(options, revision)
+    assert login in made
+    bare = "https://forge.example/team/app.git"
+    assert render.source_url(options, revision) == bare
+    pods = [web_pod(thing) for thing in made if isinstance(thing, Deployment)]
+    assert len(pods) == 2  # web and the worker
+    for pod in pods:
+        assert shown_anywhere(json.dumps(pod.to_dict()), (username, password)) == []
+        assert username not in json.dumps(pod.to_dict())
+        fetch, install = pod.initContainers
+        assert fetch.command == ["sh", "-c", render.FETCH, "fetch", bare, SHA]
+        assert [(e.name, e.value) for e in fetch.env] == [("HOME", "/home/service")]
+        assert fetch.envFrom is None
+        mounted = {m.mountPath: (m.name, m.readOnly) for m in fetch.volumeMounts}
+        assert mounted[render.LOGIN] == ("login", True)
+        for container in (install, *pod.containers):  # pushed code runs in these
+            assert "login" not in {m.name for m in container.volumeMounts}
+        (volume,) = [v for v in pod.volumes if v.name == "login"]
+        assert volume.secret.secretName == f"{service}-git"
+        assert volume.secret.defaultMode == 0o440 and volume.secret.items is None
+
+
+@pytest.mark.parametrize(("repo_url", "username", "password"), LOGINS)
+def test_k8s_render_shows_a_logins_secret_redacted(
+    repo_url: str, username: str, password: str
+) -> None:
+    text = render.review(KubeOptions(), spec(repo_url=repo_url))
+    assert shown_anywhere(text, (username, password)) == []
+    documents = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text)}
+    assert documents["Secret/app-git"]["stringData"] == {
+        "username": "(redacted)", "password": "(redacted)"
+    }  # fmt: skip
+    assert documents["Secret/app-git"]["type"] == "kubernetes.io/basic-auth"
+    assert "data" not in documents["Secret/app-git"]
+
+
 @pytest.mark.parametrize(
-    "repo_url", ["https://u:TOKEN@forge.example/app.git", "https://h/app.git?access_token=TOKEN"]
+    "repo_url",
+    [
+        pytest.param(APP, id="a-public-remote"),
+        pytest.param("git@host:team/app.git", id="scp-style-ssh"),
+        pytest.param("ssh://git@host/team/app.git", id="ssh"),
+        pytest.param("/srv/repos/app", id="local"),
+    ],
 )
-def test_a_remote_repo_whose_url_carries_credentials_is_refused_without_showing_them(
+def test_a_url_without_a_login_gets_no_secret_and_no_mount(repo_url: str) -> None:
+    options = KubeOptions(git_url="http://by:9418")
+    revision = spec(repo_url=repo_url)
+    assert render.login_secret(options, revision) is None
+    made = render.revision_objects(options, revision)
+    assert not [thing for thing in made if isinstance(thing, Secret)]
+    pod = web_pod(one(made, Deployment))
+    assert {v.name for v in pod.volumes} == {"workspace", "tmp", "home"}
+    assert render.LOGIN not in {m.mountPath for m in pod.initContainers[0].volumeMounts}
+
+
+@pytest.mark.parametrize(
+    "repo_url",
+    [
+        "https://h/app.git?access_token=S3CRET",
+        "https://u:p@h/app.git?private_token=S3CRET",
+        "ssh://git:S3CRET@host/app.git",
+    ],
+)
+def test_credentials_a_pod_cannot_get_from_a_secret_are_refused_without_showing_them(
     repo_url: str,
 ) -> None:
     with pytest.raises(UsageError) as caught:
         render.revision_objects(KubeOptions(), spec(repo_url=repo_url))
-    assert "TOKEN" not in caught.value.message and "***" in caught.value.message
+    assert "S3CRET" not in caught.value.message and "***" in caught.value.message
     assert caught.value.message.startswith("app's repo URL carries credentials (")
+    assert "(https://USER:TOKEN@host/…), which pods get from a Secret" in caught.value.message
 
 
 def test_pods_run_as_nobody_without_a_service_account_token() -> None:
@@ -496,12 +602,19 @@ def test_pods_run_as_nobody_without_a_service_account_token() -> None:
             assert container.securityContext.capabilities.drop == ["ALL"]
 
 
-def test_every_container_has_a_read_only_root_and_writes_only_tmp_home_and_its_workspace() -> None:
-    revision = spec(workers=(("clock", "c"),), build=("make",))
+@pytest.mark.parametrize(
+    "repo_url",
+    [APP, "https://deployer:t0ken@git.example.com/team/app.git"],
+    ids=["public", "private"],
+)
+def test_every_container_has_a_read_only_root_and_writes_only_tmp_home_and_its_workspace(
+    repo_url: str,
+) -> None:
+    revision = spec(workers=(("clock", "c"),), build=("make",), repo_url=repo_url)
     for deployment in deployments(KubeOptions(), revision):
         pod = web_pod(deployment)
         volumes = {v.name: v for v in pod.volumes}
-        assert all(v.emptyDir is not None for v in volumes.values())
+        assert all(v.emptyDir is not None for n, v in volumes.items() if n != "login")
         assert {volumes[n].emptyDir.sizeLimit for n in ("tmp", "home")} == {"256Mi"}
         for container in [*pod.initContainers, *pod.containers]:
             assert container.securityContext.readOnlyRootFilesystem is True
@@ -724,7 +837,8 @@ def test_the_yaml_is_in_apply_order_and_reads_back() -> None:
 def seed_workflow() -> list[KubeObject]:
     """The objects of the seed workflow: app, other_app and web in the baseline; app
     branched into bugfix (a secret, a worker, split 90/10 between two revisions), with
-    fallbacks there for the other two; Ingresses."""
+    fallbacks there for the other two; Ingresses; and billing, from a private repo (its
+    login's Secret, mounted by its fetch)."""
     options = KubeOptions(
         domain="preview.example.com",
         ingress_class="nginx",
@@ -735,6 +849,8 @@ def seed_workflow() -> list[KubeObject]:
     made: list[KubeObject] = []
     for service in ("app", "other_app", "web"):
         made += render.revision_objects(options, spec(service, repo_url=f"/srv/{service}"))
+    private = "https://deployer:t0ken@forge.example/team/billing.git"
+    made += render.revision_objects(options, spec("billing", repo_url=private))
     branched = [
         spec(
             "app",

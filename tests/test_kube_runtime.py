@@ -5,15 +5,17 @@ real API server and controllers, kwok's node passing readiness only for commands
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
-from lightkube.resources.core_v1 import Namespace, Service
+from lightkube.resources.core_v1 import Namespace, Secret, Service
 
 from branchyard.errors import BuildFailed, UsageError
 from branchyard.manifest import Manifest
@@ -210,6 +212,37 @@ def test_discard_deletes_a_services_objects_and_the_namespace_once_none_is_left(
     events = run(k8s, prefix, scenario)
     assert f"deleted Namespace {where}: no service of bugfix is left" in events
     wait_for(lambda: not namespace_exists(client, where), 30, "the Namespace gone")
+
+
+def test_a_private_repos_login_is_kept_while_a_deployment_mounts_it_and_goes_with_its_service(
+    k8s: Cluster, client: Client, prefix: str
+) -> None:
+    where = f"{prefix}bugfix"
+    private = "https://deployer:t0ken-3c9a@git.example/app.git"
+
+    def logins() -> dict[str, dict[str, str]]:
+        found = client.list(Secret, namespace=where)
+        return {
+            str(s.metadata.name): {k: base64.b64decode(v).decode() for k, v in s.data.items()}
+            for s in found
+            if s.metadata and s.data and str(s.metadata.name).endswith("-git")
+        }
+
+    async def scenario(world: World) -> None:
+        await world.serve(replace(spec("bugfix", "app", 1), repo_url=private))
+        await world.serve(replace(spec("bugfix", "app", 2, GREETING="hi"), repo_url=private))
+        await world.serve(spec("bugfix", "web", 1))  # a public repo: no login
+        assert logins() == {"app-git": {"username": "deployer", "password": "t0ken-3c9a"}}
+        await world.runtime.prune("bugfix", "app", {2})
+        assert deployments(client, where) == ["app-v2", "web-v1"]
+        assert list(logins()) == ["app-git"]  # app-v2 mounts it
+        world.traffic.remove("bugfix", "app")
+        await world.runtime.discard("bugfix", "app")
+        assert deployments(client, where) == ["web-v1"]
+        assert logins() == {}
+
+    events = run(k8s, prefix, scenario)
+    assert not [e for e in events if "t0ken" in e]
 
 
 def deployments(client: Client, namespace: str) -> list[str]:

@@ -1,20 +1,27 @@
 """The scripts a pod runs (branchyard.runtime.kube.render's FETCH, INSTALL and RUN), run
 for real on this machine: the run script as PID 1 of a PID namespace of its own, as in
-a container, and the install with nothing but Debian's ``python3``. The scripts name
-``/workspace``; here it is a temporary directory (the same text, the path replaced)."""
+a container, the install with nothing but Debian's ``python3``, and the fetch of a
+private repo from a git server that wants its login, the login in files where its
+Secret would be mounted. The scripts name ``/workspace`` (and the fetch the login's
+mount); here they are temporary directories (the same text, the paths replaced)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from branchyard.manifest import Manifest
+from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import render
-from tests.conftest import wait_for
+from branchyard.runtime.kube.options import KubeOptions
+from tests.conftest import ServiceRepo, wait_for
+from tests.githttp import GitHttpServer
 
 PYTHON_TERM_DEFAULT = "import time; print('up', flush=True); time.sleep(600)"
 PYTHON_TERM_HANDLED = (
@@ -141,3 +148,90 @@ def test_the_install_script_makes_the_venv_with_python3_where_python_is_missing(
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.endswith("$ python -c 'print(42)'\n42\n")
     assert (tmp_path / "venv" / "bin" / "python").exists()
+
+
+def fetch_for_real(
+    command: list[str], workspace: Path, login: Path
+) -> subprocess.CompletedProcess[str]:
+    """A fetch container's ``command`` (``sh -c FETCH fetch URL SHA``) run here, its
+    script's ``/workspace`` moved to ``workspace`` and the login's mount to ``login``,
+    with a ``HOME`` of its own in ``workspace`` and git never prompting."""
+    shell, flag, script, *arguments = command
+    script = script.replace(render.WORKSPACE, str(workspace)).replace(render.LOGIN, str(login))
+    home = workspace / "home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(
+        [shell, flag, script, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home), "GIT_TERMINAL_PROMPT": "0"},
+    )
+
+
+def mount_login(directory: Path, username: str, password: str) -> Path:
+    """Files as a Secret volume holds them: one a key, read-only."""
+    directory.mkdir()
+    for key, value in (("username", username), ("password", password)):
+        (directory / key).write_text(value)
+        (directory / key).chmod(0o440)
+    return directory
+
+
+TOKEN = "t0ken-5e2b7d"
+
+
+@pytest.mark.parametrize(
+    ("server_login", "mounted", "fetched"),
+    [
+        pytest.param(("deployer", TOKEN), ("deployer", TOKEN), True, id="the-login"),
+        pytest.param((TOKEN, ""), (TOKEN, ""), True, id="a-token-as-user"),
+        pytest.param(("deployer", TOKEN), ("deployer", "t0ken-wrong"), False, id="a-wrong-one"),
+        pytest.param(("deployer", TOKEN), None, False, id="none-mounted"),
+        pytest.param(None, None, True, id="a-public-repo"),
+    ],
+)
+def test_the_fetch_script_logs_in_with_the_mounted_login_and_only_with_it(
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+    server_login: tuple[str, str] | None,
+    mounted: tuple[str, str] | None,
+    fetched: bool,
+) -> None:
+    app = make_repo("app")
+    sha = app.commit({"private.txt": "only for the deployer"}, "second")
+    app.push()
+    workspace, login = tmp_path / "workspace", tmp_path / "login"
+    workspace.mkdir()
+    if mounted is not None:
+        mount_login(login, *mounted)
+    # a helper of the user's own config would be asked first: the fetch asks only its own
+    asked = tmp_path / "asked"
+    (workspace / "home").mkdir()
+    (workspace / "home" / ".gitconfig").write_text(
+        f'[credential]\n\thelper = "!f() {{ touch {asked}; }}; f"\n'
+    )
+    with GitHttpServer(app.origin.parent, credentials=server_login) as server:
+        userinfo = ":".join(server_login) if server_login else ""
+        url = f"{server.url}/app.git".replace("://", f"://{userinfo}@" if userinfo else "://")
+        revision = RevisionSpec("main", "app", 2, url, sha, Manifest(web="python app.py"), {})
+        (deployment,) = render.deployments(
+            KubeOptions(), revision, *render.env_objects(KubeOptions(), revision)
+        )
+        assert deployment.spec is not None and deployment.spec.template.spec is not None
+        pod: Any = deployment.spec.template.spec
+        fetch = pod.initContainers[0]
+        assert fetch.command[-2:] == [f"{server.url}/app.git", sha]  # no login in the URL
+        ran = fetch_for_real(fetch.command, workspace, login)
+    checkout = workspace / "src"
+    assert (ran.returncode == 0) is fetched, ran.stderr
+    if fetched:
+        assert (checkout / "private.txt").read_text() == "only for the deployer"
+        assert not (checkout / ".git").exists()  # nor its config, which named the helper
+    else:
+        assert not (checkout / "private.txt").exists()
+    assert TOKEN not in ran.stdout + ran.stderr
+    assert server.shown_in_argv == []  # the helper's printf is the shell's own
+    assert not asked.exists()
+    if server_login is not None:
+        assert server.unauthorized > 0  # it asked for the login

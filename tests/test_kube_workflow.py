@@ -1,21 +1,26 @@
 """The seed workflow on Kubernetes, end to end: the real daemon (``up --runtime
 kubernetes``), real git repos pushed to, the real CLI, and the test control plane's API
-server, controllers and kwok node (commands marked ``sim-ready`` pass their probe)."""
+server, controllers and kwok node (commands marked ``sim-ready`` pass their probe); and a
+private repo's login, which reaches only its fetch, through a Secret."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Service
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
 from lightkube.resources.networking_v1 import Ingress
 
-from branchyard.runtime.kube.names import object_name
+from branchyard.runtime.kube import render
+from branchyard.runtime.kube.names import object_name, service_labels
 from tests.conftest import (
     Cluster,
     Daemon,
@@ -26,6 +31,8 @@ from tests.conftest import (
     stop_cleanly,
     wait_for,
 )
+from tests.githttp import GitHttpServer
+from tests.test_kube_scripts import fetch_for_real, mount_login
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -185,3 +192,70 @@ def test_the_seed_workflow_runs_on_kubernetes(
         assert settled(daemon, client, prefix, "main", 3) == main_live
     finally:
         stop_cleanly(daemon)
+
+
+def test_a_private_repos_login_reaches_only_its_fetch_through_a_secret(
+    k8s: Cluster, client: Client, tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    prefix = f"p{uuid.uuid4().hex[:6]}-"
+    main = f"{prefix}main"
+    token = f"t0ken-{uuid.uuid4().hex}"
+    shown = [token, base64.b64encode(token.encode()).decode()]
+    app = make_repo("app", repo_files())
+    with GitHttpServer(app.origin.parent, credentials=("deployer", token)) as server:
+        bare = f"{server.url}/app.git"
+        daemon = start_daemon(
+            tmp_path / "home", "--poll-interval", "1", "--runtime", "kubernetes",
+            "--kubeconfig", str(k8s.kubeconfig), "--namespace-prefix", prefix,
+            "--build-timeout", "1",
+        )  # fmt: skip
+        try:
+            daemon.cli("repo", "add", bare.replace("http://", f"http://deployer:{token}@"))
+            wait_for(lambda: settled(daemon, client, prefix, "main", 1), 60, "app live")
+            login = client.get(Secret, "app-git", namespace=main)
+            deployment = client.get(Deployment, "app-v1", namespace=main)
+            review = daemon.cli("k8s", "render", "app")
+            events = daemon.cli("events").stdout
+        finally:
+            stop_cleanly(daemon)
+        assert login.metadata is not None and login.data is not None
+        assert login.metadata.labels is not None
+        assert login.metadata.labels.items() >= service_labels("app").items()
+        assert login.type == "kubernetes.io/basic-auth"
+        data = {k: base64.b64decode(v).decode() for k, v in login.data.items()}
+        assert data == {"username": "deployer", "password": token}
+
+        # the pod's spec, as the API server holds it, shows no token
+        assert deployment.spec is not None and deployment.spec.template.spec is not None
+        pod: Any = deployment.spec.template.spec
+        assert not [part for part in shown if part in json.dumps(pod.to_dict())]
+        fetch, install = pod.initContainers
+        assert fetch.command[-2] == bare
+        assert ("login", render.LOGIN, True) in [
+            (m.name, m.mountPath, m.readOnly) for m in fetch.volumeMounts
+        ]
+        for container in (install, *pod.containers):
+            assert "login" not in {m.name for m in container.volumeMounts}
+
+        # that fetch, run here with the Secret's data where the pod mounts it, fetches
+        workspace = tmp_path / "workspace"
+        workspace.mkdir()
+        mounted = mount_login(tmp_path / "login", data["username"], data["password"])
+        ran = fetch_for_real(fetch.command, workspace, mounted)
+        assert ran.returncode == 0, ran.stderr
+        assert (workspace / "src" / "Procfile").read_text() == GOOD
+        assert server.shown_in_argv == []
+
+    # nor do k8s render, the events and the daemon's log
+    for what, text in {
+        "k8s render": review.stdout + review.stderr, "events": events, "log": daemon.log
+    }.items():  # fmt: skip
+        assert not [part for part in shown if part in text], what
+    rendered = {
+        f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(review.stdout)
+    }
+    assert rendered["Secret/app-git"]["stringData"] == {
+        "username": "(redacted)", "password": "(redacted)"
+    }  # fmt: skip
+    fetched = rendered["Deployment/app-v1"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetched["command"] == fetch.command

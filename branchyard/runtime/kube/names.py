@@ -71,6 +71,12 @@ def revision_name(service: str, ordinal: int) -> str:
     return f"{object_name(service)}-v{ordinal}"
 
 
+def login_name(service: str) -> str:
+    """The Secret of the login a private repo's fetch uses: ``SERVICE-git`` (an env
+    Secret's is ``SERVICE-secret-HASH``, its hash of hex digits only)."""
+    return f"{object_name(service)}-git"
+
+
 def worker_name(service: str, ordinal: int, worker: str) -> str:
     """A worker's Deployment: ``SERVICE-vN-WORKER``."""
     return f"{revision_name(service, ordinal)}-{object_name(worker)}"

@@ -9,7 +9,9 @@ mapping as a table. In short, a revision ``vN`` of SERVICE in namespace NS is:
 - the Namespace (:func:`namespace`), labelled as branchyard's;
 - a ConfigMap ``SERVICE-env-HASH`` of its env and, if it has secrets, a Secret
   ``SERVICE-secret-HASH`` of them, both immutable and named by their content
-  (:func:`env_objects`);
+  (:func:`env_objects`); for a private repo (a URL that carries ``USER:TOKEN@``), the
+  Secret ``SERVICE-git`` of that login, which only the fetch init container mounts
+  (:func:`login_secret`);
 - a Deployment ``SERVICE-vN`` for its web process and one ``SERVICE-vN-WORKER`` per
   worker (:func:`deployments`). No image is built: init containers fetch the commit
   into an ``emptyDir`` and install its dependencies into a venv beside it, and the
@@ -51,6 +53,7 @@ from lightkube.models.core_v1 import (
     ResourceRequirements,
     SeccompProfile,
     SecretEnvSource,
+    SecretVolumeSource,
     SecurityContext,
     ServicePort,
     ServiceSpec,
@@ -74,7 +77,7 @@ from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.errors import UsageError
-from branchyard.git import local_path
+from branchyard.git import Login, local_path, split_login
 from branchyard.naming import BASELINE, dns_label
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import names
@@ -114,15 +117,32 @@ WORKSPACE = "/workspace"
 CHECKOUT = f"{WORKSPACE}/src"
 VENV = f"{WORKSPACE}/venv"
 REDACTED = "(redacted)"
+LOGIN = "/run/branchyard/git"
+"""Where the fetch container, and it alone, mounts a private repo's :func:`login_secret`
+(read-only): the files ``username`` and ``password``."""
+
+LOGIN_HELPER = (
+    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+    f'"$(cat {LOGIN}/username)" "$(cat {LOGIN}/password)"; }}; f'
+)
+"""The git credential helper of the fetch: fixed text, never built from a login; it
+answers git's ``get`` with the mounted files' content."""
 
 FETCH = f"""set -e
 git init -q {CHECKOUT}
 cd {CHECKOUT}
+git config credential.helper ''
+if [ -f {LOGIN}/password ]; then
+  git config --add credential.helper '{LOGIN_HELPER}'
+fi
 git fetch -q --depth 1 "$1" "$2"
 git checkout -q FETCH_HEAD
 rm -rf .git
 """
-"""The fetch init container's script: ``$1`` the repo's URL, ``$2`` the commit."""
+"""The fetch init container's script: ``$1`` the repo's URL (never with a login in it),
+``$2`` the commit. No credential helper the image's config names is asked (the empty
+one drops them); where a login is mounted, git gets it from :data:`LOGIN_HELPER`. Both
+are set in the checkout's own config, which goes with its ``.git``."""
 
 INSTALL = f"""set -e
 if command -v python > /dev/null; then python=python; else python=python3; fi
@@ -236,18 +256,48 @@ def env_objects(options: KubeOptions, spec: RevisionSpec) -> tuple[ConfigMap, Se
     return config, secret
 
 
+def _login(spec: RevisionSpec) -> Login | None:
+    """A remote repo's login, from its URL (``https://USER:TOKEN@host/…``), or None."""
+    return split_login(spec.repo_url)[1] if local_path(spec.repo_url) is None else None
+
+
+def login_secret(options: KubeOptions, spec: RevisionSpec) -> Secret | None:
+    """A private repo's login, for the fetch container to mount (:data:`LOGIN`): the
+    Secret ``SERVICE-git``, of type ``kubernetes.io/basic-auth``; None for a URL without
+    one. One per service, applied with each revision and so kept up to date in place (a
+    rollback's pods read the login of now), labelled as the service's: deleting the
+    service or its Namespace takes it along."""
+    login = _login(spec)
+    if login is None:
+        return None
+    data = {"username": login.username, "password": login.password}
+    return Secret(
+        metadata=_meta(
+            options,
+            spec.namespace,
+            names.login_name(spec.service),
+            names.service_labels(spec.service),
+        ),
+        data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        type="kubernetes.io/basic-auth",
+    )
+
+
 def source_url(options: KubeOptions, spec: RevisionSpec) -> str:
-    """Where a pod fetches the revision's commit: a remote repo's own URL; for a repo on
-    the daemon's machine, the daemon's git server (``options.git_url``)."""
+    """Where a pod fetches the revision's commit: a remote repo's own URL, without the
+    login it may carry (the fetch gets that from :func:`login_secret`); for a repo on the
+    daemon's machine, the daemon's git server (``options.git_url``)."""
     if local_path(spec.repo_url) is None:
-        shown = redacted_url(spec.repo_url)
-        if shown != spec.repo_url:
+        url, _ = split_login(spec.repo_url)
+        shown = redacted_url(url)
+        if shown != url:
             raise UsageError(
-                f"{spec.service}'s repo URL carries credentials ({shown}), which a pod's spec "
-                "would show: on Kubernetes, register a URL the pods can fetch without them, "
-                "or a clone on this machine (served to pods by up --git-listen)"
+                f"{spec.service}'s repo URL carries credentials ({shown}) where a pod's spec "
+                "would show them: on Kubernetes, give them as an http(s) URL's user and "
+                "password (https://USER:TOKEN@host/…), which pods get from a Secret, or "
+                "register a clone on this machine (served to pods by up --git-listen)"
             )
-        return spec.repo_url
+        return url
     if options.git_url is None:
         raise UsageError(
             f"{spec.service} is a repo on this machine ({spec.repo_url}): pods fetch it from "
@@ -344,6 +394,12 @@ def _pod(
         volumeMounts=_mounts(False),
         securityContext=_locked_down(),
     )
+    private = _login(spec) is not None
+    if private:  # the fetch alone reads the login: pushed code runs in the other containers
+        fetch.volumeMounts = [
+            *_mounts(False),
+            VolumeMount(name="login", mountPath=LOGIN, readOnly=True),
+        ]
     web = process == names.WEB
     run = Container(
         name=process,
@@ -368,14 +424,18 @@ def _pod(
         securityContext=_locked_down(),
     )
     scratch = EmptyDirVolumeSource(sizeLimit=SCRATCH_SIZE)
+    volumes = [
+        Volume(name="workspace", emptyDir=EmptyDirVolumeSource()),
+        Volume(name="tmp", emptyDir=scratch),
+        Volume(name="home", emptyDir=scratch),
+    ]
+    if private:  # files of root's and the fsGroup's (nobody), read-only: 0440
+        secret = SecretVolumeSource(secretName=names.login_name(spec.service), defaultMode=0o440)
+        volumes.append(Volume(name="login", secret=secret))
     return PodSpec(
         initContainers=[fetch, install],
         containers=[run],
-        volumes=[
-            Volume(name="workspace", emptyDir=EmptyDirVolumeSource()),
-            Volume(name="tmp", emptyDir=scratch),
-            Volume(name="home", emptyDir=scratch),
-        ],
+        volumes=volumes,
         terminationGracePeriodSeconds=(UNROUTED if web else 0) + options.stop_grace,
         automountServiceAccountToken=False,
         nodeSelector=dict(options.node_selector) or None,
@@ -541,9 +601,9 @@ def route(
 def revision_objects(options: KubeOptions, spec: RevisionSpec) -> list[KubeObject]:
     """Everything applied for ``spec`` to run and serve its service, in apply order."""
     config, secret = env_objects(options, spec)
+    login = login_secret(options, spec)
     made: list[KubeObject] = [namespace(options, spec.namespace), config]
-    if secret is not None:
-        made.append(secret)
+    made += [thing for thing in (secret, login) if thing is not None]
     made += deployments(options, spec, config, secret)
     made.append(live_service(options, spec.namespace, spec.service, spec.ordinal))
     entry = ingress(options, spec.namespace, spec.service)
@@ -554,13 +614,17 @@ def revision_objects(options: KubeOptions, spec: RevisionSpec) -> list[KubeObjec
 
 def redacted(objects: Iterable[KubeObject]) -> list[KubeObject]:
     """``objects`` with every Secret's values replaced by :data:`REDACTED` (its name,
-    a hash of the real values, stays)."""
+    a hash of the real values for the env's, stays); a login's user name too, which may
+    be the token."""
     shown: list[KubeObject] = []
     for thing in objects:
         if isinstance(thing, Secret):
             hidden = dict.fromkeys(thing.data or {}, REDACTED)
             thing = Secret(
-                metadata=thing.metadata, stringData=hidden, type=thing.type, immutable=True
+                metadata=thing.metadata,
+                stringData=hidden,
+                type=thing.type,
+                immutable=thing.immutable,
             )
         shown.append(thing)
     return shown

@@ -3,18 +3,18 @@
 - ``build`` builds nothing here: a pod's init containers fetch, install and build.
   It checks what can be checked (where a pod fetches the commit from, the names).
 - ``start`` makes the Namespace if needed (never touching one that is not
-  branchyard's), applies the revision's ConfigMap, Secret and Deployments (server-side,
-  field manager ``branchyard``) and returns once the web Deployment is Available; one
-  whose newest pod crash-loops (a container, or an init container, that exited twice in
-  a row: ``states.crash_looping``), or whose progress deadline passes, fails with a
-  one-line reason from its pods.
+  branchyard's), applies the revision's ConfigMap, Secrets (its env's, a private repo's
+  login) and Deployments (server-side, field manager ``branchyard``) and returns once
+  the web Deployment is Available; one whose newest pod crash-loops (a container, or
+  an init container, that exited twice in a row: ``states.crash_looping``), or whose
+  progress deadline passes, fails with a one-line reason from its pods.
   Cancelled or failed, it scales what it applied to 0.
 - An instance's state, restarts and exit code come from its pods, seen by the two
   watches of :mod:`~branchyard.runtime.kube.watch`; the engine hears of each change.
 - ``stop`` scales the revision to 0 and keeps its Deployment, so a rollback is a
   scale back to 1; ``prune`` deletes the Deployments retention drops, and the
-  ConfigMaps and Secrets no kept one uses; ``discard`` deletes a service's objects,
-  and the Namespace once no service of it is left.
+  ConfigMaps and Secrets no kept one uses (as env or mounted); ``discard`` deletes a
+  service's objects, and the Namespace once no service of it is left.
 - Peers reach each other at ``http://PEER``; ``sync_peers`` keeps the ExternalName
   fallbacks through the :class:`~branchyard.runtime.kube.services.Switchboard`, which
   it shares with the traffic layer.
@@ -182,10 +182,11 @@ class KubeRuntime:
     async def _apply(
         self, spec: RevisionSpec, replicas: int, annotations: dict[str, str] | None = None
     ) -> int:
-        """Apply the revision's env and Deployments with ``replicas`` pods each (the web
-        one with ``annotations``); the web Deployment's generation."""
+        """Apply the revision's env, its repo's login and its Deployments with ``replicas``
+        pods each (the web one with ``annotations``); the web Deployment's generation."""
         config, secret = render.env_objects(self._options, spec)
-        made = [config] if secret is None else [config, secret]
+        login = render.login_secret(self._options, spec)
+        made = [thing for thing in (config, secret, login) if thing is not None]
         for thing in made:
             await self.connection.apply(thing)
         web = names.revision_name(spec.service, spec.ordinal)
@@ -338,7 +339,7 @@ class KubeRuntime:
 
     async def _delete_env(self, where: str, label: str, kept: list[Deployment]) -> None:
         """Delete the ConfigMaps and Secrets of a service that no kept Deployment uses."""
-        used = {name for d in kept for name in _env_names(d)}
+        used = {name for d in kept for name in _referenced(d)}
         for kind in (ConfigMap, Secret):
             for thing in await self.connection.list(kind, where, {names.SERVICE: label}):
                 if _name(thing) not in used:
@@ -465,10 +466,14 @@ def _name(thing: object) -> str:
     return str(meta.name if meta else "")
 
 
-def _env_names(deployment: Deployment) -> set[str]:
-    """The ConfigMaps and Secrets a Deployment's pods take their env from."""
+def _referenced(deployment: Deployment) -> set[str]:
+    """The ConfigMaps and Secrets a Deployment's pods take their env from or mount (a
+    private repo's login)."""
     template = deployment.spec.template.spec if deployment.spec else None
     found: set[str] = set()
+    for volume in (template.volumes if template else None) or ():
+        if volume.secret is not None and volume.secret.secretName:
+            found.add(volume.secret.secretName)
     for container in (template.containers if template else None) or ():
         for source in container.envFrom or ():
             if source.configMapRef is not None and source.configMapRef.name:
