@@ -131,21 +131,31 @@ def deployment(
     return found
 
 
+READY = [pod(ready=True, web={})]
+RESTARTED = {"branchyard.dev/restarted-at": "2026-01-01T00:01:00Z"}
+
+
 @pytest.mark.parametrize(
-    ("found", "expected"),
+    ("found", "pods", "expected"),
     [
-        (None, P.PROGRESSING),
-        (deployment(2, 1, UP), P.PROGRESSING),
-        (deployment(2, 2, UP), P.AVAILABLE),
-        (deployment(2, 2, DOWN), P.PROGRESSING),
-        (deployment(2, 2, LATE), P.STALLED),
-        (deployment(2, 2, UP, pods=2), P.PROGRESSING),  # a restart: the old pod is the one up
+        (None, READY, P.PROGRESSING),
+        (deployment(2, 1, UP), READY, P.PROGRESSING),
+        (deployment(2, 2, UP), READY, P.AVAILABLE),
+        (deployment(2, 2, DOWN), READY, P.PROGRESSING),
+        (deployment(2, 2, LATE), READY, P.STALLED),
+        (deployment(2, 2, UP, pods=2), READY, P.PROGRESSING),  # a restart: the old pod is up
+        (deployment(2, 2, UP), [], P.PROGRESSING),  # the pods' watch is behind: no pod yet
+        (deployment(2, 2, UP), [pod(web={})], P.PROGRESSING),  # or it is not Ready there yet
+        (deployment(2, 2, UP, annotations=RESTARTED), READY, P.PROGRESSING),  # the old one
     ],
 )  # fmt: skip
-def test_a_deployment_is_available_only_at_the_generation_applied(
-    found: Deployment | None, expected: states.Progress
+def test_a_deployment_is_available_only_at_the_generation_applied_with_its_pod_ready(
+    found: Deployment | None, pods: list[Pod], expected: states.Progress
 ) -> None:
-    assert states.progress(found, 2) is expected
+    """Its own status says so, and the pods seen say so too: the two watches are separate
+    streams, so the Deployment's may say Available before the pods' holds the Ready pod,
+    and a start that returned then would read its instance as EXITED."""
+    assert states.progress(found, 2, pods=pods) is expected
 
 
 def test_a_deployment_that_could_not_make_its_pod_says_why() -> None:
@@ -159,7 +169,6 @@ INIT_CRASHED = [
     {"name": "fetch", "state": {"terminated": {"exitCode": 0}}},
     {"name": "install", **CRASHED},
 ]
-RESTARTED = {"branchyard.dev/restarted-at": "2026-01-01T00:01:00Z"}
 NEWER = "2026-01-01T00:01:00Z"
 
 

@@ -68,9 +68,11 @@ def progress(
     """Where a Deployment applied at ``generation`` is: the controller has seen that
     generation and it is Available with ``replicas`` pods of it ready and no pod of an
     older template left (a restart's old pod keeps it Available while the new one is not
-    Ready); it stalled; or the newest of ``pods`` (the revision's) made from its template
-    as it is now is in a crash loop (:func:`crash_looping`), which fails it long before
-    its deadline."""
+    Ready), and ``pods`` (the revision's, as the pod watch holds them) have as many Ready
+    ones of its template (the Deployment's watch may tell of them before the pods' does:
+    the instance's state is read from the pods); it stalled; or the newest of ``pods``
+    made from its template as it is now is in a crash loop (:func:`crash_looping`), which
+    fails it long before its deadline."""
     if deployment is None or deployment.status is None or deployment.metadata is None:
         return Progress.PROGRESSING
     status = deployment.status
@@ -89,6 +91,7 @@ def progress(
         and updated >= replicas
         and (status.availableReplicas or 0) >= replicas
         and (status.replicas or 0) <= updated  # an older template's pod counts as available
+        and sum(map(_ready, _live(_of_template(deployment, pods)))) >= replicas
     ):
         return Progress.AVAILABLE
     return Progress.PROGRESSING
