@@ -284,3 +284,29 @@ def test_up_refuses_a_node_label_or_taint_kubernetes_would_not_take(
     assert done.stderr.startswith(f"error: {said}")
     assert done.stderr.count("\n") == 1
     assert not (tmp_path / "token").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        pytest.param(["--install-cache", "lots"], "--install-cache must be a size like 256Mi",
+                     id="not-a-size"),
+        pytest.param(["--install-cache-class", "fast"], "--install-cache-class needs "
+                     "--install-cache: it is that volume's class", id="a-class-alone"),
+        pytest.param(["--install-cache", "1Gi", "--install-cache-class", "Fast_Disks"],
+                     "--install-cache-class 'Fast_Disks' is not a class's name", id="not-a-name"),
+    ],
+)  # fmt: skip
+def test_up_refuses_an_install_cache_it_could_not_make(
+    tmp_path: Path, flags: list[str], said: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "branchyard", "--home", str(tmp_path), "up", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.startswith(f"error: {said}")
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "token").exists()  # nothing started
