@@ -428,6 +428,11 @@ def installs(options: KubeOptions, revision: RevisionSpec, key: str | None) -> l
     [
         pytest.param(CACHED, None, id="the-clusters-default-class"),
         pytest.param(replace(CACHED, install_cache_class="fast-rwx"), "fast-rwx", id="a-class"),
+        pytest.param(
+            replace(CACHED, install_cache_class="nfs", install_cache_access="ReadWriteMany"),
+            "nfs",
+            id="a-shared-class",
+        ),
     ],
 )
 def test_the_install_cache_is_one_claim_of_the_namespace_labelled_as_ours(
@@ -444,7 +449,7 @@ def test_the_install_cache_is_one_claim_of_the_namespace_labelled_as_ours(
             "labels": {"app.kubernetes.io/managed-by": "branchyard"},
         },
         "spec": {
-            "accessModes": ["ReadWriteOnce"],
+            "accessModes": [options.install_cache_access],
             "resources": {"requests": {"storage": "2Gi"}},
             **({"storageClassName": claim_class} if claim_class else {}),
         },

@@ -125,7 +125,8 @@ def test_render_with_an_install_cache_shows_its_claim_and_the_key_of_the_revisio
     """``up --install-cache``: the Namespace's claim, the install mounting its service's
     part, and the key, the same for a commit of code alone, another for its requirements."""
     flags = ("--git-listen", "127.0.0.1:0", "--install-cache", "2Gi")
-    with daemon_with(tmp_path / "home", *flags, "--install-cache-class", "fast") as daemon:
+    more = ("--install-cache-class", "fast", "--install-cache-access", "ReadWriteMany")
+    with daemon_with(tmp_path / "home", *flags, *more) as daemon:
         app = make_repo("app", stdlib_service(**{"requirements.txt": "# nothing yet\n"}))
         daemon.cli("repo", "add", str(app.origin))
         keys = []
@@ -143,7 +144,7 @@ def test_render_with_an_install_cache_shows_its_claim_and_the_key_of_the_revisio
     assert list(objects)[:2] == ["Namespace/main", "PersistentVolumeClaim/branchyard-install-cache"]
     claim = objects["PersistentVolumeClaim/branchyard-install-cache"]
     assert claim["spec"] == {
-        "accessModes": ["ReadWriteOnce"],
+        "accessModes": ["ReadWriteMany"],
         "resources": {"requests": {"storage": "2Gi"}},
         "storageClassName": "fast",
     }

@@ -172,6 +172,12 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     metavar="CLASS",
     help="Kubernetes: the StorageClass of those volumes [the cluster's default].",
 )
+@click.option(
+    "--install-cache-access",
+    type=click.Choice(["ReadWriteOnce", "ReadWriteMany"]),
+    help="Kubernetes: those volumes' access mode [ReadWriteOnce: a Namespace's pods on one "
+    "node]; ReadWriteMany needs a class that serves it (a shared file system).",
+)
 @click.option("--namespace-prefix", default="", metavar="P", help="Kubernetes: before names")
 @click.option(
     "--build-timeout",
@@ -212,6 +218,7 @@ def up(
     tolerated: tuple[str, ...],
     install_cache: str | None,
     install_cache_class: str | None,
+    install_cache_access: str | None,
     namespace_prefix: str,
     build_timeout: int,
 ) -> None:
@@ -272,8 +279,12 @@ def up(
         cache_size = None if install_cache is None else parse_size(install_cache)
     except ValueError as exc:
         raise UsageError(f"--install-cache {exc}") from None
-    if install_cache_class is not None and cache_size is None:
-        raise UsageError("--install-cache-class needs --install-cache: it is that volume's class")
+    for given, flag, what in (
+        (install_cache_class, "--install-cache-class", "class"),
+        (install_cache_access, "--install-cache-access", "access mode"),
+    ):
+        if given is not None and cache_size is None:
+            raise UsageError(f"{flag} needs --install-cache: it is that volume's {what}")
     if install_cache_class is not None and not is_domain(install_cache_class):
         raise UsageError(f"--install-cache-class {install_cache_class!r} is not a class's name")
     if git_url is not None and git_listen is None:
@@ -312,6 +323,7 @@ def up(
             tolerations=tolerations,
             install_cache=cache_size,
             install_cache_class=install_cache_class,
+            **({"install_cache_access": install_cache_access} if install_cache_access else {}),
             **({"image": image} if image else {}),
             **({"git_image": git_image} if git_image else {}),
         ),

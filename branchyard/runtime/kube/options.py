@@ -140,6 +140,11 @@ class KubeOptions:
     install_cache_class: str | None = None
     """The StorageClass of that claim (``up --install-cache-class``); None: the cluster's
     default class."""
+    install_cache_access: str = "ReadWriteOnce"
+    """The claim's access mode (``up --install-cache-access``): ``ReadWriteOnce``, which
+    every class serves and which keeps the pods of a Namespace that mount it on one node
+    (a single-node cluster), or ``ReadWriteMany``, for a class that serves it (a shared
+    file system), whose pods may run on any node."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

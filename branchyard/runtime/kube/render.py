@@ -297,14 +297,15 @@ def _meta(options: KubeOptions, namespace: str, name: str, labels: Mapping[str, 
 
 def install_cache(options: KubeOptions, namespace: str) -> PersistentVolumeClaim | None:
     """The install cache of branchyard namespace ``namespace`` (``up --install-cache``):
-    one ReadWriteOnce claim of that size and class, which each service's install mounts
-    its own part of; None without the option. Deleting the Namespace deletes it."""
+    one claim of that size, class and access mode (ReadWriteOnce unless told), which each
+    service's install mounts its own part of; None without the option. Deleting the
+    Namespace deletes it."""
     if options.install_cache is None:
         return None
     return PersistentVolumeClaim(
         metadata=_meta(options, namespace, CACHE_CLAIM, names.managed()),
         spec=PersistentVolumeClaimSpec(
-            accessModes=["ReadWriteOnce"],
+            accessModes=[options.install_cache_access],
             storageClassName=options.install_cache_class,
             resources=VolumeResourceRequirements(
                 requests={"storage": _memory(options.install_cache)}
