@@ -376,3 +376,25 @@ def test_a_pod_that_loses_the_race_for_an_entry_drops_its_copy(tmp_path: Path) -
     assert ran.returncode == 0, ran.stderr
     assert pods.entries() == ["k1"]
     assert [p.name for p in (winner / "venv").iterdir()] == ["winner"]
+
+
+def test_an_install_cache_that_cannot_be_written_fails_no_install(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    pods.cache.rmdir()
+    pods.cache.write_text("")  # no directory can be made in it, as in a full volume
+    ran = pods.install("k1", IMPORTS)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.endswith(
+        "installed environment k1, not saved: the install cache is full or unwritable\n"
+        f"$ {IMPORTS}\n1.0\n"
+    )
+
+
+def test_an_entry_that_cannot_be_copied_is_installed_again(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    (pods.cache / "k1").mkdir()
+    (pods.cache / "k1" / ".complete").touch()  # marked, but its venv is gone
+    ran = pods.install("k1", IMPORTS)
+    assert ran.returncode == 0, ran.stderr
+    assert "Successfully installed tinydep-1.0" in ran.stdout
+    assert ran.stdout.endswith(f"$ {IMPORTS}\n1.0\n")

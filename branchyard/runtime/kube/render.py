@@ -195,26 +195,27 @@ CACHE_KEEP = 8
 _SAVE = """entry={CACHE}/${{INSTALL_KEY:?}}
 rename() {{ "$python" -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])' "$1" "$2"; }}
 rm -rf {VENV}
-if [ -f "$entry/.complete" ]; then
-  touch "$entry/.complete"
-  cp -a "$entry/venv" {VENV}
+if [ -f "$entry/.complete" ] && touch "$entry/.complete" && cp -a "$entry/venv" {VENV}; then
   export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
   echo "reused environment $INSTALL_KEY"
 else
+  rm -rf {VENV}
 {MAKE}  partial="$entry.partial.${{HOSTNAME:-$$}}"
-  rm -rf "$partial"
-  mkdir "$partial"
-  cp -a {VENV} "$partial/venv"
-  touch "$partial/.complete"
-  if [ -e "$entry" ] && [ ! -f "$entry/.complete" ]; then
-    rename "$entry" "$partial.unmarked" 2> /dev/null || true
+  rm -rf "$partial" 2> /dev/null || true
+  if mkdir "$partial" && cp -a {VENV} "$partial/venv" && touch "$partial/.complete"; then
+    if [ -e "$entry" ] && [ ! -f "$entry/.complete" ]; then
+      rename "$entry" "$partial.unmarked" 2> /dev/null || true
+    fi
+    rename "$partial" "$entry" 2> /dev/null || rm -rf "$partial"
+    echo "installed environment $INSTALL_KEY"
+  else
+    rm -rf "$partial" 2> /dev/null || true
+    echo "installed environment $INSTALL_KEY, not saved: the install cache is full or unwritable"
   fi
-  rename "$partial" "$entry" 2> /dev/null || rm -rf "$partial"
-  echo "installed environment $INSTALL_KEY"
 fi
 ls -t {CACHE}/*/.complete 2> /dev/null | grep -v '[.]partial[.]' | tail -n +{FIRST} \\
-  | while read -r mark; do rm -rf "${{mark%/.complete}}"; done
-find {CACHE} -maxdepth 1 -name '*.partial.*' -mmin +60 -exec rm -rf {{}} +
+  | while read -r mark; do rm -rf "${{mark%/.complete}}"; done || true
+find {CACHE} -maxdepth 1 -name '*.partial.*' -mmin +60 -exec rm -rf {{}} + 2> /dev/null || true
 """.format(
     CACHE=CACHE,
     VENV=VENV,
@@ -226,12 +227,14 @@ CACHED_INSTALL = "set -e\n" + _PYTHON + _SAVE + _BUILD
 :data:`CACHE` and holding one directory per environment, named by ``INSTALL_KEY``
 (:func:`install_key`): a ``venv`` and a ``.complete`` mark. An entry with its mark is
 copied to the venv's place (the same absolute path, so its scripts' paths hold) and its
-mark touched; else the venv is made as :data:`INSTALL` makes it, and a copy saved
-under a name of this pod's, marked, then renamed to the entry's (atomic: an entry is
-whole or absent; a pod that lost the race drops its copy; an entry without its mark,
-left by something else, is moved aside). The build steps run after the save: they
-change the checkout, not the environment. Then only the :data:`CACHE_KEEP` entries
-used last are kept, and copies older than an hour that were never renamed go."""
+mark touched; else (or if that copy fails) the venv is made as :data:`INSTALL` makes
+it, and a copy saved under a name of this pod's, marked, then renamed to the entry's
+(atomic: an entry is whole or absent; a pod that lost the race drops its copy; an entry
+without its mark, left by something else, is moved aside). A cache that is full or
+unwritable fails nothing: the copy is not saved, and the line says so. The build steps
+run after the save: they change the checkout, not the environment. Then only the
+:data:`CACHE_KEEP` entries used last are kept, and copies older than an hour that were
+never renamed go."""
 
 RUN = f"""export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
 trap 'trap "" TERM; kill -s TERM -- -1' TERM
