@@ -80,8 +80,9 @@ class Namespaces:
             try:
                 await self._connection.apply(cache)
             except ApiError as exc:
+                why = (exc.status.message or str(exc)).splitlines()[0]  # then a diff of it
                 said = f"the install cache {render.CACHE_CLAIM} in {name} is kept as it is"
-                self._report(EVENT, f"{said}: {exc.status.message}", slot)
+                self._report(EVENT, f"{said}: {why}", slot)
         self._ours.add(name)
 
     async def delete(self, namespace: str) -> bool:
