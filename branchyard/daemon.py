@@ -402,6 +402,7 @@ async def _seams(
             store.event,
             lambda: f"http://localhost:{router.main_port}/",
             lambda: {(r.namespace, r.service) for r in store.latest_revisions()},
+            sources,
         )
         return kube, KubeTraffic(kube.switchboard)
     runtime = LocalRuntime(
@@ -460,7 +461,7 @@ def _engine(
         rollouts,
         watcher,
         settings,
-        partial(_review, options.kube),
+        partial(_review, options.kube, sources),
         options.secrets.get("BRANCHYARD_WEBHOOK_SECRET", ""),
     )
 
@@ -472,12 +473,17 @@ def _pods(options: Options) -> str | None:
     return "Kubernetes pods (non-root, no capabilities, Pod Security restricted)"
 
 
-def _review(options: KubeOptions, spec: RevisionSpec, peers: Mapping[str, str]) -> Reviewed:
-    """``k8s render``'s YAML and warnings; the renderer (and lightkube) imported at its
-    first use, not at every daemon's start."""
+async def _review(
+    options: KubeOptions, sources: Sources, spec: RevisionSpec, peers: Mapping[str, str]
+) -> Reviewed:
+    """``k8s render``'s YAML and warnings, with an install cache the key its pods' installs
+    reuse; the renderer (and lightkube) imported at its first use, not at every daemon's
+    start."""
+    from branchyard.runtime.kube.installs import InstallKeys
     from branchyard.runtime.kube.review import review
 
-    return review(options, spec, peers)
+    key = None if options.install_cache is None else await InstallKeys(sources).key(spec)
+    return review(options, spec, peers, key)
 
 
 def _git_socket(options: Options) -> tuple[socket.socket | None, Options]:

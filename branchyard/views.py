@@ -182,7 +182,7 @@ class Views:
             raise NotFound(f"{service} in {namespace} has no revision yet")
         given = {env_var_for(peer): peer for peer in target.peers}
         peers = {key: peer for key, peer in given.items() if key not in target.settings.env}
-        return self._review(await self._rollouts.spec(latest), peers)
+        return await self._review(await self._rollouts.spec(latest), peers)
 
     # logs
 

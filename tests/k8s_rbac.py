@@ -33,6 +33,7 @@ USED: frozenset[tuple[str, str, str]] = frozenset(
     {("", "namespaces", "get")}  # whether one of that name is branchyard's
     | {("", "namespaces", verb) for verb in _APPLIED}
     | {("", kind, verb) for kind in ("services", "configmaps", "secrets") for verb in _APPLIED}
+    | {("", "persistentvolumeclaims", "create"), ("", "persistentvolumeclaims", "patch")}
     | {("apps", "deployments", verb) for verb in (*_APPLIED, "watch")}
     | {("networking.k8s.io", "ingresses", verb) for verb in _APPLIED}
     | {("gateway.networking.k8s.io", "httproutes", verb) for verb in _APPLIED}

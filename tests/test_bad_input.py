@@ -269,9 +269,16 @@ def _post(daemon: Daemon, path: str, body: object) -> tuple[int, dict[str, str]]
     [
         (["--node-selector", "pool"], "--node-selector 'pool' is not KEY=VALUE"),
         (["--toleration", "pool:Never"], "--toleration 'pool:Never' is not KEY[=VALUE]:EFFECT"),
+        (["--install-cache", "lots"], "--install-cache must be a size like 256Mi"),
+        (["--install-cache-class", "fast"],
+         "--install-cache-class needs --install-cache: it is that volume's class"),
+        (["--install-cache-access", "ReadWriteMany"],
+         "--install-cache-access needs --install-cache: it is that volume's access mode"),
+        (["--install-cache", "1Gi", "--install-cache-class", "Fast_Disks"],
+         "--install-cache-class 'Fast_Disks' is not a class's name"),
     ],
-)
-def test_up_refuses_a_node_label_or_taint_kubernetes_would_not_take(
+)  # fmt: skip
+def test_up_refuses_a_node_label_taint_or_install_cache_kubernetes_would_not_take(
     tmp_path: Path, flags: list[str], said: str
 ) -> None:
     done = subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -49,8 +50,11 @@ PUBLIC = "https://git.example/app.git"
 PRIVATE = "https://deployer:t0ken@git.example/app.git"  # its fetch mounts the login's Secret
 
 
-def pod_specs(options: KubeOptions, repo_url: str = PUBLIC) -> list[PodSpec]:
-    """The pods of a revision with a worker, a build step and a secret."""
+def pod_specs(
+    options: KubeOptions, repo_url: str = PUBLIC, key: str | None = None
+) -> list[PodSpec]:
+    """The pods of a revision with a worker, a build step and a secret (and with an
+    install cache, its environment ``key``'s)."""
     revision = RevisionSpec(
         "main",
         "app",
@@ -62,7 +66,8 @@ def pod_specs(options: KubeOptions, repo_url: str = PUBLIC) -> list[PodSpec]:
         frozenset({"TOKEN"}),
     )
     made = []
-    for deployment in render.deployments(options, revision, *render.env_objects(options, revision)):
+    config, secret = render.env_objects(options, revision)
+    for deployment in render.deployments(options, revision, config, secret, key):
         assert deployment.spec is not None and deployment.spec.template.spec is not None
         made.append(deployment.spec.template.spec)
     return made
@@ -84,6 +89,15 @@ def test_every_pod_branchyard_renders_is_admitted_in_its_restricted_namespace(
     specs = pod_specs(options, repo_url)
     assert len(specs) == 2  # web and the worker
     for spec in specs:
+        create(config, options, spec)
+
+
+def test_a_pod_whose_install_mounts_the_install_cache_is_admitted_there_too(
+    config: KubeConfig, options: KubeOptions
+) -> None:
+    specs = pod_specs(replace(options, install_cache=1024**3), key="e1")
+    for spec in specs:
+        assert spec.volumes is not None and spec.volumes[-1].persistentVolumeClaim is not None
         create(config, options, spec)
 
 

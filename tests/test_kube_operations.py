@@ -1,8 +1,8 @@
 """Living with revisions on Kubernetes, as users see it: the real daemon (``up --runtime
 kubernetes``) and CLI against the test control plane. Logs read through the API (kwok serves
 the files a test writes, tests/k8s_node.py), the reason a revision fails (kwok's marks:
-``sim-crash``, ``sim-pull-fail``), a live revision that starts crashing, retention, ``gc``
-and ``restart``."""
+``sim-crash``, ``sim-pull-fail``), a live revision that starts crashing, retention, ``gc``,
+``restart``, and the install cache's claim and keys."""
 
 from __future__ import annotations
 
@@ -15,9 +15,21 @@ from typing import Any
 
 import pytest
 from lightkube import ApiError, Client
+from lightkube.models.core_v1 import (
+    HostPathVolumeSource,
+    ObjectReference,
+    PersistentVolumeSpec,
+)
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Secret
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    Namespace,
+    PersistentVolume,
+    PersistentVolumeClaim,
+    Pod,
+    Secret,
+)
 from lightkube.types import PatchType
 
 from tests import k8s_node
@@ -31,7 +43,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_kube_workflow import client as client  # the fixture
-from tests.test_kube_workflow import gone, names_of, replicas, services
+from tests.test_kube_workflow import gone, names_of, replicas, services, uids
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -52,7 +64,7 @@ def prefix() -> str:
 
 
 def kube_daemon(
-    k8s: Cluster, home: Path, prefix: str, build_timeout: int = 1, git: int = 0
+    k8s: Cluster, home: Path, prefix: str, build_timeout: int = 1, git: int = 0, *more: str
 ) -> Daemon:
     """A daemon on the test cluster; ``git``: its git server's port (the pods' template
     holds it: a daemon started again keeps it, or every revision rolls)."""
@@ -61,6 +73,7 @@ def kube_daemon(
         *("--poll-interval", "1", "--drain-grace", "0", "--runtime", "kubernetes"),
         *("--kubeconfig", str(k8s.kubeconfig), "--namespace-prefix", prefix),
         *("--build-timeout", str(build_timeout), "--git-listen", f"127.0.0.1:{git or free_port()}"),
+        *more,
     )
 
 
@@ -491,3 +504,108 @@ def test_restart_gives_new_pods_and_the_old_one_stays_until_the_new_one_is_ready
     assert pod_of(client, where, "app", 1) in ready
     assert services(client, where)["app"] == "1"
     assert live(daemon, "main", "app") == 1
+
+
+def volume_for_the_cache(client: Client, namespace: str) -> str:
+    """A volume bound ahead to ``namespace``'s install cache claim (the test cluster has no
+    StorageClass, and kwok's node mounts nothing); its name."""
+    name = f"{namespace}-install-cache"
+    claim = ObjectReference(namespace=namespace, name="branchyard-install-cache")
+    spec = PersistentVolumeSpec(
+        capacity={"storage": "1Gi"},
+        accessModes=["ReadWriteOnce"],
+        hostPath=HostPathVolumeSource(path=f"/nonexistent/{name}"),
+        claimRef=claim,
+        persistentVolumeReclaimPolicy="Retain",
+        storageClassName="",
+    )
+    client.create(PersistentVolume(metadata=ObjectMeta(name=name), spec=spec))
+    return name
+
+
+def template_of(client: Client, namespace: str, name: str) -> dict[str, Any]:
+    """The pod template of a Deployment as the API server holds it, without the restart's
+    annotation."""
+    found = client.get(Deployment, name, namespace=namespace)
+    assert found.spec is not None
+    template = found.spec.template.to_dict()
+    template["metadata"].pop("annotations", None)
+    return template
+
+
+def install_of(template: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The INSTALL_KEY of a template's install and its mounts of the cache."""
+    (install,) = [c for c in template["spec"]["initContainers"] if c["name"] == "install"]
+    key = {e["name"]: e.get("value") for e in install["env"]}["INSTALL_KEY"]
+    return key, [m for m in install["volumeMounts"] if m["name"] == "cache"]
+
+
+def test_an_install_cache_is_a_claim_per_namespace_and_keys_a_revisions_pods_by_its_environment(
+    k8s: Cluster,
+    client: Client,
+    prefix: str,
+    tmp_path: Path,
+    make_repo: Callable[..., ServiceRepo],
+) -> None:
+    main, bugfix = f"{prefix}main", f"{prefix}bugfix"
+    volumes = [volume_for_the_cache(client, where) for where in (main, bugfix)]
+    port = free_port()  # the next daemon's too: the pods' template holds it
+    daemon = kube_daemon(k8s, tmp_path / "home", prefix, 1, port, "--install-cache", "1Gi")
+    try:
+        app = make_repo("app", {**repo_files(), "requirements.txt": "tinydep\n"})
+        daemon.cli("repo", "add", str(app.origin))
+        wait_for(lambda: live(daemon, "main", "app") == 1, 60, "v1 live in main")
+        app.checkout("bugfix")
+        app.commit({"change.txt": "1"}, "app on bugfix")
+        app.push()
+        wait_for(lambda: live(daemon, "bugfix", "app") == 1, 60, "v1 live in bugfix")
+
+        for where, volume in zip((main, bugfix), volumes, strict=True):
+            claim = client.get(PersistentVolumeClaim, "branchyard-install-cache", namespace=where)
+            assert claim.metadata is not None and claim.spec is not None
+            assert claim.metadata.labels == {"app.kubernetes.io/managed-by": "branchyard"}
+            assert claim.spec.accessModes == ["ReadWriteOnce"]
+            assert claim.spec.resources is not None
+            assert claim.spec.resources.requests == {"storage": "1Gi"}
+            assert claim.spec.volumeName == volume  # bound: the pods could be scheduled
+        in_main, mounts = install_of(template_of(client, main, "app-v1"))
+        assert mounts == [{"mountPath": "/cache", "name": "cache", "subPath": "app"}]
+        first = template_of(client, bugfix, "app-v1")
+        key, _ = install_of(first)
+        assert key != in_main  # a branch's environments are its own
+        for container in first["spec"]["containers"] + first["spec"]["initContainers"][:1]:
+            assert not [m for m in container["volumeMounts"] if m["name"] == "cache"]
+
+        # a commit of code alone: the same environment; of its requirements: another
+        app.commit({"change.txt": "2"}, "code alone")
+        app.push()
+        wait_for(lambda: live(daemon, "bugfix", "app") == 2, 60, "v2 live in bugfix")
+        second = template_of(client, bugfix, "app-v2")
+        assert install_of(second)[0] == key
+        app.commit({"requirements.txt": "tinydep\nother\n"}, "a dependency more")
+        app.push()
+        wait_for(lambda: live(daemon, "bugfix", "app") == 3, 60, "v3 live in bugfix")
+        assert install_of(template_of(client, bugfix, "app-v3"))[0] != key
+
+        # a restart, the next daemon and a rollback apply a revision again: its pods'
+        # template stays, and the next daemon replaces no pod (no new ReplicaSet)
+        third = template_of(client, bugfix, "app-v3")
+        daemon.cli("-n", "bugfix", "restart", "app")
+        assert template_of(client, bugfix, "app-v3") == third
+        before = uids(client, [main, bugfix])
+        applied = f"applied Deployment app-v3 in {bugfix}"
+        count = daemon.cli("-n", "bugfix", "events").stdout.count(applied)
+        stop_cleanly(daemon)
+        daemon = kube_daemon(k8s, tmp_path / "home", prefix, 1, port, "--install-cache", "1Gi")
+        events = partial(daemon.cli, "-n", "bugfix", "events")
+        wait_for(lambda: events().stdout.count(applied) > count, 60, "v3 applied again")
+        assert uids(client, [main, bugfix]) == before
+        assert template_of(client, bugfix, "app-v3") == third
+        assert "is on v2" in daemon.cli("-n", "bugfix", "rollback", "app").stdout
+        wait_for(lambda: services(client, bugfix)["app"] == "2", 60, "rolled back to v2")
+        assert replicas(client, bugfix, "app-v2") == 1
+        assert template_of(client, bugfix, "app-v2") == second
+    finally:
+        stop_cleanly(daemon)
+        for volume in volumes:
+            client.delete(PersistentVolume, volume)

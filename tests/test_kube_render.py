@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import Secret, Service
+from lightkube.resources.core_v1 import PersistentVolumeClaim, Secret, Service
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard import gitserve
@@ -409,6 +410,118 @@ def test_the_install_and_only_it_gets_the_daemons_index_settings_unless_the_env_
         assert "UV_INDEX_URL" not in got  # the revision's own, from its ConfigMap, wins
         for container in (fetch, *pod.containers):
             assert not {e.name for e in container.env} & {*index, "UV_INDEX_URL"}
+
+
+# the install cache
+
+CACHED = KubeOptions(install_cache=2 * 1024**3)
+
+
+def installs(options: KubeOptions, revision: RevisionSpec, key: str | None) -> list[Any]:
+    """The pods of ``revision``'s Deployments (web and workers), its environment ``key``'s."""
+    config, secret = render.env_objects(options, revision)
+    return [web_pod(d) for d in render.deployments(options, revision, config, secret, key)]
+
+
+@pytest.mark.parametrize(
+    ("options", "claim_class"),
+    [
+        pytest.param(CACHED, None, id="the-clusters-default-class"),
+        pytest.param(replace(CACHED, install_cache_class="fast-rwx"), "fast-rwx", id="a-class"),
+        pytest.param(
+            replace(CACHED, install_cache_class="nfs", install_cache_access="ReadWriteMany"),
+            "nfs",
+            id="a-shared-class",
+        ),
+    ],
+)
+def test_the_install_cache_is_one_claim_of_the_namespace_labelled_as_ours(
+    options: KubeOptions, claim_class: str | None
+) -> None:
+    made = render.revision_objects(replace(options, namespace_prefix="p-"), spec(), "k")
+    claim = one(made, PersistentVolumeClaim)
+    assert claim.to_dict() == {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": "branchyard-install-cache",
+            "namespace": "p-main",
+            "labels": {"app.kubernetes.io/managed-by": "branchyard"},
+        },
+        "spec": {
+            "accessModes": [options.install_cache_access],
+            "resources": {"requests": {"storage": "2Gi"}},
+            **({"storageClassName": claim_class} if claim_class else {}),
+        },
+    }
+    assert [type(thing).__name__ for thing in made][:2] == ["Namespace", "PersistentVolumeClaim"]
+    assert not [t for t in render.revision_objects(KubeOptions(), spec()) if t.kind == claim.kind]
+
+
+@pytest.mark.parametrize("service", ["app", "other_app"])
+def test_only_the_install_mounts_the_cache_and_only_its_services_part_of_it(service: str) -> None:
+    revision = spec(service, "bugfix", workers=(("clock", "python clock.py"),))
+    pods = installs(CACHED, revision, "k")
+    assert len(pods) == 2  # web and the worker
+    for pod in pods:
+        fetch, install = pod.initContainers
+        (cache,) = [m for m in install.volumeMounts if m.name == "cache"]
+        assert (cache.mountPath, cache.subPath, cache.readOnly) == (
+            "/cache", names.object_name(service), None
+        )  # fmt: skip
+        for other in (fetch, *pod.containers):
+            assert "cache" not in {m.name for m in other.volumeMounts}
+        (volume,) = [v for v in pod.volumes if v.name == "cache"]
+        assert volume.persistentVolumeClaim.claimName == "branchyard-install-cache"
+        assert volume.persistentVolumeClaim.readOnly is None
+
+
+def test_the_install_takes_its_key_only_as_its_env_never_in_the_scripts_text() -> None:
+    steps = ("make 'a b'",)
+    revision = spec(build=steps, env={"GREETING": "hi", "PIP_NO_BINARY": ":all:"})
+    key = render.install_key(CACHED, revision, "e1")
+    for pod in installs(CACHED, revision, "e1"):
+        fetch, install = pod.initContainers
+        assert install.command == ["sh", "-c", render.CACHED_INSTALL, "install", *steps]
+        assert {e.name: e.value for e in install.env}["INSTALL_KEY"] == key
+        for other in (fetch, *pod.containers):
+            assert "INSTALL_KEY" not in {e.name for e in other.env}
+    assert re.fullmatch("[0-9a-f]{10}", key)
+    assert "INSTALL_KEY" not in render.INSTALL and "/cache" not in render.INSTALL
+
+
+@pytest.mark.parametrize(
+    ("options", "revision", "environment", "same"),
+    [
+        pytest.param(CACHED, spec(ordinal=5, web="gunicorn app"), "e1", True,
+                     id="another-revision-of-the-same-environment"),
+        pytest.param(CACHED, spec(env={"GREETING": "bye"}), "e1", True, id="another-env"),
+        pytest.param(CACHED, spec(), "e2", False, id="another-environment"),
+        pytest.param(CACHED, spec(image="python:3.12-slim"), "e1", False, id="the-yamls-image"),
+        pytest.param(replace(CACHED, image="py:3.13"), spec(), "e1", False, id="up-image"),
+        pytest.param(replace(CACHED, install_env={"PIP_INDEX_URL": "http://i.test/"}), spec(),
+                     "e1", False, id="the-daemons-index"),
+        pytest.param(CACHED, spec(env={"GREETING": "hello", "UV_INDEX_URL": "http://u.test/"}),
+                     "e1", False, id="the-revisions-index"),
+    ],
+)  # fmt: skip
+def test_the_key_is_the_environments_with_the_image_and_the_index_settings(
+    options: KubeOptions, revision: RevisionSpec, environment: str, same: bool
+) -> None:
+    first = render.install_key(CACHED, spec(), "e1")
+    assert (render.install_key(options, revision, environment) == first) is same
+
+
+def test_a_revisions_pods_are_the_same_at_every_render_and_as_before_without_the_option() -> None:
+    revision = spec(workers=(("clock", "python clock.py"),), build=("make",))
+    cached = [p.to_dict() for p in installs(CACHED, revision, "e1")]
+    assert cached == [p.to_dict() for p in installs(CACHED, revision, "e1")]
+    plain = [p.to_dict() for p in installs(KubeOptions(), revision, None)]
+    assert plain == [p.to_dict() for p in installs(KubeOptions(), revision, "e1")]
+    assert plain == [p.to_dict() for p in installs(CACHED, revision, None)]  # a tree unkeyed
+    for pod in plain:
+        assert pod["initContainers"][1]["command"][2] == render.INSTALL
+        assert {v["name"] for v in pod["volumes"]} == {"workspace", "tmp", "home"}
 
 
 @pytest.mark.parametrize(
@@ -819,14 +932,15 @@ def test_a_route_beyond_what_a_split_allows_does_not_validate(weights: dict[int,
 def test_the_yaml_is_in_apply_order_and_reads_back() -> None:
     options = KubeOptions(domain="d.test")
     revision = spec(env={"T": "x"}, secrets=frozenset({"T"}))
-    made = render.revision_objects(options, revision)
+    made = render.revision_objects(replace(options, install_cache=1024**3), revision, "e1")
     shuffled = [*reversed(made), render.route(options, "main", "app", {4: 100})]
     documents = list(yaml.safe_load_all(render.to_yaml(shuffled)))
     assert [d["kind"] for d in documents] == [
-        "Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Ingress", "HTTPRoute"
+        "Namespace", "PersistentVolumeClaim", "ConfigMap", "Secret", "Deployment", "Service",
+        "Ingress", "HTTPRoute",
     ]  # fmt: skip
-    assert list(documents[3])[:3] == ["apiVersion", "kind", "metadata"]
-    assert documents[3]["spec"]["template"]["spec"]["initContainers"][0]["command"][2] == (
+    assert list(documents[4])[:3] == ["apiVersion", "kind", "metadata"]
+    assert documents[4]["spec"]["template"]["spec"]["initContainers"][0]["command"][2] == (
         render.FETCH
     )
 
@@ -836,9 +950,9 @@ def test_the_yaml_is_in_apply_order_and_reads_back() -> None:
 
 def seed_workflow() -> list[KubeObject]:
     """The objects of the seed workflow: app, other_app and web in the baseline; app
-    branched into bugfix (a secret, a worker, split 90/10 between two revisions), with
-    fallbacks there for the other two; Ingresses; and billing, from a private repo (its
-    login's Secret, mounted by its fetch)."""
+    branched into bugfix (a secret, a worker, split 90/10 between two revisions, an install
+    cache), with fallbacks there for the other two; Ingresses; and billing, from a private
+    repo (its login's Secret, mounted by its fetch)."""
     options = KubeOptions(
         domain="preview.example.com",
         ingress_class="nginx",
@@ -865,9 +979,10 @@ def seed_workflow() -> list[KubeObject]:
         )
         for ordinal in (1, 2)
     ]
+    cached = replace(options, install_cache=2 * 1024**3, install_cache_class="fast-rwx")
     for revision in branched:
-        made += render.revision_objects(options, revision)
-        made.append(render.revision_service(options, revision))
+        made += render.revision_objects(cached, revision, "e1")
+        made.append(render.revision_service(cached, revision))
     made += [render.fallback(options, "bugfix", peer) for peer in ("other_app", "web")]
     return made
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from branchyard.runtime.kube import names
-from tests.conftest import Daemon, ServiceRepo, daemon_with, wait_for
+from tests.conftest import Daemon, ServiceRepo, daemon_with, stdlib_service, wait_for
 from tests.githttp import GitHttpServer
 
 pytestmark = pytest.mark.integration
@@ -117,3 +117,40 @@ def test_render_from_a_local_daemon_shows_peer_urls_as_pods_reach_them_and_warns
         f"warning: CACHE_URL is http://localhost:6379, {LOOPBACK}",
         f"warning: DOCS_URL is http://[::1]/caf\\xe9, {LOOPBACK}",  # a header is ASCII
     ]
+
+
+def test_render_with_an_install_cache_shows_its_claim_and_the_key_of_the_revisions_environment(
+    tmp_path: Path, make_repo: Callable[..., ServiceRepo]
+) -> None:
+    """``up --install-cache``: the Namespace's claim, the install mounting its service's
+    part, and the key, the same for a commit of code alone, another for its requirements."""
+    flags = ("--git-listen", "127.0.0.1:0", "--install-cache", "2Gi")
+    more = ("--install-cache-class", "fast", "--install-cache-access", "ReadWriteMany")
+    with daemon_with(tmp_path / "home", *flags, *more) as daemon:
+        app = make_repo("app", stdlib_service(**{"requirements.txt": "# nothing yet\n"}))
+        daemon.cli("repo", "add", str(app.origin))
+        keys = []
+        for ordinal, change in enumerate(
+            [{}, {"x.txt": "code alone"}, {"requirements.txt": "# nothing, still\n"}], start=1
+        ):
+            if change:
+                app.commit(change)
+                app.push()
+            wait_for(lambda: live(daemon) == ordinal, 60, f"v{ordinal}")  # noqa: B023
+            objects = documents(daemon.cli("k8s", "render", "app").stdout)
+            pod = objects[f"Deployment/app-v{ordinal}"]["spec"]["template"]["spec"]
+            fetch, install = pod["initContainers"]
+            keys.append({e["name"]: e.get("value") for e in install["env"]}["INSTALL_KEY"])
+    assert list(objects)[:2] == ["Namespace/main", "PersistentVolumeClaim/branchyard-install-cache"]
+    claim = objects["PersistentVolumeClaim/branchyard-install-cache"]
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "2Gi"}},
+        "storageClassName": "fast",
+    }
+    assert [m for m in install["volumeMounts"] if m["name"] == "cache"] == [
+        {"mountPath": "/cache", "name": "cache", "subPath": "app"}
+    ]
+    for other in (fetch, *pod["containers"]):
+        assert "cache" not in {m["name"] for m in other["volumeMounts"]}
+    assert keys[0] == keys[1] != keys[2]

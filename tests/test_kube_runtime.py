@@ -15,12 +15,13 @@ import pytest
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
-from lightkube.resources.core_v1 import Namespace, Secret, Service
+from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim, Secret, Service
 
 from branchyard.errors import BuildFailed, UsageError
 from branchyard.manifest import Manifest
 from branchyard.runtime import InstanceState, RevisionSpec
-from branchyard.runtime.kube.namespaces import NameTaken
+from branchyard.runtime.kube.connection import Connection
+from branchyard.runtime.kube.namespaces import Namespaces, NameTaken
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.runtime import KubeInstance, KubeRuntime
 from branchyard.runtime.kube.traffic import KubeTraffic
@@ -278,6 +279,42 @@ def test_a_namespace_that_is_not_branchyards_is_never_touched(
     }
     assert kept.status is not None and kept.status.phase == "Active"
     assert not list(client.list(Deployment, namespace=where))
+
+
+def test_an_install_cache_claim_an_earlier_daemon_made_otherwise_is_kept_and_said(
+    k8s: Cluster, client: Client, prefix: str
+) -> None:
+    where = f"{prefix}main"
+
+    async def main() -> list[str]:
+        events: list[str] = []
+        for kind in ("first-class", "another-class"):  # a claim's class cannot change
+            options = KubeOptions(
+                kubeconfig=str(k8s.kubeconfig),
+                namespace_prefix=prefix,
+                install_cache=1024**3,
+                install_cache_class=kind,
+            )
+            connection = await Connection.open(options)
+            try:
+                spaces = Namespaces(connection, options, lambda _, said, __: events.append(said))
+                assert await spaces.ensure("main") == where
+            finally:
+                await connection.close()
+        return events
+
+    events = asyncio.run(main())
+    claim = client.get(PersistentVolumeClaim, "branchyard-install-cache", namespace=where)
+    assert claim.spec is not None and claim.spec.storageClassName == "first-class"
+    made, kept = events  # the second: one line, the API server's reason without its diff
+    assert made == f"made Namespace {where}"
+    assert kept.startswith(
+        f"the install cache branchyard-install-cache in {where} is kept as it is: "
+        'PersistentVolumeClaim "branchyard-install-cache" is invalid: spec: Forbidden: spec is '
+        "immutable after creation"
+    )
+    assert "\n" not in kept
+    client.delete(Namespace, where)
 
 
 def objects(client: Client, namespace: str) -> dict[str, list[str]]:

@@ -1,21 +1,25 @@
 """The scripts a pod runs (branchyard.runtime.kube.render's FETCH, INSTALL and RUN), run
 for real on this machine: the run script as PID 1 of a PID namespace of its own, as in
-a container, the install with nothing but Debian's ``python3``, and the fetch of a
-private repo from a git server that wants its login, the login in files where its
-Secret would be mounted. The scripts name ``/workspace`` (and the fetch the login's
-mount); here they are temporary directories (the same text, the paths replaced)."""
+a container, the install with nothing but Debian's ``python3``, with and without an
+install cache, and the fetch of a private repo from a git server that wants its login,
+the login in files where its Secret would be mounted. The scripts name ``/workspace``
+(the install ``/cache``, the fetch the login's mount); here they are temporary
+directories (the same text, the paths replaced)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.services import wheel
 from branchyard.manifest import Manifest
 from branchyard.runtime import RevisionSpec
 from branchyard.runtime.kube import render
@@ -235,3 +239,162 @@ def test_the_fetch_script_logs_in_with_the_mounted_login_and_only_with_it(
     assert not asked.exists()
     if server_login is not None:
         assert server.unauthorized > 0  # it asked for the login
+
+
+class Pods:
+    """The cached install (``render.CACHED_INSTALL``) run as one pod after another of a
+    service would run it: each in a workspace of its own (an ``emptyDir``), all with one
+    cache directory (the service's part of its Namespace's claim), installing a local
+    wheel (``tinydep``) from a directory, no index."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache = root / "cache"
+        self.cache.mkdir()
+        self.wheels = root / "wheels"
+        wheel(self.wheels, "1.0")
+        self.pods = 0
+
+    def install(self, key: str, *steps: str, path: str = "") -> subprocess.CompletedProcess[str]:
+        self.pods += 1
+        workspace = self.root / f"pod{self.pods}"
+        checkout = workspace / "src"
+        checkout.mkdir(parents=True)
+        (checkout / "requirements.txt").write_text("tinydep\n")
+        paths = {render.WORKSPACE: str(workspace), render.CACHE: str(self.cache)}
+        script = re.sub("|".join(paths), lambda found: paths[found[0]], render.CACHED_INSTALL)
+        return subprocess.run(
+            ["sh", "-c", script, "install", *steps],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                "PATH": f"{path}/usr/bin:/bin",
+                "HOME": str(workspace),
+                "HOSTNAME": f"app-v1-{self.pods}",
+                "INSTALL_KEY": key,
+                "PIP_NO_INDEX": "1",
+                "PIP_FIND_LINKS": str(self.wheels),
+            },
+        )
+
+    def entries(self) -> list[str]:
+        return sorted(path.name for path in self.cache.iterdir())
+
+
+IMPORTS = "python -c 'import tinydep; print(tinydep.VALUE)'"
+
+
+def test_the_first_install_of_an_environment_saves_it_and_the_next_pod_copies_it_without_pip(
+    tmp_path: Path,
+) -> None:
+    pods = Pods(tmp_path)
+    first = pods.install("k1", IMPORTS, 'touch "$VIRTUAL_ENV/built"')
+    assert first.returncode == 0, first.stderr
+    assert "Successfully installed tinydep-1.0" in first.stdout
+    assert first.stdout.endswith("installed environment k1\n$ " + IMPORTS + "\n1.0\n$ touch "
+                                 '"$VIRTUAL_ENV/built"\n')  # fmt: skip
+    assert pods.entries() == ["k1"]
+    assert (pods.cache / "k1" / ".complete").is_file()
+    assert not (pods.cache / "k1" / "venv" / "built").exists()  # saved before the build steps
+    for found in pods.wheels.iterdir():
+        found.unlink()  # pip, were it called, would find nothing now
+    second = pods.install("k1", IMPORTS)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == f"reused environment k1\n$ {IMPORTS}\n1.0\n"
+    venv = tmp_path / "pod2" / "venv"
+    assert (venv / "bin" / "python").exists() and not (venv / "built").exists()
+
+
+def test_another_key_installs_again_beside_the_first(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    assert pods.install("k1").returncode == 0
+    other = pods.install("k2")
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.endswith("installed environment k2\n")
+    assert pods.entries() == ["k1", "k2"]
+
+
+@pytest.mark.parametrize(
+    "leftover",
+    [
+        pytest.param({"venv/bin/python": "garbage"}, id="an-entry-without-its-mark"),
+        pytest.param({}, id="an-empty-entry"),
+    ],
+)
+def test_an_entry_without_its_mark_is_never_reused_and_a_whole_one_takes_its_place(
+    tmp_path: Path, leftover: dict[str, str]
+) -> None:
+    pods = Pods(tmp_path)
+    (pods.cache / "k1").mkdir()
+    for path, text in leftover.items():
+        (pods.cache / "k1" / path).parent.mkdir(parents=True, exist_ok=True)
+        (pods.cache / "k1" / path).write_text(text)
+    ran = pods.install("k1", IMPORTS)
+    assert ran.returncode == 0, ran.stderr
+    assert "installed environment k1\n" in ran.stdout and ran.stdout.endswith("1.0\n")
+    assert (pods.cache / "k1" / ".complete").is_file()
+    assert (pods.cache / "k1" / "venv" / "bin" / "python").is_symlink()
+    assert pods.entries() == ["k1", "k1.partial.app-v1-1.unmarked"]  # aside, gone in an hour
+    assert pods.install("k1", IMPORTS).stdout.startswith("reused environment k1\n")
+
+
+def test_the_cache_keeps_the_environments_used_last_and_drops_stale_copies(
+    tmp_path: Path,
+) -> None:
+    pods = Pods(tmp_path)
+    now = time.time()
+    for age in range(10):  # old0 the newest, old9 the oldest
+        entry = pods.cache / f"old{age}"
+        (entry / "venv").mkdir(parents=True)
+        (entry / ".complete").touch()
+        os.utime(entry / ".complete", (now - 60 * (age + 1),) * 2)
+    stale, fresh = pods.cache / "old0.partial.gone-pod", pods.cache / "old1.partial.busy-pod"
+    for partial in (stale, fresh):
+        partial.mkdir()
+        (partial / ".complete").touch()
+    os.utime(stale, (now - 2 * 3600,) * 2)
+    ran = pods.install("k1")
+    assert ran.returncode == 0, ran.stderr
+    kept = ["k1", *(f"old{age}" for age in range(render.CACHE_KEEP - 1))]
+    assert pods.entries() == sorted([*kept, fresh.name])
+    assert render.CACHE_KEEP == 8
+
+
+def test_a_pod_that_loses_the_race_for_an_entry_drops_its_copy(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    winner = pods.cache / "k1"
+    (shim / "cp").write_text(  # another pod saves k1 as this one starts saving its copy
+        f'#!/bin/sh\ncase "$3" in *.partial.*) mkdir -p {winner}/venv; '
+        f'touch {winner}/venv/winner {winner}/.complete;; esac\nexec /bin/cp "$@"\n'
+    )
+    (shim / "cp").chmod(0o755)
+    ran = pods.install("k1", path=f"{shim}:")
+    assert ran.returncode == 0, ran.stderr
+    assert pods.entries() == ["k1"]
+    assert [p.name for p in (winner / "venv").iterdir()] == ["winner"]
+
+
+def test_an_install_cache_that_cannot_be_written_fails_no_install(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    pods.cache.rmdir()
+    pods.cache.write_text("")  # no directory can be made in it, as in a full volume
+    ran = pods.install("k1", IMPORTS)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.endswith(
+        "installed environment k1, not saved: the install cache is full or unwritable\n"
+        f"$ {IMPORTS}\n1.0\n"
+    )
+
+
+def test_an_entry_that_cannot_be_copied_is_installed_again(tmp_path: Path) -> None:
+    pods = Pods(tmp_path)
+    (pods.cache / "k1").mkdir()
+    (pods.cache / "k1" / ".complete").touch()  # marked, but its venv is gone
+    ran = pods.install("k1", IMPORTS)
+    assert ran.returncode == 0, ran.stderr
+    assert "Successfully installed tinydep-1.0" in ran.stdout
+    assert ran.stdout.endswith(f"$ {IMPORTS}\n1.0\n")

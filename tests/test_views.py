@@ -9,8 +9,7 @@ rollback goes, a repo's webhook secret. Each test runs the engine of
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import yaml
 from branchyard.engine import Engine
 from branchyard.errors import NotFound
 from branchyard.model import Repo, RepoHeads
-from branchyard.runtime import LogName
+from branchyard.runtime import LogName, Reviewed, RevisionSpec
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.review import review
 from branchyard.views import Views
@@ -55,9 +54,14 @@ def views_of(
         engine.rollouts,
         watcher or StillWatcher(),
         engine.settings_repo,
-        partial(review, KubeOptions()),
+        reviewed,
         webhook_secret,
     )
+
+
+async def reviewed(spec: RevisionSpec, peers: Mapping[str, str]) -> Reviewed:
+    """The renderer ``k8s render`` uses, as the daemon hands it over (without a cache)."""
+    return review(KubeOptions(), spec, peers)
 
 
 Setup = Callable[[World, Engine], Awaitable[None]]

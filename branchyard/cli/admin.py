@@ -160,6 +160,24 @@ if TYPE_CHECKING:  # the shapes of the answers; importing them costs a command ~
     metavar="KEY[=VALUE]:EFFECT",
     help="Kubernetes: pods tolerate this taint, as kubectl taint writes it (repeatable).",
 )
+@click.option(
+    "--install-cache",
+    metavar="SIZE",
+    help="Kubernetes: a volume of SIZE (Ki, Mi, Gi) per Namespace that installs keep their "
+    "environments in, so a rollback or restart reinstalls nothing (docs/kubernetes.md). "
+    "Off unless given.",
+)
+@click.option(
+    "--install-cache-class",
+    metavar="CLASS",
+    help="Kubernetes: the StorageClass of those volumes [the cluster's default].",
+)
+@click.option(
+    "--install-cache-access",
+    type=click.Choice(["ReadWriteOnce", "ReadWriteMany"]),
+    help="Kubernetes: those volumes' access mode [ReadWriteOnce: a Namespace's pods on one "
+    "node]; ReadWriteMany needs a class that serves it (a shared file system).",
+)
 @click.option("--namespace-prefix", default="", metavar="P", help="Kubernetes: before names")
 @click.option(
     "--build-timeout",
@@ -198,6 +216,9 @@ def up(
     cluster_domain: str,
     node_labels: tuple[str, ...],
     tolerated: tuple[str, ...],
+    install_cache: str | None,
+    install_cache_class: str | None,
+    install_cache_access: str | None,
     namespace_prefix: str,
     build_timeout: int,
 ) -> None:
@@ -254,6 +275,18 @@ def up(
         tolerations = tuple(toleration(taint) for taint in tolerated)
     except ValueError as exc:
         raise UsageError(f"--toleration {exc}") from None
+    try:
+        cache_size = None if install_cache is None else parse_size(install_cache)
+    except ValueError as exc:
+        raise UsageError(f"--install-cache {exc}") from None
+    for given, flag, what in (
+        (install_cache_class, "--install-cache-class", "class"),
+        (install_cache_access, "--install-cache-access", "access mode"),
+    ):
+        if given is not None and cache_size is None:
+            raise UsageError(f"{flag} needs --install-cache: it is that volume's {what}")
+    if install_cache_class is not None and not is_domain(install_cache_class):
+        raise UsageError(f"--install-cache-class {install_cache_class!r} is not a class's name")
     if git_url is not None and git_listen is None:
         raise UsageError("--git-url needs --git-listen: it names where that server is reached")
     try:
@@ -288,6 +321,9 @@ def up(
             install_env=indexes,
             node_selector=node_selector,
             tolerations=tolerations,
+            install_cache=cache_size,
+            install_cache_class=install_cache_class,
+            **({"install_cache_access": install_cache_access} if install_cache_access else {}),
             **({"image": image} if image else {}),
             **({"git_image": git_image} if git_image else {}),
         ),

@@ -130,7 +130,7 @@ class Reviewed:
     warnings: tuple[str, ...] = ()
 
 
-Review = Callable[[RevisionSpec, Mapping[str, str]], Reviewed]
+Review = Callable[[RevisionSpec, Mapping[str, str]], Awaitable[Reviewed]]
 """The objects a runtime would apply for a revision (``branchyard k8s render``), secrets
 left out; the mapping names the env keys that are peer URLs the daemon's runtime gave
 (``APP_URL`` -> ``app``), which the review shows as that runtime gives them."""

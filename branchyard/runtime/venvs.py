@@ -122,10 +122,15 @@ async def inputs(source: Source, sha: str, tree: Tree) -> list[tuple[str, str]] 
 
 
 def environment_key(
-    repo_url: str, writer: str, found: list[tuple[str, str]] | None, tree: Tree
+    repo_url: str,
+    writer: str,
+    found: list[tuple[str, str]] | None,
+    tree: Tree,
+    interpreter: bytes = sys.version.encode() + _LAYOUT,
 ) -> str:
-    """The name of the environment ``writer`` (a namespace) builds from ``found``."""
-    digest = hashlib.sha256(sys.version.encode() + _LAYOUT)
+    """The name of the environment ``writer`` (a namespace) builds from ``found`` with
+    ``interpreter`` (this one's version and the layout; a pod's install says its own)."""
+    digest = hashlib.sha256(interpreter)
     digest.update(f"\0{repo_url}\0{writer}\0".encode())
     for path, oid in found if found is not None else [("", tree.root)]:
         digest.update(f"{path}\0{oid}\0".encode(errors="surrogateescape"))

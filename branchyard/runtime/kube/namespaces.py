@@ -2,6 +2,10 @@
 deleted when the last service of theirs goes, and never touched when they are not
 branchyard's.
 
+With an install cache (``up --install-cache``), the Namespace's claim is applied with
+it (deleting the Namespace deletes it); one whose size or class an earlier daemon set
+otherwise is kept as it is, which an event says (a claim's class cannot change).
+
 A Namespace that exists without branchyard's label belongs to someone else: it is
 never changed or deleted, and whatever was to go there fails with
 :class:`NameTaken`, which says so (``ps`` shows it as the revision's reason, and it
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from lightkube import ApiError
 from lightkube.resources.core_v1 import Namespace
 
 from branchyard.errors import BuildFailed
@@ -70,6 +75,14 @@ class Namespaces:
         await self._connection.apply(render.namespace(self._options, namespace))
         if found is None:
             self._report(EVENT, f"made Namespace {name}", slot)
+        cache = render.install_cache(self._options, namespace)
+        if cache is not None:
+            try:
+                await self._connection.apply(cache)
+            except ApiError as exc:
+                why = (exc.status.message or str(exc)).splitlines()[0]  # then a diff of it
+                said = f"the install cache {render.CACHE_CLAIM} in {name} is kept as it is"
+                self._report(EVENT, f"{said}: {why}", slot)
         self._ours.add(name)
 
     async def delete(self, namespace: str) -> bool:

@@ -131,6 +131,20 @@ class KubeOptions:
     nodes kept for branch environments)."""
     tolerations: tuple[Toleration, ...] = ()
     """Taints of such nodes the pods tolerate (``up --toleration``)."""
+    install_cache: int | None = None
+    """Bytes of each Namespace's install cache (``up --install-cache``): a
+    PersistentVolumeClaim the install containers keep their environments in, so a
+    rollback or a restart copies what it installed before; None (the default): no claim,
+    every pod installs (a cluster without a default StorageClass would leave the claim,
+    and every pod, Pending)."""
+    install_cache_class: str | None = None
+    """The StorageClass of that claim (``up --install-cache-class``); None: the cluster's
+    default class."""
+    install_cache_access: str = "ReadWriteOnce"
+    """The claim's access mode (``up --install-cache-access``): ``ReadWriteOnce``, which
+    every class serves and which keeps the pods of a Namespace that mount it on one node
+    (a single-node cluster), or ``ReadWriteMany``, for a class that serves it (a shared
+    file system), whose pods may run on any node."""
     namespace_prefix: str = ""
     """Put before each branchyard namespace to name its Kubernetes Namespace."""
     git_url: str | None = None

@@ -6,7 +6,9 @@ ready for a server-side apply (the runtime does that) or for a person to read
 (:func:`review`, which ``branchyard k8s render`` prints). docs/kubernetes.md has the
 mapping as a table. In short, a revision ``vN`` of SERVICE in namespace NS is:
 
-- the Namespace (:func:`namespace`), labelled as branchyard's;
+- the Namespace (:func:`namespace`), labelled as branchyard's, and with an install
+  cache (``up --install-cache``) its claim (:func:`install_cache`), which the installs
+  reuse environments from (:data:`CACHED_INSTALL`, :func:`install_key`);
 - a ConfigMap ``SERVICE-env-HASH`` of its env and, if it has secrets, a Secret
   ``SERVICE-secret-HASH`` of them, both immutable and named by their content
   (:func:`env_objects`); for a private repo (a URL that carries ``USER:TOKEN@``), the
@@ -46,6 +48,8 @@ from lightkube.models.core_v1 import (
     Lifecycle,
     LifecycleHandler,
     NamespaceSpec,
+    PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource,
     PodSecurityContext,
     PodSpec,
     PodTemplateSpec,
@@ -61,6 +65,7 @@ from lightkube.models.core_v1 import (
     Toleration,
     Volume,
     VolumeMount,
+    VolumeResourceRequirements,
 )
 from lightkube.models.meta_v1 import LabelSelector, ObjectMeta
 from lightkube.models.networking_v1 import (
@@ -73,7 +78,13 @@ from lightkube.models.networking_v1 import (
     ServiceBackendPort,
 )
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    Namespace,
+    PersistentVolumeClaim,
+    Secret,
+    Service,
+)
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.errors import UsageError
@@ -89,7 +100,14 @@ HTTPRoute = create_namespaced_resource("gateway.networking.k8s.io", "v1", "HTTPR
 """The Gateway API's route (a CRD, so not among lightkube's models)."""
 
 KubeObject: TypeAlias = (
-    Namespace | ConfigMap | Secret | Deployment | Service | Ingress | GenericNamespacedResource
+    Namespace
+    | PersistentVolumeClaim
+    | ConfigMap
+    | Secret
+    | Deployment
+    | Service
+    | Ingress
+    | GenericNamespacedResource
 )
 
 PORT = 8080
@@ -144,9 +162,8 @@ rm -rf .git
 one drops them); where a login is mounted, git gets it from :data:`LOGIN_HELPER`. Both
 are set in the checkout's own config, which goes with its ``.git``."""
 
-INSTALL = f"""set -e
-if command -v python > /dev/null; then python=python; else python=python3; fi
-"$python" -m venv {VENV}
+_PYTHON = "if command -v python > /dev/null; then python=python; else python=python3; fi\n"
+_MAKE = f""""$python" -m venv {VENV}
 export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
 if [ -f requirements.txt ]; then
   pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
@@ -156,15 +173,68 @@ if [ -f pyproject.toml ]; then
 .get("project", {{}}).get("dependencies", [])))' > {WORKSPACE}/pyproject-requirements.txt
   pip install --no-cache-dir --disable-pip-version-check -r {WORKSPACE}/pyproject-requirements.txt
 fi
-for step in "$@"; do
+"""
+_BUILD = """for step in "$@"; do
   echo "\\$ $step"
   sh -c "$step"
 done
 """
+
+INSTALL = "set -e\n" + _PYTHON + _MAKE + _BUILD
 """The install init container's script: the venv (made by ``python``, else ``python3``,
 as Debian's images have only that), the dependencies (as the local runtime installs
 them: ``requirements.txt``, ``pyproject.toml``'s), then each build step given as an
 argument."""
+
+CACHE = "/cache"
+"""Where the install container mounts its service's part of the install cache."""
+CACHE_CLAIM = "branchyard-install-cache"
+"""The PersistentVolumeClaim of a Namespace's install cache (``up --install-cache``)."""
+CACHE_KEEP = 8
+"""Environments a service's install cache keeps in a namespace, the most recently used."""
+_SAVE = """entry={CACHE}/${{INSTALL_KEY:?}}
+rename() {{ "$python" -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])' "$1" "$2"; }}
+rm -rf {VENV}
+if [ -f "$entry/.complete" ] && touch "$entry/.complete" && cp -a "$entry/venv" {VENV}; then
+  export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
+  echo "reused environment $INSTALL_KEY"
+else
+  rm -rf {VENV}
+{MAKE}  partial="$entry.partial.${{HOSTNAME:-$$}}"
+  rm -rf "$partial" 2> /dev/null || true
+  if mkdir "$partial" && cp -a {VENV} "$partial/venv" && touch "$partial/.complete"; then
+    if [ -e "$entry" ] && [ ! -f "$entry/.complete" ]; then
+      rename "$entry" "$partial.unmarked" 2> /dev/null || true
+    fi
+    rename "$partial" "$entry" 2> /dev/null || rm -rf "$partial"
+    echo "installed environment $INSTALL_KEY"
+  else
+    rm -rf "$partial" 2> /dev/null || true
+    echo "installed environment $INSTALL_KEY, not saved: the install cache is full or unwritable"
+  fi
+fi
+ls -t {CACHE}/*/.complete 2> /dev/null | grep -v '[.]partial[.]' | tail -n +{FIRST} \\
+  | while read -r mark; do rm -rf "${{mark%/.complete}}"; done || true
+find {CACHE} -maxdepth 1 -name '*.partial.*' -mmin +60 -exec rm -rf {{}} + 2> /dev/null || true
+""".format(
+    CACHE=CACHE,
+    VENV=VENV,
+    FIRST=CACHE_KEEP + 1,
+    MAKE="".join(f"  {line}\n" if line else "\n" for line in _MAKE.splitlines()),
+)
+CACHED_INSTALL = "set -e\n" + _PYTHON + _SAVE + _BUILD
+"""The install script with an install cache (``up --install-cache``), mounted at
+:data:`CACHE` and holding one directory per environment, named by ``INSTALL_KEY``
+(:func:`install_key`): a ``venv`` and a ``.complete`` mark. An entry with its mark is
+copied to the venv's place (the same absolute path, so its scripts' paths hold) and its
+mark touched; else (or if that copy fails) the venv is made as :data:`INSTALL` makes
+it, and a copy saved under a name of this pod's, marked, then renamed to the entry's
+(atomic: an entry is whole or absent; a pod that lost the race drops its copy; an entry
+without its mark, left by something else, is moved aside). A cache that is full or
+unwritable fails nothing: the copy is not saved, and the line says so. The build steps
+run after the save: they change the checkout, not the environment. Then only the
+:data:`CACHE_KEEP` entries used last are kept, and copies older than an hour that were
+never renamed go."""
 
 RUN = f"""export PATH="{VENV}/bin:$PATH" VIRTUAL_ENV={VENV}
 trap 'trap "" TERM; kill -s TERM -- -1' TERM
@@ -226,6 +296,36 @@ def namespace(options: KubeOptions, name: str) -> Namespace:
 def _meta(options: KubeOptions, namespace: str, name: str, labels: Mapping[str, str]) -> ObjectMeta:
     where = names.namespace_name(options.namespace_prefix, namespace)
     return ObjectMeta(name=name, namespace=where, labels=dict(labels))
+
+
+def install_cache(options: KubeOptions, namespace: str) -> PersistentVolumeClaim | None:
+    """The install cache of branchyard namespace ``namespace`` (``up --install-cache``):
+    one claim of that size, class and access mode (ReadWriteOnce unless told), which each
+    service's install mounts its own part of; None without the option. Deleting the
+    Namespace deletes it."""
+    if options.install_cache is None:
+        return None
+    return PersistentVolumeClaim(
+        metadata=_meta(options, namespace, CACHE_CLAIM, names.managed()),
+        spec=PersistentVolumeClaimSpec(
+            accessModes=[options.install_cache_access],
+            storageClassName=options.install_cache_class,
+            resources=VolumeResourceRequirements(
+                requests={"storage": _memory(options.install_cache)}
+            ),
+        ),
+    )
+
+
+def install_key(options: KubeOptions, spec: RevisionSpec, environment: str) -> str:
+    """The install cache's name of the revision's environment: ``environment``, the key
+    of its dependency files, repo and namespace (``venvs``' key, as the local runtime's),
+    with what else a pod's install reads: the image (its Python) and the index settings
+    (the daemon's, and the ``PIP_*`` and ``UV_*`` of the revision's env)."""
+    given = {var.name: var.value or "" for var in _index_settings(options, spec)}
+    own = {k: v for k, v in spec.env.items() if k.startswith(("PIP_", "UV_"))}
+    image = spec.manifest.image or options.image
+    return names.content_hash({**given, **own, "environment": environment, "image": image})
 
 
 def env_objects(options: KubeOptions, spec: RevisionSpec) -> tuple[ConfigMap, Secret | None]:
@@ -354,6 +454,25 @@ def _mounts(workspace_read_only: bool) -> list[VolumeMount]:
     ]
 
 
+def _install(
+    options: KubeOptions, spec: RevisionSpec, key: str | None
+) -> tuple[str, list[EnvVar], list[VolumeMount], list[Volume]]:
+    """The install's script, its own env and mounts and the pod's volumes for them: with
+    an install cache and the revision's environment ``key``, the cached install, its
+    entry's name as ``INSTALL_KEY`` (never in the script's text), and the Namespace's
+    claim at :data:`CACHE`, of which it sees only its service's directory (``subPath``):
+    what a service's install saves only its later installs in that namespace read."""
+    if options.install_cache is None or key is None:
+        return INSTALL, [], [], []
+    claim = PersistentVolumeClaimVolumeSource(claimName=CACHE_CLAIM)
+    return (
+        CACHED_INSTALL,
+        [EnvVar(name="INSTALL_KEY", value=install_key(options, spec, key))],
+        [VolumeMount(name="cache", mountPath=CACHE, subPath=names.object_name(spec.service))],
+        [Volume(name="cache", persistentVolumeClaim=claim)],
+    )
+
+
 def _toleration(given: Tolerated) -> Toleration:
     if given.value is None:
         return Toleration(key=given.key, operator="Exists", effect=given.effect)
@@ -366,12 +485,14 @@ def _pod(
     env_from: list[EnvFromSource],
     process: str,
     command: str,
+    key: str | None = None,
 ) -> PodSpec:
     """A pod of the revision: fetch, install and build in init containers, then run
     ``command`` (the web process's, with its port and probe), all as ``nobody`` on a
     read-only root file system; the init containers write the workspace, the process
-    reads it."""
+    reads it. With an install cache, the install reuses the environment ``key`` names."""
     image = spec.manifest.image or options.image
+    script, cached, cache_mount, cache_volume = _install(options, spec, key)
     limits = resources(options, spec)
     env = [EnvVar(name="HOME", value=HOME), EnvVar(name="PYTHONUNBUFFERED", value="1")]
     fetch = Container(
@@ -386,12 +507,12 @@ def _pod(
     install = Container(
         name="install",
         image=image,
-        command=["sh", "-c", INSTALL, "install", *spec.manifest.build],
+        command=["sh", "-c", script, "install", *spec.manifest.build],
         workingDir=CHECKOUT,
-        env=[*env, *_index_settings(options, spec)],
+        env=[*env, *_index_settings(options, spec), *cached],
         envFrom=env_from,
         resources=limits,
-        volumeMounts=_mounts(False),
+        volumeMounts=[*_mounts(False), *cache_mount],
         securityContext=_locked_down(),
     )
     private = _login(spec) is not None
@@ -435,7 +556,7 @@ def _pod(
     return PodSpec(
         initContainers=[fetch, install],
         containers=[run],
-        volumes=volumes,
+        volumes=[*volumes, *cache_volume],
         terminationGracePeriodSeconds=(UNROUTED if web else 0) + options.stop_grace,
         automountServiceAccountToken=False,
         nodeSelector=dict(options.node_selector) or None,
@@ -458,6 +579,7 @@ def _deployment(
     name: str,
     process: str,
     command: str,
+    key: str | None,
 ) -> Deployment:
     labels = names.revision_labels(spec.service, spec.ordinal, spec.sha)
     chosen = names.selector(spec.service, spec.ordinal, process)
@@ -470,25 +592,31 @@ def _deployment(
             progressDeadlineSeconds=deadline,
             template=PodTemplateSpec(
                 metadata=ObjectMeta(labels={**labels, **chosen}),
-                spec=_pod(options, spec, env_from, process, command),
+                spec=_pod(options, spec, env_from, process, command, key),
             ),
         ),
     )
 
 
 def deployments(
-    options: KubeOptions, spec: RevisionSpec, config: ConfigMap, secret: Secret | None
+    options: KubeOptions,
+    spec: RevisionSpec,
+    config: ConfigMap,
+    secret: Secret | None,
+    key: str | None = None,
 ) -> list[Deployment]:
     """The revision's web Deployment, ready when its health path answers, and one per
-    worker, without a probe (no Service selects a worker)."""
+    worker, without a probe (no Service selects a worker); with an install cache, their
+    installs reuse the environment ``key`` (:func:`install_key`) names."""
     env_from = [EnvFromSource(configMapRef=ConfigMapEnvSource(name=_name(config)))]
     if secret is not None:
         env_from.append(EnvFromSource(secretRef=SecretEnvSource(name=_name(secret))))
     web = names.revision_name(spec.service, spec.ordinal)
-    made = [_deployment(options, spec, env_from, web, names.WEB, spec.manifest.web)]
+    made = [_deployment(options, spec, env_from, web, names.WEB, spec.manifest.web, key)]
     for worker, command in spec.manifest.workers:
         name = names.worker_name(spec.service, spec.ordinal, worker)
-        made.append(_deployment(options, spec, env_from, name, names.object_name(worker), command))
+        process = names.object_name(worker)
+        made.append(_deployment(options, spec, env_from, name, process, command, key))
     return made
 
 
@@ -598,13 +726,20 @@ def route(
     )
 
 
-def revision_objects(options: KubeOptions, spec: RevisionSpec) -> list[KubeObject]:
-    """Everything applied for ``spec`` to run and serve its service, in apply order."""
+def revision_objects(
+    options: KubeOptions, spec: RevisionSpec, key: str | None = None
+) -> list[KubeObject]:
+    """Everything applied for ``spec`` to run and serve its service, in apply order
+    (``key``: its environment's, for an install cache)."""
     config, secret = env_objects(options, spec)
     login = login_secret(options, spec)
-    made: list[KubeObject] = [namespace(options, spec.namespace), config]
+    made: list[KubeObject] = [namespace(options, spec.namespace)]
+    cache = install_cache(options, spec.namespace)
+    if cache is not None:
+        made.append(cache)
+    made.append(config)
     made += [thing for thing in (secret, login) if thing is not None]
-    made += deployments(options, spec, config, secret)
+    made += deployments(options, spec, config, secret, key)
     made.append(live_service(options, spec.namespace, spec.service, spec.ordinal))
     entry = ingress(options, spec.namespace, spec.service)
     if entry is not None:
@@ -630,7 +765,12 @@ def redacted(objects: Iterable[KubeObject]) -> list[KubeObject]:
     return shown
 
 
-_ORDER = {"Namespace": 0, "ConfigMap": 1, "Secret": 2, "Deployment": 3, "Service": 4}
+_ORDER = {
+    kind: rank
+    for rank, kind in enumerate(
+        ("Namespace", "PersistentVolumeClaim", "ConfigMap", "Secret", "Deployment", "Service")
+    )
+}
 _HEAD = ("apiVersion", "kind", "metadata")
 
 
@@ -650,7 +790,7 @@ def to_yaml(objects: Sequence[KubeObject]) -> str:
     """Multi-document YAML, in apply order: the Namespace first, then what the pods need,
     the Deployments, the Services, and what routes to them; each document's
     ``apiVersion``, ``kind`` and ``metadata`` first."""
-    ordered = sorted(objects, key=lambda thing: _ORDER.get(str(thing.kind), 5))
+    ordered = sorted(objects, key=lambda thing: _ORDER.get(str(thing.kind), len(_ORDER)))
     documents: list[dict[str, Any]] = []
     for thing in ordered:
         fields = thing.to_dict()
@@ -658,7 +798,7 @@ def to_yaml(objects: Sequence[KubeObject]) -> str:
     return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False)
 
 
-def review(options: KubeOptions, spec: RevisionSpec) -> str:
+def review(options: KubeOptions, spec: RevisionSpec, key: str | None = None) -> str:
     """What ``branchyard k8s render`` prints: :func:`revision_objects` as YAML, secrets
     redacted."""
-    return to_yaml(redacted(revision_objects(options, spec)))
+    return to_yaml(redacted(revision_objects(options, spec, key)))

@@ -28,16 +28,19 @@ from branchyard.text import redacted_url
 PODS_CANNOT = "a loopback address, which in a pod is the pod itself"
 
 
-def review(options: KubeOptions, spec: RevisionSpec, peers: Mapping[str, str]) -> Reviewed:
-    """The objects of ``spec`` as YAML (``render.review``), each env key of ``peers``
-    (``APP_URL`` -> ``app``: a peer URL the daemon's runtime gave) as the Kubernetes
-    runtime gives it, and the warnings about what pods would not reach."""
+def review(
+    options: KubeOptions, spec: RevisionSpec, peers: Mapping[str, str], key: str | None = None
+) -> Reviewed:
+    """The objects of ``spec`` as YAML (``render.review``, its environment's ``key`` for an
+    install cache), each env key of ``peers`` (``APP_URL`` -> ``app``: a peer URL the
+    daemon's runtime gave) as the Kubernetes runtime gives it, and the warnings about what
+    pods would not reach."""
     env = dict(spec.env)
     for key, peer in peers.items():
         if key in env and key not in spec.secret_keys:
             env[key] = render.peer_url(peer)
     shown = replace(spec, env=env)
-    text = render.review(options, shown)
+    text = render.review(options, shown, key)
     return Reviewed(text, tuple(warnings(options, shown)))
 
 

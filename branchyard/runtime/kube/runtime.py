@@ -1,7 +1,9 @@
 """The Kubernetes runtime: each revision is a Deployment in its namespace's Namespace.
 
 - ``build`` builds nothing here: a pod's init containers fetch, install and build.
-  It checks what can be checked (where a pod fetches the commit from, the names).
+  It checks what can be checked (where a pod fetches the commit from, the names), and
+  with an install cache, learns the key of the revision's environment
+  (:mod:`~branchyard.runtime.kube.installs`), which its pods' installs reuse.
 - ``start`` makes the Namespace if needed (never touching one that is not
   branchyard's), applies the revision's ConfigMap, Secrets (its env's, a private repo's
   login) and Deployments (server-side, field manager ``branchyard``) and returns once
@@ -45,6 +47,7 @@ from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
 from lightkube.resources.networking_v1 import Ingress
 
 from branchyard.errors import BranchyardError, BuildFailed
+from branchyard.git import Source
 from branchyard.runtime import (
     LAST_LINES,
     Address,
@@ -57,6 +60,7 @@ from branchyard.runtime import (
 )
 from branchyard.runtime.kube import names, render, states
 from branchyard.runtime.kube.connection import Connection
+from branchyard.runtime.kube.installs import InstallKeys
 from branchyard.runtime.kube.namespaces import EVENT, Namespaces, Report, Slot
 from branchyard.runtime.kube.options import KubeOptions
 from branchyard.runtime.kube.podlogs import PodLogs, kept_output
@@ -134,12 +138,15 @@ class KubeRuntime:
         report: Report,
         home_url: Callable[[], str],
         known: Callable[[], Collection[Slot]],
+        sources: Callable[[str], Source] | None = None,
     ) -> None:
         self.connection = connection
         self._options = options
         self._report = report
         self._home_url = home_url
         self._known = known
+        cached = options.install_cache is not None
+        self._keys = InstallKeys(sources) if cached and sources is not None else None
         self.namespaces = Namespaces(connection, options, report)
         self.switchboard = Switchboard(connection, options, self.namespaces, report)
         self.watch = Watch(connection)
@@ -155,9 +162,13 @@ class KubeRuntime:
         report: Report,
         home_url: Callable[[], str],
         known: Callable[[], Collection[Slot]],
+        sources: Callable[[str], Source] | None = None,
     ) -> KubeRuntime:
-        """A runtime on the cluster ``options`` name; a UsageError if it cannot be used."""
-        return cls(await Connection.open(options), options, report, home_url, known)
+        """A runtime on the cluster ``options`` name; a UsageError if it cannot be used.
+        With an install cache, ``sources`` (the daemon's copies of the repos) give the
+        revisions' environment keys; without them, no pod uses the cache."""
+        connection = await Connection.open(options)
+        return cls(connection, options, report, home_url, known, sources)
 
     def _key(self, spec: RevisionSpec) -> Key:
         namespace = self.namespaces.name(spec.namespace)
@@ -165,11 +176,15 @@ class KubeRuntime:
 
     # building
 
+    async def _environment(self, spec: RevisionSpec) -> str | None:
+        """The key of the revision's environment in the install cache; None without one."""
+        return None if self._keys is None else await self._keys.key(spec)
+
     async def build(self, spec: RevisionSpec) -> KubeBuild:
         """Nothing to build here; a repo pods cannot fetch, or a name that does not fit,
         fails now."""
         try:
-            render.revision_objects(self._options, spec)
+            render.revision_objects(self._options, spec, await self._environment(spec))
         except BranchyardError as exc:
             raise BuildFailed(exc.message) from None
         return KubeBuild(spec)
@@ -191,7 +206,8 @@ class KubeRuntime:
             await self.connection.apply(thing)
         web = names.revision_name(spec.service, spec.ordinal)
         generation = 0
-        for deployment in render.deployments(self._options, spec, config, secret):
+        key = await self._environment(spec)
+        for deployment in render.deployments(self._options, spec, config, secret, key):
             assert deployment.spec is not None and deployment.metadata is not None
             deployment.spec.replicas = replicas
             if annotations and deployment.metadata.name == web:
