@@ -32,7 +32,7 @@ import pytest
 from bench.common import processes_with as processes_with  # for the tests, too
 from bench.services import Wheels, serve_wheels
 from branchyard.runtime.processes import Ports
-from tests import k8s_cluster, k8s_crds
+from tests import k8s_cluster, k8s_crds, k8s_real_node
 from tests.leftovers import NOTHING_MADE, Made, home_cgroups, left_behind
 
 T = TypeVar("T")
@@ -452,6 +452,22 @@ def k8s(k8s_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stopped = subprocess.run([script, "stop", directory], capture_output=True, text=True)
         assert stopped.returncode == 0, stopped.stderr
         assert not k8s_cluster.running(directory)
+
+
+@pytest.fixture(scope="session")
+def k8s_real(k8s: Cluster) -> Iterator[Cluster]:
+    """The session's test cluster with its real node (tests/k8s_real_node.py), started the
+    first time a test asks for it and stopped before the cluster, nothing left behind.
+    Skipped (failed in CI) where the node cannot run: not root, not Debian's packages."""
+    reason = k8s_real_node.problem()
+    if reason is not None:
+        cannot_run(reason)
+    k8s_real_node.start(k8s.directory)
+    try:
+        yield k8s
+    finally:
+        k8s_real_node.stop(k8s.directory)
+        assert not k8s_real_node.left_behind(k8s.directory)
 
 
 @pytest.fixture

@@ -603,28 +603,48 @@ def end(directory: Path, order: Sequence[set[str]], names: Sequence[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tests import k8s_real_node  # it builds on this module
+
     parser = argparse.ArgumentParser(
         prog="k8s-test-cluster",
-        description="Build, start and stop the test Kubernetes control plane (on loopback).",
+        description="Build, start and stop the test Kubernetes control plane (on loopback), "
+        "with a real node if asked.",
     )
     actions = parser.add_subparsers(dest="action", required=True)
-    actions.add_parser("build", help="build the binaries into the cache (skipped when there)")
-    for action, what in (("start", "start a cluster in DIR"), ("stop", "stop DIR's cluster")):
-        actions.add_parser(action, help=what).add_argument("directory", type=Path, metavar="DIR")
+    actions.add_parser("build", help="build the binaries and images (skipped when there)")
+    starting = actions.add_parser("start", help="start a cluster in DIR")
+    starting.add_argument(
+        "--real-node", action="store_true", help="with a real node (root, Debian)"
+    )
+    for action in (starting, actions.add_parser("stop", help="stop DIR's cluster")):
+        action.add_argument("directory", type=Path, metavar="DIR")
     arguments = parser.parse_args(argv)
     try:
         if arguments.action == "build":
             print(build())
+            for made in k8s_real_node.build():
+                print(made)
         elif arguments.action == "start":
             print(start(arguments.directory))
+            if arguments.real_node:
+                try:
+                    k8s_real_node.start(arguments.directory)
+                except BaseException:
+                    stop(arguments.directory)
+                    raise
+                print(f"real node {k8s_real_node.NODE}: {arguments.directory.resolve() / 'node'}")
         else:
-            stopped = stop(arguments.directory)
+            stopped = k8s_real_node.stop(arguments.directory) + stop(arguments.directory)
             print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     except (ClusterError, ModuleError) as error:
         print(f"k8s-test-cluster: {error}", file=sys.stderr)
-        return 3 if isinstance(error, NoGo) else 1
+        return 3 if isinstance(error, NoGo) else 4 if isinstance(error, k8s_real_node.NoNode) else 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As tests.k8s_cluster, the module tests.k8s_real_node imports, rather than as a copy of
+    # it named __main__, whose ClusterError would be another class.
+    from tests import k8s_cluster
+
+    sys.exit(k8s_cluster.main())
