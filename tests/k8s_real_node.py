@@ -6,7 +6,9 @@ pods from images built here.
 The pod network stays on this machine: the bridge ``branchyard0`` (its gateway is the
 node's IP and CoreDNS's address), routes to the pod and Service ranges through it alone,
 no default route and no NAT in a pod, and an nftables table that drops whatever would be
-forwarded between the bridge and another interface. containerd and the kubelet share a
+forwarded between the bridge and another interface. Pods reach the API server (on
+loopback) as ``kubernetes.default.svc``: socat forwards the gateway's port to it. containerd
+and the kubelet share a
 mount namespace of their own, so every mount they make (overlays, volumes, the pods'
 network namespaces) goes when they do. One real node runs per machine at a time
 (``MARKER`` says whose).
@@ -24,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -35,9 +38,11 @@ from pathlib import Path
 
 from lightkube import ApiError
 from lightkube.models.core_v1 import NodeSpec, Taint, Toleration
+from lightkube.models.discovery_v1 import Endpoint, EndpointConditions, EndpointPort
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.models.rbac_v1 import RoleRef, Subject
 from lightkube.resources.core_v1 import Node
+from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.resources.rbac_authorization_v1 import ClusterRoleBinding
 
 from branchyard.runtime.processes import Ports
@@ -83,7 +88,8 @@ SYSCTLS = (
     "kernel.panic_on_oops",
 )
 CONTAINERD, KUBELET, KUBE_PROXY, COREDNS = "containerd", "kubelet", "kube-proxy", "coredns"
-PIECES = (CONTAINERD, KUBELET, KUBE_PROXY, COREDNS)  # also the order they start in
+SOCAT = "socat"  # the API server's port on the gateway, forwarded to its loopback one
+PIECES = (CONTAINERD, KUBELET, KUBE_PROXY, COREDNS, SOCAT)  # also the order they start in
 NODE_MODULE = MODULE / "node"  # kubelet, kube-proxy
 COREDNS_MODULE = MODULE / "coredns"
 COREDNS_FLAGS = ("-trimpath", "-buildvcs=false", "-ldflags=-s -w")
@@ -104,6 +110,7 @@ NEEDED = {  # command: the Debian package that has it
     "ip": "iproute2",
     "unshare": "util-linux",
     "nsenter": "util-linux",
+    "socat": "socat",
 }
 
 
@@ -540,7 +547,43 @@ def commands(directory: Path, layout: Layout, containerd_pid: int) -> dict[str, 
         ],
         KUBE_PROXY: [str(node_binaries() / KUBE_PROXY), f"--config={root / 'kube-proxy.json'}"],
         COREDNS: [str(coredns_binaries() / COREDNS), "-conf", str(root / "Corefile")],
+        SOCAT: forwarder(apiserver_port(directory)),
     }
+
+
+def apiserver_port(directory: Path) -> int:
+    """The API server's loopback port, from the cluster's kubeconfig."""
+    config = json.loads((directory / "kubeconfig").read_text())
+    return int(config["clusters"][0]["cluster"]["server"].rsplit(":", 1)[1])
+
+
+def forwarder(port: int) -> list[str]:
+    """socat from the gateway's ``port`` to the API server's on loopback: the endpoint of
+    the Service ``kubernetes`` (kubernetes.default.svc), which pods reach as in any
+    cluster. Only the bridge reaches the gateway's address (the ruleset)."""
+    return [
+        SOCAT,
+        f"TCP-LISTEN:{port},bind={GATEWAY},reuseaddr,fork",
+        f"TCP:127.0.0.1:{port}",
+    ]
+
+
+def api_endpoints(port: int) -> EndpointSlice:
+    """The EndpointSlice of the Service ``kubernetes``: the gateway's ``port`` (the API
+    server, whose own address is loopback, keeps none: --endpoint-reconciler-type=none)."""
+    return EndpointSlice(
+        metadata=ObjectMeta(
+            name="kubernetes",
+            namespace="default",
+            labels={
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "k8s-test-cluster",
+            },
+        ),
+        addressType="IPv4",
+        endpoints=[Endpoint(addresses=[GATEWAY], conditions=EndpointConditions(ready=True))],
+        ports=[EndpointPort(name="https", port=port, protocol="TCP")],
+    )
 
 
 def owner() -> str | None:
@@ -625,6 +668,14 @@ def start_pieces(directory: Path, layout: Layout) -> None:
     up(KUBELET, f"node {NODE} Ready", lambda: k8s_cluster.node_ready(client, NODE))
     up(KUBE_PROXY, "kube-proxy's /healthz", lambda: answers(ports.proxy_health, "/healthz"))
     up(COREDNS, "CoreDNS's /ready", lambda: answers(ports.dns_ready, "/ready"))
+    port = apiserver_port(directory)
+    up(SOCAT, f"the API server on {GATEWAY}:{port}", lambda: listens(GATEWAY, port))
+    client.apply(api_endpoints(port), field_manager="k8s-test-cluster", force=True)
+
+
+def listens(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=5):
+        return True
 
 
 def answers(port: int, path: str) -> bool:
@@ -727,7 +778,7 @@ def stop(directory: Path) -> list[str]:
     layout = Layout(directory / "node")
     if not layout.root.is_dir():
         return []
-    stopped = end(layout.root, [{KUBELET, KUBE_PROXY, COREDNS}], PIECES[1:])
+    stopped = end(layout.root, [{KUBELET, KUBE_PROXY, COREDNS, SOCAT}], PIECES[1:])
     end_pods()
     stopped = end(layout.root, [{CONTAINERD}], [CONTAINERD]) + stopped
     end_namespace(layout)
@@ -743,8 +794,11 @@ def stop(directory: Path) -> list[str]:
             with contextlib.suppress(OSError):
                 Path(made).rmdir()
     if APISERVER in k8s_cluster.running(directory):
+        client = admin_client(directory)
         with contextlib.suppress(ApiError):
-            admin_client(directory).delete(Node, NODE)
+            client.delete(Node, NODE)
+        with contextlib.suppress(ApiError):
+            client.delete(EndpointSlice, "kubernetes", namespace="default")
     if owner() == str(directory):
         MARKER.unlink()
     return sorted(stopped, key=PIECES.index)

@@ -29,7 +29,7 @@ from lightkube.models.core_v1 import (
     ServiceSpec,
 )
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Namespace, Node, Pod, Service
+from lightkube.resources.core_v1 import Namespace, Node, Pod, Service, ServiceAccount
 
 from tests import k8s_real_node
 from tests.conftest import Cluster, wait_for
@@ -52,8 +52,10 @@ LAYOUT = Layout(Path("/c/node"))
 PORTS = NodePorts(21001, 21002, 21003, 21004)
 
 SERVER = """\
-import socket
+import socket, ssl, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 def answer(path):
     what, *rest = path.strip("/").split("/")
@@ -67,6 +69,10 @@ def answer(path):
         return f"error: {error}"
     if what == "routes":
         return open("/proc/net/route").read()
+    if what == "version":  # the API server's, as a pod asks it
+        context = ssl.create_default_context(cafile=f"{ACCOUNT}/ca.crt")
+        url = "https://kubernetes.default.svc/version"
+        return urllib.request.urlopen(url, context=context, timeout=5).read().decode()
     return "hello from " + socket.gethostname()
 
 class Handler(BaseHTTPRequestHandler):
@@ -178,6 +184,17 @@ def test_the_kube_proxy_configuration(field: str, expected: object) -> None:
 )
 def test_containerd_runs_on_its_own_configuration(line: str) -> None:
     assert line in [text.strip() for text in k8s_real_node.containerd_config(LAYOUT).splitlines()]
+
+
+def test_the_api_server_is_forwarded_from_the_gateway_only() -> None:
+    assert k8s_real_node.forwarder(6443) == [
+        "socat",
+        f"TCP-LISTEN:6443,bind={GATEWAY},reuseaddr,fork",
+        "TCP:127.0.0.1:6443",
+    ]
+    endpoints = k8s_real_node.api_endpoints(6443)
+    assert [e.addresses for e in endpoints.endpoints or ()] == [[GATEWAY]]
+    assert [(p.name, p.port) for p in endpoints.ports or ()] == [("https", 6443)]
 
 
 def test_coredns_answers_on_the_gateway_and_forwards_nothing() -> None:
@@ -304,6 +321,8 @@ def served(k8s_real: Cluster) -> Iterator[Served]:
     with Client(config=KubeConfig.from_file(k8s_real.kubeconfig)) as client:
         namespace = f"t-{uuid.uuid4().hex[:8]}"
         client.create(Namespace(metadata=ObjectMeta(name=namespace)))
+        accounts = partial(client.list, ServiceAccount, namespace=namespace)
+        wait_for(lambda: any(True for _ in accounts()), 30, "the default ServiceAccount")
         client.create(pod("web", {"app": "web"}), namespace=namespace)
         made = client.create(service("web", {"app": "web"}), namespace=namespace)
         cluster_ip = made.spec.clusterIP if made.spec else None
@@ -347,6 +366,13 @@ def test_a_pod_resolves_the_api_and_another_service_by_cluster_dns(served: Serve
     for name in names:
         assert wait_for(partial(lambda url: get(url) == address, f"{resolve}/{name}"), 30, name)
     assert get(f"{resolve}/deb.debian.org").startswith("error: ")  # nothing forwarded
+
+
+@pytest.mark.k8s
+@pytest.mark.integration
+def test_a_pod_reaches_the_api_server_as_kubernetes_default_svc(served: Served) -> None:
+    version = json.loads(get(f"http://{served.pod_ip}:8080/version"))  # its certificate checked
+    assert version["gitVersion"] == "v1.37.2"
 
 
 @pytest.mark.k8s
@@ -406,6 +432,7 @@ def test_a_stop_leaves_nothing_behind_and_the_node_starts_again(
         "kubelet",
         "kube-proxy",
         "coredns",
+        "socat",
     ]
     assert k8s_real_node.left_behind(k8s_real.directory) == []
     assert {name: value.strip() for name, value in sysctls.items()} != saved  # changed
