@@ -86,6 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+print("serving on 8080", flush=True)
 ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
 """
 
@@ -346,6 +347,13 @@ def test_a_pod_on_the_real_node_serves_http_and_is_ready_through_its_readiness_p
     assert status.ready and status.started and status.state and status.state.running
     assert served.pod_ip.startswith("10.244.128.")
     assert get(f"http://{served.pod_ip}:8080/") == "hello from web"
+
+
+@pytest.mark.k8s
+@pytest.mark.integration
+def test_a_pods_log_is_read_through_the_api_server_from_its_kubelet(served: Served) -> None:
+    lines = served.client.log("web", namespace=served.namespace, container="web")
+    assert list(lines) == ["serving on 8080\n"]
 
 
 @pytest.mark.k8s
