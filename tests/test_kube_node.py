@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import urllib.request
 import uuid
@@ -31,7 +32,7 @@ from lightkube.models.core_v1 import (
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Node, Pod, Service, ServiceAccount
 
-from tests import k8s_real_node
+from tests import k8s_cluster, k8s_real_node
 from tests.conftest import Cluster, wait_for
 from tests.k8s_cluster import SERVICE_RANGE, ClusterError
 from tests.k8s_real_node import (
@@ -450,3 +451,14 @@ def test_a_stop_leaves_nothing_behind_and_the_node_starts_again(
     assert not k8s_real_node.MARKER.exists()
     k8s_real_node.start(k8s_real.directory)
     assert ready_ip(served.client, "web", served.namespace).startswith("10.244.128.")
+
+
+def test_a_build_where_the_node_cannot_be_built_exits_4_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(k8s_cluster, "build", lambda: Path("/cache/bin"))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    assert k8s_cluster.main(["build"]) == 4
+    out, err = capsys.readouterr()
+    assert out == "/cache/bin\n"  # the control plane is built all the same
+    assert err == "k8s-test-cluster: the real node needs root (network, mounts, cgroups)\n"
