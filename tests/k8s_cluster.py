@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             for made in k8s_real_node.build():
                 print(made)
         elif arguments.action == "start":
+            if arguments.real_node:  # before the control plane starts for nothing
+                k8s_real_node.refuse_if_taken(arguments.directory.resolve())
             print(start(arguments.directory))
             if arguments.real_node:
                 try:

@@ -605,13 +605,10 @@ def start(directory: Path) -> Path:
         raise NoNode(reason)
     if not built():
         raise ClusterError("the real node is not built: run scripts/k8s-test-cluster build")
-    holder = owner()
-    refusal = claim_refusal(holder, directory, holder is not None and bool(runs(Path(holder))))
-    if refusal is not None:
-        raise ClusterError(refusal)
+    refuse_if_taken(directory)
     if APISERVER not in k8s_cluster.running(directory):
         raise ClusterError(f"no cluster runs in {directory}: start it first")
-    if holder is not None:  # a node that did not stop: what it left goes first
+    if (holder := owner()) is not None:  # a node that did not stop: what it left goes first
         stop(Path(holder))
     layout = Layout(directory / "node")
     if layout.root.exists():
@@ -623,6 +620,14 @@ def start(directory: Path) -> Path:
         stop(directory)
         raise
     return layout.root
+
+
+def refuse_if_taken(directory: Path) -> None:
+    """Fail if another real node runs on this machine (or this cluster's already runs)."""
+    holder = owner()
+    refusal = claim_refusal(holder, directory, holder is not None and bool(runs(Path(holder))))
+    if refusal is not None:
+        raise ClusterError(refusal)
 
 
 def start_pieces(directory: Path, layout: Layout) -> None:
