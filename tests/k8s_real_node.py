@@ -7,11 +7,10 @@ The pod network stays on this machine: the bridge ``branchyard0`` (its gateway i
 node's IP and CoreDNS's address), routes to the pod and Service ranges through it alone,
 no default route and no NAT in a pod, and an nftables table that drops whatever would be
 forwarded between the bridge and another interface. Pods reach the API server (on
-loopback) as ``kubernetes.default.svc``: socat forwards the gateway's port to it. containerd
-and the kubelet share a
-mount namespace of their own, so every mount they make (overlays, volumes, the pods'
-network namespaces) goes when they do. One real node runs per machine at a time
-(``MARKER`` says whose).
+loopback) as ``kubernetes.default.svc``: socat forwards the gateway's port to it.
+containerd and the kubelet share a mount namespace of their own, so every mount they make
+(overlays, volumes, the pods' network namespaces) goes when they do. One real node runs
+per machine at a time (``MARKER`` says whose).
 
 What is decided (the configurations, the ruleset, the images' documents, whether a start
 may go on) is rendered by pure functions; ``build``, ``start`` and ``stop`` carry it out.
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -97,6 +97,7 @@ PAUSE_SOURCE = MODULE / "pause" / "pause.c"
 PAUSE_FLAGS = ("-static", "-O2")
 CNI_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
+MMDEBSTRAP = ("--variant=essential", "--skip=output/dev")  # runc makes /dev
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 START_TIMEOUT = 180.0
 RUN_DIRECTORIES = (Path("/run/containerd"), Path("/run/netns"))  # a tmpfs each, privately
@@ -129,7 +130,8 @@ class Image:
 
     def key(self) -> str:
         """A hash of what makes the image, which names its archive in the cache."""
-        recipe: list[object] = [self.name, self.packages, self.command, SUITE, MIRROR, PATH]
+        recipe: list[object] = [self.name, self.packages, self.command, PATH]
+        recipe += [SUITE, MIRROR, MMDEBSTRAP, inspect.getsource(oci_documents)]
         if not self.packages:
             recipe += [PAUSE_FLAGS, PAUSE_SOURCE.read_text()]
         return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
@@ -232,9 +234,8 @@ def make_image(image: Image) -> None:
         if image.packages:
             packages = ",".join(image.packages)
             # fmt: off
-            run("nice", "-n", "10", "mmdebstrap", "--quiet", "--variant=essential",
-                f"--include={packages}", "--skip=output/dev", SUITE, layer, MIRROR,
-                what=f"mmdebstrap of {image.name}")
+            run("nice", "-n", "10", "mmdebstrap", "--quiet", *MMDEBSTRAP,
+                f"--include={packages}", SUITE, layer, MIRROR, what=f"mmdebstrap of {image.name}")
             # fmt: on
         else:
             program = Path(scratch) / "pause"
@@ -783,8 +784,12 @@ def stop(directory: Path) -> list[str]:
     layout = Layout(directory / "node")
     if not layout.root.is_dir():
         return []
+    forwarders = [pid for _, pid in recorded(layout.root, [SOCAT])]  # a session each
     stopped = end(layout.root, [{KUBELET, KUBE_PROXY, COREDNS, SOCAT}], PIECES[1:])
     end_pods()
+    for pid in forwarders:  # socat's children, one a connection, outlive it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
     stopped = end(layout.root, [{CONTAINERD}], [CONTAINERD]) + stopped
     end_namespace(layout)
     remove_cgroups()
