@@ -152,21 +152,23 @@ PAUSE = Image("branchyard.test/pause:3.10", (), ("/pause",))
 IMAGES = (PYTHON, GIT, PAUSE)
 
 
-def node_problem(uid: int, found: Callable[[str], bool]) -> str | None:
+def node_problem(uid: int, found: Callable[[str], bool], plugins: bool) -> str | None:
     """Why the real node cannot be built or run here (``found`` says whether a command is
-    on the PATH), or None."""
+    on the PATH, ``plugins`` whether the CNI plugins are there), or None."""
     if uid != 0:
         return "the real node needs root (network, mounts, cgroups)"
-    lacking = sorted({package for command, package in NEEDED.items() if not found(command)})
-    if not (CNI_PLUGINS / "bridge").is_file():
-        lacking.append("containernetworking-plugins")
+    lacking = {package for command, package in NEEDED.items() if not found(command)}
+    if not plugins:
+        lacking.add("containernetworking-plugins")
     if lacking:
-        return f"the real node needs Debian's {', '.join(sorted(set(lacking)))}: run scripts/setup"
+        return f"the real node needs Debian's {', '.join(sorted(lacking))}: run scripts/setup"
     return None
 
 
 def problem() -> str | None:
-    return node_problem(os.getuid(), lambda command: shutil.which(command) is not None)
+    """Why the real node cannot be built or run on this machine, or None."""
+    plugins = (CNI_PLUGINS / "bridge").is_file()
+    return node_problem(os.getuid(), lambda command: shutil.which(command) is not None, plugins)
 
 
 def claim_refusal(owner: str | None, directory: Path, owner_runs: bool) -> str | None:

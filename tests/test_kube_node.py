@@ -229,22 +229,35 @@ def test_one_real_node_per_machine(
 
 
 @pytest.mark.parametrize(
-    ("uid", "lacking", "problem"),
+    ("uid", "lacking", "plugins", "problem"),
     [
-        (0, set(), None),
-        (1000, set(), "the real node needs root (network, mounts, cgroups)"),
+        (0, set(), True, None),
+        (1000, set(), True, "the real node needs root (network, mounts, cgroups)"),
         (
             0,
             {"ctr", "mmdebstrap"},
+            True,
             "the real node needs Debian's containerd, mmdebstrap: run scripts/setup",
         ),
-        (0, {"nsenter", "unshare"}, "the real node needs Debian's util-linux: run scripts/setup"),
+        (
+            0,
+            {"nsenter", "unshare"},
+            True,
+            "the real node needs Debian's util-linux: run scripts/setup",
+        ),
+        (
+            0,
+            {"socat"},
+            False,
+            "the real node needs Debian's containernetworking-plugins, socat: run scripts/setup",
+        ),
     ],
 )
-def test_what_the_node_needs(uid: int, lacking: set[str], problem: str | None) -> None:
-    if not (k8s_real_node.CNI_PLUGINS / "bridge").is_file():
-        pytest.skip("Debian's CNI plugins are not installed: the table assumes them")
-    assert k8s_real_node.node_problem(uid, lambda command: command not in lacking) == problem
+def test_what_the_node_needs(
+    uid: int, lacking: set[str], plugins: bool, problem: str | None
+) -> None:
+    found = k8s_real_node.node_problem(uid, lambda command: command not in lacking, plugins)
+    assert found == problem
 
 
 def test_an_image_archive_is_an_oci_layout_that_names_the_image() -> None:
