@@ -25,14 +25,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
 from bench.common import processes_with as processes_with  # for the tests, too
 from bench.services import Wheels, serve_wheels
 from branchyard.runtime.processes import Ports
-from tests import k8s_cluster, k8s_crds
+from tests import k8s_cluster, k8s_crds, k8s_real_node
 from tests.leftovers import NOTHING_MADE, Made, home_cgroups, left_behind
 
 T = TypeVar("T")
@@ -418,12 +418,20 @@ class Cluster:
     kubeconfig: Path
 
 
+def cannot_run(reason: str) -> NoReturn:
+    """A test that cannot run here: skipped, but failed in CI (``CI=true``), where every
+    test must run."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: it must run)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def k8s_binaries() -> Path:
-    """The test control plane's binaries (scripts/setup builds them). Skipped only where
-    Go, which builds them, is missing."""
+    """The test control plane's binaries (scripts/setup builds them). Skipped (failed in CI)
+    only where Go, which builds them, is missing."""
     if k8s_cluster.go() is None:
-        pytest.skip("go is not on the PATH: it builds the test Kubernetes control plane")
+        cannot_run("go is not on the PATH: it builds the test Kubernetes control plane")
     binaries = k8s_cluster.built()
     if binaries is None:
         pytest.fail("the test control plane is not built: run scripts/k8s-test-cluster build")
@@ -444,6 +452,22 @@ def k8s(k8s_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stopped = subprocess.run([script, "stop", directory], capture_output=True, text=True)
         assert stopped.returncode == 0, stopped.stderr
         assert not k8s_cluster.running(directory)
+
+
+@pytest.fixture(scope="session")
+def k8s_real(k8s: Cluster) -> Iterator[Cluster]:
+    """The session's test cluster with its real node (tests/k8s_real_node.py), started the
+    first time a test asks for it and stopped before the cluster, nothing left behind.
+    Skipped (failed in CI) where the node cannot run: not root, not Debian's packages."""
+    reason = k8s_real_node.problem()
+    if reason is not None:
+        cannot_run(reason)
+    k8s_real_node.start(k8s.directory)
+    try:
+        yield k8s
+    finally:
+        k8s_real_node.stop(k8s.directory)
+        assert not k8s_real_node.left_behind(k8s.directory)
 
 
 @pytest.fixture

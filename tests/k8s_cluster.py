@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +59,7 @@ ETCD, APISERVER, CONTROLLERS, SCHEDULER, KWOK = (
 BINARIES = (ETCD, APISERVER, CONTROLLERS, SCHEDULER, KWOK)  # also the order they start in
 NODE = "kwok-node-0"
 SERVICE_RANGE = "10.96.0.0/16"  # Service cluster IPs: handed out, never routed
-POD_RANGE = "10.244.0.0/16"  # the simulated node's pod IPs: in status only
+POD_RANGE = "10.244.0.0/17"  # the simulated node's pod IPs: in status only
 RUNNING_CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
@@ -117,10 +117,15 @@ def build_flags(release: str) -> list[str]:
 def build_hash(release: str) -> str:
     """A hash of what the binaries are built from: go.mod, go.sum, the main.go files and
     the build's flags."""
-    digest = hashlib.sha256(" ".join(build_flags(release)).encode() + b"\0")
+    return source_hash(MODULE, build_flags(release))
+
+
+def source_hash(module: Path, flags: Sequence[str]) -> str:
+    """A hash of a Go module's go.mod, go.sum and cmd/*/main.go, and the build's flags."""
+    digest = hashlib.sha256(" ".join(flags).encode() + b"\0")
     for pattern in SOURCES:
-        for path in sorted(MODULE.glob(pattern)):
-            digest.update(str(path.relative_to(MODULE)).encode() + b"\0")
+        for path in sorted(module.glob(pattern)):
+            digest.update(str(path.relative_to(module)).encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -152,19 +157,22 @@ def build() -> Path:
     return binaries
 
 
-def compile_binaries(binaries: Path) -> None:
-    """go build the binaries into ``binaries`` (whole or not at all)."""
+def compile_binaries(
+    binaries: Path, module: Path = MODULE, flags: Sequence[str] | None = None
+) -> None:
+    """go build the commands of ``module`` (the control plane's by default) into
+    ``binaries``, whole or not at all."""
     compiler = go()
     if compiler is None:
         raise NoGo("go is not on the PATH: it builds the test control plane")
     partial = binaries.with_name(f"bin.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    flags = build_flags(pinned_release())
+    flags = build_flags(pinned_release()) if flags is None else flags
     command = ["nice", "-n", "10", compiler, "build", *flags, "-o", f"{partial}/", "./cmd/..."]
     environment = {**os.environ, "GOFLAGS": "-mod=readonly"}
     try:
-        subprocess.run(command, cwd=MODULE, env=environment, check=True)
+        subprocess.run(command, cwd=module, env=environment, check=True)
     except subprocess.CalledProcessError as failed:
         shutil.rmtree(partial, ignore_errors=True)
         raise ClusterError(f"go build failed (exit {failed.returncode}): see above") from None
@@ -200,21 +208,34 @@ def openssl(*args: str) -> None:
         raise ClusterError(f"openssl {args[0]} failed: {done.stderr.strip()}")
 
 
+NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650"]
+
+
+def certify(authority: Path, target: Path, name: str, subject: str, *extensions: str) -> None:
+    """A key and certificate ``target``/NAME.key and .crt, signed by the CA in ``authority``
+    (ca.crt, ca.key), with ``extensions`` (openssl's -addext values) beside a leaf's."""
+    addext = [value for extension in extensions for value in ("-addext", extension)]
+    # fmt: off
+    openssl("req", "-x509", *NEW_KEY, "-subj", subject,
+            "-CA", f"{authority}/ca.crt", "-CAkey", f"{authority}/ca.key",
+            "-addext", "basicConstraints=critical,CA:FALSE", *addext,
+            "-keyout", f"{target}/{name}.key", "-out", f"{target}/{name}.crt")
+    # fmt: on
+
+
 def make_pki(pki: Path) -> None:
     """A CA, a serving certificate for the loopback servers (and the in-cluster name of the
-    API), and the key pair that signs and checks service account tokens."""
+    API), the API server's client certificate for the kubelet API of a real node, and the
+    key pair that signs and checks service account tokens."""
     pki.mkdir(parents=True)
     names = "IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc"
+    openssl("req", "-x509", *NEW_KEY, "-subj", "/CN=branchyard-test-ca",
+            "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt")  # fmt: skip
+    certify(pki, pki, "serving", "/CN=kube-apiserver", f"subjectAltName={names}",
+            "extendedKeyUsage=serverAuth")  # fmt: skip
+    certify(pki, pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "extendedKeyUsage=clientAuth")  # fmt: skip
     # fmt: off
-    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-               "-days", "3650"]
-    openssl("req", "-x509", *new_key, "-subj", "/CN=branchyard-test-ca",
-            "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt")
-    openssl("req", "-x509", *new_key, "-subj", "/CN=kube-apiserver",
-            "-CA", f"{pki}/ca.crt", "-CAkey", f"{pki}/ca.key",
-            "-addext", "basicConstraints=critical,CA:FALSE",
-            "-addext", f"subjectAltName={names}", "-addext", "extendedKeyUsage=serverAuth",
-            "-keyout", f"{pki}/serving.key", "-out", f"{pki}/serving.crt")
     openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-out", f"{pki}/service-accounts.key")
     openssl("pkey", "-in", f"{pki}/service-accounts.key", "-pubout",
@@ -236,6 +257,8 @@ IDENTITIES = (
     Identity(CONTROLLERS, "system:kube-controller-manager"),
     Identity(SCHEDULER, "system:kube-scheduler"),
     Identity(KWOK, "kwok", ("system:masters",)),  # it plays every node's kubelet
+    Identity("kube-proxy", "system:kube-proxy"),  # the real node's (tests/k8s_real_node.py)
+    Identity("coredns", "system:coredns"),  # the real node's cluster DNS: bound to view
 )
 
 
@@ -326,6 +349,8 @@ def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[st
             # InternalIP and daemonEndpoints port) and checks its serving certificate.
             f"--kubelet-certificate-authority={pki / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",  # a real node asks
+            f"--kubelet-client-key={pki / 'kubelet-client.key'}",
             f"--cert-dir={directory / 'apiserver'}",
             "--profiling=false",
         ],
@@ -355,7 +380,8 @@ def commands(binaries: Path, directory: Path, ports: Ports) -> dict[str, list[st
             str(binaries / KWOK),
             f"--kubeconfig={directory / f'{KWOK}.kubeconfig'}",
             f"--config={MODULE / 'kwok.yaml'}",
-            "--manage-all-nodes=true",
+            # Only the simulated node: the real one (tests/k8s_real_node.py) has a kubelet.
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--node-ip=127.0.0.1",
             f"--cidr={POD_RANGE}",
             f"--server-address=127.0.0.1:{ports.kwok}",
@@ -432,8 +458,8 @@ def admin_client(directory: Path) -> Client:
     return Client(config=KubeConfig.from_file(directory / "kubeconfig"))
 
 
-def node_ready(client: Client) -> bool:
-    node = client.get(Node, NODE)
+def node_ready(client: Client, name: str = NODE) -> bool:
+    node = client.get(Node, name)
     conditions = node.status.conditions if node.status else None
     return any(c.type == "Ready" and c.status == "True" for c in conditions or ())
 
@@ -519,9 +545,10 @@ def json_health(url: str) -> bool:
         return bool(json.load(answer).get("health") == "true")
 
 
-def recorded(directory: Path) -> Iterator[tuple[str, int]]:
-    """The components DIR/pids names whose process still runs that component."""
-    for name in BINARIES:
+def recorded(directory: Path, names: Sequence[str] = BINARIES) -> Iterator[tuple[str, int]]:
+    """The components of ``names`` whose pid DIR/pids has and whose process still runs that
+    component."""
+    for name in names:
         try:
             pid = int(pid_file(directory, name).read_text())
             argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
@@ -542,56 +569,85 @@ def lives(pid: int) -> bool:
     return any(state != "Z" for state in states)
 
 
-def running(directory: Path) -> list[str]:
-    return [name for name, _ in recorded(directory)]
+def running(directory: Path, names: Sequence[str] = BINARIES) -> list[str]:
+    return [name for name, _ in recorded(directory, names)]
 
 
 def stop(directory: Path) -> list[str]:
     """End every component started in ``directory``, the API server's clients first, etcd
-    last (an API server whose etcd is gone waits for it instead of ending); each gets
-    SIGTERM, then SIGKILL. Return the names of those that ran."""
+    last (an API server whose etcd is gone waits for it instead of ending). Return the
+    names of those that ran."""
+    return end(directory, STOP_ORDER, BINARIES)
+
+
+def end(directory: Path, order: Sequence[set[str]], names: Sequence[str]) -> list[str]:
+    """End the processes of ``names`` that DIR/pids records, a group of ``order`` at a time;
+    each gets SIGTERM, then SIGKILL after STOP_TIMEOUT. Return the names of those that ran,
+    in the order of ``names``."""
     stopped = []
-    for group in STOP_ORDER:
-        found = [(name, pid) for name, pid in recorded(directory) if name in group]
+    for group in order:
+        found = [(name, pid) for name, pid in recorded(directory, names) if name in group]
         for _, pid in found:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while set(running(directory)) & group and time.monotonic() < deadline:
+        while set(running(directory, names)) & group and time.monotonic() < deadline:
             time.sleep(0.05)
-        for name, pid in recorded(directory):
+        for name, pid in recorded(directory, names):
             if name in group:
                 os.kill(pid, signal.SIGKILL)
-        while set(running(directory)) & group:
+        while set(running(directory, names)) & group:
             time.sleep(0.05)
         stopped += [name for name, _ in found]
-    for name in BINARIES:
+    for name in names:
         pid_file(directory, name).unlink(missing_ok=True)
-    return sorted(stopped, key=BINARIES.index)
+    return sorted(stopped, key=names.index)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tests import k8s_real_node  # it builds on this module
+
     parser = argparse.ArgumentParser(
         prog="k8s-test-cluster",
-        description="Build, start and stop the test Kubernetes control plane (on loopback).",
+        description="Build, start and stop the test Kubernetes control plane (on loopback), "
+        "with a real node if asked.",
     )
     actions = parser.add_subparsers(dest="action", required=True)
-    actions.add_parser("build", help="build the binaries into the cache (skipped when there)")
-    for action, what in (("start", "start a cluster in DIR"), ("stop", "stop DIR's cluster")):
-        actions.add_parser(action, help=what).add_argument("directory", type=Path, metavar="DIR")
+    actions.add_parser("build", help="build the binaries and images (skipped when there)")
+    starting = actions.add_parser("start", help="start a cluster in DIR")
+    starting.add_argument(
+        "--real-node", action="store_true", help="with a real node (root, Debian)"
+    )
+    for action in (starting, actions.add_parser("stop", help="stop DIR's cluster")):
+        action.add_argument("directory", type=Path, metavar="DIR")
     arguments = parser.parse_args(argv)
     try:
         if arguments.action == "build":
             print(build())
+            for made in k8s_real_node.build():
+                print(made)
         elif arguments.action == "start":
+            if arguments.real_node:  # before the control plane starts for nothing
+                k8s_real_node.refuse_if_taken(arguments.directory.resolve())
             print(start(arguments.directory))
+            if arguments.real_node:
+                try:
+                    k8s_real_node.start(arguments.directory)
+                except BaseException:
+                    stop(arguments.directory)
+                    raise
+                print(f"real node {k8s_real_node.NODE}: {arguments.directory.resolve() / 'node'}")
         else:
-            stopped = stop(arguments.directory)
+            stopped = k8s_real_node.stop(arguments.directory) + stop(arguments.directory)
             print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     except (ClusterError, ModuleError) as error:
         print(f"k8s-test-cluster: {error}", file=sys.stderr)
-        return 3 if isinstance(error, NoGo) else 1
+        return 3 if isinstance(error, NoGo) else 4 if isinstance(error, k8s_real_node.NoNode) else 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As tests.k8s_cluster, the module tests.k8s_real_node imports, rather than as a copy of
+    # it named __main__, whose ClusterError would be another class.
+    from tests import k8s_cluster
+
+    sys.exit(k8s_cluster.main())

@@ -34,7 +34,7 @@ from lightkube.resources.core_v1 import Namespace, Pod, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 
 from tests import k8s_cluster, k8s_crds, k8s_node
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, cannot_run, wait_for
 from tests.k8s_cluster import NODE, ClusterError
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]  # the first test starts the cluster
@@ -466,3 +466,18 @@ def test_once_the_gateway_api_is_removed_the_api_serves_no_httproutes(k8s: Clust
     finally:
         k8s_crds.remove_gateway_api(k8s.kubeconfig)
     assert k8s_crds.served(k8s.kubeconfig, group) == []
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"),
+    [("true", pytest.fail.Exception), (None, pytest.skip.Exception), ("1", pytest.skip.Exception)],
+)
+def test_a_test_that_cannot_run_is_skipped_but_fails_in_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str | None, outcome: type[BaseException]
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"^go is not on the PATH"):
+        cannot_run("go is not on the PATH")
