@@ -1,4 +1,5 @@
-"""``python -m bench [push] [router] [capacity] [sandbox] [kube] [--flags]``: run the benchmarks.
+"""``python -m bench [PART ...] [--flags]``: run the benchmarks (push, router, capacity,
+sandbox, kube, node).
 
 No part named means every part, and RESULTS.md is rewritten; named parts
 replace their own sections in it.
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import capacity, kube, push, router, sandbox
+from bench import capacity, kube, kube_node, push, router, sandbox
 from bench.common import ROOT, BenchError
 from bench.results import ORDER, Section, product_revision, write
 
@@ -25,6 +26,7 @@ PARTS = {
     "capacity": capacity,
     "sandbox": sandbox,
     "kube": kube,
+    "node": kube_node,
 }
 
 
@@ -53,11 +55,11 @@ def main() -> int:
         prog="python -m bench",
         description=(
             "branchyard benchmarks: push-to-live, the router against nginx, capacity, sandbox, "
-            "Kubernetes."
+            "Kubernetes, a real node."
         ),
     )
     parser.add_argument(
-        "parts", nargs="*", metavar="PART", help="push, router, capacity, sandbox, kube"
+        "parts", nargs="*", metavar="PART", help="push, router, capacity, sandbox, kube, node"
     )
     parser.add_argument(
         "--results",

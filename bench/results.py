@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import BenchError, Summary, git, machine
 
-ORDER = ("push", "router", "capacity", "sandbox", "kube")
+ORDER = ("push", "router", "capacity", "sandbox", "kube", "node")
 _TARGET_ROW = re.compile(r"^\| .+ \| \*\*(PASS|MISS)\*\* \|$")
 
 
