@@ -10,6 +10,7 @@ of another service's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import urllib.request
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightkube import Client, KubeConfig
-from lightkube.resources.core_v1 import Service
+from lightkube import ApiError, Client, KubeConfig
+from lightkube.resources.core_v1 import Namespace, Service
 
 from branchyard.runtime.kube import names
 from tests.conftest import (
@@ -288,8 +289,11 @@ def hostile(k8s_real: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
         text = wait_for(lambda: cluster_get(client, evil, "probe"), 30, "the probe's report")
         yield Hostile(daemon, client, main, evil, json.loads(text), git_port)
     finally:
-        client.close()
         stop_cleanly(daemon)
+        for made in (main, evil):  # its pods leave the real node to the session's next tests
+            with contextlib.suppress(ApiError):
+                client.delete(Namespace, made)
+        client.close()
 
 
 def test_it_runs_as_nobody_with_no_capability_and_cannot_gain_one(hostile: Hostile) -> None:
