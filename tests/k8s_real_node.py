@@ -821,12 +821,20 @@ def kubepods() -> list[Path]:
     return sorted(Path("/sys/fs/cgroup").glob("*/kubepods"))
 
 
+def cgroups_under(top: Path) -> list[Path]:
+    """The cgroups below ``top``, the deepest first. A container's shim removes its
+    cgroups as the container dies, at any moment of a stop: one gone in the middle of the
+    walk is left out (``Path.rglob`` raises FileNotFoundError then; ``os.walk`` skips
+    it)."""
+    return [Path(parent) for parent, _, _ in os.walk(top, topdown=False) if parent != str(top)]
+
+
 def pod_processes() -> set[int]:
     found: set[int] = set()
     for top in kubepods():
-        for procs in top.rglob("cgroup.procs"):
+        for cgroup in [*cgroups_under(top), top]:
             with contextlib.suppress(OSError, ValueError):
-                found.update(int(pid) for pid in procs.read_text().split())
+                found.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
     return found
 
 
@@ -867,9 +875,7 @@ def remove_cgroups() -> None:
     moment)."""
     deadline = time.monotonic() + k8s_cluster.STOP_TIMEOUT
     for top in kubepods():
-        for cgroup in sorted(
-            (d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)
-        ):
+        for cgroup in cgroups_under(top):
             remove_cgroup(cgroup, deadline)
         remove_cgroup(top, deadline)
 
