@@ -16,6 +16,7 @@ gateway (``--git-listen``). Pods reach no registry: a Flask service installs fro
   kube-proxy) until the new commit answers. The pod's own phases (fetch, install, start to
   Ready) come from its status, whose times have a resolution of one second. Yardstick, same
   run, same repos: the local runtime, its router polled the same way.
+  Twice on Kubernetes: ``up`` as it is by default, and with ``--install-cache``.
 - **Rollback**: ``branchyard rollback`` to the commit before, until the ClusterIP serves it.
 - **Deploys under load**: ``--node-deploys`` pushes of the stdlib service while the host
   sends ``--node-rate`` requests per second to its ClusterIP, each on a new connection: the
@@ -39,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from lightkube import Client, KubeConfig
-from lightkube.resources.core_v1 import Pod, Service
+from lightkube.models.core_v1 import HostPathVolumeSource, ObjectReference, PersistentVolumeSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import PersistentVolume, Pod, Service
 
 from bench.common import BenchError, Daemon, ServiceRepo, Summary, free_port, wait_until
 from bench.results import Section, ms, spread
@@ -48,7 +51,9 @@ from branchyard.runtime.processes import Ports
 from tests import k8s_real_node
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "k8s-test-cluster"
-PREFIX = "n-"
+KUBE, CACHED, LOCAL = "Kubernetes", "Kubernetes, install cache", "local"
+RUNTIMES = (KUBE, CACHED, LOCAL)
+CACHE_SIZE = "1Gi"
 SERVED_TIMEOUT = 300.0
 FLASK_APP = """import os
 
@@ -253,8 +258,16 @@ def _served(daemon: Daemon, service: str, target: Target, answer: str) -> float:
     raise BenchError(f"{service} did not serve {answer!r} within {SERVED_TIMEOUT:g} s")
 
 
+@dataclass(frozen=True)
+class Kube:
+    """The cluster a daemon deploys to, and its Namespaces' prefix."""
+
+    client: Client
+    prefix: str
+
+
 def _push(
-    daemon: Daemon, repo: ServiceRepo, number: int, target: Target, kube: Client | None
+    daemon: Daemon, repo: ServiceRepo, number: int, target: Target, kube: Kube | None
 ) -> Push:
     marker = f"{repo.name} {number}"
     repo.commit({"version.txt": marker}, f"change {number}")
@@ -274,14 +287,14 @@ def _push(
         r for r in daemon.services() if (r["namespace"], r["service"]) == ("main", repo.name)
     )
     ordinal = int(row["live"]["ordinal"])
-    where = f"{PREFIX}main"
+    where = f"{kube.prefix}main"
     return Push(
         noticed,
         at("kubernetes", f"applied Deployment {names.revision_name(repo.name, ordinal)}"),
         live,
         at("kubernetes", f"Service {names.object_name(repo.name)} in {where} sends to v{ordinal}"),
         served - pushed,
-        _pod_phases(kube, where, repo.name, ordinal),
+        _pod_phases(kube.client, where, repo.name, ordinal),
     )
 
 
@@ -353,7 +366,7 @@ def _exercise(
     daemon: Daemon,
     repos: dict[str, ServiceRepo],
     target_of: Callable[[str], Target],
-    kube: Client | None,
+    kube: Kube | None,
     args: argparse.Namespace,
     measured: Measured,
 ) -> None:
@@ -381,14 +394,61 @@ def _exercise(
     measured.load[runtime] = (load, time.monotonic() - began)
 
 
-def _cluster_ip(client: Client, service: str) -> str:
+def _cluster_ip(kube: Kube, service: str) -> str:
     def found() -> str | None:
         with contextlib.suppress(Exception):
-            spec = client.get(Service, names.object_name(service), namespace=f"{PREFIX}main").spec
+            where = f"{kube.prefix}main"
+            spec = kube.client.get(Service, names.object_name(service), namespace=where).spec
             return spec.clusterIP if spec is not None else None
         return None
 
     return wait_until(found, SERVED_TIMEOUT, f"{service}'s Service", 0.2)
+
+
+def _cache_volume(kube: Kube, folder: Path) -> None:
+    """A volume for the install cache claim of ``main``, bound ahead (the test node has no
+    provisioner): a folder of this machine, open to all as a local-path provisioner's."""
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    where = f"{kube.prefix}main"
+    spec = PersistentVolumeSpec(
+        capacity={"storage": CACHE_SIZE},
+        accessModes=["ReadWriteOnce"],
+        hostPath=HostPathVolumeSource(path=str(folder)),
+        claimRef=ObjectReference(namespace=where, name="branchyard-install-cache"),
+        persistentVolumeReclaimPolicy="Retain",
+        storageClassName="",
+    )
+    kube.client.create(PersistentVolume(metadata=ObjectMeta(name=f"{where}-cache"), spec=spec))
+
+
+def _on_kubernetes(
+    runtime: str,
+    workdir: Path,
+    kubeconfig: Path,
+    kube: Kube,
+    args: argparse.Namespace,
+    measured: Measured,
+    *flags: str,
+) -> None:
+    gateway = k8s_real_node.GATEWAY
+    daemon = Daemon.start(
+        workdir / f"home-{kube.prefix}",
+        *("--runtime", "kubernetes", "--kubeconfig", str(kubeconfig)),
+        *("--namespace-prefix", kube.prefix, "--drain-grace", "0"),
+        *("--git-listen", f"{gateway}:{Ports().take()}"),
+        *("--image", k8s_real_node.PYTHON.name, "--git-image", k8s_real_node.GIT.name),
+        *("--node-selector", "=".join(next(iter(k8s_real_node.NODE_SELECTOR.items())))),
+        *("--toleration", f"{k8s_real_node.TAINT}:NoSchedule"),
+        *flags,
+    )
+    with daemon:
+        repos = _repos(workdir / f"repos-{kube.prefix}")
+
+        def through_kube_proxy(name: str) -> Target:
+            return Target(_cluster_ip(kube, name), 80, PATHS[name])
+
+        _exercise(runtime, daemon, repos, through_kube_proxy, kube, args, measured)
 
 
 def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
@@ -402,31 +462,22 @@ def run(args: argparse.Namespace, workdir: Path, command: str) -> Section:
         # the daemon hands them to every install container
         os.environ.update(PIP_INDEX_URL=index, PIP_TRUSTED_HOST=gateway)
         try:
-            daemon = Daemon.start(
-                workdir / "home-kube",
-                *("--runtime", "kubernetes", "--kubeconfig", str(kubeconfig)),
-                *("--namespace-prefix", PREFIX, "--drain-grace", "0"),
-                *("--git-listen", f"{gateway}:{Ports().take()}"),
-                *("--image", k8s_real_node.PYTHON.name, "--git-image", k8s_real_node.GIT.name),
-                *("--node-selector", "=".join(next(iter(k8s_real_node.NODE_SELECTOR.items())))),
-                *("--toleration", f"{k8s_real_node.TAINT}:NoSchedule"),
-            )
+            _on_kubernetes(KUBE, workdir, kubeconfig, Kube(client, "n-"), args, measured)
+            cached = Kube(client, "c-")
+            _cache_volume(cached, workdir / "cache-volume")
+            flags = ("--install-cache", CACHE_SIZE)
+            _on_kubernetes(CACHED, workdir, kubeconfig, cached, args, measured, *flags)
         finally:
             del os.environ["PIP_INDEX_URL"], os.environ["PIP_TRUSTED_HOST"]
-        with daemon:
-            repos = _repos(workdir / "repos-kube")
-
-            def through_kube_proxy(name: str) -> Target:
-                return Target(_cluster_ip(client, name), 80, PATHS[name])
-
-            _exercise("kubernetes", daemon, repos, through_kube_proxy, client, args, measured)
-    with Daemon.start(workdir / "home-local", "--drain-grace", "0") as local:
+    # as up is by default: the old process finishes what it serves (with --drain-grace 0,
+    # a request in flight at the switch is cut)
+    with Daemon.start(workdir / "home-local") as local:
         repos = _repos(workdir / "repos-local")
 
         def through_the_router(name: str) -> Target:
             return Target("127.0.0.1", local.router_port, PATHS[name], f"{name}.main.localhost")
 
-        _exercise("local", local, repos, through_the_router, None, args, measured)
+        _exercise(LOCAL, local, repos, through_the_router, None, args, measured)
     _write(section, measured, args)
     section.seconds = time.monotonic() - started
     return section
@@ -447,36 +498,42 @@ def _write(section: Section, measured: Measured, args: argparse.Namespace) -> No
         "one from the Service's ClusterIP (kube-proxy), or on the local runtime from its "
         "router. Seconds from `git push` starting, medians (min … max) of "
         f"{args.node_pushes} pushes each. The pod's phases come from its status, whose times "
-        "are whole seconds. No install cache (`--install-cache`) in this run: each pod "
-        "installs again; the local runtime reuses the environment of unchanged "
-        "dependencies.",
+        "are whole seconds. Two daemons on the node, one after the other: one as `up` is by "
+        "default, whose every pod installs again, and one with `--install-cache 1Gi` (its "
+        "claim bound ahead to a folder of this machine: the test node has no provisioner), "
+        "whose pods reuse the environment of unchanged dependencies, as the local runtime "
+        "does.",
         "",
     )
     marks = ("noticed", "applied", "live", "routed", "served")
     rows = []
     for mark in marks:
         row = [f"`git push` → {mark}"]
-        for runtime in ("kubernetes", "local"):
+        for runtime in RUNTIMES:
             for name in REPOS:
                 pushes = measured.pushes[(runtime, name)]
                 row.append(spread(Summary.of([getattr(p, mark) for p in pushes])))
         rows.append(row)
     for phase in PHASES:
         row = [f"pod: {phase} (s)"]
-        for name in REPOS:
-            values = [p.phases[phase] for p in measured.pushes[("kubernetes", name)] if p.phases]
-            row.append(f"{Summary.of(values).median:.0f} s" if values else "?")
-        rows.append([*row, "", ""])
-    header = [f"{runtime}: {name}" for runtime in ("Kubernetes", "local") for name in REPOS]
+        for runtime in (KUBE, CACHED):
+            for name in REPOS:
+                pushes = measured.pushes[(runtime, name)]
+                values = [p.phases[phase] for p in pushes if p.phases]
+                row.append(f"{Summary.of(values).median:.0f} s" if values else "?")
+        rows.append([*row, *("" for _ in REPOS)])
+    header = [f"{runtime}: {name}" for runtime in RUNTIMES for name in REPOS]
     section.table(["span", *header], rows)
-    kube, local = measured.rollback["kubernetes"], measured.rollback["local"]
+    back = measured.rollback
     section.add(
-        f"Rollback of `stdlib` to the commit before (`branchyard rollback`, until it is "
-        f"served): Kubernetes {ms(kube)}, local {ms(local)} (ratio {kube / local:.1f}x).",
+        "Rollback of `stdlib` to the commit before (`branchyard rollback`, until it is "
+        f"served): {KUBE} {ms(back[KUBE])}, {CACHED} {ms(back[CACHED])}, {LOCAL} "
+        f"{ms(back[LOCAL])} (ratios to local {back[KUBE] / back[LOCAL]:.1f}x and "
+        f"{back[CACHED] / back[LOCAL]:.1f}x).",
         "",
     )
     rows = []
-    for runtime in ("kubernetes", "local"):
+    for runtime in RUNTIMES:
         load, seconds = measured.load[runtime]
         latency = Summary.of(load.latencies) if load.latencies else None
         rows.append(
@@ -492,13 +549,15 @@ def _write(section: Section, measured: Measured, args: argparse.Namespace) -> No
     section.add(
         f"{args.node_deploys} deploys of `stdlib` under load: the host sends "
         f"{args.node_rate:g} requests/s, each on a new connection, to its ClusterIP "
-        "(Kubernetes) or the router (local) while each commit is pushed and served.",
+        "(Kubernetes) or the router (local) while each commit is pushed and served. The "
+        "Kubernetes daemons run with `--drain-grace 0` (the old pod gets its preStop pause and "
+        "nothing more), the local one with the default grace.",
         "",
     )
     section.table(["runtime", "requests", "per second", "failed", "median", "p99"], rows)
-    failed = len(measured.load["kubernetes"][0].failures)
+    failed = sum(len(measured.load[runtime][0].failures) for runtime in (KUBE, CACHED))
     section.target(
-        f"Kubernetes: requests failed over {args.node_deploys} deploys under load",
+        f"Kubernetes: requests failed over 2 x {args.node_deploys} deploys under load",
         str(failed),
         "0",
         failed == 0,
