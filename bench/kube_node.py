@@ -437,9 +437,7 @@ def _on_kubernetes(
         *("--runtime", "kubernetes", "--kubeconfig", str(kubeconfig)),
         *("--namespace-prefix", kube.prefix, "--drain-grace", "0"),
         *("--git-listen", f"{gateway}:{Ports().take()}"),
-        *("--image", k8s_real_node.PYTHON.name, "--git-image", k8s_real_node.GIT.name),
-        *("--node-selector", "=".join(next(iter(k8s_real_node.NODE_SELECTOR.items())))),
-        *("--toleration", f"{k8s_real_node.TAINT}:NoSchedule"),
+        *k8s_real_node.daemon_flags(),
         *flags,
     )
     with daemon:

@@ -152,6 +152,16 @@ PAUSE = Image("branchyard.test/pause:3.10", (), ("/pause",))
 IMAGES = (PYTHON, GIT, PAUSE)
 
 
+def daemon_flags() -> tuple[str, ...]:
+    """What ``branchyard up --runtime kubernetes`` is given to run its pods on this node:
+    the node's own images, and its label and taint (kwok's nodes keep the rest)."""
+    return (
+        *("--image", PYTHON.name, "--git-image", GIT.name),
+        *("--node-selector", f"{LABEL}={NODE_SELECTOR[LABEL]}"),
+        *("--toleration", f"{TAINT}:NoSchedule"),
+    )
+
+
 def node_problem(uid: int, found: Callable[[str], bool], plugins: bool) -> str | None:
     """Why the real node cannot be built or run here (``found`` says whether a command is
     on the PATH, ``plugins`` whether the CNI plugins are there), or None."""

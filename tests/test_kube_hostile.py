@@ -35,7 +35,7 @@ from tests.conftest import (
     stop_cleanly,
     wait_for,
 )
-from tests.k8s_real_node import BRIDGE, GATEWAY, GIT, KUBELET_PORT, LABEL, PYTHON, TAINT
+from tests.k8s_real_node import BRIDGE, GATEWAY, KUBELET_PORT, daemon_flags
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -244,9 +244,7 @@ def hostile(k8s_real: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
         root / "home",
         "--poll-interval", "1", "--drain-grace", "0", "--runtime", "kubernetes",
         "--kubeconfig", str(k8s_real.kubeconfig), "--namespace-prefix", prefix,
-        "--git-listen", f"{GATEWAY}:{git_port}", "--image", PYTHON.name,
-        "--git-image", GIT.name, "--node-selector", f"{LABEL}=real",
-        "--toleration", f"{TAINT}:NoSchedule",
+        "--git-listen", f"{GATEWAY}:{git_port}", *daemon_flags(),
     )  # fmt: skip
     client = Client(config=KubeConfig.from_file(k8s_real.kubeconfig))
     try:

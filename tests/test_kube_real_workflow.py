@@ -35,7 +35,7 @@ from tests.conftest import (
     stop_cleanly,
     wait_for,
 )
-from tests.k8s_real_node import GATEWAY
+from tests.k8s_real_node import GATEWAY, daemon_flags
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -86,10 +86,7 @@ def flow(k8s_real: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tmp / "home", "--poll-interval", "1", "--drain-grace", "0",
         "--runtime", "kubernetes", "--kubeconfig", str(k8s_real.kubeconfig),
         "--namespace-prefix", prefix, "--build-timeout", "90",
-        "--git-listen", f"{GATEWAY}:{free_port()}",
-        "--image", "branchyard.test/python:3.11", "--git-image", "branchyard.test/git:2",
-        "--node-selector", "branchyard.test/node=real",
-        "--toleration", "branchyard.test/real-node:NoSchedule",
+        "--git-listen", f"{GATEWAY}:{free_port()}", *daemon_flags(),
     )  # fmt: skip
     try:
         with Client(config=KubeConfig.from_file(k8s_real.kubeconfig)) as client:
